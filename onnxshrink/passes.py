@@ -1,0 +1,194 @@
+"""The pass and rule machinery.
+
+A *pass* takes a graph and returns `PassResult(graph, modified)`. A *rule* is a local rewrite
+in three parts, after onnxscript's rewriter:
+
+1. `match(node, ctx)`: the pattern, anchored at a node whose op is in `rule.op_types`; returns a
+   match object (any value holding the matched nodes and tensors) or None. Matching never
+   mutates the graph.
+2. `check(match, ctx)`: preconditions; returns None to proceed or a short reason to decline
+   ("weight is not a constant initializer"). Declines are logged at DEBUG and counted.
+3. `rewrite(match, ctx)`: performs the replacement on the graph.
+
+`RulePass` applies an ordered list of rules to a graph and all its subgraphs. `PassManager`
+repeats a sequence of passes until none modifies the graph (a fixed point) or a step limit is
+reached; when a pass raises, the error names it and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import onnx_graphsurgeon as gs
+
+from onnxshrink.graph import all_graphs, forget_names
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (possibly same) graph and whether anything changed."""
+
+    graph: gs.Graph
+    modified: bool
+
+
+@dataclass
+class PassStats:
+    """Per-rule bookkeeping that ends up in the optimize report."""
+
+    applied: Counter[str] = field(default_factory=Counter)
+    declined: Counter[tuple[str, str]] = field(default_factory=Counter)
+    seconds: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class RuleContext:
+    """What a rule may read besides the graph: opset, the root graph, options, stats."""
+
+    graph: gs.Graph
+    root: gs.Graph
+    opset: int
+    stats: PassStats
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    """Anything with a name that maps a graph to a PassResult."""
+
+    name: str
+
+    def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult: ...
+
+
+class Rule:
+    """Base class for a pattern/check/rewrite rule; subclasses set `name` and `op_types`."""
+
+    name: str = "rule"
+    op_types: tuple[str, ...] = ()
+    #: lowest default-domain opset at which the rewrite's output ops exist
+    min_opset: int = 1
+
+    def match(self, node: gs.Node, ctx: RuleContext) -> Any | None:
+        """Return a match object when the pattern anchored at `node` is present."""
+        raise NotImplementedError
+
+    def check(self, match: Any, ctx: RuleContext) -> str | None:
+        """Return None when the rewrite is legal, else the reason it is not."""
+        return None
+
+    def rewrite(self, match: Any, ctx: RuleContext) -> None:
+        """Replace the matched pattern in `ctx.graph`."""
+        raise NotImplementedError
+
+
+class RulePass:
+    """Apply `rules`, in order, to every node of a graph and of its subgraphs."""
+
+    def __init__(self, name: str, rules: Sequence[Rule]):
+        self.name = name
+        self.rules = list(rules)
+
+    def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult:
+        modified = False
+        for sub in list(all_graphs(graph)):
+            sub_ctx = RuleContext(sub, ctx.root, ctx.opset, ctx.stats, ctx.options)
+            for rule in self.rules:
+                start = time.perf_counter()
+                if rule.min_opset > ctx.opset:
+                    ctx.stats.declined[(rule.name, f"needs opset {rule.min_opset}")] += 1
+                    continue
+                modified |= self._apply(rule, sub, sub_ctx)
+                ctx.stats.seconds[rule.name] += time.perf_counter() - start
+        return PassResult(graph, modified)
+
+    @staticmethod
+    def _apply(rule: Rule, graph: gs.Graph, ctx: RuleContext) -> bool:
+        modified = False
+        for node in list(graph.nodes):
+            if node.op not in rule.op_types or not node.outputs or node.domain not in ("", "ai.onnx"):
+                continue
+            match = rule.match(node, ctx)
+            if match is None:
+                continue
+            reason = rule.check(match, ctx)
+            if reason is not None:
+                ctx.stats.declined[(rule.name, reason)] += 1
+                logger.debug("%s declined at %s: %s", rule.name, node.name, reason)
+                continue
+            rule.rewrite(match, ctx)
+            ctx.stats.applied[rule.name] += 1
+            modified = True
+        return modified
+
+
+class FunctionPass:
+    """Wrap a `graph, ctx -> bool` function (bool: modified) as a named pass."""
+
+    def __init__(self, name: str, fn: Callable[[gs.Graph, RuleContext], bool]):
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult:
+        start = time.perf_counter()
+        modified = bool(self.fn(graph, ctx))
+        ctx.stats.seconds[self.name] += time.perf_counter() - start
+        if modified:
+            ctx.stats.applied[self.name] += 1
+        return PassResult(graph, modified)
+
+
+class PassError(RuntimeError):
+    """A pass raised; the message names it and the passes that ran before it."""
+
+
+class PassManager:
+    """Run passes in sequence until a fixed point or `max_steps` sweeps."""
+
+    def __init__(
+        self,
+        passes: Iterable[Pass],
+        max_steps: int = 10,
+        check_between: Callable[[gs.Graph, str], None] | None = None,
+    ):
+        self.passes = list(passes)
+        self.max_steps = max_steps
+        self.check_between = check_between
+
+    def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult:
+        any_modified = False
+        history: list[str] = []
+        for step in range(self.max_steps):
+            sweep_modified = False
+            for p in self.passes:
+                try:
+                    result = p(graph, ctx)
+                except Exception as exc:
+                    before = ", ".join(history[-5:]) or "none"
+                    raise PassError(
+                        f"pass {p.name!r} failed ({type(exc).__name__}: {exc}); "
+                        f"passes before it: {before}"
+                    ) from exc
+                history.append(p.name)
+                graph = result.graph
+                ctx.graph = ctx.root = graph
+                if result.modified:
+                    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+                    for sub in all_graphs(graph):
+                        forget_names(sub)
+                    if self.check_between is not None:
+                        self.check_between(graph, p.name)
+                sweep_modified |= result.modified
+            any_modified |= sweep_modified
+            if not sweep_modified:
+                logger.debug("fixed point after %d sweep(s)", step + 1)
+                break
+        else:
+            logger.info("stopped after %d sweeps without reaching a fixed point", self.max_steps)
+        return PassResult(graph, any_modified)

@@ -1,0 +1,89 @@
+"""Shape inference and input-shape pinning.
+
+`--input-shape name:1,3,48,320` pins a graph input's dims (the output model keeps that shape,
+since shape computations get folded for it). Inference is onnx's own, with symbolic dims kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from onnxshrink.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """Parse `name:d0,d1,...` strings; raise UsageError with the bad spec named."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise UsageError(f"bad --input-shape {spec!r}: expected NAME:D0,D1,... e.g. x:1,3,48,320")
+        try:
+            values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip() != ""]
+        except ValueError:
+            raise UsageError(f"bad --input-shape {spec!r}: dims must be integers") from None
+        if any(v <= 0 for v in values):
+            raise UsageError(f"bad --input-shape {spec!r}: dims must be positive")
+        shapes[name] = values
+    return shapes
+
+
+def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Set the dims of the named graph inputs in place; check names and ranks."""
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            known = ", ".join(inputs) or "none"
+            raise UsageError(f"--input-shape names {name!r}, which is not a model input ({known})")
+        tensor_type = inputs[name].type.tensor_type
+        if tensor_type.HasField("shape") and len(tensor_type.shape.dim) not in (0, len(dims)):
+            raise UsageError(
+                f"--input-shape {name}: model input has rank {len(tensor_type.shape.dim)}, "
+                f"got {len(dims)} dims"
+            )
+        existing = list(tensor_type.shape.dim)
+        for i, value in enumerate(dims):
+            if i < len(existing) and existing[i].HasField("dim_value") and existing[i].dim_value != value:
+                raise UsageError(
+                    f"--input-shape {name}: dim {i} is fixed at {existing[i].dim_value} in the model, got {value}"
+                )
+        tensor_type.shape.Clear()
+        for value in dims:
+            tensor_type.shape.dim.add().dim_value = value
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference with data propagation; on failure, the model without new shapes."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is an aid, never a requirement
+        logger.info("shape inference failed, continuing without: %s", exc)
+        return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset version."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Raise the ai.onnx opset to `target` with onnx's version converter (never lowers it)."""
+    current = default_opset(model)
+    if target < current:
+        raise UsageError(f"--opset {target} is lower than the model's opset {current}; onnxshrink only raises it")
+    if target == current:
+        return model
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(model, target)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot convert the model from opset {current} to {target}: {text}") from None

@@ -1,0 +1,58 @@
+"""The rule families of onnxshrink, as explicit ordered lists the engine imports.
+
+Nothing registers itself on import: to add a rule, write it in its module and list it here.
+"""
+
+from __future__ import annotations
+
+from onnxshrink.passes import FunctionPass, Pass, Rule, RulePass
+from onnxshrink.rules import (
+    constant_folding,
+    cse,
+    dead_code,
+    dedup_initializers,
+    fold_batchnorm,
+    fold_conv_affine,
+    gelu,
+    hardswish,
+    layernorm,
+    matmul_add_to_gemm,
+    merge_reshapes,
+    noop_elimination,
+    pad_conv,
+)
+
+# Dead-layer removal. Order: constants become initializers first so that every later rule sees
+# weights as constants; no-ops go before folding so folding sees the real producers.
+CLEANUP_RULES: list[Rule] = [
+    *noop_elimination.RULES,
+    *merge_reshapes.RULES,
+]
+
+# Operator fusion. BatchNorm folds before the Mul/Add folds so that a Conv+BN+Mul+Add chain
+# collapses into one Conv; Pad+Conv goes last because it only needs the final Conv.
+FUSION_RULES: list[Rule] = [
+    *fold_batchnorm.RULES,
+    *fold_conv_affine.RULES,
+    *matmul_add_to_gemm.RULES,
+    *hardswish.RULES,
+    *layernorm.RULES,
+    *gelu.RULES,
+    *pad_conv.RULES,
+]
+
+
+def lossless_passes() -> list[Pass]:
+    """The default pipeline of `onnxshrink optimize`, run by a PassManager to a fixed point."""
+    return [
+        FunctionPass("constants-to-initializers", dead_code.constants_to_initializers),
+        FunctionPass("dead-code", dead_code.remove_dead_code),
+        RulePass("cleanup", CLEANUP_RULES),
+        FunctionPass("constant-folding", constant_folding.fold_constants),
+        RulePass("fusion", FUSION_RULES),
+        FunctionPass("cse", cse.eliminate_common_subexpressions),
+        FunctionPass("dedup-initializers", dedup_initializers.deduplicate_initializers),
+    ]
+
+
+__all__ = ["CLEANUP_RULES", "FUSION_RULES", "lossless_passes"]

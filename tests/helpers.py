@@ -1,0 +1,112 @@
+"""Shared helpers for rule and engine tests: build tiny models in code, rewrite, compare."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+
+from onnxshrink.optimize import rewrite_model
+from onnxshrink.passes import FunctionPass, Pass, PassStats, Rule, RulePass
+
+
+def make_model(text: str, initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Parse onnx.parser model text; add numpy initializers; check it."""
+    model = onnx.parser.parse_model(text)
+    for name, value in (initializers or {}).items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def apply(
+    model: onnx.ModelProto, rules: Sequence[Rule | Pass] | Rule | Pass
+) -> tuple[onnx.ModelProto, PassStats]:
+    """Run rules (wrapped into one RulePass) and/or passes to a fixed point on a copy of `model`."""
+    items = [rules] if not isinstance(rules, (list, tuple)) else list(rules)
+    passes: list[Pass] = []
+    pending: list[Rule] = []
+    for item in items:
+        if isinstance(item, Rule):
+            pending.append(item)
+        else:
+            if pending:
+                passes.append(RulePass("test-rules", pending))
+                pending = []
+            passes.append(item if not callable(item) or hasattr(item, "name") else FunctionPass(item.__name__, item))
+    if pending:
+        passes.append(RulePass("test-rules", pending))
+    return rewrite_model(model, passes)
+
+
+def histogram(model: onnx.ModelProto, recurse: bool = False) -> Counter[str]:
+    """Op-type counts of the main graph (and subgraphs when `recurse`)."""
+    counts: Counter[str] = Counter()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts[node.op_type] += 1
+            if recurse:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        walk(attr.g)
+                    for sub in attr.graphs:
+                        walk(sub)
+
+    walk(model.graph)
+    return counts
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, low: float = -3.0, high: float = 3.0) -> dict[str, np.ndarray]:
+    """Random inputs for a model whose inputs all have static shapes."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        tt = value.type.tensor_type
+        shape = [d.dim_value for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.uniform(low, high, size=shape).astype(dtype)
+        else:
+            feeds[value.name] = rng.integers(0, 4, size=shape).astype(dtype)
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run with ORT CPU, graph optimizations off so that ORT does not hide what we did."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_rewritten(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto,
+    expected_ops: dict[str, int] | Counter[str],
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    seed: int = 0,
+    feeds: dict[str, np.ndarray] | None = None,
+) -> None:
+    """The four checks every rule test makes: histogram, checker, parity, interface kept."""
+    assert histogram(after) == Counter(expected_ops), f"ops after: {dict(histogram(after))}"
+    onnx.checker.check_model(after, full_check=True)
+    assert [i.name for i in after.graph.input] == [i.name for i in before.graph.input]
+    assert [o.name for o in after.graph.output] == [o.name for o in before.graph.output]
+    feeds = feeds if feeds is not None else random_feeds(before, seed)
+    for ref, got in zip(run(before, feeds), run(after, feeds), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
+
+
+def assert_unchanged(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """A negative case: same op histogram and same outputs."""
+    assert histogram(after) == histogram(before), f"ops after: {dict(histogram(after))}"
+    onnx.checker.check_model(after, full_check=True)
