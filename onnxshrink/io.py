@@ -91,16 +91,23 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write `model` to `path` atomically; large models get a `<name>.data` external-data file."""
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Fail early, with one line, when `path` cannot receive an output file."""
     dest = Path(path)
     if dest.is_dir():
         raise UsageError(f"{dest}: output path is a directory")
-    folder = dest.parent if str(dest.parent) else Path(".")
+    folder = dest.parent
     if not folder.is_dir():
         raise UsageError(f"{dest}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise UsageError(f"{dest}: output folder {folder} is not writable")
+    return dest
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Write `model` to `path` atomically; large models get a `<name>.data` external-data file."""
+    dest = check_output_path(path)
+    folder = dest.parent
     large = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD if _can_size(model) else True
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
     os.close(fd)

@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
-from onnxshrink.io import load_model, save_model
+from onnxshrink.io import check_output_path, load_model, save_model
 from onnxshrink.parity import DEFAULT_RTOL, ParityReport, check_parity, generate_inputs, load_inputs
 from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
 from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
@@ -173,9 +173,10 @@ def optimize(
     start = time.perf_counter()
     source_path = Path(model) if isinstance(model, (str, Path)) else None
     original = load_model(source_path) if source_path is not None else model
-    if output is not None and source_path is not None:
-        if Path(output).resolve() == source_path.resolve():
+    if output is not None:
+        if source_path is not None and Path(output).resolve() == source_path.resolve():
             raise UsageError(f"{output}: output would overwrite the input model; choose another path")
+        check_output_path(output)
 
     work = onnx.ModelProto()
     work.CopyFrom(original)

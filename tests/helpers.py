@@ -14,11 +14,21 @@ from onnxshrink.optimize import rewrite_model
 from onnxshrink.passes import FunctionPass, Pass, PassStats, Rule, RulePass
 
 
-def make_model(text: str, initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """Parse onnx.parser model text; add numpy initializers; check it."""
+def make_model(
+    text: str,
+    initializers: dict[str, np.ndarray] | None = None,
+    constant_nodes: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """Parse onnx.parser model text; add numpy initializers and Constant nodes; check it.
+
+    `constant_nodes` become Constant nodes at the top of the graph (as exporters write them).
+    """
     model = onnx.parser.parse_model(text)
     for name, value in (initializers or {}).items():
         model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    for i, (name, value) in enumerate((constant_nodes or {}).items()):
+        tensor = onnx.numpy_helper.from_array(np.asarray(value))
+        model.graph.node.insert(i, onnx.helper.make_node("Constant", [], [name], value=tensor))
     onnx.checker.check_model(model, full_check=True)
     return model
 

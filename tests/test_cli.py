@@ -1,0 +1,86 @@
+"""The command line: tables on success, one clear line and the documented exit code on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from onnxshrink.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_optimize_prints_before_after_table(tmp_path, conv_bn_path):
+    out = tmp_path / "o.onnx"
+    result = _run("optimize", str(conv_bn_path), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    for word in ("nodes", "parameters", "size", "parity", "ok"):
+        assert word in result.output
+
+
+def test_default_output_path_is_beside_input(conv_bn_path):
+    result = _run("optimize", str(conv_bn_path))
+    assert result.exit_code == 0, result.output
+    assert conv_bn_path.with_name("conv_bn.opt.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda p, t: ["optimize", str(t / "absent.onnx")], "no such file"),
+        (lambda p, t: ["optimize", str(p), "-o", str(t / "no" / "o.onnx")], "does not exist"),
+        (lambda p, t: ["optimize", str(p), "--input-shape", "x=1,2"], "bad --input-shape"),
+        (lambda p, t: ["optimize", str(p), "--input-shape", "q:1,3,8,8"], "not a model input"),
+        (lambda p, t: ["optimize", str(p), "--inputs", str(t / "none.npz")], "no such file"),
+        (lambda p, t: ["optimize", str(p), "--opset", "7"], "lower than the model's opset"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, conv_bn_path, make_args, message):
+    before = hashlib.sha256(conv_bn_path.read_bytes()).hexdigest()
+    result = _run(*make_args(conv_bn_path, tmp_path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.count("error:") == 1
+    assert hashlib.sha256(conv_bn_path.read_bytes()).hexdigest() == before
+    assert not any(p.suffix == ".tmp" for p in tmp_path.rglob("*"))
+
+
+def test_not_onnx_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    result = _run("optimize", str(bad))
+    assert result.exit_code == 2
+    assert "error:" in result.output
+
+
+def test_inputs_npz_used_for_parity(tmp_path, conv_bn_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 8, 8), np.float32))
+    result = _run("optimize", str(conv_bn_path), "-o", str(tmp_path / "o.onnx"), "--inputs", str(tmp_path / "in.npz"))
+    assert result.exit_code == 0, result.output
+    assert "1 input sample" in result.output
+
+
+def test_rules_command_lists_rules():
+    result = _run("rules")
+    assert result.exit_code == 0
+    assert "constant-folding" in result.output
+
+
+def test_console_script_help_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxshrink", "optimize", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    assert "--input-shape" in proc.stdout and "Exit codes" in proc.stdout

@@ -1,0 +1,112 @@
+"""The optimize pipeline: parity gate, input untouched, interface kept, custom ops passed through."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxshrink
+from onnxshrink.errors import ParityError, UsageError
+from onnxshrink.passes import FunctionPass
+from tests.helpers import histogram, make_model
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_optimize_writes_verified_smaller_model(tmp_path, conv_bn_path):
+    before = _sha(conv_bn_path)
+    out = tmp_path / "out.onnx"
+    result = onnxshrink.optimize(conv_bn_path, out)
+    assert _sha(conv_bn_path) == before
+    assert result.output_path == out and out.exists()
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert result.parity.verified and result.parity.passed
+    assert result.after.nodes < result.before.nodes
+    assert "Constant" not in histogram(model)
+
+
+def test_optimize_keeps_metadata_and_interface(conv_bn_model):
+    entry = conv_bn_model.metadata_props.add()
+    entry.key, entry.value = "character", "a\nb"
+    conv_bn_model.producer_name = "exporter"
+    result = onnxshrink.optimize(conv_bn_model)
+    assert {p.key: p.value for p in result.model.metadata_props} == {"character": "a\nb"}
+    assert result.model.producer_name == "exporter"
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    assert result.output_path is None
+
+
+def _break_weights(graph, ctx):
+    """A deliberately wrong 'rule': scales every float initializer."""
+    import onnx_graphsurgeon as gs
+
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32 :
+            tensor.values = tensor.values * np.float32(1.1)
+    return False
+
+
+def test_parity_failure_writes_nothing(tmp_path, conv_bn_path):
+    from onnxshrink.rules import lossless_passes
+
+    out = tmp_path / "out.onnx"
+    passes = [*lossless_passes(), FunctionPass("break", _break_weights)]
+    with pytest.raises(ParityError, match="differs from the original"):
+        onnxshrink.optimize(conv_bn_path, out, passes=passes)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv_bn.onnx"]
+
+
+def test_refuses_to_overwrite_input(conv_bn_path):
+    with pytest.raises(UsageError, match="overwrite the input"):
+        onnxshrink.optimize(conv_bn_path, conv_bn_path)
+
+
+def test_custom_domain_op_passes_through_unverified(tmp_path):
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13, "com.example" : 1]>
+        agraph (float[2,3] x) => (float[2,3] y) {
+            a = Identity (x)
+            b = com.example.Mystery (a)
+            y = Relu (b)
+        }
+        """
+    )
+    result = onnxshrink.optimize(model, tmp_path / "out.onnx")
+    ops = [(n.domain, n.op_type) for n in result.model.graph.node]
+    assert ("com.example", "Mystery") in ops
+    assert not result.parity.verified
+    assert "could not" in result.notes[0] or "not verified" in result.notes[0]
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_input_shape_pins_dims(tmp_path):
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[N, 4] x) => (float[N, 4] y) {
+            y = Relu (x)
+        }
+        """
+    )
+    result = onnxshrink.optimize(model, input_shapes={"x": [3, 4]})
+    dims = [d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [3, 4]
+    with pytest.raises(UsageError, match="not a model input"):
+        onnxshrink.optimize(model, input_shapes={"z": [3, 4]})
+    with pytest.raises(UsageError, match="rank"):
+        onnxshrink.optimize(model, input_shapes={"x": [3]})
+
+
+def test_user_inputs_are_used(tmp_path, conv_bn_path):
+    np.savez(tmp_path / "in.npz", x=np.full((1, 3, 8, 8), 0.5, np.float32))
+    result = onnxshrink.optimize(conv_bn_path, inputs=tmp_path / "in.npz")
+    assert result.parity.samples == 1 and result.parity.passed
