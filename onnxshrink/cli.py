@@ -214,11 +214,10 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
     elif not parity.verified:
         out.print(f"[yellow]parity not verified: {parity.reason}[/yellow]")
     else:
-        table = Table(
-            title=f"parity vs original (ONNX Runtime CPU, {parity.samples} input sample(s), rtol {parity.rtol:g})",
-            show_header=True,
-            header_style="bold",
+        out.print(
+            f"parity vs original: ONNX Runtime CPU, {parity.samples} input sample(s), rtol {parity.rtol:g}"
         )
+        table = Table(show_header=True, header_style="bold")
         table.add_column("output")
         table.add_column("max abs err", justify="right")
         table.add_column("max rel err", justify="right")
