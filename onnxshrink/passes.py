@@ -99,11 +99,15 @@ class RulePass:
         modified = False
         for sub in list(all_graphs(graph)):
             sub_ctx = RuleContext(sub, ctx.root, ctx.opset, ctx.stats, ctx.options)
+            present = {node.op for node in sub.nodes}
             for rule in self.rules:
-                start = time.perf_counter()
-                if rule.min_opset > ctx.opset:
-                    ctx.stats.declined[(rule.name, f"needs opset {rule.min_opset}")] += 1
+                if present.isdisjoint(rule.op_types):
                     continue
+                if rule.min_opset > ctx.opset:
+                    reason = f"needs opset {rule.min_opset}, model has {ctx.opset} (see --opset)"
+                    ctx.stats.declined[(rule.name, reason)] += 1
+                    continue
+                start = time.perf_counter()
                 modified |= self._apply(rule, sub, sub_ctx)
                 ctx.stats.seconds[rule.name] += time.perf_counter() - start
         return PassResult(graph, modified)
