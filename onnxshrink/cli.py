@@ -14,7 +14,7 @@ from rich.table import Table
 from onnxshrink import __version__
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.optimize import ModelSummary, OptimizeResult
-from onnxshrink.parity import DEFAULT_RTOL
+from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -73,6 +73,10 @@ def optimize(
     rtol: Annotated[
         float, typer.Option("--rtol", help="Largest relative output error accepted: max|new-old| / max|old|.")
     ] = DEFAULT_RTOL,
+    atol: Annotated[
+        float,
+        typer.Option("--atol", help="Absolute slack added to the bound, for outputs that are nearly zero."),
+    ] = DEFAULT_ATOL,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare outputs with the original before writing.")
     ] = True,
@@ -102,6 +106,7 @@ def optimize(
                 inputs=inputs,
                 opset=opset,
                 rtol=rtol,
+                atol=atol,
                 verify=verify,
                 samples=samples,
                 seed=seed,

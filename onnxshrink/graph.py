@@ -147,7 +147,8 @@ def unique_name(graph: gs.Graph, hint: str) -> str:
 
 
 def _names(graph: gs.Graph) -> set[str]:
-    cache = getattr(graph, "_onnxshrink_names", None)
+    # gs.Graph.__getattr__ treats unknown attributes as ONNX functions and logs; bypass it.
+    cache = graph.__dict__.get("_onnxshrink_names")
     if cache is None:
         cache = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
         graph._onnxshrink_names = cache
@@ -156,5 +157,4 @@ def _names(graph: gs.Graph) -> set[str]:
 
 def forget_names(graph: gs.Graph) -> None:
     """Drop the unique-name cache (the pass manager calls this after cleanup)."""
-    if hasattr(graph, "_onnxshrink_names"):
-        del graph._onnxshrink_names
+    graph.__dict__.pop("_onnxshrink_names", None)

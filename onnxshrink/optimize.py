@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
 from onnxshrink.io import check_output_path, load_model, save_model
-from onnxshrink.parity import DEFAULT_RTOL, ParityReport, check_parity, generate_inputs, load_inputs
+from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity, generate_inputs, load_inputs
 from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
 from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
 
@@ -155,6 +155,7 @@ def optimize(
     inputs: str | Path | Iterable[dict[str, np.ndarray]] | None = None,
     opset: int | None = None,
     rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
     verify: bool = True,
     samples: int = 2,
     seed: int = 0,
@@ -168,7 +169,8 @@ def optimize(
     - `inputs`: an .npz path, a folder of them, or an iterable of feed dicts; default:
       `samples` generated feeds.
     - `opset`: raise the model's ai.onnx opset first (lets newer fused ops be used).
-    Raises ParityError when an output moves more than `rtol` (see `onnxshrink.parity`).
+    Raises ParityError when an output moves more than `atol + rtol * max|ref|` (see
+    `onnxshrink.parity`); nothing is written then.
     """
     start = time.perf_counter()
     source_path = Path(model) if isinstance(model, (str, Path)) else None
@@ -202,7 +204,7 @@ def optimize(
             feeds = load_inputs(inputs, input_names)
         else:
             feeds = inputs
-        parity = check_parity(original, rewritten, feeds, rtol=rtol)
+        parity = check_parity(original, rewritten, feeds, rtol=rtol, atol=atol)
         if parity.verified and not parity.passed:
             bad = [o for o in parity.outputs if not o.ok]
             detail = ", ".join(f"{o.name} (rel {o.max_rel:.2e})" for o in bad) or parity.reason
