@@ -1,7 +1,155 @@
-"""(stub, being written)"""
+"""Fold an inference-mode BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul before it.
+
+BatchNormalization in inference mode is a per-channel affine map on axis 1:
+
+    BN(y) = (y - mean) * gamma / sqrt(var + eps) + beta = y * s + t,
+    s = gamma / sqrt(var + eps),   t = beta - mean * s.
+
+When y = W (*) x + b comes from a layer with constant weights, the map moves into them:
+
+    W' = W * gamma / sqrt(var + eps)               (per output channel)
+    b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+The weight layouts (Conv [Cout, Cin/g, k...], ConvTranspose [Cin, Cout/g, k...] with groups,
+Gemm with transB and C) are handled by `fold_conv_affine.fold_output_affine`.
+
+1. Producer is Conv or ConvTranspose: weights and bias rewritten in place (bias added if absent).
+2. Producer is Gemm: B scaled along its output columns, `C' = beta * C * s + t`, `beta' = 1`.
+3. Producer is MatMul with a 2-D input A (known from shapes) and a constant 2-D B: BN's channel
+   axis 1 is then MatMul's last axis, so the pair becomes `Gemm(A, B * s, t)`. A MatMul with a
+   higher-rank A is left alone: its axis 1 is not the weight's output axis.
+4. Declines (each reported with its reason): BN in training mode (`training_mode=1`, or
+   `is_test=0` before opset 7, or `spatial=0` in opsets 7-8), BN statistics outputs in use,
+   non-constant BN parameters, parameters not of shape [C] for the producer's C channels,
+   `var + eps <= 0`, a producer output that has other readers or is a graph output, a producer in
+   another graph scope, non-constant weights, and a standalone BN whose input is not one of the
+   producers above (it stays a BatchNormalization).
+"""
 
 from __future__ import annotations
 
-from onnxshrink.passes import Rule
+import logging
+from dataclasses import dataclass
 
-RULES: list[Rule] = []
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxshrink.graph import const_value, detach, only_consumer, producer_of, replace_all_uses
+from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.rules.fold_conv_affine import (
+    FLOAT_DTYPES,
+    LINEAR_PRODUCERS,
+    LinearProducer,
+    fold_output_affine,
+    in_graph,
+    is_default_domain,
+    linear_producer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _BatchNormMatch:
+    bn: gs.Node
+    producer: gs.Node | None  # None: the input is a graph input or constant (case 4)
+
+
+@dataclass
+class _Plan:
+    producer: LinearProducer
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+def _statistics_outputs_used(graph: gs.Graph, bn: gs.Node) -> bool:
+    for out in bn.outputs[1:]:
+        if out.name == "":
+            continue
+        if out.outputs or any(o is out for o in graph.outputs):
+            return True
+    return False
+
+
+def batchnorm_affine(bn: gs.Node, opset: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """The BN's per-channel (scale, shift) in float64, or why it is not an inference-mode affine."""
+    if len(bn.inputs) != 5:
+        return "BatchNormalization does not have 5 inputs"
+    if int(bn.attrs.get("training_mode", 0)) != 0:
+        return "BatchNormalization is in training mode"
+    if opset < 7 and int(bn.attrs.get("is_test", 0)) != 1:
+        return "BatchNormalization may be in training mode (is_test=0)"
+    if int(bn.attrs.get("spatial", 1)) != 1:
+        return "BatchNormalization with spatial=0 has per-location statistics"
+    params = [const_value(t) for t in bn.inputs[1:]]
+    if any(p is None for p in params):
+        return "BatchNormalization parameters are not constant"
+    gamma, beta, mean, var = (np.asarray(p) for p in params)
+    if any(p.dtype not in FLOAT_DTYPES for p in (gamma, beta, mean, var)):
+        return "BatchNormalization parameters are not floating point"
+    if any(p.ndim != 1 or p.shape != gamma.shape for p in (gamma, beta, mean, var)):
+        return "BatchNormalization parameters are not 1-D of one length"
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    denom = var.astype(np.float64) + eps
+    if np.any(denom <= 0) or not all(np.all(np.isfinite(p)) for p in (gamma, beta, mean, denom)):
+        return "BatchNormalization variance + epsilon is not positive and finite"
+    scale = gamma.astype(np.float64) / np.sqrt(denom)
+    shift = beta.astype(np.float64) - mean.astype(np.float64) * scale
+    return scale, shift
+
+
+class FoldBatchNorm(Rule):
+    """BatchNormalization after Conv/ConvTranspose/Gemm/2-D MatMul folds into its weights."""
+
+    name = "fold-batchnorm"
+    op_types = ("BatchNormalization",)
+
+    def match(self, node: gs.Node, ctx: RuleContext) -> _BatchNormMatch | None:
+        if not node.inputs:
+            return None
+        return _BatchNormMatch(node, producer_of(node.inputs[0]))
+
+    def _plan(self, m: _BatchNormMatch, ctx: RuleContext) -> _Plan | str:
+        producer = m.producer
+        if (
+            producer is None
+            or producer.op not in LINEAR_PRODUCERS
+            or not is_default_domain(producer)
+        ):
+            source = "a graph input or constant" if producer is None else producer.op
+            return f"standalone BatchNormalization: input comes from {source}"
+        if _statistics_outputs_used(ctx.graph, m.bn):
+            return "BatchNormalization statistics outputs are used"
+        x = m.bn.inputs[0]
+        if not only_consumer(ctx.graph, x, m.bn):
+            return f"{producer.op} output has other readers or is a graph output"
+        if not in_graph(ctx.graph, producer):
+            return f"{producer.op} is in another graph scope"
+        affine = batchnorm_affine(m.bn, ctx.opset)
+        if isinstance(affine, str):
+            return affine
+        lp = linear_producer(producer, ctx.opset)
+        if isinstance(lp, str):
+            return lp
+        scale, shift = affine
+        if scale.shape != (lp.channels,):
+            return (
+                f"BatchNormalization has {scale.shape[0]} channels, {producer.op} has {lp.channels}"
+            )
+        return _Plan(lp, scale, shift)
+
+    def check(self, m: _BatchNormMatch, ctx: RuleContext) -> str | None:
+        plan = self._plan(m, ctx)
+        return plan if isinstance(plan, str) else None
+
+    def rewrite(self, m: _BatchNormMatch, ctx: RuleContext) -> None:
+        plan = self._plan(m, ctx)
+        assert isinstance(plan, _Plan)
+        fold_output_affine(ctx.graph, plan.producer, plan.scale, plan.shift)
+        out = m.bn.outputs[0]
+        x = m.bn.inputs[0]
+        detach(m.bn)
+        replace_all_uses(ctx.graph, out, x)
+
+
+RULES: list[Rule] = [FoldBatchNorm()]
