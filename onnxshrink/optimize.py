@@ -129,6 +129,12 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     dst.opset_import.extend(src.opset_import)
     if src.functions and not dst.functions:
         dst.functions.extend(src.functions)
+    # The interface is the user's contract: shape inference may have named anonymous dims
+    # ("unk__54"); put the declared input and output types back exactly as they were.
+    src_types = {v.name: v.type for v in [*src.graph.input, *src.graph.output]}
+    for value in [*dst.graph.input, *dst.graph.output]:
+        if value.name in src_types:
+            value.type.CopyFrom(src_types[value.name])
     # Graph-level value_info is a cache of inferred shapes; keep the file lean.
     del dst.graph.value_info[:]
     for sub in _subgraph_protos(dst.graph):
