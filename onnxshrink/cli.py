@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -37,7 +37,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """onnxshrink: make exported ONNX models smaller and faster, with proof of parity."""
@@ -47,11 +50,15 @@ def _root(
 def optimize(
     model: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).")],
     output: Annotated[
-        Optional[Path],
-        typer.Option("-o", "--output", help="Where to write the result [default: MODEL.opt.onnx beside MODEL]."),
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Where to write the result [default: MODEL.opt.onnx beside MODEL].",
+        ),
     ] = None,
     input_shape: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             "--input-shape",
             help="Pin a dynamic input's dims, e.g. x:1,3,48,320 (repeatable). The output keeps "
@@ -59,7 +66,7 @@ def optimize(
         ),
     ] = None,
     inputs: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--inputs",
             help="Inputs for the parity check: an .npz with one array per model input, or a "
@@ -67,23 +74,39 @@ def optimize(
         ),
     ] = None,
     opset: Annotated[
-        Optional[int],
-        typer.Option("--opset", help="Raise the ai.onnx opset first (e.g. 17 enables LayerNormalization fusion)."),
+        int | None,
+        typer.Option(
+            "--opset",
+            help="Raise the ai.onnx opset first (e.g. 17 enables LayerNormalization fusion).",
+        ),
     ] = None,
     rtol: Annotated[
-        float, typer.Option("--rtol", help="Largest relative output error accepted: max|new-old| / max|old|.")
+        float,
+        typer.Option(
+            "--rtol", help="Largest relative output error accepted: max|new-old| / max|old|."
+        ),
     ] = DEFAULT_RTOL,
     atol: Annotated[
         float,
-        typer.Option("--atol", help="Absolute slack added to the bound, for outputs that are nearly zero."),
+        typer.Option(
+            "--atol", help="Absolute slack added to the bound, for outputs that are nearly zero."
+        ),
     ] = DEFAULT_ATOL,
     verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Compare outputs with the original before writing.")
+        bool,
+        typer.Option(
+            "--verify/--no-verify", help="Compare outputs with the original before writing."
+        ),
     ] = True,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Generated input samples for parity.")] = 2,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Generated input samples for parity.")
+    ] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Seed for generated inputs.")] = 0,
     verbose: Annotated[
-        bool, typer.Option("-v", "--verbose", help="Show every rule, including those that declined and why.")
+        bool,
+        typer.Option(
+            "-v", "--verbose", help="Show every rule, including those that declined and why."
+        ),
     ] = False,
 ) -> None:
     """Apply the lossless rules (dead-layer removal, constant folding, operator fusion), check
@@ -98,7 +121,11 @@ def optimize(
     target = output if output is not None else model.with_name(model.stem + ".opt.onnx")
     try:
         shapes = parse_input_shapes(input_shape)
-        with err.status(f"optimizing {model.name}...", spinner="dots") if err.is_terminal else _null():
+        with (
+            err.status(f"optimizing {model.name}...", spinner="dots")
+            if err.is_terminal
+            else _null()
+        ):
             result = run_optimize(
                 model,
                 target,
@@ -174,9 +201,21 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
     summary.add_column("change", justify="right")
     summary.add_row("nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes))
     if b.nodes_total != b.nodes or a.nodes_total != a.nodes:
-        summary.add_row("nodes incl. subgraphs", str(b.nodes_total), str(a.nodes_total), _change(b.nodes_total, a.nodes_total))
-    summary.add_row("initializers", str(b.initializers), str(a.initializers), _change(b.initializers, a.initializers))
-    summary.add_row("parameters", f"{b.parameters:,}", f"{a.parameters:,}", _change(b.parameters, a.parameters))
+        summary.add_row(
+            "nodes incl. subgraphs",
+            str(b.nodes_total),
+            str(a.nodes_total),
+            _change(b.nodes_total, a.nodes_total),
+        )
+    summary.add_row(
+        "initializers",
+        str(b.initializers),
+        str(a.initializers),
+        _change(b.initializers, a.initializers),
+    )
+    summary.add_row(
+        "parameters", f"{b.parameters:,}", f"{a.parameters:,}", _change(b.parameters, a.parameters)
+    )
     summary.add_row("size", _fmt_bytes(b.bytes), _fmt_bytes(a.bytes), _change(b.bytes, a.bytes))
     out.print(summary)
 
@@ -213,6 +252,9 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
             declined.add_row(name, reason, str(count))
         out.print(declined)
 
+    for note in result.notes:
+        if not note.startswith("parity not verified"):
+            out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     parity = result.parity
     if parity is None:
         out.print("[yellow]parity not checked (--no-verify)[/yellow]")
@@ -228,7 +270,12 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
         table.add_column("max rel err", justify="right")
         table.add_column("")
         for o in parity.outputs:
-            table.add_row(o.name, f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", "[green]ok[/green]" if o.ok else "[red]FAIL[/red]")
+            table.add_row(
+                o.name,
+                f"{o.max_abs:.2e}",
+                f"{o.max_rel:.2e}",
+                "[green]ok[/green]" if o.ok else "[red]FAIL[/red]",
+            )
         out.print(table)
 
 

@@ -74,6 +74,7 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     new_producer = producer_of(new)
     if (
         new_producer is not None
+        and any(n is new_producer for n in graph.nodes)  # not an outer-scope producer
         and not is_graph_output(graph, new)
         and not new.outputs
         and not isinstance(new, gs.Constant)
@@ -90,7 +91,9 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     old_producer = producer_of(old)
     if old_producer is not None:
         old_producer.outputs = [t for t in old_producer.outputs if t is not old]
-    graph.nodes.append(gs.Node("Identity", name=f"{old.name}_keep_output", inputs=[new], outputs=[old]))
+    graph.nodes.append(
+        gs.Node("Identity", name=f"{old.name}_keep_output", inputs=[new], outputs=[old])
+    )
 
 
 def detach(node: gs.Node) -> None:

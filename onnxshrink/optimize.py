@@ -15,7 +15,14 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
 from onnxshrink.io import check_output_path, load_model, save_model
-from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity, generate_inputs, load_inputs
+from onnxshrink.parity import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    ParityReport,
+    check_parity,
+    generate_inputs,
+    load_inputs,
+)
 from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
 from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
 
@@ -47,7 +54,11 @@ class ModelSummary:
                 params += int(np.prod(init.dims)) if init.dims else 1
             for node in graph.node:
                 total += 1
-                ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
+                ops[
+                    node.op_type
+                    if node.domain in ("", "ai.onnx")
+                    else f"{node.domain}.{node.op_type}"
+                ] += 1
                 for attr in node.attribute:
                     if attr.type == onnx.AttributeProto.GRAPH:
                         walk(attr.g)
@@ -75,6 +86,82 @@ class OptimizeResult:
     notes: list[str] = field(default_factory=list)
 
 
+# Rewrite tiers, tried in order until parity holds. Folding a scale into weights is exact in
+# real arithmetic but re-rounds every weight; on numerically sensitive models the accumulated
+# float32 rounding can pass the bar (measured: PP-OCRv5 det, 110 folds, 1.4e-4 on one page where
+# the original itself is 4e-5 from a float64 evaluation). Later tiers rescale fewer weights:
+# first no output-side Mul folds into Conv/Gemm, then no rescaling at all.
+_TIERS: tuple[dict[str, object], ...] = (
+    {},
+    {"fold_output_scales": False},
+    {"fold_scales": False},
+)
+_SCALE_FOLD_RULES = ("fold-batchnorm", "fold-affine-into-producer", "fold-affine-into-conv")
+
+
+def export_graph(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    _hoist_shared_initializers(model.graph)
+    return model
+
+
+def _hoist_shared_initializers(root: onnx.GraphProto) -> int:
+    """Store once a constant that gs exported into several graphs (it writes an outer-scope
+    constant into every If/Loop body that reads it): keep one copy in the innermost graph
+    enclosing all of them. Returns how many copies were dropped."""
+    parent: dict[int, onnx.GraphProto | None] = {id(root): None}
+    graphs: list[onnx.GraphProto] = []
+
+    def walk(g: onnx.GraphProto) -> None:
+        graphs.append(g)
+        for node in g.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for sub in subs:
+                    parent[id(sub)] = g
+                    walk(sub)
+
+    walk(root)
+
+    def ancestors(g: onnx.GraphProto) -> list[onnx.GraphProto]:
+        chain = [g]
+        while parent[id(chain[-1])] is not None:
+            chain.append(parent[id(chain[-1])])
+        return chain[::-1]  # root first
+
+    holders: dict[str, list[onnx.GraphProto]] = {}
+    defined: dict[str, int] = {}  # how many non-initializer definitions a name has
+    for g in graphs:
+        for init in g.initializer:
+            holders.setdefault(init.name, []).append(g)
+        for name in [v.name for v in g.input] + [o for n in g.node for o in n.output]:
+            defined[name] = defined.get(name, 0) + 1
+    dropped = 0
+    for name, gs_ in holders.items():
+        if len(gs_) < 2 or defined.get(name):
+            continue
+        copies = [next(i for i in g.initializer if i.name == name) for g in gs_]
+        if any(c.SerializeToString() != copies[0].SerializeToString() for c in copies[1:]):
+            continue  # same name, different tensors in sibling scopes: leave them
+        chains = [ancestors(g) for g in gs_]
+        lca = None
+        for level in zip(*chains, strict=False):  # chains differ in depth
+            if all(g is level[0] for g in level):
+                lca = level[0]
+            else:
+                break
+        keep = onnx.TensorProto()
+        keep.CopyFrom(copies[0])
+        for g in gs_:
+            kept = [i for i in g.initializer if i.name != name]
+            del g.initializer[:]
+            g.initializer.extend(kept)
+        lca.initializer.append(keep)
+        dropped += len(gs_) - 1
+    return dropped
+
+
 def _shape_inference_pass() -> Pass:
     """A pass that refreshes tensor shapes; it never counts as a modification."""
 
@@ -82,7 +169,7 @@ def _shape_inference_pass() -> Pass:
         name = "shape-inference"
 
         def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult:
-            model = gs.export_onnx(graph, do_type_check=False)
+            model = export_graph(graph)
             for vi in list(model.graph.value_info):
                 # Drop stale shapes of tensors that rules rewrote; inference recomputes them.
                 vi.type.tensor_type.ClearField("shape")
@@ -111,7 +198,7 @@ def rewrite_model(
     manager = PassManager([_shape_inference_pass(), *passes], max_steps=max_steps)
     result = manager(graph, ctx)
     out_graph = result.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(out_graph, do_type_check=False)
+    out = export_graph(out_graph)
     _carry_metadata(model, out)
     return out, stats
 
@@ -183,7 +270,9 @@ def optimize(
     original = load_model(source_path) if source_path is not None else model
     if output is not None:
         if source_path is not None and Path(output).resolve() == source_path.resolve():
-            raise UsageError(f"{output}: output would overwrite the input model; choose another path")
+            raise UsageError(
+                f"{output}: output would overwrite the input model; choose another path"
+            )
         check_output_path(output)
 
     work = onnx.ModelProto()
@@ -193,32 +282,58 @@ def optimize(
         work = convert_opset(work, opset)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
-    rewritten, stats = rewrite_model(work, passes)
-    try:
-        onnx.checker.check_model(rewritten)
-    except Exception as exc:
-        raise OnnxShrinkError(f"internal error: the rewritten model is invalid ({exc}); nothing written") from None
+    input_names = [
+        i.name for i in work.graph.input if i.name not in {t.name for t in work.graph.initializer}
+    ]
+    if inputs is not None and not isinstance(inputs, (str, Path)):
+        inputs = list(inputs)  # may be one-shot, and a retry reads it again
+
+    def feeds() -> Iterable[dict[str, np.ndarray]]:
+        if inputs is None:
+            return (generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples))
+        if isinstance(inputs, (str, Path)):
+            return load_inputs(inputs, input_names)
+        return inputs
 
     parity = None
-    if verify:
-        input_names = [i.name for i in work.graph.input if i.name not in {t.name for t in work.graph.initializer}]
-        if inputs is None:
-            feeds: Iterable[dict[str, np.ndarray]] = (
-                generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples)
-            )
-        elif isinstance(inputs, (str, Path)):
-            feeds = load_inputs(inputs, input_names)
-        else:
-            feeds = inputs
-        parity = check_parity(original, rewritten, feeds, rtol=rtol, atol=atol)
-        if parity.verified and not parity.passed:
-            bad = [o for o in parity.outputs if not o.ok]
-            detail = ", ".join(f"{o.name} (rel {o.max_rel:.2e})" for o in bad) or parity.reason
-            raise ParityError(
-                f"the optimized model differs from the original beyond rtol {rtol:g}: {detail}; nothing written"
-            )
+    failures: list[str] = []
+    for tier, options in enumerate(_TIERS):
+        rewritten, stats = rewrite_model(work, passes, options=options)
+        try:
+            onnx.checker.check_model(rewritten)
+        except Exception as exc:
+            raise OnnxShrinkError(
+                f"internal error: the rewritten model is invalid ({exc}); nothing written"
+            ) from None
+        if not verify:
+            break
+        parity = check_parity(original, rewritten, feeds(), rtol=rtol, atol=atol)
         if not parity.verified:
             notes.append(f"parity not verified: {parity.reason}")
+            break
+        if parity.passed:
+            if failures:
+                what = (
+                    "Mul folds into the weights of the layer before them were"
+                    if options.get("fold_output_scales") is False
+                    else "all weight rescaling (BatchNorm and Mul folds) was"
+                )
+                notes.append(
+                    f"{what} turned off: with them, {failures[0]} (float32 rounding accumulated "
+                    "over the folded layers); a larger --rtol keeps them"
+                )
+            break
+        bad = [o for o in parity.outputs if not o.ok]
+        failures.append(
+            ", ".join(f"{o.name} moved {o.max_rel:.2e}" for o in bad) or str(parity.reason)
+        )
+        retry = tier + 1 < len(_TIERS) and any(stats.applied.get(r) for r in _SCALE_FOLD_RULES)
+        if not retry:
+            raise ParityError(
+                f"the optimized model differs from the original beyond rtol {rtol:g}: "
+                f"{'; then '.join(failures)}; nothing written"
+            )
+        logger.info("parity failed (%s); retrying without weight rescaling", failures[-1])
 
     written = save_model(rewritten, output) if output is not None else None
     return OptimizeResult(
@@ -231,5 +346,3 @@ def optimize(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
-
-

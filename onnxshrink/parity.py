@@ -115,7 +115,8 @@ def generate_inputs(
             shape = list(input_shapes[value.name])
         else:
             shape = [
-                d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                d.dim_value
+                if d.HasField("dim_value") and d.dim_value > 0
                 else (batch if i == 0 else DEFAULT_DYNAMIC_DIM)
                 for i, d in enumerate(tensor_type.shape.dim)
             ]
@@ -165,7 +166,11 @@ def compare_outputs(
         return OutputParity(name, float("inf"), float("inf"), False)
     if not np.issubdtype(ref.dtype, np.floating):
         equal = bool(np.array_equal(ref, cand))
-        diff = 0.0 if equal else float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64))))
+        diff = (
+            0.0
+            if equal
+            else float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64))))
+        )
         return OutputParity(name, diff, 0.0 if equal else float("inf"), equal)
     ref64 = ref.astype(np.float64)
     diff = np.abs(cand.astype(np.float64) - ref64)
@@ -194,11 +199,23 @@ def check_parity(
     try:
         ref_sess = _session(reference)
     except Exception as exc:
-        return ParityReport(False, False, rtol, atol, reason=f"ONNX Runtime cannot load the original model: {_first_line(exc)}")
+        return ParityReport(
+            False,
+            False,
+            rtol,
+            atol,
+            reason=f"ONNX Runtime cannot load the original model: {_first_line(exc)}",
+        )
     try:
         cand_sess = _session(candidate)
     except Exception as exc:
-        return ParityReport(False, False, rtol, atol, reason=f"ONNX Runtime cannot load the optimized model: {_first_line(exc)}")
+        return ParityReport(
+            False,
+            False,
+            rtol,
+            atol,
+            reason=f"ONNX Runtime cannot load the optimized model: {_first_line(exc)}",
+        )
     names = [o.name for o in ref_sess.get_outputs()]
     if names != [o.name for o in cand_sess.get_outputs()]:
         return ParityReport(True, False, rtol, atol, reason="output names differ")
@@ -210,19 +227,33 @@ def check_parity(
         except Exception as exc:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
             return ParityReport(
-                False, False, rtol, atol, samples,
+                False,
+                False,
+                rtol,
+                atol,
+                samples,
                 reason=f"the original model fails on the inputs ({shapes}): {_first_line(exc)}; "
                 "pass --input-shape or --inputs",
             )
         try:
             cand_out = cand_sess.run(None, feed)
         except Exception as exc:
-            return ParityReport(True, False, rtol, atol, samples, reason=f"the optimized model fails where the original runs: {_first_line(exc)}")
+            return ParityReport(
+                True,
+                False,
+                rtol,
+                atol,
+                samples,
+                reason=f"the optimized model fails where the original runs: {_first_line(exc)}",
+            )
         samples += 1
-        for name, r, c in zip(names, ref_out, cand_out):
+        for name, r, c in zip(names, ref_out, cand_out, strict=True):
             result = compare_outputs(name, r, c, rtol, atol)
             # Keep the worst sample per output; a failure always outranks a pass.
-            if name not in worst or (result.ok, -result.max_rel) < (worst[name].ok, -worst[name].max_rel):
+            if name not in worst or (result.ok, -result.max_rel) < (
+                worst[name].ok,
+                -worst[name].max_rel,
+            ):
                 worst[name] = result
     if samples == 0:
         return ParityReport(False, False, rtol, atol, 0, reason="no inputs to compare on")

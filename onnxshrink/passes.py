@@ -116,7 +116,11 @@ class RulePass:
     def _apply(rule: Rule, graph: gs.Graph, ctx: RuleContext) -> bool:
         modified = False
         for node in list(graph.nodes):
-            if node.op not in rule.op_types or not node.outputs or node.domain not in (None, "", "ai.onnx"):
+            if (
+                node.op not in rule.op_types
+                or not node.outputs
+                or node.domain not in (None, "", "ai.onnx")
+            ):
                 continue
             match = rule.match(node, ctx)
             if match is None:

@@ -21,7 +21,9 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     for spec in specs or []:
         name, sep, dims = spec.rpartition(":")
         if not sep or not name:
-            raise UsageError(f"bad --input-shape {spec!r}: expected NAME:D0,D1,... e.g. x:1,3,48,320")
+            raise UsageError(
+                f"bad --input-shape {spec!r}: expected NAME:D0,D1,... e.g. x:1,3,48,320"
+            )
         try:
             values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip() != ""]
         except ValueError:
@@ -47,7 +49,12 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
             )
         existing = list(tensor_type.shape.dim)
         for i, value in enumerate(dims):
-            if i < len(existing) and existing[i].HasField("dim_value") and existing[i].dim_value != value:
+            fixed = (
+                i < len(existing)
+                and existing[i].HasField("dim_value")
+                and existing[i].dim_value > 0
+            )
+            if fixed and existing[i].dim_value != value:
                 raise UsageError(
                     f"--input-shape {name}: dim {i} is fixed at {existing[i].dim_value} in the model, got {value}"
                 )
@@ -77,7 +84,9 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Raise the ai.onnx opset to `target` with onnx's version converter (never lowers it)."""
     current = default_opset(model)
     if target < current:
-        raise UsageError(f"--opset {target} is lower than the model's opset {current}; onnxshrink only raises it")
+        raise UsageError(
+            f"--opset {target} is lower than the model's opset {current}; onnxshrink only raises it"
+        )
     if target == current:
         return model
     try:
@@ -86,4 +95,6 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         return version_converter.convert_version(model, target)
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot convert the model from opset {current} to {target}: {text}") from None
+        raise UsageError(
+            f"cannot convert the model from opset {current} to {target}: {text}"
+        ) from None

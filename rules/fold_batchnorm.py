@@ -24,6 +24,7 @@ Gemm with transB and C) are handled by `fold_conv_affine.fold_output_affine`.
    `var + eps <= 0`, a producer output that has other readers or is a graph output, a producer in
    another graph scope, non-constant weights, and a standalone BN whose input is not one of the
    producers above (it stays a BatchNormalization).
+5. With the engine's `fold_scales` option off (see `fold_conv_affine`, case 5) BN is not folded.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from onnxshrink.passes import Rule, RuleContext
 from onnxshrink.rules.fold_conv_affine import (
     FLOAT_DTYPES,
     LINEAR_PRODUCERS,
+    SCALE_FOLDS_OFF,
     LinearProducer,
     fold_output_affine,
     in_graph,
     is_default_domain,
     linear_producer,
+    scale_folds_allowed,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,6 +135,8 @@ class FoldBatchNorm(Rule):
         if isinstance(lp, str):
             return lp
         scale, shift = affine
+        if not scale_folds_allowed(ctx):
+            return SCALE_FOLDS_OFF
         if scale.shape != (lp.channels,):
             return (
                 f"BatchNormalization has {scale.shape[0]} channels, {producer.op} has {lp.channels}"

@@ -49,6 +49,11 @@ Every matched op is an affine map `y = x * s + t` of its one variable input `x`:
    the pattern, is not a graph output, and belongs to the same graph as the anchor (a producer in
    an outer scope of an If/Loop body is left alone). All arithmetic is done in float64 and cast
    back to the weight dtype.
+
+5. Scale folds re-round every weight. After a parity failure caused by accumulated float32
+   rounding the engine retries with fewer of them: option `fold_output_scales=False` makes
+   `fold-affine-into-producer` fold pure shifts (bias adds) only; `fold_scales=False` makes every
+   rule here and `fold-batchnorm` decline any fold whose scale is not 1.
 """
 
 from __future__ import annotations
@@ -77,6 +82,26 @@ logger = logging.getLogger(__name__)
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 DEFAULT_DOMAINS = (None, "", "ai.onnx")  # gs imports the default domain as None
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# RuleContext options set by the engine's conservative retries (case 5).
+FOLD_SCALES_OPTION = "fold_scales"  # False: no fold may rescale weights
+FOLD_OUTPUT_SCALES_OPTION = (
+    "fold_output_scales"  # False: fold-affine-into-producer folds shifts only
+)
+SCALE_FOLDS_OFF = "weight rescaling is off (fp32 rounding moved the outputs past tolerance)"
+
+
+def scale_folds_allowed(ctx: RuleContext, output_side: bool = False) -> bool:
+    """False when the engine asked for fewer weight rescalings (case 5).
+
+    Folding a scale into weights is exact in real arithmetic but re-rounds every weight; on a
+    numerically sensitive model the accumulated float32 rounding can exceed the parity bar,
+    and the engine then retries with fewer scale folds.
+    """
+    if not ctx.options.get(FOLD_SCALES_OPTION, True):
+        return False
+    return not output_side or bool(ctx.options.get(FOLD_OUTPUT_SCALES_OPTION, True))
+
+
 # Ops whose output is linear in (weight, bias) per output channel: see case 1.
 LINEAR_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _MAX_CHAIN = 8
@@ -374,6 +399,8 @@ class FoldAffineIntoProducer(Rule):
         vectors = step_vectors(m.step, lp.rank, lp.channels)
         if isinstance(vectors, str):
             return vectors
+        if np.any(vectors[0] != 1) and not scale_folds_allowed(ctx, output_side=True):
+            return SCALE_FOLDS_OFF
         return lp, vectors[0], vectors[1]
 
     def check(self, m: _OutputMatch, ctx: RuleContext) -> str | None:
@@ -496,6 +523,8 @@ class FoldAffineIntoConv(Rule):
         for _, s, t in reversed(usable):  # farthest op first: (x*s1+t1)*s2+t2
             scale, shift = scale * s, shift * s + t
         steps = [u[0] for u in usable]
+        if np.any(scale != 1) and not scale_folds_allowed(ctx):
+            return SCALE_FOLDS_OFF
         if not pads or not np.any(shift):
             return _InputPlan(steps, scale, shift, None)
         # Case 2b: keep the shift in front of the padding as one Add of t/s.

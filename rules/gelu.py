@@ -29,6 +29,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
+
+from onnxshrink.graph import detach, make_variable, producer_of, replace_all_uses, unique_name
+from onnxshrink.passes import Rule, RuleContext
 from onnxshrink.rules.hardswish import (
     ProductChain,
     escaping_reason,
@@ -38,9 +41,6 @@ from onnxshrink.rules.hardswish import (
     readers,
     scalar_constant,
 )
-
-from onnxshrink.graph import detach, make_variable, producer_of, replace_all_uses, unique_name
-from onnxshrink.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason, readers, scalar_constant
 
 from onnxshrink.graph import (
     const_value,
@@ -47,6 +46,7 @@ from onnxshrink.graph import (
     unique_name,
 )
 from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason, readers, scalar_constant
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,11 @@ def apply(
             if pending:
                 passes.append(RulePass("test-rules", pending))
                 pending = []
-            passes.append(item if not callable(item) or hasattr(item, "name") else FunctionPass(item.__name__, item))
+            passes.append(
+                item
+                if not callable(item) or hasattr(item, "name")
+                else FunctionPass(item.__name__, item)
+            )
     if pending:
         passes.append(RulePass("test-rules", pending))
     return rewrite_model(model, passes)
@@ -71,7 +75,9 @@ def histogram(model: onnx.ModelProto, recurse: bool = False) -> Counter[str]:
     return counts
 
 
-def random_feeds(model: onnx.ModelProto, seed: int = 0, low: float = -3.0, high: float = 3.0) -> dict[str, np.ndarray]:
+def random_feeds(
+    model: onnx.ModelProto, seed: int = 0, low: float = -3.0, high: float = 3.0
+) -> dict[str, np.ndarray]:
     """Random inputs for a model whose inputs all have static shapes."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
@@ -93,7 +99,9 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     """Run with ORT CPU, graph optimizations off so that ORT does not hide what we did."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return sess.run(None, feeds)
 
 

@@ -67,7 +67,14 @@ def test_not_onnx_file(tmp_path):
 
 def test_inputs_npz_used_for_parity(tmp_path, conv_bn_path):
     np.savez(tmp_path / "in.npz", x=np.zeros((1, 3, 8, 8), np.float32))
-    result = _run("optimize", str(conv_bn_path), "-o", str(tmp_path / "o.onnx"), "--inputs", str(tmp_path / "in.npz"))
+    result = _run(
+        "optimize",
+        str(conv_bn_path),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--inputs",
+        str(tmp_path / "in.npz"),
+    )
     assert result.exit_code == 0, result.output
     assert "1 input sample" in result.output
 
@@ -80,7 +87,10 @@ def test_rules_command_lists_rules():
 
 def test_console_script_help_runs():
     proc = subprocess.run(
-        [sys.executable, "-m", "onnxshrink", "optimize", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "onnxshrink", "optimize", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0
     assert "--input-shape" in proc.stdout and "Exit codes" in proc.stdout

@@ -115,4 +115,6 @@ def test_save_large_model_uses_external_data(tmp_path, conv_bn_model, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
     loaded = load_model(dest)
     big = next(t for t in loaded.graph.initializer if t.name == "unused_big")
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(big), np.arange(4096, dtype=np.float32))
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(big), np.arange(4096, dtype=np.float32)
+    )

@@ -68,7 +68,9 @@ def test_failing_pass_is_named_with_its_predecessors():
         raise ValueError("bad rewrite")
 
     manager = PassManager([FunctionPass("first", lambda g, c: False), FunctionPass("boom", boom)])
-    with pytest.raises(PassError, match=r"pass 'boom' failed \(ValueError: bad rewrite\); passes before it: first"):
+    with pytest.raises(
+        PassError, match=r"pass 'boom' failed \(ValueError: bad rewrite\); passes before it: first"
+    ):
         manager(graph, _ctx(graph))
 
 

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import onnx
 import pytest
-from onnxshrink.rules.hardswish import RULES
 
+from onnxshrink.rules.hardswish import RULES
 from tests.helpers import (
     apply,
     assert_rewritten,

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import onnx
 import pytest
-from onnxshrink.rules.layernorm import RULES
 
+from onnxshrink.rules.layernorm import RULES
 from tests.helpers import apply, assert_rewritten, assert_unchanged, histogram, make_model
 
 RNG = np.random.default_rng(0)

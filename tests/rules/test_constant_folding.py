@@ -1,0 +1,339 @@
+"""Tests for rules/constant_folding.py: shape values, Reshape targets, constant subexpressions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_graphsurgeon as gs
+
+from onnxshrink.passes import PassStats, RuleContext
+from onnxshrink.rules.constant_folding import fold_constants
+from onnxshrink.rules.dead_code import constants_to_initializers
+from tests.helpers import apply, assert_rewritten, histogram, make_model, run
+
+PASSES = [constants_to_initializers, fold_constants]
+
+
+def _ctx(graph: gs.Graph, opset: int) -> RuleContext:
+    return RuleContext(graph, graph, opset, PassStats())
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def _reshape_target(model: onnx.ModelProto) -> list[int]:
+    node = next(n for n in model.graph.node if n.op_type == "Reshape")
+    init = next(i for i in model.graph.initializer if i.name == node.input[1])
+    return onnx.numpy_helper.to_array(init).tolist()
+
+
+# --- case 3: constant subexpressions ------------------------------------------------------
+
+
+def test_constant_subexpression_is_folded():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[2,3] x) => (float[2,3] y) {
+    k = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+    two = Constant<value = float {2.0}>()
+    s = Mul(k, two)
+    e = Exp(s)
+    y = Mul(x, e)
+}"""
+    before = make_model(text)
+    after, stats = apply(before, PASSES)
+    assert stats.applied["fold_constants"] == 1
+    assert_rewritten(before, after, {"Mul": 1})
+
+
+def test_reshaped_conv_bias_is_folded():
+    # The paddle2onnx pattern: Reshape(bias, [1, C, 1, 1]) then Add.
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[1,4,3,3] x) => (float[1,4,3,3] y) {
+    r = Reshape(bias, shape)
+    y = Add(x, r)
+}"""
+    before = make_model(text, {"bias": np.arange(4, dtype=np.float32), "shape": _i64(1, -1, 1, 1)})
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Add": 1})
+    assert [list(i.dims) for i in after.graph.initializer] == [[1, 4, 1, 1]]
+
+
+def test_folded_graph_output_is_a_constant_node_and_the_pass_settles():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[3] x) => (float[3] y, float[3] k) {
+    a = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+    k = Neg(a)
+    y = Add(x, a)
+}"""
+    before = make_model(text)
+    graph = gs.import_onnx(before)
+    assert fold_constants(graph, _ctx(graph, 14)) is True
+    graph.cleanup().toposort()
+    assert fold_constants(graph, _ctx(graph, 14)) is False
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Constant": 1, "Add": 1})
+    assert after.graph.output[1].name == "k"
+
+
+def test_nothing_to_fold_reports_no_change():
+    before = make_model("""<ir_version: 10, opset_import: ["" : 14]>
+g (float[3] x) => (float[3] y) { y = Relu(x) }""")
+    graph = gs.import_onnx(before)
+    assert fold_constants(graph, _ctx(graph, 14)) is False
+
+
+def test_folding_is_deterministic():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[2,3] x) => (float[2,3] y) {
+    s = Sqrt(k)
+    t = Transpose<perm = [1, 0]>(s)
+    y = Mul(x, t)
+}"""
+    before = make_model(text, {"k": np.arange(6, dtype=np.float32).reshape(3, 2)})
+    first, _ = apply(before, PASSES)
+    second, _ = apply(before, PASSES)
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+# --- case 3: size guard -------------------------------------------------------------------
+
+GROWING = {
+    "constant_of_shape": "big = ConstantOfShape<value = float[1] {1.0}>(shape)",
+    "expand": "big = Expand(one, shape)",
+    "tile": "big = Tile(row, reps)",
+    "range_then_cast": "r = Range(start, limit, delta)\n big = Cast<to = 1>(r)",
+}
+
+
+def _growing_model(body: str) -> onnx.ModelProto:
+    text = f"""<ir_version: 10, opset_import: ["" : 14]>
+g (float[4096] x) => (float[4096] y) {{
+    {body}
+    y = Add(x, big)
+}}"""
+    inits = {
+        "shape": _i64(4096),
+        "one": np.ones(1, np.float32),
+        "row": np.ones(16, np.float32),
+        "reps": _i64(256),
+        "start": np.array(0, np.int64),
+        "limit": np.array(4096, np.int64),
+        "delta": np.array(1, np.int64),
+    }
+    used = {name: value for name, value in inits.items() if name in body}
+    return make_model(text, used)
+
+
+def test_growing_folds_are_refused():
+    for name, body in GROWING.items():
+        before = _growing_model(body)
+        after, _ = apply(before, PASSES)
+        assert histogram(after) == histogram(before), name
+        assert after.ByteSize() <= before.ByteSize() + 64, name
+
+
+def test_small_constant_of_shape_is_folded():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[8] x) => (float[8] y) {
+    big = ConstantOfShape<value = float[1] {0.5}>(shape)
+    y = Add(x, big)
+}"""
+    before = make_model(text, {"shape": _i64(8)})
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Add": 1})
+
+
+def test_weight_read_by_both_branches_is_not_folded_twice():
+    # Transposing the weight in each branch would store it twice (once per branch). The weight
+    # is an outer Constant node, which constants_to_initializers keeps for the same reason.
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (bool cond, float[64,64] x) => (float[64,64] y) {
+    y = If(cond) <
+        then_branch = then_g () => (float[64,64] t) {
+            wt = Transpose<perm = [1, 0]>(w)
+            t = MatMul(x, wt)
+        },
+        else_branch = else_g () => (float[64,64] e) {
+            wt2 = Transpose<perm = [1, 0]>(w)
+            e = Add(x, wt2)
+        }
+    >
+}"""
+    w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    before = onnx.parser.parse_model(text)
+    before.graph.node.insert(
+        0, onnx.helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(w))
+    )
+    onnx.checker.check_model(before, full_check=True)
+    after, _ = apply(before, PASSES)
+    assert histogram(after, recurse=True) == {
+        "Constant": 1,
+        "If": 1,
+        "Transpose": 2,
+        "MatMul": 1,
+        "Add": 1,
+    }
+    assert after.ByteSize() <= before.ByteSize() + 64
+
+
+def test_random_ops_are_not_folded():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[4] x) => (float[4] y) {
+    r = RandomUniformLike(k)
+    y = Add(x, r)
+}"""
+    before = make_model(text, {"k": np.zeros(4, np.float32)})
+    after, _ = apply(before, PASSES)
+    assert histogram(after) == {"RandomUniformLike": 1, "Add": 1}
+
+
+def test_folding_inside_if_branch():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (bool cond, float[3] x) => (float[3] y) {
+    y = If(cond) <
+        then_branch = then_g () => (float[3] t) {
+            k = Constant<value = float[3] {1.0, 4.0, 9.0}>()
+            s = Sqrt(k)
+            t = Mul(x, s)
+        },
+        else_branch = else_g () => (float[3] e) { e = Neg(x) }
+    >
+}"""
+    before = make_model(text)
+    after, _ = apply(before, PASSES)
+    assert histogram(after, recurse=True) == {"If": 1, "Mul": 1, "Neg": 1}
+    feeds = {"cond": np.array(True), "x": np.array([1.0, -2.0, 3.0], np.float32)}
+    assert_rewritten(before, after, {"If": 1}, feeds=feeds)
+
+
+# --- cases 1 and 2: shape computations ----------------------------------------------------
+
+SHAPE_CHAIN = """<ir_version: 10, opset_import: ["" : 13]>
+g (float[{dims}] x) => (float[{out}] y) {{
+    s = Shape(x)
+    s32 = Cast<to = 6>(s)
+    c = Slice(s32, one, two)
+    c64 = Cast<to = 7>(c)
+    n = Gather(s, zero)
+    n1 = Unsqueeze(n, zero1)
+    shape = Concat<axis = 0>(n1, c64, minus1)
+    y = Reshape(x, shape)
+}}"""
+SHAPE_INITS = {
+    "one": _i64(1),
+    "two": _i64(2),
+    "zero": np.array(0, np.int64),
+    "zero1": _i64(0),
+    "minus1": _i64(-1),
+}
+
+
+def test_static_shape_chain_folds_to_a_constant_target():
+    before = make_model(SHAPE_CHAIN.format(dims="2,3,4,5", out="2,3,20"), SHAPE_INITS)
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Reshape": 1})
+    assert _reshape_target(after) == [2, 3, -1]
+
+
+def test_partially_dynamic_shape_chain_uses_copy_and_static_dims():
+    # Batch is dynamic (becomes 0: copy of the Reshape's own dim 0), channels static.
+    before = make_model(SHAPE_CHAIN.format(dims="N,3,H,W", out="N,3,?"), SHAPE_INITS)
+    after, stats = apply(before, PASSES)
+    assert _reshape_target(after) == [0, 3, -1]
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)}
+    assert_rewritten(before, after, {"Reshape": 1}, feeds=feeds)
+
+
+def test_single_dynamic_entry_becomes_minus_one():
+    text = """<ir_version: 10, opset_import: ["" : 13]>
+g (float[N,12] x, float[M,4] z) => (float[?,4,3] y) {
+    s = Shape(z)
+    m = Slice(s, zero, one)
+    shape = Concat<axis = 0>(m, four, three)
+    y = Reshape(x, shape)
+}"""
+    before = make_model(text, {"zero": _i64(0), "one": _i64(1), "four": _i64(4), "three": _i64(3)})
+    after, _ = apply(before, PASSES)
+    assert _reshape_target(after) == [-1, 4, 3]
+    rng = np.random.default_rng(0)
+    feeds = {
+        "x": rng.normal(size=(8, 12)).astype(np.float32),
+        "z": rng.normal(size=(8, 4)).astype(np.float32),
+    }
+    assert_rewritten(before, after, {"Reshape": 1}, feeds=feeds)
+
+
+def test_same_symbolic_dim_of_another_tensor_is_copied():
+    # Reshape(a, Shape(b)) where a and b share symbolic dims: a no-op target [0, 4, 0].
+    text = """<ir_version: 10, opset_import: ["" : 13]>
+g (float[N,4,T] x) => (float[N,4,T] y) {
+    a = Relu(x)
+    b = Sigmoid(x)
+    s = Shape(b)
+    r = Reshape(a, s)
+    y = Add(r, b)
+}"""
+    before = make_model(text)
+    after, _ = apply(before, PASSES)
+    assert _reshape_target(after) == [0, 4, 0]
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32)}
+    assert_rewritten(before, after, {"Relu": 1, "Sigmoid": 1, "Reshape": 1, "Add": 1}, feeds=feeds)
+
+
+def test_two_unrelated_dynamic_entries_are_kept():
+    text = """<ir_version: 10, opset_import: ["" : 13]>
+g (float[N,12] x, float[A,B] z) => (float[?,?] y) {
+    shape = Shape(z)
+    y = Reshape(x, shape)
+}"""
+    before = make_model(text)
+    after, _ = apply(before, PASSES)
+    assert histogram(after) == {"Shape": 1, "Reshape": 1}
+
+
+def test_integer_arithmetic_on_shapes_folds():
+    text = """<ir_version: 10, opset_import: ["" : 13]>
+g (float[N,6,4] x) => (float[?,?] y) {
+    s = Shape(x)
+    c = Gather(s, one)
+    h = Gather(s, two)
+    p = Mul(c, h)
+    q = Div(p, two64)
+    q1 = Unsqueeze(q, zero1)
+    shape = Concat<axis = 0>(minus1, q1)
+    y = Reshape(x, shape)
+}"""
+    inits = {
+        "one": np.array(1, np.int64),
+        "two": np.array(2, np.int64),
+        "two64": np.array(2, np.int64),
+        "zero1": _i64(0),
+        "minus1": _i64(-1),
+    }
+    before = make_model(text, inits)
+    after, _ = apply(before, PASSES)
+    assert _reshape_target(after) == [-1, 12]
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, 6, 4)).astype(np.float32)}
+    assert_rewritten(before, after, {"Reshape": 1}, feeds=feeds)
+
+
+def test_shape_folding_inside_if_branch_reads_outer_shapes():
+    text = """<ir_version: 10, opset_import: ["" : 13]>
+g (bool cond, float[2,3] x) => (int64[2] y) {
+    y = If(cond) <
+        then_branch = then_g () => (int64[2] t) {
+            s = Shape(x)
+            t = Add(s, one)
+        },
+        else_branch = else_g () => (int64[2] e) { e = Shape(x) }
+    >
+}"""
+    before = make_model(text, {"one": _i64(1)})
+    after, _ = apply(before, PASSES)
+    assert histogram(after, recurse=True) == {"If": 1, "Constant": 2}
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": np.zeros((2, 3), np.float32)}
+        np.testing.assert_array_equal(run(after, feeds)[0], run(before, feeds)[0])
+    onnx.checker.check_model(after, full_check=True)
