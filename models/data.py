@@ -803,3 +803,26 @@ def save_npz(feeds: Feed | Iterable[Feed], path: str | Path) -> list[Path]:
         np.savez(file, **feed)
         files.append(file)
     return files
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """`python -m models.data MODEL OUT_DIR [--split eval] [-n 4]`: realistic inputs as .npz files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m models.data",
+        description="Write realistic inputs for a zoo model as a folder of .npz files "
+        "(for `onnxshrink optimize --inputs`).",
+    )
+    parser.add_argument("model", help="zoo model name, e.g. ppocr-v4-rec")
+    parser.add_argument("out", help="folder to write 0000.npz, 0001.npz, ... into")
+    parser.add_argument("--split", default="eval", choices=sorted(SPLITS))
+    parser.add_argument("-n", type=int, default=4, help="number of feeds")
+    args = parser.parse_args(argv)
+    written = save_npz(feeds_for(args.model, args.split, args.n), args.out)
+    print(f"wrote {len(written)} feed(s) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

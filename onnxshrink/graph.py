@@ -4,14 +4,210 @@ Rules rewire by pointing consumers at new tensors (`replace_all_uses`), then det
 replaced (`detach`); the pass manager's `cleanup()` drops dead nodes and `toposort()` restores
 order. Graph inputs and outputs keep their names: when a rewrite replaces a graph output tensor,
 `replace_all_uses` renames so that the output name survives.
+
+Besides editing, the module answers the questions every rule family asks: which op a node is
+(`is_op`, `is_default_domain`), which graph scope it belongs to (`in_graph`,
+`outer_scope_source`), who reads a tensor (`readers`, `sole_reader`, `only_consumer`), what its
+dims and dtype are (`tensor_dims`, `known_shape`, `onnx_dtype`, `tensor_dtype`), and what a
+constant operand holds (`const_value`, `scalar_constant`, `int_list`, `input_or_attr`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+
+#: the ai.onnx domain as nodes spell it (gs imports the default domain as None)
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+#: ops whose outputs may differ between two runs on the same inputs (Dropout: its mask in
+#: training mode); rules neither merge two of them nor evaluate them at rewrite time
+NONDETERMINISTIC_OPS = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nodes: op and domain, graph scopes, operands
+# ---------------------------------------------------------------------------------------------
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    """True for ai.onnx ops (domain None, "" or "ai.onnx")."""
+    return node.domain in DEFAULT_DOMAINS
+
+
+def is_op(node: gs.Node | None, *ops: str) -> bool:
+    """True when `node` is not None and is one of the ai.onnx ops named in `ops`."""
+    return node is not None and node.op in ops and is_default_domain(node)
+
+
+def subgraphs_of(node: gs.Node) -> Iterator[gs.Graph]:
+    """The subgraphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, gs.Graph):
+                    yield item
+
+
+def has_subgraphs(node: gs.Node) -> bool:
+    """True when the node holds a graph in an attribute (If, Loop, Scan)."""
+    return next(subgraphs_of(node), None) is not None
+
+
+def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """`graph` and every subgraph nested in it, outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for sub in subgraphs_of(node):
+            yield from all_graphs(sub)
+
+
+def node_owners(graphs: Sequence[gs.Graph]) -> dict[int, int]:
+    """Map id(node) -> index of the graph (in `graphs`) that holds the node."""
+    return {id(node): index for index, g in enumerate(graphs) for node in g.nodes}
+
+
+def in_graph(graph: gs.Graph, node: gs.Node, *, exact: bool = False) -> bool:
+    """True when `node` is one of `graph`'s own nodes, not a node of an outer or inner scope.
+
+    gs shares tensors across scopes, so a tensor's producer or readers may live in another
+    graph; rules must not fold across that boundary.
+
+    By default the node-id set is cached on the graph and rebuilt when the node count changes,
+    so that asking about every node of a large graph costs one scan. Rules only append nodes
+    within a sweep; a stale cache can only miss a new node, which makes a fold rule decline,
+    never fold wrongly. `exact=True` scans `graph.nodes` instead, for the rare paths that must
+    see the graph as it is now (`outer_scope_source`, `can_become_output`).
+    """
+    if exact:
+        return any(n is node for n in graph.nodes)
+    # vars(): gs.Graph.__getattr__ logs an error for unknown names.
+    cache = vars(graph).get("_onnxshrink_node_ids")
+    if cache is None or cache[0] != len(graph.nodes):
+        nodes = tuple(graph.nodes)  # kept alive so that ids are not reused
+        cache = (len(nodes), {id(n) for n in nodes}, nodes)
+        graph._onnxshrink_node_ids = cache
+    return id(node) in cache[1]
+
+
+def outer_scope_source(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """True when `tensor` is produced by a node of an enclosing graph, not of `graph`.
+
+    Bypassing a node whose output is `graph`'s output with such a source is not supported by
+    `replace_all_uses` (it would make the outer producer write the body's output).
+    """
+    producer = producer_of(tensor)
+    return producer is not None and not in_graph(graph, producer, exact=True)
+
+
+def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """The node's input at `index`, or None when absent or given as the empty name."""
+    if index < len(node.inputs) and node.inputs[index].name != "":
+        return node.inputs[index]
+    return None
+
+
+def input_or_attr(
+    node: gs.Node, opset: int, index: int, attr: str, input_since: int
+) -> tuple[bool, list[int] | None]:
+    """An int-list operand that moved from an attribute to an input at opset `input_since`.
+
+    Returns (present, values): present is False when neither is given (the operand's default
+    applies); values is None when it is given but not constant.
+    """
+    if opset >= input_since:
+        tensor = optional_input(node, index)
+        if tensor is None:
+            return False, None
+        return True, int_list(tensor)
+    if attr not in node.attrs:
+        return False, None
+    value = node.attrs[attr]
+    return True, [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors: producer and readers, constant values, dims, dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+def producer_of(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that writes `tensor`, or None for graph inputs and constants."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers_of(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read `tensor` (subgraph readers of an outer tensor included by gs).
+
+    A node appears once per input slot it fills; `readers` lists each node once.
+    """
+    return list(tensor.outputs)
+
+
+def readers(tensor: gs.Tensor) -> list[gs.Node]:
+    """The distinct nodes reading `tensor` (gs lists a node once per input slot it fills)."""
+    seen: dict[int, gs.Node] = {}
+    for node in tensor.outputs:
+        seen.setdefault(id(node), node)
+    return list(seen.values())
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """True when `tensor` is one of `graph`'s outputs."""
+    return any(out is tensor for out in graph.outputs)
+
+
+def only_consumer(graph: gs.Graph, tensor: gs.Tensor, node: gs.Node) -> bool:
+    """True when `node` is the sole reader of `tensor` and `tensor` is not a graph output.
+
+    Input slots are counted, not nodes: for `Mul(t, t)` this is False (see `sole_reader`).
+    """
+    consumers = tensor.outputs
+    return len(consumers) == 1 and consumers[0] is node and not is_graph_output(graph, tensor)
+
+
+def sole_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The one node reading `tensor` when `tensor` is not a graph output, else None.
+
+    Nodes are counted, not input slots: `Mul(t, t)` is the sole reader of t (see
+    `only_consumer`).
+    """
+    found = readers(tensor)
+    if len(found) != 1 or is_graph_output(graph, tensor):
+        return None
+    return found[0]
+
+
+def can_become_output(
+    graph: gs.Graph, tensor: gs.Tensor, *, ignoring: gs.Node | None = None
+) -> bool:
+    """True when `tensor`'s producer can write a graph output tensor in its place.
+
+    `tensor` must be written by a node of `graph` itself (exact scope check), be neither a
+    constant nor a graph output, and have no readers besides `ignoring` (a node about to go);
+    otherwise keeping a graph output's name takes an Identity.
+    """
+    if isinstance(tensor, gs.Constant) or is_graph_output(graph, tensor):
+        return False
+    producer = producer_of(tensor)
+    if producer is None or not in_graph(graph, producer, exact=True):
+        return False
+    return all(reader is ignoring for reader in tensor.outputs)
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -33,25 +229,114 @@ def is_const(tensor: gs.Tensor | None) -> bool:
     return const_value(tensor) is not None
 
 
-def producer_of(tensor: gs.Tensor) -> gs.Node | None:
-    """The node that writes `tensor`, or None for graph inputs and constants."""
-    return tensor.inputs[0] if tensor.inputs else None
+def scalar_constant(tensor: gs.Tensor | None) -> tuple[float, int] | None:
+    """(value, ndim) of a one-element floating-point constant, else None.
+
+    The ndim tells whether dropping the constant could change a result's rank (a shape-[1]
+    constant lifts a rank-0 tensor to rank 1).
+    """
+    value = const_value(tensor)
+    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+        return None
+    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0]), value.ndim
 
 
-def consumers_of(tensor: gs.Tensor) -> list[gs.Node]:
-    """The nodes that read `tensor` (subgraph readers of an outer tensor included by gs)."""
-    return list(tensor.outputs)
+def int_list(tensor: gs.Tensor | None) -> list[int] | None:
+    """The values of a constant integer tensor of rank <= 1 as a list, else None."""
+    value = const_value(tensor)
+    if value is None or value.ndim > 1 or not np.issubdtype(value.dtype, np.integer):
+        return None
+    return [int(v) for v in np.asarray(value).reshape(-1)]
 
 
-def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    """True when `tensor` is one of `graph`'s outputs."""
-    return any(out is tensor for out in graph.outputs)
+def is_static_dim(dim: object) -> bool:
+    """True for a known dim: a non-negative int (not a symbolic name, None or a bool)."""
+    return isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 0
 
 
-def only_consumer(graph: gs.Graph, tensor: gs.Tensor, node: gs.Node) -> bool:
-    """True when `node` is the sole reader of `tensor` and `tensor` is not a graph output."""
-    readers = tensor.outputs
-    return len(readers) == 1 and readers[0] is node and not is_graph_output(graph, tensor)
+def tensor_dims(tensor: gs.Tensor) -> list[int | None] | None:
+    """The dims of a tensor: an int where static, None where symbolic; None when rank unknown.
+
+    Read from `tensor.shape` (a gs.Constant's own shape), so a Constant node's output has the
+    dims that shape inference gave it; `known_shape` reads constant values instead.
+    """
+    if isinstance(tensor, gs.Constant):
+        return list(tensor.shape)
+    shape = tensor.shape
+    if shape is None:
+        return None
+    return [d if is_static_dim(d) else None for d in shape]
+
+
+def known_shape(tensor: gs.Tensor) -> list | None:
+    """The shape of a tensor as far as it is known; None when its rank is unknown.
+
+    A constant's (initializer or Constant-node output) is its value's shape; any other
+    tensor's is `tensor.shape` as it stands: ints, symbolic dim names or None. Unlike
+    `tensor_dims`, symbolic dims are not normalized to None.
+    """
+    value = const_value(tensor)
+    if value is not None:
+        return list(np.shape(value))
+    return list(tensor.shape) if tensor.shape is not None else None
+
+
+def onnx_dtype(tensor: gs.Tensor) -> int | None:
+    """The ONNX element type (a TensorProto enum) of the tensor's dtype, or None when unknown.
+
+    Read from `tensor.dtype` alone; `tensor_dtype` also reads constant values.
+    """
+    if tensor.dtype is None:
+        return None
+    try:
+        return int(dtype_to_onnx(tensor.dtype))
+    except Exception:
+        return None
+
+
+def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
+    """The numpy dtype of a tensor, or None when unknown or not a numpy type.
+
+    A constant's (Constant-node outputs too) comes from its value, any other from
+    `tensor.dtype`.
+    """
+    value = const_value(tensor)
+    if value is not None:
+        return np.asarray(value).dtype
+    try:
+        return np.dtype(tensor.dtype) if tensor.dtype is not None else None
+    except TypeError:
+        return None
+
+
+def first_dtype(*tensors: gs.Tensor) -> np.dtype | None:
+    """The `tensor_dtype` of the first of `tensors` that has a known one, else None."""
+    # np.dtype is falsy (it has no fields), so no `or` chains here.
+    for tensor in tensors:
+        dtype = tensor_dtype(tensor)
+        if dtype is not None:
+            return dtype
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing
+# ---------------------------------------------------------------------------------------------
+
+
+def redirect_readers(old: gs.Tensor, new: gs.Tensor) -> int:
+    """Point every input slot that reads `old` (subgraph readers included) at `new`.
+
+    Returns the number of slots rewired. Graph outputs are left as they are; use
+    `replace_all_uses` where `old` may be one.
+    """
+    rewired = 0
+    for reader in list(old.outputs):
+        for i, t in enumerate(reader.inputs):
+            if t is old:
+                reader.inputs[i] = new
+                rewired += 1
+    return rewired
 
 
 def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -65,20 +350,11 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     the output name, which is still correct, and is rare (an output that became a constant or
     an input).
     """
-    for reader in list(old.outputs):
-        for i, t in enumerate(reader.inputs):
-            if t is old:
-                reader.inputs[i] = new
+    redirect_readers(old, new)
     if not is_graph_output(graph, old):
         return
-    new_producer = producer_of(new)
-    if (
-        new_producer is not None
-        and any(n is new_producer for n in graph.nodes)  # not an outer-scope producer
-        and not is_graph_output(graph, new)
-        and not new.outputs
-        and not isinstance(new, gs.Constant)
-    ):
+    if can_become_output(graph, new):
+        new_producer = producer_of(new)
         old_producer = producer_of(old)
         if old_producer is not None:
             old_producer.outputs = [t for t in old_producer.outputs if t is not old]
@@ -102,23 +378,14 @@ def detach(node: gs.Node) -> None:
     node.outputs.clear()
 
 
-def subgraphs_of(node: gs.Node) -> Iterator[gs.Graph]:
-    """The subgraphs held in a node's attributes (If branches, Loop/Scan bodies)."""
-    for value in node.attrs.values():
-        if isinstance(value, gs.Graph):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                if isinstance(item, gs.Graph):
-                    yield item
-
-
-def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    """`graph` and every subgraph nested in it, outermost first."""
-    yield graph
-    for node in graph.nodes:
-        for sub in subgraphs_of(node):
-            yield from all_graphs(sub)
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """Make `tensor` the node's input at `index`; skipped optional inputs get the empty name."""
+    if index < len(node.inputs):
+        node.inputs[index] = tensor
+    else:
+        while len(node.inputs) < index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.append(tensor)
 
 
 def make_constant(graph: gs.Graph, name_hint: str, values: np.ndarray) -> gs.Constant:

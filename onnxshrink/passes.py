@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import all_graphs, forget_names
+from onnxshrink.graph import all_graphs, forget_names, is_default_domain
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,7 @@ class RulePass:
     def _apply(rule: Rule, graph: gs.Graph, ctx: RuleContext) -> bool:
         modified = False
         for node in list(graph.nodes):
-            if (
-                node.op not in rule.op_types
-                or not node.outputs
-                or node.domain not in (None, "", "ai.onnx")
-            ):
+            if node.op not in rule.op_types or not node.outputs or not is_default_domain(node):
                 continue
             match = rule.match(node, ctx)
             if match is None:

@@ -29,15 +29,18 @@ CLEANUP_RULES: list[Rule] = [
     *merge_reshapes.RULES,
 ]
 
-# Operator fusion. BatchNorm folds before the Mul/Add folds so that a Conv+BN+Mul+Add chain
-# collapses into one Conv; Pad+Conv goes last because it only needs the final Conv.
+# Operator fusion. Activation and normalization patterns go first: their constants (the /6 of
+# a decomposed HardSwish, LayerNorm's gamma) are Mul/Div by constants that the weight folds
+# below would otherwise absorb into a neighbouring Conv, leaving a pattern that no longer
+# matches. BatchNorm folds before the Mul/Add folds so that a Conv+BN+Mul+Add chain collapses
+# into one Conv; Pad+Conv goes last because it only needs the final Conv.
 FUSION_RULES: list[Rule] = [
-    *fold_batchnorm.RULES,
-    *fold_conv_affine.RULES,
-    *matmul_add_to_gemm.RULES,
     *hardswish.RULES,
     *layernorm.RULES,
     *gelu.RULES,
+    *fold_batchnorm.RULES,
+    *fold_conv_affine.RULES,
+    *matmul_add_to_gemm.RULES,
     *pad_conv.RULES,
 ]
 

@@ -49,10 +49,22 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxshrink.graph import all_graphs, const_value, make_constant, unique_name
+from onnxshrink.graph import (
+    NONDETERMINISTIC_OPS,
+    all_graphs,
+    const_value,
+    has_subgraphs,
+    input_or_attr,
+    int_list,
+    is_default_domain,
+    is_static_dim,
+    make_constant,
+    node_owners,
+    optional_input,
+    unique_name,
+)
 from onnxshrink.passes import RuleContext
-from onnxshrink.rules.dead_code import may_share, node_owners
-from onnxshrink.rules.noop_elimination import input_or_attr, int_list
+from onnxshrink.rules.dead_code import may_share
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +73,7 @@ _GROWTH_ALLOWANCE = 1024
 #: shape values longer than this are not tracked (case 1)
 _MAX_TRACKED = 64
 
-_NEVER_FOLD = {
-    "RandomNormal",
-    "RandomNormalLike",
-    "RandomUniform",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-    "Dropout",
+_NEVER_FOLD = NONDETERMINISTIC_OPS | {
     "QuantizeLinear",
     "DequantizeLinear",
     "DynamicQuantizeLinear",
@@ -190,7 +195,7 @@ def _fold_shape_values(graph: gs.Graph, opset: int) -> int:
 
     changes = 0
     for node in graph.nodes:
-        if (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
+        if not is_default_domain(node) or len(node.outputs) != 1:
             continue
         if node.op == "Reshape" and len(node.inputs) == 2:
             changes += _simplify_reshape_target(graph, node, partial)
@@ -254,8 +259,9 @@ def _shape(node: gs.Node, partial: Callable, opset: int) -> _Partial | None:
     entries: list[_Entry] = []
     for axis in axes:
         dim = dims[axis]
-        static = isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 0
-        entries.append(int(dim) if static else _Dim(id(node.inputs[0]), axis, _symbol(dim)))
+        entries.append(
+            int(dim) if is_static_dim(dim) else _Dim(id(node.inputs[0]), axis, _symbol(dim))
+        )
     return _Partial(entries, False, np.dtype(np.int64))
 
 
@@ -292,16 +298,9 @@ def _slice(node: gs.Node, partial: Callable, opset: int) -> _Partial | None:
         axes, steps = node.attrs.get("axes", [0]), [1]
     else:
         starts, ends = int_list(node.inputs[1]), int_list(node.inputs[2])
-        axes = (
-            int_list(node.inputs[3])
-            if len(node.inputs) > 3 and not node.inputs[3].is_empty()
-            else [0]
-        )
-        steps = (
-            int_list(node.inputs[4])
-            if len(node.inputs) > 4 and not node.inputs[4].is_empty()
-            else [1]
-        )
+        axes_input, steps_input = optional_input(node, 3), optional_input(node, 4)
+        axes = int_list(axes_input) if axes_input is not None else [0]
+        steps = int_list(steps_input) if steps_input is not None else [1]
     if starts is None or ends is None or axes is None or steps is None:
         return None
     if (
@@ -474,12 +473,7 @@ def _excluded(node: gs.Node, readers: dict[str, int]) -> bool:
     `readers` counts the readers of each tensor in the real graph (gs calls this on a copy,
     where readers in other graphs are missing).
     """
-    if node.op in _NEVER_FOLD or (node.domain or "") not in ("", "ai.onnx"):
-        return True
-    if any(
-        isinstance(v, gs.Graph) or (isinstance(v, list) and v and isinstance(v[0], gs.Graph))
-        for v in node.attrs.values()
-    ):
+    if node.op in _NEVER_FOLD or not is_default_domain(node) or has_subgraphs(node):
         return True
     return _grows(node, readers)
 
@@ -530,9 +524,7 @@ def _nbytes(tensor: gs.Tensor) -> int | None:
     shape = tensor.shape
     if shape is None or tensor.dtype is None:
         return None
-    if not all(
-        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    if not all(is_static_dim(d) for d in shape):
         return None
     itemsize = _itemsize(tensor.dtype)
     return None if itemsize is None else math.prod(int(d) for d in shape) * itemsize

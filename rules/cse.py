@@ -26,20 +26,19 @@ from collections.abc import Hashable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import all_graphs, detach, is_graph_output, replace_all_uses, subgraphs_of
+from onnxshrink.graph import (
+    NONDETERMINISTIC_OPS,
+    all_graphs,
+    detach,
+    has_subgraphs,
+    is_default_domain,
+    is_graph_output,
+    redirect_readers,
+    replace_all_uses,
+)
 from onnxshrink.passes import RuleContext
 
 logger = logging.getLogger(__name__)
-
-_NONDETERMINISTIC = {
-    "RandomNormal",
-    "RandomNormalLike",
-    "RandomUniform",
-    "RandomUniformLike",
-    "Multinomial",
-    "Bernoulli",
-    "Dropout",
-}
 
 #: constants up to this size are keyed by their bytes, larger ones by a SHA-256 digest
 _INLINE_BYTES = 64
@@ -88,9 +87,9 @@ def _eliminate(graph: gs.Graph) -> int:
 
 def _mergeable(node: gs.Node) -> bool:
     """Case 2."""
-    if node.op in _NONDETERMINISTIC or (node.domain or "") not in ("", "ai.onnx"):
-        return False
-    return next(subgraphs_of(node), None) is None
+    return (
+        node.op not in NONDETERMINISTIC_OPS and is_default_domain(node) and not has_subgraphs(node)
+    )
 
 
 def _node_key(node: gs.Node, fingerprints: dict[int, Hashable] | None) -> Hashable | None:
@@ -101,7 +100,7 @@ def _node_key(node: gs.Node, fingerprints: dict[int, Hashable] | None) -> Hashab
         return None
     return (
         node.op,
-        "" if node.domain in (None, "ai.onnx") else node.domain,
+        "" if is_default_domain(node) else node.domain,
         attrs,
         inputs,
         len(node.outputs),
@@ -165,10 +164,7 @@ def _merge(graph: gs.Graph, kept: gs.Node, duplicate: gs.Node) -> bool:
             continue
         if is_graph_output(graph, theirs):
             # Keep the graph output's tensor: readers of ours move to it, kept writes it.
-            for reader in list(ours.outputs):
-                for i, t in enumerate(reader.inputs):
-                    if t is ours:
-                        reader.inputs[i] = theirs
+            redirect_readers(ours, theirs)
             kept.outputs[index] = theirs
             continue
         replace_all_uses(graph, theirs, ours)

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxshrink.graph import all_graphs, is_graph_output
+from onnxshrink.graph import all_graphs, is_default_domain, is_graph_output, node_owners
 from onnxshrink.passes import RuleContext
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,7 @@ def constants_to_initializers(graph: gs.Graph, ctx: RuleContext) -> bool:
     owners = node_owners(graphs)
     for sub in graphs:
         for node in list(sub.nodes):
-            if (
-                node.op != "Constant"
-                or (node.domain or "") not in ("", "ai.onnx")
-                or len(node.outputs) != 1
-            ):
+            if node.op != "Constant" or not is_default_domain(node) or len(node.outputs) != 1:
                 continue
             values = constant_node_value(node)
             if values is None:  # case 1: strings, sparse values, attribute references
@@ -90,16 +86,12 @@ def constant_node_value(node: gs.Node) -> np.ndarray | LazyValues | None:
     return np.asarray(value, dtype=np.int64)
 
 
-def node_owners(graphs: list[gs.Graph]) -> dict[int, int]:
-    """Map id(node) -> index of the graph (in `graphs`) that holds the node."""
-    return {id(node): index for index, g in enumerate(graphs) for node in g.nodes}
-
-
 def may_share(tensor: gs.Tensor, nbytes: int, owners: dict[int, int]) -> bool:
     """Case 3: True when `tensor` may be an initializer without copying many bytes.
 
     gs exports a constant into every graph that reads it, so a constant read from several
-    graphs (say both branches of an If) is stored once per graph.
+    graphs (say both branches of an If) is stored once per graph. `owners` comes from
+    `onnxshrink.graph.node_owners`.
     """
     graphs = {owners.get(id(reader), -1) for reader in tensor.outputs}
     return len(graphs) <= 1 or nbytes <= MAX_SHARED_CONSTANT_BYTES
@@ -135,7 +127,7 @@ def _trim_optional_outputs(graph: gs.Graph, opset: int) -> int:
     """Case 6: remove unused optional outputs; returns how many were removed."""
     removed = 0
     for node in graph.nodes:
-        if (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) < 2:
+        if not is_default_domain(node) or len(node.outputs) < 2:
             continue
         optional = _optional_outputs(node.op, opset)
         if not optional:

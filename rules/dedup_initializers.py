@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import all_graphs
+from onnxshrink.graph import all_graphs, redirect_readers
 from onnxshrink.passes import RuleContext
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def deduplicate_initializers(graph: gs.Graph, ctx: RuleContext) -> bool:
             if keeper is None:
                 keepers.append((tensor, data))
             elif by_name.get(keeper.name, set()) <= {id(keeper)}:  # case 4: no name clash
-                rewired += _redirect(tensor, keeper)
+                rewired += redirect_readers(tensor, keeper)  # subgraph readers too
     if rewired:
         logger.debug("dedup: %d readers rewired", rewired)
     return rewired > 0
@@ -76,14 +76,3 @@ def _digest(tensor: gs.Constant) -> bytes:
 
 def _bytes(tensor: gs.Constant) -> bytes:
     return np.ascontiguousarray(np.asarray(tensor.values)).tobytes()
-
-
-def _redirect(duplicate: gs.Constant, keeper: gs.Constant) -> int:
-    """Point every reader of `duplicate` (subgraph readers included) at `keeper`."""
-    rewired = 0
-    for reader in list(duplicate.outputs):
-        for i, t in enumerate(reader.inputs):
-            if t is duplicate:
-                reader.inputs[i] = keeper
-                rewired += 1
-    return rewired

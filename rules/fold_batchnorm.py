@@ -35,7 +35,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import const_value, detach, only_consumer, producer_of, replace_all_uses
+from onnxshrink.graph import (
+    const_value,
+    detach,
+    in_graph,
+    is_graph_output,
+    is_op,
+    only_consumer,
+    producer_of,
+    replace_all_uses,
+)
 from onnxshrink.passes import Rule, RuleContext
 from onnxshrink.rules.fold_conv_affine import (
     FLOAT_DTYPES,
@@ -43,8 +52,6 @@ from onnxshrink.rules.fold_conv_affine import (
     SCALE_FOLDS_OFF,
     LinearProducer,
     fold_output_affine,
-    in_graph,
-    is_default_domain,
     linear_producer,
     scale_folds_allowed,
 )
@@ -67,9 +74,9 @@ class _Plan:
 
 def _statistics_outputs_used(graph: gs.Graph, bn: gs.Node) -> bool:
     for out in bn.outputs[1:]:
-        if out.name == "":
+        if out.is_empty():
             continue
-        if out.outputs or any(o is out for o in graph.outputs):
+        if out.outputs or is_graph_output(graph, out):
             return True
     return False
 
@@ -114,11 +121,7 @@ class FoldBatchNorm(Rule):
 
     def _plan(self, m: _BatchNormMatch, ctx: RuleContext) -> _Plan | str:
         producer = m.producer
-        if (
-            producer is None
-            or producer.op not in LINEAR_PRODUCERS
-            or not is_default_domain(producer)
-        ):
+        if not is_op(producer, *LINEAR_PRODUCERS):
             source = "a graph input or constant" if producer is None else producer.op
             return f"standalone BatchNormalization: input comes from {source}"
         if _statistics_outputs_used(ctx.graph, m.bn):

@@ -68,11 +68,17 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph import (
     const_value,
     detach,
+    in_graph,
+    is_default_domain,
+    is_graph_output,
+    is_op,
     make_constant,
     make_variable,
     only_consumer,
+    optional_input,
     producer_of,
     replace_all_uses,
+    set_input,
     unique_name,
 )
 from onnxshrink.passes import Rule, RuleContext
@@ -80,7 +86,6 @@ from onnxshrink.passes import Rule, RuleContext
 logger = logging.getLogger(__name__)
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
-DEFAULT_DOMAINS = (None, "", "ai.onnx")  # gs imports the default domain as None
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # RuleContext options set by the engine's conservative retries (case 5).
 FOLD_SCALES_OPTION = "fold_scales"  # False: no fold may rescale weights
@@ -108,37 +113,8 @@ _MAX_CHAIN = 8
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers (fold_batchnorm, matmul_add_to_gemm and pad_conv use them too)
+# Shared folding helpers (fold_batchnorm and matmul_add_to_gemm use them too)
 # ---------------------------------------------------------------------------------------------
-
-
-def in_graph(graph: gs.Graph, node: gs.Node) -> bool:
-    """True when `node` is one of `graph`'s own nodes, not a node of an outer or inner scope.
-
-    gs shares tensors across scopes, so a tensor's producer or readers may live in another graph;
-    rules must not fold across that boundary. The node-id set is cached on the graph and rebuilt
-    when the node count changes (rules only append nodes within a sweep; a stale cache can only
-    miss a new node, which makes a rule decline, never fold wrongly).
-    """
-    # vars(): gs.Graph.__getattr__ logs an error for unknown names.
-    cache = vars(graph).get("_onnxshrink_node_ids")
-    if cache is None or cache[0] != len(graph.nodes):
-        nodes = tuple(graph.nodes)  # kept alive so that ids are not reused
-        cache = (len(nodes), {id(n) for n in nodes}, nodes)
-        graph._onnxshrink_node_ids = cache
-    return id(node) in cache[1]
-
-
-def is_default_domain(node: gs.Node) -> bool:
-    """True for ai.onnx ops (domain "" or "ai.onnx")."""
-    return node.domain in DEFAULT_DOMAINS
-
-
-def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
-    """The node's input at `index`, or None when absent or given as the empty name."""
-    if index < len(node.inputs) and node.inputs[index].name != "":
-        return node.inputs[index]
-    return None
 
 
 def channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
@@ -310,7 +286,7 @@ def fold_output_affine(
 
     if node.op in ("Conv", "ConvTranspose"):
         bias = np.zeros(c) if lp.bias is None else lp.bias.astype(np.float64)
-        _set_input(
+        set_input(
             node,
             2,
             make_constant(graph, bias_hint, (bias * scale + shift).astype(dtype)),
@@ -331,7 +307,7 @@ def fold_output_affine(
     else:
         new_c = beta * lp.bias.astype(np.float64) * scale + shift
     node.attrs["beta"] = 1.0
-    _set_input(node, 2, make_constant(graph, bias_hint, new_c.astype(dtype)))
+    set_input(node, 2, make_constant(graph, bias_hint, new_c.astype(dtype)))
 
 
 def _bias_hint(node: gs.Node) -> str:
@@ -339,15 +315,6 @@ def _bias_hint(node: gs.Node) -> str:
     if bias is not None:
         return bias.name
     return f"{node.inputs[1].name}_bias"
-
-
-def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
-    if index < len(node.inputs):
-        node.inputs[index] = tensor
-    else:
-        while len(node.inputs) < index:
-            node.inputs.append(gs.Variable.empty())
-        node.inputs.append(tensor)
 
 
 def _float_equal_dtype(a: np.ndarray, b: np.ndarray) -> bool:
@@ -376,11 +343,7 @@ class FoldAffineIntoProducer(Rule):
         if step is None:
             return None
         producer = producer_of(step.x)
-        if (
-            producer is None
-            or producer.op not in LINEAR_PRODUCERS
-            or not is_default_domain(producer)
-        ):
+        if not is_op(producer, *LINEAR_PRODUCERS):
             return None
         return _OutputMatch(step, producer)
 
@@ -458,7 +421,7 @@ class FoldAffineIntoConv(Rule):
         if y is None or not y.outputs:
             return None
         for reader in y.outputs:
-            if reader.op != "Conv" or not is_default_domain(reader) or reader.inputs[0] is not y:
+            if not is_op(reader, "Conv") or reader.inputs[0] is not y:
                 return None
         step = affine_step(node)
         if step is None:
@@ -479,7 +442,7 @@ class FoldAffineIntoConv(Rule):
 
     def _plan(self, m: _InputMatch, ctx: RuleContext) -> _InputPlan | str:
         y = m.steps[0].node.outputs[0]
-        if any(out is y for out in ctx.graph.outputs):
+        if is_graph_output(ctx.graph, y):
             return "affine output is a graph output"
         weights = []
         pads = False
@@ -606,7 +569,7 @@ class FoldAffineIntoConv(Rule):
         conv.inputs[1] = make_constant(graph, folded_name(conv.inputs[1].name), new_w.astype(dtype))
         if bias_tensor is None and not np.any(new_b):
             return
-        _set_input(conv, 2, make_constant(graph, folded_name(bias_hint), new_b.astype(dtype)))
+        set_input(conv, 2, make_constant(graph, folded_name(bias_hint), new_b.astype(dtype)))
 
 
 # Output side first: when an affine sits between two Convs, folding backwards is always legal,

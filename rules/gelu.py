@@ -30,16 +30,24 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import detach, make_variable, producer_of, replace_all_uses, unique_name
+from onnxshrink.graph import (
+    detach,
+    is_op,
+    make_variable,
+    producer_of,
+    readers,
+    replace_all_uses,
+    scalar_constant,
+    unique_name,
+)
 from onnxshrink.passes import Rule, RuleContext
 from onnxshrink.rules.hardswish import (
     ProductChain,
+    close,
     escaping_reason,
     float_dtype_reason,
     product_chains,
     rank_reason,
-    readers,
-    scalar_constant,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,14 +58,6 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 _LOOSE = 2e-4  # case 5: rounded irrational constants
 _TIGHT = 1e-5
-
-
-def _close(value: float, target: float, rtol: float) -> bool:
-    return abs(value - target) <= rtol * abs(target)
-
-
-def _is_op(node: gs.Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and node.domain in (None, "", "ai.onnx")
 
 
 @dataclass
@@ -73,11 +73,7 @@ class _Argument:
 def _erf_argument(arg: gs.Tensor) -> _Argument | None:
     """Case 1: x * c or x / c."""
     producer = producer_of(arg)
-    if (
-        not _is_op(producer, "Mul", "Div")
-        or len(producer.inputs) != 2
-        or len(producer.outputs) != 1
-    ):
+    if not is_op(producer, "Mul", "Div") or len(producer.inputs) != 2 or len(producer.outputs) != 1:
         return None
     first, second = (scalar_constant(t) for t in producer.inputs)
     if second is not None and first is None:
@@ -96,7 +92,7 @@ def _cubed_tensor(arg: gs.Tensor, max_depth: int = 5) -> gs.Tensor | None:
     while queue:
         tensor, depth = queue.popleft()
         producer = producer_of(tensor)
-        if not _is_op(producer, "Add", "Sub", "Mul", "Div", "Pow") or len(producer.inputs) != 2:
+        if not is_op(producer, "Add", "Sub", "Mul", "Div", "Pow") or len(producer.inputs) != 2:
             continue
         if producer.op == "Pow":
             exponent = scalar_constant(producer.inputs[1])
@@ -118,7 +114,7 @@ def _polynomial(tensor: gs.Tensor, argument: _Argument, depth: int = 8) -> dict[
         argument.const_rank = max(argument.const_rank, scalar[1])
         return {0: scalar[0]}
     producer = producer_of(tensor)
-    if depth == 0 or not _is_op(producer, "Add", "Sub", "Mul", "Div", "Pow"):
+    if depth == 0 or not is_op(producer, "Add", "Sub", "Mul", "Div", "Pow"):
         return None
     if len(producer.inputs) != 2 or len(producer.outputs) != 1:
         return None
@@ -206,7 +202,7 @@ class FuseGelu(Rule):
             return None
         core = node.outputs[0]
         for add in readers(core):  # case 3
-            if not _is_op(add, "Add") or len(add.inputs) != 2 or len(add.outputs) != 1:
+            if not is_op(add, "Add") or len(add.inputs) != 2 or len(add.outputs) != 1:
                 continue
             other = add.inputs[1] if add.inputs[0] is core else add.inputs[0]
             one = scalar_constant(other)
@@ -217,7 +213,7 @@ class FuseGelu(Rule):
             ]  # case 4
             if not chains:
                 continue
-            chain = next((c for c in chains if _close(c.scale, 0.5, _TIGHT)), chains[0])
+            chain = next((c for c in chains if close(c.scale, 0.5, _TIGHT)), chains[0])
             nodes = [*argument.nodes, node, add, *chain.nodes]
             inner = [
                 arg,
@@ -233,17 +229,17 @@ class FuseGelu(Rule):
         """Constants, readers, dtype, opset, then that no constant lifts the rank."""
         coefficients = match.argument.coefficients
         if match.approximate == "none":
-            if not _close(coefficients.get(1, 0.0), _INV_SQRT2, _LOOSE):
+            if not close(coefficients.get(1, 0.0), _INV_SQRT2, _LOOSE):
                 return "Erf argument is not x/sqrt(2)"
         elif (
             set(coefficients) != {1, 3}
-            or not _close(coefficients[1], _SQRT_2_OVER_PI, _LOOSE)
-            or not _close(coefficients[3] / coefficients[1], _CUBIC, _LOOSE)
+            or not close(coefficients[1], _SQRT_2_OVER_PI, _LOOSE)
+            or not close(coefficients[3] / coefficients[1], _CUBIC, _LOOSE)
         ):
             return "Tanh argument is not sqrt(2/pi)*(x + 0.044715*x^3)"
-        if not _close(match.one, 1.0, _TIGHT):
+        if not close(match.one, 1.0, _TIGHT):
             return "the constant added to Erf/Tanh is not 1"
-        if not _close(match.chain.scale, 0.5, _TIGHT):
+        if not close(match.chain.scale, 0.5, _TIGHT):
             return "the product's constants do not multiply to 0.5"
         x = match.argument.x
         return (

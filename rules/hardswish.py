@@ -27,13 +27,13 @@ Cases (the code's comments refer to them):
    `Mul(x, Div(c, 6))` both `Div` alone and `Div` then `Mul` do), the one that takes in x wins,
    so that a whole hardswish goes in one step; a chain with a shared intermediate is passed
    over for a shorter one that has none.
-
-The helpers below (`readers`, `scalar_constant`, `product_chains`, `escaping_reason`...) are
-shared with the GELU and LayerNorm rules.
 5. An existing `Mul(x, HardSigmoid(x, 1/6, 1/2))` -> `HardSwish(x)` at opset >= 14.
 
 Every tensor inside a pattern must be read only by the pattern and must not be a graph output;
 the output dtype must be floating point. HardSigmoid with these attributes exists since opset 6.
+
+The helpers below (`close`, `product_chains`, `escaping_reason`, `rank_reason`,
+`float_dtype_reason`) are shared with the GELU and LayerNorm rules.
 """
 
 from __future__ import annotations
@@ -46,45 +46,41 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.graph import (
-    const_value,
     detach,
     is_graph_output,
+    is_op,
     make_variable,
     producer_of,
+    readers,
     replace_all_uses,
+    scalar_constant,
+    sole_reader,
     unique_name,
 )
 from onnxshrink.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 
-_RTOL = 1e-5
+_RTOL = 1e-5  # case 3
+_ATOL = 1e-7
 _HARDSWISH_ALPHA = 1.0 / 6.0
 _HARDSWISH_BETA = 0.5
 
 
-def _close(value: float, target: float, rtol: float = _RTOL, atol: float = 1e-7) -> bool:
+def close(value: float, target: float, rtol: float, atol: float = 0.0) -> bool:
+    """True when `value` is within `atol + rtol * |target|` of `target`.
+
+    For constants that exporters round (1/6, sqrt(2)...). The tolerance scales with `target`,
+    the value the pattern expects, not with the value the model holds.
+    """
     return abs(value - target) <= atol + rtol * abs(target)
 
 
-def _is_op(node: gs.Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and node.domain in (None, "", "ai.onnx")
-
-
-def readers(tensor: gs.Tensor) -> list[gs.Node]:
-    """The distinct nodes reading `tensor` (gs lists a node once per input slot it fills)."""
-    seen: dict[int, gs.Node] = {}
-    for node in tensor.outputs:
-        seen.setdefault(id(node), node)
-    return list(seen.values())
-
-
-def scalar_constant(tensor: gs.Tensor | None) -> tuple[float, int] | None:
-    """(value, ndim) of a one-element floating-point constant, else None."""
-    value = const_value(tensor)
-    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
-        return None
-    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0]), value.ndim
+def _hardswish_constants(alpha: float, beta: float) -> bool:
+    """True for HardSigmoid's (alpha, beta) = (1/6, 1/2), which make x * it a HardSwish."""
+    return close(alpha, _HARDSWISH_ALPHA, _RTOL, _ATOL) and close(
+        beta, _HARDSWISH_BETA, _RTOL, _ATOL
+    )
 
 
 def escaping_reason(graph: gs.Graph, inner: list[gs.Tensor], nodes: list[gs.Node]) -> str | None:
@@ -153,10 +149,10 @@ def _flatten_product(graph: gs.Graph, tensor: gs.Tensor):
     if scalar is not None:
         return scalar[0], [], [], scalar[1]
     producer = producer_of(tensor)
-    single = len(readers(tensor)) == 1 and not is_graph_output(graph, tensor)
+    single = sole_reader(graph, tensor) is not None
     if (
         single
-        and _is_op(producer, "Mul")
+        and is_op(producer, "Mul")
         and len(producer.inputs) == 2
         and len(producer.outputs) == 1
     ):
@@ -168,7 +164,7 @@ def _flatten_product(graph: gs.Graph, tensor: gs.Tensor):
             [producer, *left[2], *right[2]],
             max(left[3], right[3]),
         )
-    if single and _is_op(producer, "Div") and len(producer.outputs) == 1:
+    if single and is_op(producer, "Div") and len(producer.outputs) == 1:
         divisor = scalar_constant(producer.inputs[1])
         if divisor is not None and divisor[0] != 0.0:
             num = _flatten_product(graph, producer.inputs[0])
@@ -192,14 +188,14 @@ def product_chains(graph: gs.Graph, start: gs.Tensor, max_nodes: int = 3) -> Ite
         for reader in readers(chain.end):
             if len(reader.outputs) != 1:
                 continue
-            if _is_op(reader, "Mul") and len(reader.inputs) == 2:
+            if is_op(reader, "Mul") and len(reader.inputs) == 2:
                 first, second = reader.inputs
                 if first is chain.end and second is chain.end:
                     continue  # a square is not a scale
                 side = second if first is chain.end else first
                 scale, leaves, side_nodes, rank = _flatten_product(graph, side)
             elif (
-                _is_op(reader, "Div")
+                is_op(reader, "Div")
                 and reader.inputs[0] is chain.end
                 and reader.inputs[1] is not chain.end
             ):
@@ -246,7 +242,7 @@ def _bound(tensor: gs.Tensor | None, default: float) -> tuple[float, int] | None
 
 def _match_clip(graph: gs.Graph, node: gs.Node) -> _Clip | None:
     """Case 1: the clip ending at `node`, with constant bounds."""
-    if _is_op(node, "Clip"):
+    if is_op(node, "Clip"):
         if len(node.inputs) > 1:
             lo = _bound(node.inputs[1], -np.inf)
             hi = _bound(node.inputs[2] if len(node.inputs) > 2 else None, np.inf)
@@ -256,7 +252,7 @@ def _match_clip(graph: gs.Graph, node: gs.Node) -> _Clip | None:
         if lo is None or hi is None:
             return None
         return _Clip(node.inputs[0], lo[0], hi[0], [node], max(lo[1], hi[1]))
-    if not _is_op(node, "Min", "Max") or len(node.inputs) != 2:
+    if not is_op(node, "Min", "Max") or len(node.inputs) != 2:
         return None
     outer_bound = [scalar_constant(t) for t in node.inputs]
     if (outer_bound[0] is None) == (outer_bound[1] is None):
@@ -265,12 +261,12 @@ def _match_clip(graph: gs.Graph, node: gs.Node) -> _Clip | None:
     value, rank = outer_bound[const_at]
     inner_tensor = node.inputs[1 - const_at]
     inner = producer_of(inner_tensor)
-    if inner is None or len(readers(inner_tensor)) != 1 or is_graph_output(graph, inner_tensor):
+    if inner is None or sole_reader(graph, inner_tensor) is None:
         return None
-    if node.op == "Min" and _is_op(inner, "Relu"):
+    if node.op == "Min" and is_op(inner, "Relu"):
         return _Clip(inner.inputs[0], 0.0, value, [inner, node], rank)
     wanted = "Max" if node.op == "Min" else "Min"
-    if not _is_op(inner, wanted) or len(inner.inputs) != 2:
+    if not is_op(inner, wanted) or len(inner.inputs) != 2:
         return None
     inner_bound = [scalar_constant(t) for t in inner.inputs]
     if (inner_bound[0] is None) == (inner_bound[1] is None):
@@ -284,13 +280,13 @@ def _match_clip(graph: gs.Graph, node: gs.Node) -> _Clip | None:
 def _match_affine(graph: gs.Graph, v: gs.Tensor, reader: gs.Node):
     """Case 2: (x, a, b, nodes, const rank) with v = a*x + b; absorbed only when `reader` alone reads v."""
 
-    def single(t: gs.Tensor, node: gs.Node) -> bool:
-        found = readers(t)
-        return len(found) == 1 and found[0] is node and not is_graph_output(graph, t)
-
     def scaled(t: gs.Tensor, node: gs.Node):
         producer = producer_of(t)
-        if not single(t, node) or not _is_op(producer, "Mul", "Div") or len(producer.inputs) != 2:
+        if (
+            sole_reader(graph, t) is not node
+            or not is_op(producer, "Mul", "Div")
+            or len(producer.inputs) != 2
+        ):
             return t, 1.0, [], 0
         first, second = (scalar_constant(i) for i in producer.inputs)
         if producer.op == "Mul" and (first is None) != (second is None):
@@ -302,7 +298,11 @@ def _match_affine(graph: gs.Graph, v: gs.Tensor, reader: gs.Node):
         return t, 1.0, [], 0
 
     producer = producer_of(v)
-    if _is_op(producer, "Add", "Sub") and single(v, reader) and len(producer.inputs) == 2:
+    if (
+        is_op(producer, "Add", "Sub")
+        and sole_reader(graph, v) is reader
+        and len(producer.inputs) == 2
+    ):
         first, second = (scalar_constant(i) for i in producer.inputs)
         if second is not None and first is None:
             shift, rank = (second[0] if producer.op == "Add" else -second[0]), second[1]
@@ -341,7 +341,7 @@ class FuseHardSigmoid(Rule):
         clip = _match_clip(ctx.graph, node)  # case 1
         if (
             clip is None
-            or not _close(clip.lo, 0.0, atol=1e-6)
+            or not close(clip.lo, 0.0, _RTOL, atol=1e-6)
             or not clip.hi > 0.0
             or not np.isfinite(clip.hi)
         ):
@@ -351,7 +351,7 @@ class FuseHardSigmoid(Rule):
         )  # case 2
         candidates = []
         for chain in product_chains(ctx.graph, node.outputs[0]):  # case 3
-            if chain.scale <= 0.0 or not _close(chain.scale * clip.hi, 1.0):
+            if chain.scale <= 0.0 or not close(chain.scale * clip.hi, 1.0, _RTOL, _ATOL):
                 continue
             nodes = [*affine_nodes, *clip.nodes, *chain.nodes]
             if len(nodes) < 2:
@@ -396,7 +396,7 @@ class FuseHardSigmoid(Rule):
         """Case 4: HardSigmoid, Mul(y, HardSigmoid) or HardSwish in place of the chain's end."""
         graph, x, end, factor = ctx.graph, match.x, match.chain.end, match.chain.factor
         out = make_variable(graph, f"{end.name}_fused", like=end)
-        standard = _close(match.alpha, _HARDSWISH_ALPHA) and _close(match.beta, _HARDSWISH_BETA)
+        standard = _hardswish_constants(match.alpha, match.beta)
         if factor is x and standard and ctx.opset >= 14:
             graph.nodes.append(
                 gs.Node(
@@ -453,11 +453,11 @@ class FuseHardSwish(Rule):
         """A standard HardSigmoid whose output is multiplied by its own input."""
         alpha = float(node.attrs.get("alpha", 0.2))
         beta = float(node.attrs.get("beta", 0.5))
-        if not (_close(alpha, _HARDSWISH_ALPHA) and _close(beta, _HARDSWISH_BETA)):
+        if not _hardswish_constants(alpha, beta):
             return None
         x, hs_out = node.inputs[0], node.outputs[0]
         for reader in readers(hs_out):
-            if _is_op(reader, "Mul") and len(reader.inputs) == 2:
+            if is_op(reader, "Mul") and len(reader.inputs) == 2:
                 other = reader.inputs[1] if reader.inputs[0] is hs_out else reader.inputs[0]
                 if other is x:
                     return _HardSwishMatch(x, node, reader)

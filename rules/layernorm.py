@@ -39,22 +39,22 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph import (
     const_value,
     detach,
-    is_graph_output,
+    is_op,
     make_constant,
     make_variable,
+    optional_input,
+    readers,
     replace_all_uses,
+    scalar_constant,
+    sole_reader,
     unique_name,
 )
 from onnxshrink.passes import Rule, RuleContext
-from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason, readers, scalar_constant
+from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason
 
 logger = logging.getLogger(__name__)
 
 _MIN_OPSET = 17
-
-
-def _is_op(node: gs.Node | None, *ops: str) -> bool:
-    return node is not None and node.op in ops and node.domain in (None, "", "ai.onnx")
 
 
 def _reader(tensor: gs.Tensor, op: str, position: int | None = None) -> list[gs.Node]:
@@ -62,7 +62,7 @@ def _reader(tensor: gs.Tensor, op: str, position: int | None = None) -> list[gs.
     return [
         n
         for n in readers(tensor)
-        if _is_op(n, op)
+        if is_op(n, op)
         and len(n.outputs) == 1
         and (position is None or (len(n.inputs) > position and n.inputs[position] is tensor))
     ]
@@ -77,8 +77,9 @@ def _other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
 
 def _reduce_axes(node: gs.Node) -> tuple[list[int] | None, str | None]:
     """(axes, None) of a ReduceMean, or (None, reason); [] means all axes."""
-    if len(node.inputs) > 1 and node.inputs[1].name != "":
-        value = const_value(node.inputs[1])
+    axes_input = optional_input(node, 1)
+    if axes_input is not None:
+        value = const_value(axes_input)
         if value is None:
             return None, "ReduceMean axes are not constant"
         axes = [int(a) for a in np.asarray(value).reshape(-1)]
@@ -230,18 +231,18 @@ class FuseLayerNorm(Rule):
         )
         gamma = beta = None
         for op in ("Mul", "Add"):  # case 4, gamma before beta
-            only = readers(end)
-            if len(only) != 1 or not _is_op(only[0], op) or is_graph_output(graph, end):
+            only = sole_reader(graph, end)
+            if not is_op(only, op):
                 continue
-            value = _affine_constant(_other_input(only[0], end), x, k)
-            if value is None or len(only[0].outputs) != 1:
+            value = _affine_constant(_other_input(only, end), x, k)
+            if value is None or len(only.outputs) != 1:
                 continue
             if op == "Mul":
                 gamma = value
             else:
                 beta = value
-            nodes.append(only[0])
-            end = only[0].outputs[0]
+            nodes.append(only)
+            end = only.outputs[0]
         inner = [t for n in nodes for t in n.outputs if t is not end]
         return _LayerNormMatch(
             x, mean_node, var_node, square, sqrt, eps, end, gamma, beta, nodes, inner

@@ -27,20 +27,20 @@ import onnx_graphsurgeon as gs
 from onnxshrink.graph import (
     const_value,
     detach,
+    first_dtype,
+    in_graph,
+    is_op,
+    known_shape,
     make_constant,
     only_consumer,
+    optional_input,
     producer_of,
     replace_all_uses,
+    set_input,
     unique_name,
 )
 from onnxshrink.passes import Rule, RuleContext
-from onnxshrink.rules.fold_conv_affine import (
-    FLOAT_DTYPES,
-    folded_name,
-    in_graph,
-    is_default_domain,
-    optional_input,
-)
+from onnxshrink.rules.fold_conv_affine import FLOAT_DTYPES, folded_name
 
 logger = logging.getLogger(__name__)
 
@@ -50,32 +50,6 @@ class _BiasAddMatch:
     add: gs.Node
     product: gs.Node  # the MatMul or Gemm
     bias: gs.Tensor  # the constant operand of the Add
-
-
-def _dims(tensor: gs.Tensor) -> list | None:
-    value = const_value(tensor)
-    if value is not None:
-        return list(np.shape(value))
-    return list(tensor.shape) if tensor.shape is not None else None
-
-
-def _tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
-    value = const_value(tensor)
-    if value is not None:
-        return np.asarray(value).dtype
-    try:
-        return np.dtype(tensor.dtype) if tensor.dtype is not None else None
-    except TypeError:
-        return None
-
-
-def _first_dtype(*tensors: gs.Tensor) -> np.dtype | None:
-    # np.dtype is falsy (it has no fields), so no `or` chains here.
-    for tensor in tensors:
-        dtype = _tensor_dtype(tensor)
-        if dtype is not None:
-            return dtype
-    return None
 
 
 def bias_broadcast_reason(bias: np.ndarray, m: object, n: object) -> str | None:
@@ -97,12 +71,7 @@ def _match_bias_add(node: gs.Node, ops: tuple[str, ...]) -> _BiasAddMatch | None
     for i in (0, 1):
         product = producer_of(node.inputs[i])
         other = node.inputs[1 - i]
-        if (
-            product is not None
-            and product.op in ops
-            and is_default_domain(product)
-            and const_value(other) is not None
-        ):
+        if is_op(product, *ops) and const_value(other) is not None:
             return _BiasAddMatch(node, product, other)
     return None
 
@@ -131,13 +100,13 @@ class MatMulAddToGemm(Rule):
         if reason is not None:
             return reason
         a, b = m.product.inputs
-        a_dims, b_dims = _dims(a), _dims(b)
+        a_dims, b_dims = known_shape(a), known_shape(b)
         if a_dims is None or len(a_dims) != 2:
             return "MatMul input A is not known to be 2-D (batched MatMul stays)"
         if b_dims is None or len(b_dims) != 2:
             return "MatMul input B is not known to be 2-D"
         bias = np.asarray(const_value(m.bias))
-        dtype = _first_dtype(b, a)
+        dtype = first_dtype(b, a)
         if dtype not in FLOAT_DTYPES or bias.dtype != dtype:
             return f"dtype {dtype} / bias {bias.dtype} is not a matching float type"
         return bias_broadcast_reason(bias, a_dims[0], b_dims[1])
@@ -176,7 +145,7 @@ class GemmAddFold(Rule):
                 return "Gemm C is not a constant"
             c = np.asarray(c)
         d = np.asarray(const_value(m.bias))
-        dtype = c.dtype if c is not None else _first_dtype(gemm.inputs[1], gemm.inputs[0])
+        dtype = c.dtype if c is not None else first_dtype(gemm.inputs[1], gemm.inputs[0])
         if dtype not in FLOAT_DTYPES or d.dtype != dtype:
             return f"dtype {dtype} / bias {d.dtype} is not a matching float type"
         m_dim, n_dim = self._output_dims(gemm)
@@ -196,7 +165,7 @@ class GemmAddFold(Rule):
         out_shape = gemm.outputs[0].shape
         if out_shape is not None and len(out_shape) == 2:
             return out_shape[0], out_shape[1]
-        a_dims, b_dims = _dims(gemm.inputs[0]), _dims(gemm.inputs[1])
+        a_dims, b_dims = known_shape(gemm.inputs[0]), known_shape(gemm.inputs[1])
         m_dim = n_dim = None
         if a_dims is not None and len(a_dims) == 2:
             m_dim = a_dims[1] if gemm.attrs.get("transA", 0) else a_dims[0]
@@ -214,11 +183,7 @@ class GemmAddFold(Rule):
         gemm = m.product
         c_tensor = optional_input(gemm, 2)
         hint = c_tensor.name if c_tensor is not None else f"{gemm.inputs[1].name}_bias"
-        new_tensor = make_constant(ctx.graph, folded_name(hint), new_c)
-        if len(gemm.inputs) > 2:
-            gemm.inputs[2] = new_tensor
-        else:
-            gemm.inputs.append(new_tensor)
+        set_input(gemm, 2, make_constant(ctx.graph, folded_name(hint), new_c))
         gemm.attrs["beta"] = 1.0
         out = m.add.outputs[0]
         detach(m.add)

@@ -33,21 +33,20 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.graph import (
     detach,
+    input_or_attr,
+    int_list,
     is_graph_output,
+    is_op,
     make_constant,
     only_consumer,
+    outer_scope_source,
     producer_of,
     replace_all_uses,
+    tensor_dims,
     unique_name,
 )
 from onnxshrink.passes import Rule, RuleContext
-from onnxshrink.rules.noop_elimination import (
-    input_or_attr,
-    int_list,
-    outer_scope_source,
-    reshape_is_noop,
-    tensor_dims,
-)
+from onnxshrink.rules.noop_elimination import reshape_is_noop
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ _AXES_INPUT_SINCE = 13
 
 def _layout_producer(tensor: gs.Tensor, ops: tuple[str, ...]) -> gs.Node | None:
     producer = producer_of(tensor)
-    if producer is None or producer.op not in ops or (producer.domain or "") not in ("", "ai.onnx"):
+    if not is_op(producer, *ops):
         return None
     if not producer.inputs or producer.inputs[0].is_empty():
         return None

@@ -39,9 +39,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 
-from onnxshrink.graph import const_value, detach, is_graph_output, producer_of, replace_all_uses
+from onnxshrink.graph import (
+    can_become_output,
+    const_value,
+    detach,
+    input_or_attr,
+    int_list,
+    is_graph_output,
+    onnx_dtype,
+    optional_input,
+    outer_scope_source,
+    producer_of,
+    replace_all_uses,
+    tensor_dims,
+)
 from onnxshrink.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
@@ -51,56 +63,7 @@ _END_OF_ANY_DIM = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers (merge_reshapes uses them too)
-
-
-def tensor_dims(tensor: gs.Tensor) -> list[int | None] | None:
-    """The dims of a tensor: an int where static, None where symbolic; None when rank unknown."""
-    if isinstance(tensor, gs.Constant):
-        return list(tensor.shape)
-    shape = tensor.shape
-    if shape is None:
-        return None
-    return [
-        d if isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 else None
-        for d in shape
-    ]
-
-
-def onnx_dtype(tensor: gs.Tensor) -> int | None:
-    """The ONNX element type of a tensor, or None when unknown."""
-    if tensor.dtype is None:
-        return None
-    try:
-        return int(dtype_to_onnx(tensor.dtype))
-    except Exception:
-        return None
-
-
-def int_list(tensor: gs.Tensor | None) -> list[int] | None:
-    """The values of a constant integer tensor of rank <= 1 as a list, else None."""
-    value = const_value(tensor)
-    if value is None or value.ndim > 1 or not np.issubdtype(value.dtype, np.integer):
-        return None
-    return [int(v) for v in np.asarray(value).reshape(-1)]
-
-
-def input_or_attr(
-    node: gs.Node, opset: int, index: int, attr: str, input_since: int
-) -> tuple[bool, list[int] | None]:
-    """An int-list operand that moved from an attribute to an input at opset `input_since`.
-
-    Returns (present, values): present is False when neither is given (the operand's default
-    applies); values is None when it is given but not constant.
-    """
-    if opset >= input_since:
-        if len(node.inputs) <= index or node.inputs[index].is_empty():
-            return False, None
-        return True, int_list(node.inputs[index])
-    if attr not in node.attrs:
-        return False, None
-    value = node.attrs[attr]
-    return True, [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+# Broadcasting (cases 7 and 9)
 
 
 def broadcast_keeps_shape(x_dims: list[int | None] | None, c_shape: Sequence[int]) -> bool:
@@ -158,8 +121,8 @@ class _BypassRule(Rule):
         return False
 
     def rewrite(self, match: Bypass, ctx: RuleContext) -> None:
-        detach(match.node)
-        if is_graph_output(ctx.graph, match.result) and _can_rename(ctx.graph, match.source):
+        detach(match.node)  # first: the no-op must not count as a reader of the source
+        if is_graph_output(ctx.graph, match.result) and can_become_output(ctx.graph, match.source):
             # The source's producer writes the output tensor itself; readers of the output
             # (also readers of the source now) keep reading it.
             producer = producer_of(match.source)
@@ -167,38 +130,6 @@ class _BypassRule(Rule):
             producer.outputs[index] = match.result
             return
         replace_all_uses(ctx.graph, match.result, match.source)
-
-
-def outer_scope_source(graph: gs.Graph, source: gs.Tensor) -> bool:
-    """True when `source` is produced by a node of an enclosing graph, not of `graph`.
-
-    Bypassing a node whose output is `graph`'s output with such a source is not supported by
-    `replace_all_uses` (it would make the outer producer write the body's output).
-    """
-    producer = producer_of(source)
-    return producer is not None and not any(n is producer for n in graph.nodes)
-
-
-def _can_rename(graph: gs.Graph, source: gs.Tensor) -> bool:
-    """True when `source` can simply become the output tensor (call after detaching the no-op).
-
-    It must be written by a node of this graph, be no graph output itself, and have no other
-    readers; otherwise keeping the output's name takes an Identity.
-    """
-    if isinstance(source, gs.Constant) or is_graph_output(graph, source) or source.outputs:
-        return False
-    producer = producer_of(source)
-    return producer is not None and any(n is producer for n in graph.nodes)
-
-
-def _would_leave_identity(graph: gs.Graph, source: gs.Tensor, node: gs.Node) -> bool:
-    """True when bypassing `node` would need an Identity to keep its output's name."""
-    if isinstance(source, gs.Constant) or is_graph_output(graph, source):
-        return True
-    producer = producer_of(source)
-    if producer is None or not any(n is producer for n in graph.nodes):
-        return True
-    return any(reader is not node for reader in source.outputs)
 
 
 class RemoveIdentity(_BypassRule):
@@ -211,7 +142,8 @@ class RemoveIdentity(_BypassRule):
         return True
 
     def keeps_identity(self, match: Bypass, ctx: RuleContext) -> bool:
-        return _would_leave_identity(ctx.graph, match.source, match.node)
+        # Bypassing would need an Identity to keep the output's name (see the module docstring).
+        return not can_become_output(ctx.graph, match.source, ignoring=match.node)
 
 
 class RemoveInferenceDropout(_BypassRule):
@@ -223,7 +155,7 @@ class RemoveInferenceDropout(_BypassRule):
     def is_noop(self, node: gs.Node, ctx: RuleContext) -> bool:
         if ctx.opset < 7:
             return int(node.attrs.get("is_test", 0)) == 1
-        if ctx.opset < 12 or len(node.inputs) < 3 or node.inputs[2].is_empty():
+        if ctx.opset < 12 or optional_input(node, 2) is None:
             return True
         training = const_value(node.inputs[2])
         return training is not None and training.size == 1 and not bool(training.reshape(-1)[0])
@@ -369,9 +301,10 @@ class RemoveFullSlice(_BypassRule):
 
 def _optional_ints(node: gs.Node, index: int) -> list[int] | None | bool:
     """An optional constant int-list input: None when absent, False when not constant."""
-    if len(node.inputs) <= index or node.inputs[index].is_empty():
+    tensor = optional_input(node, index)
+    if tensor is None:
         return None
-    values = int_list(node.inputs[index])
+    values = int_list(tensor)
     return False if values is None else values
 
 

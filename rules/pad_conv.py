@@ -26,9 +26,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import const_value, detach, only_consumer, producer_of
+from onnxshrink.graph import (
+    const_value,
+    detach,
+    in_graph,
+    is_op,
+    known_shape,
+    only_consumer,
+    optional_input,
+    producer_of,
+)
 from onnxshrink.passes import Rule, RuleContext
-from onnxshrink.rules.fold_conv_affine import in_graph, is_default_domain, optional_input
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +95,8 @@ def pad_amounts(pad: gs.Node, opset: int, rank: int | None) -> list[int] | str:
 
 
 def _conv_rank(conv: gs.Node) -> int | None:
-    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
-    if weight is None:
-        return None
-    value = const_value(weight)
-    if value is not None:
-        return np.ndim(value)
-    return len(weight.shape) if weight.shape is not None else None
+    shape = known_shape(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    return len(shape) if shape is not None else None
 
 
 class PadIntoConv(Rule):
@@ -106,7 +109,7 @@ class PadIntoConv(Rule):
         if not node.inputs:
             return None
         pad = producer_of(node.inputs[0])
-        if pad is None or pad.op != "Pad" or not is_default_domain(pad):
+        if not is_op(pad, "Pad"):
             return None
         return _PadConvMatch(pad, node)
 
