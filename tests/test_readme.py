@@ -34,7 +34,7 @@ def _commands() -> list[tuple[str, list[str]]]:
             continue
         if line.startswith("$ "):
             commands.append((line[2:].strip(), []))
-        elif commands and line.strip() and commands[-1][1] is not None:
+        elif commands and line.strip():
             commands[-1][1].append(line)
     return commands
 
@@ -48,15 +48,22 @@ def test_readme_starts_with_the_two_commands():
     assert "make demo" in first_block and "make test" in first_block
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """One folder for all README commands: later commands read what earlier ones wrote."""
+    folder = tmp_path_factory.mktemp("readme")
+    (folder / "models").symlink_to(ROOT / "models")
+    (folder / "out").mkdir()
+    return folder
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("command, expected", COMMANDS, ids=[c for c, _ in COMMANDS])
-def test_readme_command(command, expected, tmp_path, monkeypatch):
+def test_readme_command(command, expected, scratch, monkeypatch):
     for ref in re.findall(r"models/zoo/[\w.-]+\.onnx", command):
         if not (ROOT / ref).exists():
             pytest.skip(f"{ref} missing: run `make models`")
-    (tmp_path / "models").symlink_to(ROOT / "models")
-    (tmp_path / "out").mkdir()
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(scratch)
     argv = shlex.split(command)
     if argv[0] == "onnxshrink":
         result = CliRunner().invoke(app, argv[1:])
