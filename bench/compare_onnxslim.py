@@ -78,6 +78,9 @@ def _session(path: Path) -> ort.InferenceSession:
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle intra-op threads spin by default; with sessions interleaved on 2 cores, the threads
+    # of the session that just ran would steal the CPU from the one being timed.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
