@@ -188,16 +188,56 @@ def compare_outputs(
     return OutputParity(name, max_abs, max_rel, max_abs <= atol + rtol * scale)
 
 
+class Reference:
+    """The original model's session and outputs, reused when several candidates are checked.
+
+    Outputs are cached per feed position while they fit in `cache_bytes`; past that they are
+    recomputed, so a long stream of inputs never piles up in memory.
+    """
+
+    def __init__(self, model: onnx.ModelProto | str | Path, cache_bytes: int = 256 * 2**20):
+        self.model = model
+        self.cache_bytes = cache_bytes
+        self._session = None
+        self._cache: dict[int, list[np.ndarray]] = {}
+        self._cached = 0
+
+    @property
+    def session(self):
+        """The ORT session, created on first use (raises what ORT raises)."""
+        if self._session is None:
+            self._session = _session(self.model)
+        return self._session
+
+    def run(self, index: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs for the feed at position `index` of the stream."""
+        if index in self._cache:
+            return self._cache[index]
+        outputs = self.session.run(None, feed)
+        size = sum(np.asarray(o).nbytes for o in outputs)
+        if self._cached + size <= self.cache_bytes:
+            self._cache[index] = outputs
+            self._cached += size
+        return outputs
+
+
 def check_parity(
-    reference: onnx.ModelProto | str | Path,
+    reference: Reference | onnx.ModelProto | str | Path,
     candidate: onnx.ModelProto | str | Path,
     feeds: Iterable[dict[str, np.ndarray]],
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
+    stop_on_failure: bool = False,
 ) -> ParityReport:
-    """Run both models on every feed and compare each output; never raises for ORT failures."""
+    """Run both models on every feed and compare each output; never raises for ORT failures.
+
+    Pass a `Reference` to reuse the original's session and outputs across candidates; the feeds
+    must then come in the same order each time. `stop_on_failure` ends at the first feed on
+    which an output fails (the report then covers the feeds seen so far).
+    """
+    ref = reference if isinstance(reference, Reference) else Reference(reference, cache_bytes=0)
     try:
-        ref_sess = _session(reference)
+        ref_sess = ref.session
     except Exception as exc:
         return ParityReport(
             False,
@@ -221,9 +261,9 @@ def check_parity(
         return ParityReport(True, False, rtol, atol, reason="output names differ")
     worst: dict[str, OutputParity] = {}
     samples = 0
-    for feed in feeds:
+    for index, feed in enumerate(feeds):
         try:
-            ref_out = ref_sess.run(None, feed)
+            ref_out = ref.run(index, feed)
         except Exception as exc:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
             return ParityReport(
@@ -255,6 +295,8 @@ def check_parity(
                 -worst[name].max_rel,
             ):
                 worst[name] = result
+        if stop_on_failure and not all(w.ok for w in worst.values()):
+            break
     if samples == 0:
         return ParityReport(False, False, rtol, atol, 0, reason="no inputs to compare on")
     outputs = [worst[n] for n in names]

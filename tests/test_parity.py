@@ -62,6 +62,9 @@ def test_check_parity_detects_a_changed_weight(conv_bn_model):
     report = check_parity(conv_bn_model, changed, feeds)
     assert report.verified and not report.passed
     assert report.outputs[0].max_rel > 1e-4
+    assert report.samples == 2
+    early = check_parity(conv_bn_model, changed, feeds, stop_on_failure=True)
+    assert not early.passed and early.samples == 1
 
 
 def test_check_parity_reports_unrunnable_model_instead_of_raising(conv_bn_model):
@@ -83,3 +86,27 @@ def test_load_inputs_from_file_and_folder(tmp_path):
         list(load_inputs(tmp_path / "a.npz", ["y"]))
     with pytest.raises(UsageError, match="no such file"):
         list(load_inputs(tmp_path / "none.npz", ["x"]))
+
+
+def test_reference_outputs_are_computed_once_per_feed(conv_bn_model, monkeypatch):
+    from onnxshrink.parity import Reference
+
+    feeds = [generate_inputs(conv_bn_model, seed=s) for s in range(3)]
+    reference = Reference(conv_bn_model)
+    calls = []
+    original_run = Reference.run
+
+    def counting_run(self, index, feed):
+        if index not in self._cache:
+            calls.append(index)
+        return original_run(self, index, feed)
+
+    monkeypatch.setattr(Reference, "run", counting_run)
+    for _ in range(2):
+        report = check_parity(reference, conv_bn_model, feeds)
+        assert report.passed and report.samples == 3
+    assert calls == [0, 1, 2]
+    # With no room in the cache, outputs are recomputed instead of piling up.
+    tight = Reference(conv_bn_model, cache_bytes=0)
+    check_parity(tight, conv_bn_model, feeds)
+    assert not tight._cache
