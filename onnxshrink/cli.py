@@ -147,6 +147,17 @@ def optimize(
     _print_result(model, result, verbose)
 
 
+def _register_commands() -> None:
+    # Commands that live in their own modules; each adds itself to `app`.
+    from onnxshrink import cli_bench, cli_parity
+
+    cli_parity.register(app)
+    cli_bench.register(app)
+
+
+_register_commands()
+
+
 @app.command("rules")
 def list_rules() -> None:
     """List the rules `optimize` applies, in order."""
