@@ -1,0 +1,362 @@
+"""The optimization report: HTML, markdown and JSON from a real `optimize` run on a tiny model."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import math
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import onnxshrink
+from onnxshrink import charts
+from onnxshrink.errors import UsageError
+from onnxshrink.parity import OutputParity
+from onnxshrink.report import (
+    render_html,
+    render_markdown,
+    report_dict,
+    report_format,
+    short_names,
+    write_report,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = "<script>alert('x')</script>"
+
+
+# Stand-ins for onnxshrink.bench's BenchRow/BenchReport: the report reads them duck-typed.
+@dataclass
+class FakeRow:
+    model: str
+    provider: str
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    throughput: float
+    session_s: float
+    peak_mb: float | None
+    placement: dict[str, float]
+    ratio: float | None
+    runs: int
+
+
+@dataclass
+class FakeBench:
+    rows: list[FakeRow]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)
+
+
+def fake_bench() -> FakeBench:
+    rows = [
+        FakeRow("m/a.onnx", "CPUExecutionProvider", 12.5, 14.0, 12.9, 77.5, 0.21, 31.0,
+                {"CPUExecutionProvider": 1.0}, 1.0, 40),
+        FakeRow("m/a.opt.onnx", "CPUExecutionProvider", 7.25, 8.5, 7.6, 131.6, 0.12, None,
+                {"CPUExecutionProvider": 1.0}, 0.58, 40),
+    ]  # fmt: skip
+    return FakeBench(rows, [("cuda", "CUDAExecutionProvider is not available")], {"threads": 2})
+
+
+class _Page(HTMLParser):
+    """Tables (by id, as rows of cell text), images, every src/href, every tag name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[dict[str, str]] = []
+        self.links: list[str] = []
+        self.tags: set[str] = set()
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: v or "" for k, v in attrs}
+        self.tags.add(tag)
+        self.links += [v for k, v in a.items() if k in ("src", "href")]
+        if tag == "table":
+            self._table = a.get("id", f"table{len(self.tables)}")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(a)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None and self._table:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    page.close()
+    return page
+
+
+def svg_of(img: dict[str, str]) -> ET.Element:
+    prefix = "data:image/svg+xml;base64,"
+    assert img["src"].startswith(prefix)
+    return ET.fromstring(base64.b64decode(img["src"][len(prefix) :]).decode("utf-8"))
+
+
+def svg_texts(svg: ET.Element) -> list[str]:
+    """What each <text> shows (its own text and what follows a <title> child)."""
+    return [
+        (t.text or "") + "".join(c.tail or "" for c in t)
+        for t in svg.iter("{http://www.w3.org/2000/svg}text")
+    ]
+
+
+@pytest.fixture
+def result(conv_bn_model):
+    return onnxshrink.optimize(conv_bn_model)
+
+
+ARGS = dict(command="onnxshrink optimize conv_bn.onnx", model_path="conv_bn.onnx", output_path=None)
+
+
+def test_html_has_tables_and_embedded_svg_chart(tmp_path, result):
+    path = write_report(tmp_path / "r.html", result, **ARGS)
+    page = parse(path.read_text(encoding="utf-8"))
+
+    assert {"before-after", "op-histogram", "rules-applied", "parity-table"} <= set(page.tables)
+    before_after = {row[0]: row[1:] for row in page.tables["before-after"][1:]}
+    assert before_after["nodes"][:2] == [str(result.before.nodes), str(result.after.nodes)]
+    ops = {row[0]: row[1:3] for row in page.tables["op-histogram"][1:]}
+    for op in set(result.before.ops) | set(result.after.ops):
+        assert ops[op] == [str(result.before.ops.get(op, 0)), str(result.after.ops.get(op, 0))]
+    rules = {row[0]: row[1] for row in page.tables["rules-applied"][1:]}
+    assert rules == {name: str(n) for name, n in result.stats.applied.items() if n}
+    parity_rows = page.tables["parity-table"][1:]
+    assert [r[0] for r in parity_rows] == [o.name for o in result.parity.outputs]
+    assert all(r[-1] == "ok" for r in parity_rows)
+
+    # The op chart: an <svg> root, one bar per series for each op that changed, readable text.
+    assert page.images, "no embedded chart"
+    svg = svg_of(page.images[0])
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert {"Constant", "Identity", "BatchNormalization"} <= set(svg_texts(svg))
+    assert page.images[0]["alt"]
+
+    # Self-contained: nothing fetched, no scripts, styles inline.
+    assert not [u for u in page.links if u.startswith(("http:", "https:", "//"))]
+    assert not page.tags & {"script", "link", "iframe", "object"}
+
+
+def test_html_header_headline_figures(result):
+    html = render_html(result, **ARGS)
+    pct = (result.after.nodes - result.before.nodes) / result.before.nodes * 100
+    assert f"{pct:+.1f}%" in html
+    assert ">ok<" in html  # parity headline
+
+
+def test_json_holds_the_same_figures(tmp_path, result):
+    path = write_report(tmp_path / "r.json", result, **ARGS)
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    assert data["summary"]["before"]["nodes"] == result.before.nodes
+    assert data["summary"]["after"]["nodes"] == result.after.nodes
+    assert data["summary"]["after"]["nodes_total"] == result.after.nodes_total
+    assert data["summary"]["before"]["bytes"] == result.before.bytes
+    assert {r["op"]: (r["before"], r["after"]) for r in data["ops"]} == {
+        op: (result.before.ops.get(op, 0), result.after.ops.get(op, 0))
+        for op in set(result.before.ops) | set(result.after.ops)
+    }
+    assert {r["rule"]: r["times"] for r in data["rules"]["applied"]} == {
+        k: v for k, v in result.stats.applied.items() if v
+    }
+    assert data["parity"]["passed"] is True
+    assert [o["max_rel"] for o in data["parity"]["outputs"]] == [
+        o.max_rel for o in result.parity.outputs
+    ]
+    assert set(data["versions"]) >= {"onnxshrink", "onnx", "onnxruntime", "numpy", "python"}
+    assert data["command"] == ARGS["command"]
+
+
+def test_json_non_finite_figures_are_strings(result):
+    result.parity.outputs.append(OutputParity("broken", math.inf, math.nan, False))
+    data = report_dict(result, **ARGS, layer_errors=[("x", math.inf)])
+    text = json.dumps(data, allow_nan=False)  # raises on a bare inf/nan
+    back = json.loads(text)
+    assert back["parity"]["outputs"][-1]["max_abs"] == "inf"
+    assert back["parity"]["outputs"][-1]["max_rel"] == "nan"
+    assert back["layer_errors"] == [{"layer": "x", "rel_error": "inf"}]
+
+
+def _md_tables(md: str) -> list[list[str]]:
+    tables, current = [], []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def test_markdown_has_the_tables(tmp_path, result):
+    md = write_report(tmp_path / "r.md", result, **ARGS).read_text(encoding="utf-8")
+    tables = _md_tables(md)
+    headers = [t[0] for t in tables]
+    assert "| op | before | after | change |" in headers
+    assert "| rule | times | seconds |" in headers
+    assert any(h.startswith("| output | max abs err | max rel err |") for h in headers)
+    for t in tables:  # GFM: a separator row, every row as wide as the header
+        assert set(t[1]) <= set("|-: ")
+        widths = {line.count("|") - line.count("\\|") for line in t}
+        assert len(widths) == 1, t
+    assert f"| nodes | {result.before.nodes} | {result.after.nodes} |" in md
+    assert "Charts are in the HTML report" in md
+
+
+def test_unknown_suffix_is_a_usage_error(tmp_path, result):
+    with pytest.raises(UsageError) as info:
+        write_report(tmp_path / "r.txt", result, **ARGS)
+    assert "\n" not in str(info.value) and ".html, .md or .json" in str(info.value)
+    with pytest.raises(UsageError):
+        write_report(tmp_path / "missing" / "r.html", result, **ARGS)
+    assert list(tmp_path.iterdir()) == []
+    assert report_format(tmp_path / "R.HTML") == "html"
+
+
+def test_write_is_atomic(tmp_path, result, monkeypatch):
+    dest = tmp_path / "r.html"
+    write_report(dest, result, **ARGS)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    good = dest.read_bytes()
+
+    def fail(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        write_report(dest, result, **ARGS, layer_errors=[("x", 1.0)])
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp file left
+    assert dest.read_bytes() == good  # the old report is untouched
+
+
+def test_user_strings_are_escaped(result):
+    result.notes.append(f"note {HOSTILE}")
+    result.stats.declined[("some-rule", "run `a && b <c>` first")] += 1
+    result.parity.outputs[0].name = f"out{HOSTILE}"
+    result.before.ops[f"Op{HOSTILE}"] = 2
+    args = dict(
+        command=f"onnxshrink optimize '{HOSTILE}.onnx'",
+        model_path=f"dir/{HOSTILE}.onnx",
+        output_path=f"{HOSTILE}.opt.onnx",
+        layer_errors=[(f"layer{HOSTILE}", 0.5), ("other", 1e-4)],
+        bench=FakeBench([FakeRow(f"{HOSTILE}.onnx", "CPUExecutionProvider", 1.0, 1.2, 1.1,
+                                 900.0, 0.1, None, {}, 1.0, 5)]),
+    )  # fmt: skip
+    html = render_html(result, **args)
+    page = parse(html)
+    assert "script" not in page.tags
+    assert "&lt;script&gt;" in html
+    for img in page.images:  # the SVGs stay well-formed XML, names escaped inside
+        svg = svg_of(img)
+        assert not [e for e in svg.iter() if e.tag.endswith("script")]
+    assert len(page.images) == 3  # ops, latency, layer errors
+    md = render_markdown(result, **args)
+    assert "<script>" not in md.replace(f"'{HOSTILE}.onnx'", "")  # only inside the code fence
+    assert "run `a && b <c>` first" in md  # code spans show their text as is
+
+
+def test_bench_table_and_latency_chart(tmp_path, result):
+    bench = fake_bench()
+    path = write_report(tmp_path / "r.html", result, **ARGS, bench=bench)
+    page = parse(path.read_text(encoding="utf-8"))
+    rows = page.tables["bench-table"]
+    assert rows[0][:3] == ["model", "provider", "p50 ms"]
+    assert [r[2] for r in rows[1:]] == ["12.50", "7.25"]
+    assert [r[8] for r in rows[1:]] == ["1.000", "0.580"]
+    latency = [img for img in page.images if "latency" in img["alt"].lower()]
+    assert len(latency) == 1
+    texts = svg_texts(svg_of(latency[0]))
+    assert "p50 12.50 \u00b7 p90 14.00 ms" in texts and "p50 7.25 \u00b7 p90 8.50 ms" in texts
+    html = path.read_text(encoding="utf-8")
+    assert "CUDAExecutionProvider is not available" in html
+
+    md = render_markdown(result, **ARGS, bench=bench)
+    assert any(t[0].startswith("| model | provider | p50 ms") for t in _md_tables(md))
+    data = report_dict(result, **ARGS, bench=bench)
+    assert [r["p50_ms"] for r in data["bench"]["rows"]] == [12.5, 7.25]
+    assert data["bench"]["skipped"] == [
+        {"what": "cuda", "reason": "CUDAExecutionProvider is not available"}
+    ]
+
+
+def test_layer_error_chart_shows_the_largest(result):
+    errors = [(f"/block.{i}/conv/Conv", 10.0 ** (-i / 3)) for i in range(30)]
+    page = parse(render_html(result, **ARGS, layer_errors=errors))
+    imgs = [img for img in page.images if "layer" in img["alt"].lower()]
+    svg = svg_of(imgs[0])
+    bars = [r for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.find("*") is not None]
+    assert len(bars) == 20
+    assert "relative error (log scale)" in svg_texts(svg)  # 30 values over ten decades
+    assert page.tables["layer-error-table"][1] == ["/block.0/conv/Conv", "1.00e+00"]
+
+
+def test_no_verify_says_parity_was_not_checked(conv_bn_model):
+    unchecked = onnxshrink.optimize(conv_bn_model, verify=False)
+    html = render_html(unchecked, **ARGS)
+    assert "not checked" in html and "parity-table" not in html
+    assert report_dict(unchecked, **ARGS)["parity"]["checked"] is False
+
+
+def test_chart_helpers():
+    assert charts.nice_ticks(420) == [0, 100, 200, 300, 400, 500]
+    assert charts.nice_ticks(0.37)[-1] >= 0.37
+    assert charts.op_histogram_chart({"Conv": 2}, {"Conv": 2}) is None
+    long = "/encoder/layer.11/attention/self/query/MatMul_output_0"
+    cut = charts._truncate(long, 20)
+    assert len(cut) == 20 and cut.endswith("output_0") and "\u2026" in cut
+    svg = ET.fromstring(charts.op_histogram_chart({long: 3}, {}))
+    titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert long in titles  # the full name stays as a tooltip
+    assert short_names(["a/x.onnx", "b/x.onnx", "c/y.onnx"]) == {
+        "a/x.onnx": "a/x.onnx",
+        "b/x.onnx": "b/x.onnx",
+        "c/y.onnx": "y.onnx",
+    }
+
+
+def _render_script():
+    spec = importlib.util.spec_from_file_location("render_report", ROOT / "bench/render_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(n) for n in ("chromium", "chromium-browser")), reason="no chromium"
+)
+def test_render_script_makes_a_png(tmp_path, result):
+    html = write_report(tmp_path / "r.html", result, **ARGS, bench=fake_bench())
+    png = _render_script().render(html, tmp_path / "r.png", width=1000)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
