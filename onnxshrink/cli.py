@@ -54,7 +54,7 @@ def optimize(
         typer.Option(
             "-o",
             "--output",
-            help="Where to write the result [default: MODEL.opt.onnx beside MODEL].",
+            help="Where to write the result \\[default: MODEL.opt.onnx beside MODEL].",
         ),
     ] = None,
     input_shape: Annotated[
