@@ -70,7 +70,7 @@ def optimize(
         typer.Option(
             "--inputs",
             help="Inputs for the parity check: an .npz with one array per model input, or a "
-            "folder of them [default: generated random inputs].",
+            "folder of them \\[default: generated random inputs].",
         ),
     ] = None,
     opset: Annotated[
@@ -102,6 +102,30 @@ def optimize(
         int, typer.Option("--samples", min=1, help="Generated input samples for parity.")
     ] = 2,
     seed: Annotated[int, typer.Option("--seed", help="Seed for generated inputs.")] = 0,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Also write a report of the run: .html (self-contained, with charts), .md or .json.",
+        ),
+    ] = None,
+    bench: Annotated[
+        bool,
+        typer.Option(
+            "--bench",
+            help="After writing, time the original and the result in interleaved runs "
+            "(as `onnxshrink bench` does); the table goes into the output and the report.",
+        ),
+    ] = False,
+    bench_provider: Annotated[
+        str,
+        typer.Option(
+            "--bench-provider", help="Providers for --bench: cpu, cuda, tensorrt (comma-separated)."
+        ),
+    ] = "cpu",
+    bench_runs: Annotated[
+        int, typer.Option("--bench-runs", min=1, help="Timed runs per model for --bench.")
+    ] = 30,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -119,8 +143,13 @@ def optimize(
 
     _setup_logging(verbose)
     target = output if output is not None else model.with_name(model.stem + ".opt.onnx")
+    bench_report = None
     try:
         shapes = parse_input_shapes(input_shape)
+        if report is not None:
+            from onnxshrink.report import report_format
+
+            report_format(report)  # a bad --report path fails before the work, not after
         with (
             err.status(f"optimizing {model.name}...", spinner="dots")
             if err.is_terminal
@@ -138,6 +167,19 @@ def optimize(
                 samples=samples,
                 seed=seed,
             )
+        if bench:
+            from onnxshrink.bench import benchmark, parse_providers
+            from onnxshrink.cli_bench import _progress
+
+            with _progress(err, True) as progress:
+                bench_report = benchmark(
+                    [str(model), str(result.output_path)],
+                    parse_providers(bench_provider),
+                    input_shapes=shapes,
+                    inputs=inputs,
+                    runs=bench_runs,
+                    progress=progress,
+                )
     except OnnxShrinkError as exc:
         _fail(str(exc), exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
@@ -145,6 +187,33 @@ def optimize(
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
     _print_result(model, result, verbose)
+    if bench_report is not None:
+        from onnxshrink.cli_bench import _print_report
+
+        _print_report(out, bench_report)
+        for provider_name, reason in bench_report.skipped:
+            err.print(
+                f"[yellow]bench skipped {provider_name}:[/yellow] {reason}",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if report is not None:
+        import shlex
+
+        from onnxshrink.report import write_report
+
+        try:
+            written = write_report(
+                report,
+                result,
+                command=shlex.join(["onnxshrink", *sys.argv[1:]]),
+                model_path=str(model),
+                output_path=result.output_path,
+                bench=bench_report,
+            )
+        except OnnxShrinkError as exc:
+            _fail(str(exc), exc.exit_code)
+        out.print(f"report: {written}")
 
 
 def _register_commands() -> None:

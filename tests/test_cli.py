@@ -94,3 +94,38 @@ def test_console_script_help_runs():
     )
     assert proc.returncode == 0
     assert "--input-shape" in proc.stdout and "Exit codes" in proc.stdout
+
+
+def test_optimize_report_and_bench(tmp_path, conv_bn_path):
+    from html.parser import HTMLParser
+
+    report = tmp_path / "r.html"
+    result = _run(
+        "optimize", str(conv_bn_path), "-o", str(tmp_path / "o.onnx"),
+        "--report", str(report), "--bench", "--bench-runs", "3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "p50 ms" in result.output and "report:" in result.output
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+    parser = Tags()
+    parser.feed(report.read_text())
+    assert parser.tags.count("table") >= 4 and "img" in parser.tags
+    assert "Benchmark" in report.read_text()
+
+
+def test_bad_report_suffix_fails_before_any_work(tmp_path, conv_bn_path):
+    out = tmp_path / "o.onnx"
+    result = _run(
+        "optimize", str(conv_bn_path), "-o", str(out), "--report", str(tmp_path / "r.txt")
+    )
+    assert result.exit_code == 2
+    assert "unknown report format" in result.output
+    assert not out.exists()
