@@ -1,20 +1,53 @@
-"""Numerical parity between a reference model and a rewritten one, with ONNX Runtime CPU.
+"""Numerical parity between a reference model and a candidate, with ONNX Runtime CPU.
 
-Both models run on the same feeds; each output is compared by its relative error, defined as
-`max|cand - ref| / max(max|ref|, tiny)`: the largest deviation measured against the output's own
-scale, so that near-zero elements do not blow the figure up. An output passes when
-`max|cand - ref| <= atol + rtol * max|ref|`; the small default `atol` (1e-6) only matters for
-outputs that are nearly zero everywhere (e.g. a detector's map on random noise), where float32
-rounding alone gives a large relative figure. Integer and bool outputs must match exactly. Each
-model gets one session for all feeds.
+Both models run on the same feeds (one session each) and every output is compared run by run.
+The figures, per output, over all runs:
+
+1. `max_abs`: the largest `|cand - ref|`.
+2. `mean_abs`: the mean of `|cand - ref|` over every element of every run.
+3. `max_rel`: the relative error of the worst run, `max|cand - ref| / max|ref|`: the largest
+   deviation against the output's own scale, so that near-zero elements do not blow it up.
+4. `cosine`: cosine similarity of the flattened outputs, all runs concatenated, in float64.
+5. `snr_db`: `10 * log10(sum ref^2 / sum (cand - ref)^2)` over all runs; inf when identical.
+6. `argmax_agreement`: for outputs whose last axis looks like classes, the share of positions
+   (all axes but the last, all runs) whose argmax over the last axis is the same. "Looks like
+   classes" is deliberately simple: a float output of rank >= 2 whose last dim is >= 2
+   (logits, probabilities, per-token scores). The rule also takes in outputs that are not
+   class scores (a feature map whose last axis is its width); there the figure is merely
+   informative and never decides a pass.
+
+Cosine, SNR and mean come from running sums (sum ref*cand, ref^2, cand^2, diff^2, |diff|), so
+a long stream of inputs never piles up in memory.
+
+What passes (`Criteria`), judged per run as Polygraphy judges each iteration:
+
+7. `--check-error-stat max` (default, the rule `optimize` uses): a run passes when
+   `max|cand - ref| <= atol + rtol * max|ref|`, both maxima over that run. The small default
+   `atol` (1e-6) only matters for outputs that are nearly zero everywhere (e.g. a detector's
+   map on random noise), where float32 rounding alone gives a large relative figure.
+8. `mean`, `median`, `quantile` (with `error_quantile`, e.g. 0.99): the same bound, but the
+   left side is that statistic of the elementwise `|cand - ref|` of the run. `rtol` stays
+   relative to the output's scale (its largest magnitude in the run), not elementwise: an
+   elementwise `rtol * |ref_i|` explodes near zero. Median and quantiles are exact per run (one
+   run's output is in memory anyway); over several runs the worst run counts, so nothing has to
+   be kept across runs.
+9. `min_cosine`: when set, the cosine over all runs must be at least this.
+10. Integer and bool outputs must match exactly; shapes must match; NaN/inf must sit at the same
+    places with the same values. Per-output overrides of `rtol`, `atol` and `min_cosine` replace
+    the defaults for that output.
+
+An output passes when every run passes (7/8), the cosine holds (9) and nothing in 10 fails.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import math
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,9 +58,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
+DEFAULT_ERROR_QUANTILE = 0.99
+ERROR_STATS = ("max", "mean", "median", "quantile")
 # Unknown non-batch dims of generated inputs; small enough to be fast, large enough for most
 # downsampling stacks (5 stride-2 stages leave 1x1).
 DEFAULT_DYNAMIC_DIM = 32
+
+_TINY = float(np.finfo(np.float32).tiny)
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -40,15 +77,35 @@ _ORT_DTYPES = {
     "tensor(bool)": np.bool_,
 }
 
+Progress = Callable[[int, int], None]
+
 
 @dataclass
 class OutputParity:
-    """How far one output moved."""
+    """How far one output moved, with the tolerance it was judged by.
+
+    `argmax_agreement` is None where it does not apply; `error_stat_value` is the worst run's
+    value of the checked statistic and `bound` that run's `atol + rtol * max|ref|`.
+    """
 
     name: str
     max_abs: float
     max_rel: float
     ok: bool
+    mean_abs: float = 0.0
+    cosine: float = 1.0
+    snr_db: float = math.inf
+    argmax_agreement: float | None = None
+    error_stat: str = "max"
+    error_stat_value: float = 0.0
+    bound: float = 0.0
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    min_cosine: float | None = None
+    scale: float = 0.0
+    elements: int = 0
+    runs: int = 0
+    reason: str | None = None
 
 
 @dataclass
@@ -62,31 +119,387 @@ class ParityReport:
     samples: int = 0
     outputs: list[OutputParity] = field(default_factory=list)
     reason: str | None = None
+    criteria: Criteria | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure as JSON-ready values (inf and NaN as the strings "inf", "-inf", "nan")."""
+        return _jsonable(
+            {
+                "verified": self.verified,
+                "passed": self.passed,
+                "samples": self.samples,
+                "reason": self.reason,
+                "criteria": self.criteria.to_dict() if self.criteria else None,
+                "rtol": self.rtol,
+                "atol": self.atol,
+                "outputs": [vars(o) for o in self.outputs],
+            }
+        )
 
 
-def _session(model: onnx.ModelProto | str | Path):
+@dataclass
+class Tolerance:
+    """The bar for one output (see the module docstring, 7-9)."""
+
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    min_cosine: float | None = None
+
+
+@dataclass
+class Criteria:
+    """What "the same outputs" means: tolerances, the checked statistic, per-output overrides.
+
+    `overrides` maps an output name to the fields it replaces, e.g. `{"y": {"atol": 1e-3}}`.
+    """
+
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    min_cosine: float | None = None
+    error_stat: str = "max"
+    error_quantile: float = DEFAULT_ERROR_QUANTILE
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.error_stat not in ERROR_STATS:
+            raise UsageError(
+                f"bad error statistic {self.error_stat!r}: expected one of {', '.join(ERROR_STATS)}"
+            )
+        if not 0.0 <= self.error_quantile <= 1.0:
+            raise UsageError(f"bad --error-quantile {self.error_quantile:g}: must be in [0, 1]")
+
+    def for_output(self, name: str) -> Tolerance:
+        """The tolerance that applies to output `name`."""
+        tol = Tolerance(self.rtol, self.atol, self.min_cosine)
+        for key, value in self.overrides.get(name, {}).items():
+            setattr(tol, key, value)
+        return tol
+
+    def check_outputs(self, output_names: Iterable[str]) -> None:
+        """Raise UsageError when an override names an output the model does not have."""
+        names = list(output_names)
+        unknown = [n for n in self.overrides if n not in names]
+        if unknown:
+            raise UsageError(
+                f"tolerance override for {', '.join(repr(n) for n in unknown)}: not an output "
+                f"of the reference model (outputs: {', '.join(names)})"
+            )
+
+    def stats_for(self, name: str) -> OutputStats:
+        """A fresh accumulator for output `name` under these criteria."""
+        tol = self.for_output(name)
+        return OutputStats(
+            name, tol.rtol, tol.atol, tol.min_cosine, self.error_stat, self.error_quantile
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The criteria as plain values."""
+        return {
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "min_cosine": self.min_cosine,
+            "error_stat": self.error_stat,
+            "error_quantile": self.error_quantile if self.error_stat == "quantile" else None,
+            "overrides": {k: dict(v) for k, v in self.overrides.items()},
+        }
+
+
+_TOLERANCE_OPTIONS = {"atol": "--atol", "rtol": "--rtol", "min_cosine": "--min-cosine"}
+
+
+def criteria_from_specs(
+    atol: Iterable[str] | None = None,
+    rtol: Iterable[str] | None = None,
+    min_cosine: Iterable[str] | None = None,
+    error_stat: str = "max",
+    error_quantile: float = DEFAULT_ERROR_QUANTILE,
+) -> Criteria:
+    """Build Criteria from command-line strings: `VALUE` sets the default, `OUTPUT:VALUE` an override.
+
+    The output name is everything before the last colon, so names with colons work. Raises
+    UsageError naming the bad spec (not a number, negative, cosine outside [-1, 1]).
+    """
+    values: dict[str, Any] = {"atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL, "min_cosine": None}
+    overrides: dict[str, dict[str, float]] = {}
+    for key, specs in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)):
+        option = _TOLERANCE_OPTIONS[key]
+        for spec in specs or []:
+            name, sep, text = str(spec).rpartition(":")
+            example = f"{option} 1e-3 or {option} OUTPUT:1e-3"
+            if sep and not name:
+                raise UsageError(f"bad {option} {spec!r}: empty output name (expected {example})")
+            try:
+                value = float(text)
+            except ValueError:
+                raise UsageError(
+                    f"bad {option} {spec!r}: not a number (expected {example})"
+                ) from None
+            if math.isnan(value):
+                raise UsageError(f"bad {option} {spec!r}: not a number")
+            if key == "min_cosine" and not -1.0 <= value <= 1.0:
+                raise UsageError(f"bad {option} {spec!r}: a cosine lies in [-1, 1]")
+            if key != "min_cosine" and value < 0:
+                raise UsageError(f"bad {option} {spec!r}: must not be negative")
+            if sep:
+                overrides.setdefault(name, {})[key] = value
+            else:
+                values[key] = value
+    return Criteria(
+        rtol=values["rtol"],
+        atol=values["atol"],
+        min_cosine=values["min_cosine"],
+        error_stat=error_stat,
+        error_quantile=error_quantile,
+        overrides=overrides,
+    )
+
+
+class OutputStats:
+    """Streaming figures for one output over many runs: `update(ref, cand)` per run, `result()`.
+
+    Memory stays bounded: running sums and maxima only (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rtol: float = DEFAULT_RTOL,
+        atol: float = DEFAULT_ATOL,
+        min_cosine: float | None = None,
+        error_stat: str = "max",
+        error_quantile: float = DEFAULT_ERROR_QUANTILE,
+    ):
+        self.name = name
+        self.rtol = rtol
+        self.atol = atol
+        self.min_cosine = min_cosine
+        self.error_stat = error_stat
+        self.error_quantile = error_quantile
+        self.runs = 0
+        self.elements = 0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.scale = 0.0
+        self.sum_abs = 0.0
+        self.sum_rc = 0.0
+        self.sum_rr = 0.0
+        self.sum_cc = 0.0
+        self.sum_dd = 0.0
+        self.argmax_match = 0
+        self.argmax_total = 0
+        self.stat_value = 0.0
+        self.stat_bound = 0.0
+        self._worst_excess = -math.inf
+        self.reasons: list[str] = []
+        self._kinds: set[str] = set()
+        self._stat_failed = False
+
+    @property
+    def failing(self) -> bool:
+        """True once any run has failed a per-run check."""
+        return bool(self.reasons) or self._stat_failed
+
+    def _fail(self, kind: str, reason: str) -> None:
+        # One reason per kind of failure (the first failing run's wording), not one per run.
+        if kind not in self._kinds:
+            self._kinds.add(kind)
+            self.reasons.append(reason)
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        """Add one run's output of the reference and the candidate."""
+        ref = np.asarray(ref)
+        cand = np.asarray(cand)
+        self.runs += 1
+        if ref.shape != cand.shape:
+            self._fail(
+                "shape", f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}"
+            )
+            self.max_abs = self.max_rel = math.inf
+            return
+        if ref.size == 0:
+            return
+        floating = np.issubdtype(ref.dtype, np.floating)
+        if not floating and not np.array_equal(ref, cand):
+            self._fail("exact", f"{ref.dtype} values differ (non-float outputs must match exactly)")
+        r = ref.astype(np.float64)
+        c = cand.astype(np.float64)
+        finite_r = np.isfinite(r)
+        finite_c = np.isfinite(c)
+        mask = None
+        if not (finite_r.all() and finite_c.all()):
+            same_places = np.array_equal(finite_r, finite_c)
+            if not same_places or not np.all(
+                (r[~finite_r] == c[~finite_c]) | (np.isnan(r[~finite_r]) & np.isnan(c[~finite_c]))
+            ):
+                self._fail("non-finite", "non-finite values (NaN/inf) differ")
+                self.max_abs = self.max_rel = math.inf
+                return
+            mask = finite_r
+            r = np.where(mask, r, 0.0)
+            c = np.where(mask, c, 0.0)
+        diff = np.abs(c - r)
+        count = int(mask.sum()) if mask is not None else diff.size
+        run_max = float(diff.max())
+        run_scale = float(np.abs(r).max())
+        self.max_abs = max(self.max_abs, run_max)
+        self.scale = max(self.scale, run_scale)
+        self.max_rel = max(self.max_rel, run_max / max(run_scale, _TINY))
+        self.elements += count
+        self.sum_abs += float(diff.sum())
+        self.sum_rc += float(np.dot(r.ravel(), c.ravel()))
+        self.sum_rr += float(np.dot(r.ravel(), r.ravel()))
+        self.sum_cc += float(np.dot(c.ravel(), c.ravel()))
+        self.sum_dd += float(np.dot(diff.ravel(), diff.ravel()))
+        if floating and ref.ndim >= 2 and ref.shape[-1] >= 2:
+            agree = np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)
+            self.argmax_match += int(agree.sum())
+            self.argmax_total += agree.size
+        if not floating:
+            return
+        value = self._run_stat(diff if mask is None else diff[mask], run_max, count)
+        bound = self.atol + self.rtol * run_scale
+        if value - bound > self._worst_excess:
+            self._worst_excess = value - bound
+            self.stat_value = value
+            self.stat_bound = bound
+        if not value <= bound:
+            self._stat_failed = True
+
+    def _stat_label(self) -> str:
+        if self.error_stat == "quantile":
+            return f"q{self.error_quantile:g}"
+        return self.error_stat
+
+    def _run_stat(self, errors: np.ndarray, run_max: float, count: int) -> float:
+        if self.error_stat == "max" or count == 0:
+            return run_max if count else 0.0
+        if self.error_stat == "mean":
+            return float(errors.sum()) / count
+        if self.error_stat == "median":
+            return float(np.median(errors))
+        return float(np.quantile(errors, self.error_quantile))
+
+    def cosine(self) -> float:
+        """Cosine similarity of everything seen so far (1.0 when both are all zeros)."""
+        if self.sum_rr == 0.0 and self.sum_cc == 0.0:
+            return 1.0
+        if self.sum_rr == 0.0 or self.sum_cc == 0.0:
+            return 0.0
+        value = self.sum_rc / math.sqrt(self.sum_rr * self.sum_cc)
+        return float(min(1.0, max(-1.0, value)))
+
+    def snr_db(self) -> float:
+        """Signal-to-noise ratio in dB (inf when identical, -inf when the reference is zero)."""
+        if self.sum_dd == 0.0:
+            return math.inf
+        if self.sum_rr == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.sum_rr / self.sum_dd)
+
+    def result(self) -> OutputParity:
+        """The figures and the verdict."""
+        reasons = list(self.reasons)
+        if self._stat_failed:
+            worst = " (the worst run)" if self.runs > 1 else ""
+            reasons.append(
+                f"{self._stat_label()} abs error {self.stat_value:.3g} > atol + rtol * max|ref| "
+                f"= {self.stat_bound:.3g}{worst}"
+            )
+        cosine = self.cosine()
+        if self.min_cosine is not None and math.isfinite(self.max_abs) and cosine < self.min_cosine:
+            reasons.append(f"cosine {cosine:.6f} < min cosine {self.min_cosine:g}")
+        if self.runs == 0:
+            reasons.append("no runs")
+        return OutputParity(
+            name=self.name,
+            max_abs=self.max_abs,
+            max_rel=self.max_rel,
+            ok=not reasons,
+            mean_abs=self.sum_abs / self.elements if self.elements else 0.0,
+            cosine=cosine,
+            snr_db=self.snr_db(),
+            argmax_agreement=(self.argmax_match / self.argmax_total if self.argmax_total else None),
+            error_stat=self._stat_label(),
+            error_stat_value=self.stat_value,
+            bound=self.stat_bound,
+            rtol=self.rtol,
+            atol=self.atol,
+            min_cosine=self.min_cosine,
+            scale=self.scale,
+            elements=self.elements,
+            runs=self.runs,
+            reason="; ".join(reasons) or None,
+        )
+
+
+def relative_error(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
+    """`(max|cand - ref|, max|cand - ref| / max|ref|)` of one pair of arrays.
+
+    Both are inf when the shapes differ or NaN/inf sit at different places. Float32/64
+    arrays take a fast path in their own precision (the rounding of the difference is far
+    below any error worth reporting); anything else goes through OutputStats.
+    """
+    ref = np.asarray(ref)
+    cand = np.asarray(cand)
+    if (
+        ref.shape == cand.shape
+        and ref.size
+        and ref.dtype == cand.dtype
+        and ref.dtype in (np.float32, np.float64)
+    ):
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the slow path decides
+            worst = float(np.max(np.abs(np.subtract(cand, ref))))
+        scale = float(np.max(np.abs(ref)))
+        if math.isfinite(worst) and math.isfinite(scale):
+            return worst, worst / max(scale, _TINY)
+    stats = OutputStats("")
+    stats.update(ref, cand)
+    return stats.max_abs, stats.max_rel
+
+
+def ort_session(model: onnx.ModelProto | str | Path | bytes):
+    """An ONNX Runtime CPU session with quiet logs (a path, serialized bytes or a ModelProto)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 0
-    src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    if isinstance(model, (str, Path)):
+        src: str | bytes = str(model)
+    elif isinstance(model, bytes):
+        src = model
+    else:
+        src = model.SerializeToString()
     return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+
+
+_session = ort_session  # the name the engine used before
 
 
 def _int_input_bounds(model: onnx.ModelProto) -> dict[str, int]:
     """For integer inputs read by Gather (token ids), the table size along the gathered axis."""
-    inits = {t.name: t for t in model.graph.initializer}
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    tables[node.output[0]] = list(attr.t.dims)
     bounds: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in inits:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        dims = inits[node.input[0]].dims
+        dims = tables[node.input[0]]
         if dims:
             size = dims[axis]
             bounds[node.input[1]] = min(bounds.get(node.input[1], size), size)
     return bounds
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs a caller feeds (initializers listed as inputs left out)."""
+    initializer_names = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializer_names]
 
 
 def generate_inputs(
@@ -94,21 +507,21 @@ def generate_inputs(
     input_shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
     batch: int = 1,
+    ranges: dict[str | None, tuple[float, float]] | None = None,
 ) -> dict[str, np.ndarray]:
     """One feed of random inputs: floats in [0, 1), integers within safe ranges.
 
     Unknown dims: `batch` for axis 0, DEFAULT_DYNAMIC_DIM elsewhere, unless `input_shapes` pins
-    them. Integer inputs that index an embedding table stay below its size; others are 0 or 1
-    (masks, type ids).
+    them. Integer inputs that index an embedding table (through Gather) stay below its size;
+    others are 0 or 1 (masks, type ids). `ranges` maps an input name (or None, for every
+    input) to `(low, high)`: floats uniform in [low, high), integers in [low, high).
     """
     rng = np.random.default_rng(seed)
     input_shapes = input_shapes or {}
-    initializer_names = {t.name for t in model.graph.initializer}
+    ranges = ranges or {}
     bounds = _int_input_bounds(model)
     feeds: dict[str, np.ndarray] = {}
-    for value in model.graph.input:
-        if value.name in initializer_names:
-            continue
+    for value in model_inputs(model):
         tensor_type = value.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         if value.name in input_shapes:
@@ -120,28 +533,76 @@ def generate_inputs(
                 else (batch if i == 0 else DEFAULT_DYNAMIC_DIM)
                 for i, d in enumerate(tensor_type.shape.dim)
             ]
+        span = ranges.get(value.name, ranges.get(None))
         if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.random(shape).astype(dtype)
+            low, high = span if span is not None else (0.0, 1.0)
+            feeds[value.name] = rng.uniform(low, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[value.name] = rng.random(shape) < 0.5
         else:
-            high = bounds.get(value.name, 2)
-            feeds[value.name] = rng.integers(0, high, size=shape).astype(dtype)
+            if span is not None:
+                low, high = int(math.ceil(span[0])), int(math.ceil(span[1]))
+                if value.name in bounds and high > bounds[value.name]:
+                    logger.warning(
+                        "input %s: range [%d, %d) goes past the embedding table size %d",
+                        value.name,
+                        low,
+                        high,
+                        bounds[value.name],
+                    )
+            else:
+                low, high = 0, bounds.get(value.name, 2)
+            feeds[value.name] = rng.integers(low, high, size=shape).astype(dtype)
     return feeds
+
+
+def parse_input_ranges(
+    specs: Iterable[str] | None, model: onnx.ModelProto | None = None
+) -> dict[str | None, tuple[float, float]]:
+    """Parse `NAME:LOW,HIGH` (or `LOW,HIGH` for every input); raise UsageError on a bad spec.
+
+    With `model`, names must be model inputs, bool inputs take no range, and integer inputs
+    need integer bounds.
+    """
+    ranges: dict[str | None, tuple[float, float]] = {}
+    inputs = {v.name: v for v in model_inputs(model)} if model is not None else None
+    for spec in specs or []:
+        # The range itself may hold a colon-free negative number; split at the last colon.
+        name, sep, text = spec.rpartition(":")
+        key = name if sep else None
+        example = "e.g. x:-1,1"
+        parts = text.split(",")
+        try:
+            low, high = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            low = high = None
+        if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+            raise UsageError(f"bad --input-range {spec!r}: expected NAME:LOW,HIGH ({example})")
+        if not low < high:
+            raise UsageError(f"bad --input-range {spec!r}: LOW must be below HIGH")
+        if inputs is not None and key is not None:
+            if key not in inputs:
+                raise UsageError(
+                    f"bad --input-range {spec!r}: {key!r} is not a model input "
+                    f"(inputs: {', '.join(inputs)})"
+                )
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[key].type.tensor_type.elem_type)
+            if dtype == np.bool_:
+                raise UsageError(f"bad --input-range {spec!r}: {key!r} is a bool input")
+            if not np.issubdtype(dtype, np.floating) and not (
+                low.is_integer() and high.is_integer()
+            ):
+                raise UsageError(
+                    f"bad --input-range {spec!r}: {key!r} is an integer input; bounds must be "
+                    "integers"
+                )
+        ranges[key] = (low, high)
+    return ranges
 
 
 def load_inputs(path: str | Path, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     """Feeds from an .npz (one array per input) or a folder of .npz files, one file at a time."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.npz"))
-        if not files:
-            raise UsageError(f"--inputs {p}: folder holds no .npz files")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise UsageError(f"--inputs {p}: no such file or folder")
-    for f in files:
+    for f in _npz_files(path):
         try:
             data = np.load(f, allow_pickle=False)
         except Exception as exc:
@@ -156,36 +617,153 @@ def load_inputs(path: str | Path, input_names: list[str]) -> Iterator[dict[str, 
             yield {n: np.asarray(data[n]) for n in input_names}
 
 
-def compare_outputs(
-    name: str, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: float = DEFAULT_ATOL
-) -> OutputParity:
-    """Relative error of one output (see the module docstring)."""
-    ref = np.asarray(ref)
-    cand = np.asarray(cand)
-    if ref.shape != cand.shape:
-        return OutputParity(name, float("inf"), float("inf"), False)
-    if not np.issubdtype(ref.dtype, np.floating):
-        equal = bool(np.array_equal(ref, cand))
-        diff = (
-            0.0
-            if equal
-            else float(np.max(np.abs(ref.astype(np.float64) - cand.astype(np.float64))))
+def _npz_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.npz"))
+        if not files:
+            raise UsageError(f"--inputs {p}: folder holds no .npz files")
+        return files
+    if p.is_file():
+        return [p]
+    raise UsageError(f"--inputs {p}: no such file or folder")
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Array shapes of an .npz from the headers alone (no data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    header = (
+                        np.lib.format.read_array_header_1_0(f)
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0(f)
+                    )
+                shapes[info.filename[: -len(".npy")]] = tuple(header[0])
+    except Exception as exc:
+        raise UsageError(f"--inputs {path}: not a readable .npz file ({exc})") from None
+    return shapes
+
+
+def _declared_batch(value: onnx.ValueInfoProto) -> tuple[int, int | None]:
+    """(rank, fixed axis-0 size or None) as the model declares an input; rank -1 if unknown."""
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return -1, None
+    dims = tensor_type.shape.dim
+    if not dims:
+        return 0, None
+    first = dims[0]
+    return len(dims), (
+        first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else None
+    )
+
+
+def batched_arrays(
+    shapes: dict[str, tuple[int, ...]], declared: dict[str, tuple[int, int | None]]
+) -> list[str]:
+    """The arrays that carry a batch axis: rank >= 1, and not declared a scalar by the model."""
+    return [n for n, s in shapes.items() if len(s) >= 1 and declared.get(n, (-1, None))[0] != 0]
+
+
+def plan_batches(
+    shapes: dict[str, tuple[int, ...]],
+    declared: dict[str, tuple[int, int | None]],
+    batch: int | None = None,
+    where: str = "--inputs",
+) -> list[tuple[int, int]] | None:
+    """Slices `[start, stop)` along axis 0 for one file's arrays; None feeds the file whole.
+
+    1. Scalars (and inputs the model declares as scalars) go to every run unchanged.
+    2. The other arrays must share their axis-0 length N; if they do not (e.g. a recurrent
+       state beside a batch of audio) the file is one run, and `batch` is refused.
+    3. The batch size is the fixed axis-0 dim the model declares (all inputs that declare one
+       must agree), else `batch`, else N (one run).
+    4. A fixed batch size must divide N; with `batch` the last run may be smaller.
+    """
+    lengths = {n: shapes[n][0] for n in batched_arrays(shapes, declared)}
+    if not lengths:
+        return None
+    if len(set(lengths.values())) > 1:
+        if batch is not None:
+            raise UsageError(
+                f"{where}: cannot split into batches of {batch}: arrays differ in length along "
+                f"axis 0 ({', '.join(f'{n}: {v}' for n, v in lengths.items())})"
+            )
+        return None
+    total = next(iter(lengths.values()))
+    fixed = {declared[n][1] for n in lengths if declared.get(n, (-1, None))[1] is not None}
+    if len(fixed) > 1:
+        raise UsageError(
+            f"{where}: the model's inputs declare different fixed batch sizes ({sorted(fixed)})"
         )
-        return OutputParity(name, diff, 0.0 if equal else float("inf"), equal)
-    ref64 = ref.astype(np.float64)
-    diff = np.abs(cand.astype(np.float64) - ref64)
-    if ref.size == 0:
-        return OutputParity(name, 0.0, 0.0, True)
-    finite = np.isfinite(ref64)
-    if not np.array_equal(finite, np.isfinite(cand.astype(np.float64))):
-        return OutputParity(name, float("inf"), float("inf"), False)
-    if not finite.all():
-        diff = np.where(finite, diff, 0.0)
-        ref64 = np.where(finite, ref64, 0.0)
-    max_abs = float(diff.max())
-    scale = max(float(np.abs(ref64).max()), np.finfo(np.float32).tiny)
-    max_rel = max_abs / scale
-    return OutputParity(name, max_abs, max_rel, max_abs <= atol + rtol * scale)
+    if fixed:
+        size = fixed.pop()
+        if total % size:
+            raise UsageError(
+                f"{where}: {total} samples along axis 0 do not split into the model's fixed "
+                f"batch of {size}"
+            )
+        if batch is not None and batch != size:
+            raise UsageError(f"--batch {batch}: the model's batch size is fixed at {size}")
+    else:
+        size = batch if batch is not None else total
+    if total == 0:
+        return None
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class InputBatches:
+    """Feeds from an .npz file or a folder of them, split along axis 0 into runnable batches.
+
+    Files are read one at a time; `total` (the number of runs) comes from the array headers
+    before any data is read, so bad files are refused up front. See `plan_batches` for the
+    splitting rules. Iterating again reads the files again.
+    """
+
+    def __init__(self, path: str | Path, model: onnx.ModelProto, batch: int | None = None):
+        if batch is not None and batch < 1:
+            raise UsageError(f"--batch {batch}: must be at least 1")
+        inputs = model_inputs(model)
+        self.names = [v.name for v in inputs]
+        declared = {v.name: _declared_batch(v) for v in inputs}
+        self.files = _npz_files(path)
+        self.plans: list[list[tuple[int, int]] | None] = []
+        self.sliced: list[set[str]] = []
+        for f in self.files:
+            shapes = _npz_shapes(f)
+            missing = [n for n in self.names if n not in shapes]
+            if missing:
+                raise UsageError(
+                    f"--inputs {f}: no array for model input(s) {', '.join(missing)} "
+                    f"(file has {', '.join(shapes) or 'nothing'})"
+                )
+            extra = [n for n in shapes if n not in self.names]
+            if extra:
+                logger.info("%s: arrays %s are not model inputs; ignored", f, ", ".join(extra))
+            shapes = {n: shapes[n] for n in self.names}
+            self.plans.append(plan_batches(shapes, declared, batch, f"--inputs {f}"))
+            self.sliced.append(set(batched_arrays(shapes, declared)))
+        self.total = sum(1 if plan is None else len(plan) for plan in self.plans)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i, f in enumerate(self.files):
+            feed = next(load_inputs(f, self.names))
+            plan, sliced = self.plans[i], self.sliced[i]
+            if plan is None:
+                yield feed
+                continue
+            logger.debug("%s: %d run(s) along axis 0", f, len(plan))
+            for start, stop in plan:
+                yield {n: (a[start:stop] if n in sliced else a) for n, a in feed.items()}
 
 
 class Reference:
@@ -206,7 +784,7 @@ class Reference:
     def session(self):
         """The ORT session, created on first use (raises what ORT raises)."""
         if self._session is None:
-            self._session = _session(self.model)
+            self._session = ort_session(self.model)
         return self._session
 
     def run(self, index: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -228,79 +806,118 @@ def check_parity(
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     stop_on_failure: bool = False,
+    *,
+    criteria: Criteria | None = None,
+    progress: Progress | None = None,
+    total: int | None = None,
+    labels: tuple[str, str] = ("original", "optimized"),
 ) -> ParityReport:
     """Run both models on every feed and compare each output; never raises for ORT failures.
 
     Pass a `Reference` to reuse the original's session and outputs across candidates; the feeds
     must then come in the same order each time. `stop_on_failure` ends at the first feed on
-    which an output fails (the report then covers the feeds seen so far).
+    which an output fails (the report then covers the feeds seen so far). `criteria` replaces
+    `rtol`/`atol` with the full set of checks (module docstring); outputs are matched by name.
+    `progress(done, total)` is called after each run (`total` 0 when unknown). `labels` name
+    the two models in the reasons (e.g. "reference", "candidate").
     """
+    ref_label, cand_label = labels
+    criteria = criteria if criteria is not None else Criteria(rtol=rtol, atol=atol)
+    rtol, atol = criteria.rtol, criteria.atol
+    if total is None:
+        total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
+
+    def failed(verified: bool, reason: str, samples: int = 0) -> ParityReport:
+        return ParityReport(verified, False, rtol, atol, samples, reason=reason, criteria=criteria)
+
     ref = reference if isinstance(reference, Reference) else Reference(reference, cache_bytes=0)
     try:
         ref_sess = ref.session
     except Exception as exc:
-        return ParityReport(
-            False,
-            False,
-            rtol,
-            atol,
-            reason=f"ONNX Runtime cannot load the original model: {_first_line(exc)}",
-        )
+        return failed(False, f"ONNX Runtime cannot load the {ref_label} model: {_first_line(exc)}")
     try:
-        cand_sess = _session(candidate)
+        cand_sess = ort_session(candidate)
     except Exception as exc:
-        return ParityReport(
-            False,
-            False,
-            rtol,
-            atol,
-            reason=f"ONNX Runtime cannot load the optimized model: {_first_line(exc)}",
-        )
+        return failed(False, f"ONNX Runtime cannot load the {cand_label} model: {_first_line(exc)}")
     names = [o.name for o in ref_sess.get_outputs()]
-    if names != [o.name for o in cand_sess.get_outputs()]:
-        return ParityReport(True, False, rtol, atol, reason="output names differ")
-    worst: dict[str, OutputParity] = {}
+    cand_names = [o.name for o in cand_sess.get_outputs()]
+    if set(names) != set(cand_names):
+        only_ref = [n for n in names if n not in cand_names]
+        only_cand = [n for n in cand_names if n not in names]
+        return failed(
+            True,
+            "output names differ"
+            + (f"; only the {ref_label} has {', '.join(only_ref)}" if only_ref else "")
+            + (f"; only the {cand_label} has {', '.join(only_cand)}" if only_cand else ""),
+        )
+    stats = {n: criteria.stats_for(n) for n in names}
     samples = 0
     for index, feed in enumerate(feeds):
         try:
             ref_out = ref.run(index, feed)
         except Exception as exc:
-            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feed.items())
-            return ParityReport(
+            shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
+            return failed(
                 False,
-                False,
-                rtol,
-                atol,
-                samples,
-                reason=f"the original model fails on the inputs ({shapes}): {_first_line(exc)}; "
+                f"the {ref_label} model fails on the inputs ({shapes}): {_first_line(exc)}; "
                 "pass --input-shape or --inputs",
+                samples,
             )
         try:
-            cand_out = cand_sess.run(None, feed)
+            cand_out = cand_sess.run(names, feed)
         except Exception as exc:
-            return ParityReport(
+            return failed(
                 True,
-                False,
-                rtol,
-                atol,
+                f"the {cand_label} model fails where the {ref_label} runs: {_first_line(exc)}",
                 samples,
-                reason=f"the optimized model fails where the original runs: {_first_line(exc)}",
             )
         samples += 1
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
-            result = compare_outputs(name, r, c, rtol, atol)
-            # Keep the worst sample per output; a failure always outranks a pass.
-            if name not in worst or (result.ok, -result.max_rel) < (
-                worst[name].ok,
-                -worst[name].max_rel,
-            ):
-                worst[name] = result
-        if stop_on_failure and not all(w.ok for w in worst.values()):
+            stats[name].update(r, c)
+        del ref_out, cand_out
+        if progress is not None:
+            progress(samples, max(total, samples))
+        if stop_on_failure and any(s.failing for s in stats.values()):
             break
     if samples == 0:
-        return ParityReport(False, False, rtol, atol, 0, reason="no inputs to compare on")
-    outputs = [worst[n] for n in names]
-    return ParityReport(True, all(o.ok for o in outputs), rtol, atol, samples, outputs)
+        return failed(False, "no inputs to compare on")
+    outputs = [stats[n].result() for n in names]
+    return ParityReport(
+        True, all(o.ok for o in outputs), rtol, atol, samples, outputs, criteria=criteria
+    )
+
+
+def compare_outputs(
+    name: str, ref: np.ndarray, cand: np.ndarray, rtol: float, atol: float = DEFAULT_ATOL
+) -> OutputParity:
+    """All figures and the verdict for one output of one run (see the module docstring)."""
+    stats = OutputStats(name, rtol, atol)
+    stats.update(ref, cand)
+    return stats.result()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy scalars made plain and inf/NaN spelled as strings (valid JSON)."""
+    return _jsonable(value)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,7 +7,19 @@ import onnx
 import pytest
 
 from onnxshrink.errors import UsageError
-from onnxshrink.parity import check_parity, compare_outputs, generate_inputs, load_inputs
+from onnxshrink.parity import (
+    DEFAULT_RTOL,
+    InputBatches,
+    OutputStats,
+    check_parity,
+    compare_outputs,
+    criteria_from_specs,
+    generate_inputs,
+    load_inputs,
+    parse_input_ranges,
+    plan_batches,
+    relative_error,
+)
 from tests.helpers import make_model
 
 
@@ -110,3 +122,269 @@ def test_reference_outputs_are_computed_once_per_feed(conv_bn_model, monkeypatch
     tight = Reference(conv_bn_model, cache_bytes=0)
     check_parity(tight, conv_bn_model, feeds)
     assert not tight._cache
+
+
+# --- figures against an independent numpy computation ---------------------------------------
+
+
+def _two_runs(seed: int = 2, noise: float = 1e-2):
+    rng = np.random.default_rng(seed)
+    refs = [rng.normal(size=(3, 5, 7)).astype(np.float32) for _ in range(2)]
+    cands = [
+        (r + rng.normal(scale=noise, size=r.shape)).astype(np.float32) * np.float32(1 + i)
+        for i, r in enumerate(refs)
+    ]
+    return refs, cands
+
+
+def test_output_stats_figures_match_numpy():
+    refs, cands = _two_runs(noise=0.5)
+    stats = OutputStats("y", rtol=1e-4, atol=1e-6)
+    for r, c in zip(refs, cands, strict=True):
+        stats.update(r, c)
+    got = stats.result()
+    r = np.concatenate([x.ravel() for x in refs]).astype(np.float64)
+    c = np.concatenate([x.ravel() for x in cands]).astype(np.float64)
+    d = c - r
+    assert got.max_abs == pytest.approx(np.abs(d).max())
+    assert got.mean_abs == pytest.approx(np.abs(d).mean())
+    assert got.cosine == pytest.approx(r @ c / np.sqrt((r @ r) * (c @ c)))
+    assert got.snr_db == pytest.approx(10 * np.log10((r @ r) / (d @ d)))
+    # max rel: the worst run against its own scale
+    per_run = [
+        np.abs(ci.astype(np.float64) - ri).max() / np.abs(ri).max()
+        for ri, ci in zip(refs, cands, strict=True)
+    ]
+    assert got.max_rel == pytest.approx(max(per_run))
+    agree = np.concatenate(
+        [(ri.argmax(-1) == ci.argmax(-1)).ravel() for ri, ci in zip(refs, cands, strict=True)]
+    )
+    assert got.argmax_agreement == pytest.approx(agree.mean())
+    assert 0 < got.argmax_agreement < 1
+    assert got.runs == 2 and got.elements == r.size
+    assert not got.ok and "max abs error" in got.reason
+
+
+def test_identical_outputs_give_perfect_figures():
+    ref = np.random.default_rng(0).normal(size=(2, 10)).astype(np.float32)
+    got = compare_outputs("y", ref, ref.copy(), rtol=0.0, atol=0.0)
+    assert got.ok and got.max_abs == 0.0 and got.cosine == 1.0
+    assert got.snr_db == float("inf") and got.argmax_agreement == 1.0
+
+
+def test_argmax_only_for_class_like_outputs():
+    assert compare_outputs("v", np.ones(5), np.ones(5), 1e-4).argmax_agreement is None
+    assert compare_outputs("v", np.ones((5, 1)), np.ones((5, 1)), 1e-4).argmax_agreement is None
+    ints = np.arange(6).reshape(2, 3)
+    assert compare_outputs("i", ints, ints.copy(), 1e-4).argmax_agreement is None
+
+
+@pytest.mark.parametrize("stat", ["mean", "median", "quantile"])
+def test_error_stat_is_the_worst_runs_statistic(stat):
+    refs, cands = _two_runs(seed=5)
+    q = 0.9
+    stats = OutputStats("y", rtol=1e-3, atol=0.0, error_stat=stat, error_quantile=q)
+    for r, c in zip(refs, cands, strict=True):
+        stats.update(r, c)
+    got = stats.result()
+    fn = {"mean": np.mean, "median": np.median, "quantile": lambda e: np.quantile(e, q)}[stat]
+    values = [fn(np.abs(c.astype(np.float64) - r)) for r, c in zip(refs, cands, strict=True)]
+    bounds = [1e-3 * np.abs(r).max() for r in refs]
+    worst = int(np.argmax(np.array(values) - np.array(bounds)))
+    assert got.error_stat_value == pytest.approx(values[worst])
+    assert got.bound == pytest.approx(bounds[worst])
+    assert got.ok == all(v <= b for v, b in zip(values, bounds, strict=True))
+    assert got.error_stat == (f"q{q:g}" if stat == "quantile" else stat)
+
+
+def test_median_passes_where_max_fails_for_a_few_outliers():
+    ref = np.linspace(-1, 1, 1000, dtype=np.float32).reshape(10, 100)
+    cand = ref.copy()
+    cand[0, :10] += 0.5  # 1% of the elements move a lot
+    assert not compare_outputs("y", ref, cand, rtol=1e-3).ok
+    stats = OutputStats("y", rtol=1e-3, error_stat="median")
+    stats.update(ref, cand)
+    assert stats.result().ok
+    stats = OutputStats("y", rtol=1e-3, error_stat="quantile", error_quantile=0.995)
+    stats.update(ref, cand)
+    assert not stats.result().ok
+
+
+def test_min_cosine():
+    ref = np.random.default_rng(3).normal(size=(4, 50)).astype(np.float32)
+    cand = ref + np.float32(0.05) * np.random.default_rng(4).normal(size=ref.shape).astype(
+        np.float32
+    )
+    loose = OutputStats("y", rtol=1.0, min_cosine=0.99)
+    loose.update(ref, cand)
+    assert loose.result().ok
+    strict = OutputStats("y", rtol=1.0, min_cosine=0.9999)
+    strict.update(ref, cand)
+    result = strict.result()
+    assert not result.ok and "cosine" in result.reason
+
+
+def test_relative_error_fast_path_agrees_with_full_path():
+    refs, cands = _two_runs(seed=9)
+    for r, c in zip(refs, cands, strict=True):
+        full = OutputStats("")
+        full.update(r, c)
+        assert relative_error(r, c) == pytest.approx((full.max_abs, full.max_rel))
+    nan = np.array([np.nan, 1.0], np.float32)
+    assert relative_error(nan, nan.copy()) == (0.0, 0.0)
+    assert relative_error(nan, np.zeros(2, np.float32))[1] == float("inf")
+
+
+# --- criteria --------------------------------------------------------------------------------
+
+
+def test_criteria_from_specs_defaults_and_overrides():
+    c = criteria_from_specs(["1e-5", "logits:1e-3"], ["a:b:0.5"], ["0.999", "y:0.9"])
+    assert c.atol == 1e-5 and c.rtol == DEFAULT_RTOL and c.min_cosine == 0.999
+    assert c.for_output("logits").atol == 1e-3 and c.for_output("logits").rtol == DEFAULT_RTOL
+    assert c.for_output("a:b").rtol == 0.5  # names may hold colons: split at the last one
+    assert c.for_output("y").min_cosine == 0.9 and c.for_output("z").min_cosine == 0.999
+    c.check_outputs(["logits", "a:b", "y"])
+    with pytest.raises(UsageError, match="'logits'"):
+        c.check_outputs(["a:b", "y"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"atol": ["abc"]}, "bad --atol 'abc': not a number"),
+        ({"atol": ["y:abc"]}, "bad --atol 'y:abc'"),
+        ({"rtol": ["-1"]}, "must not be negative"),
+        ({"rtol": [":1e-3"]}, "empty output name"),
+        ({"min_cosine": ["1.5"]}, "a cosine lies in"),
+        ({"error_stat": "p99"}, "bad error statistic"),
+        ({"error_quantile": 1.5}, "--error-quantile"),
+    ],
+)
+def test_criteria_from_specs_refuses_bad_specs(kwargs, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        criteria_from_specs(**kwargs)
+
+
+def test_check_parity_applies_per_output_overrides(conv_bn_model):
+    changed = _scaled_gamma(conv_bn_model, 1.01)
+    feeds = [generate_inputs(conv_bn_model, seed=s) for s in range(2)]
+    assert not check_parity(conv_bn_model, changed, feeds).passed
+    lenient = criteria_from_specs(rtol=["y:0.05"])
+    report = check_parity(conv_bn_model, changed, feeds, criteria=lenient)
+    assert report.passed and report.outputs[0].rtol == 0.05 and report.criteria is lenient
+    seen = []
+    check_parity(conv_bn_model, changed, feeds, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 2), (2, 2)]
+
+
+def _scaled_gamma(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    gamma = next(t for t in changed.graph.initializer if t.name == "gamma")
+    values = onnx.numpy_helper.to_array(gamma).copy()
+    values[0] *= factor
+    gamma.CopyFrom(onnx.numpy_helper.from_array(values, "gamma"))
+    return changed
+
+
+def test_check_parity_matches_outputs_by_name():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    agraph (float[2,3] x) => ({outs}) {{
+        a = Relu (x)
+        b = Sigmoid (x)
+    }}
+    """
+    ab = make_model(text.format(outs="float[2,3] a, float[2,3] b"))
+    ba = make_model(text.format(outs="float[2,3] b, float[2,3] a"))
+    report = check_parity(ab, ba, [generate_inputs(ab)])
+    assert report.passed and [o.name for o in report.outputs] == ["a", "b"]
+    only_a = make_model(text.format(outs="float[2,3] a"))
+    report = check_parity(ab, only_a, [generate_inputs(ab)])
+    assert not report.passed and "only the original has b" in report.reason
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+_RANGED = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (float[4, 100] x, int64[4, 100] ids, float[4, 100] z) => (float[4, 100] y) {
+    y = Add (x, z)
+}
+"""
+
+
+def test_generate_inputs_value_ranges():
+    model = make_model(_RANGED)
+    ranges = parse_input_ranges(["x:-1,1", "ids:5,9", "-3,-2"], model)
+    feeds = generate_inputs(model, seed=1, ranges=ranges)
+    assert -1 <= feeds["x"].min() < -0.8 and 0.8 < feeds["x"].max() < 1
+    assert set(np.unique(feeds["ids"])) == {5, 6, 7, 8}
+    assert feeds["z"].min() >= -3 and feeds["z"].max() < -2  # the default range, no name
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("x:1", "expected NAME:LOW,HIGH"),
+        ("x:a,b", "expected NAME:LOW,HIGH"),
+        ("x:1,0", "LOW must be below HIGH"),
+        ("q:0,1", "'q' is not a model input"),
+        ("ids:0.5,3", "bounds must be integers"),
+    ],
+)
+def test_parse_input_ranges_refuses_bad_specs(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_input_ranges([spec], make_model(_RANGED))
+
+
+def test_plan_batches_rules():
+    fixed2 = {"x": (2, 2)}
+    dynamic = {"x": (2, None)}
+    assert plan_batches({"x": (6, 3)}, fixed2) == [(0, 2), (2, 4), (4, 6)]
+    assert plan_batches({"x": (6, 3)}, dynamic) == [(0, 6)]
+    assert plan_batches({"x": (6, 3)}, dynamic, batch=4) == [(0, 4), (4, 6)]
+    # a scalar beside the batch goes to every run
+    assert plan_batches({"x": (6, 3), "sr": ()}, {**fixed2, "sr": (0, None)}) == [
+        (0, 2),
+        (2, 4),
+        (4, 6),
+    ]
+    # arrays of different lengths (a recurrent state beside the batch): the file is one run
+    assert plan_batches({"x": (1, 3), "h": (2, 1, 8)}, {"x": (2, None), "h": (3, 2)}) is None
+    with pytest.raises(UsageError, match="differ in length"):
+        plan_batches({"x": (1, 3), "h": (2, 1, 8)}, {"x": (2, None), "h": (3, 2)}, batch=1)
+    with pytest.raises(UsageError, match="do not split into the model's fixed batch of 2"):
+        plan_batches({"x": (5, 3)}, fixed2)
+    with pytest.raises(UsageError, match="fixed at 2"):
+        plan_batches({"x": (6, 3)}, fixed2, batch=3)
+
+
+def test_input_batches_split_files_along_axis_0(tmp_path):
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[2, 3] x, float s) => (float[2, 3] y) {
+            y = Mul (x, s)
+        }
+        """
+    )
+    x = np.arange(18, dtype=np.float32).reshape(6, 3)
+    np.savez(tmp_path / "a.npz", x=x, s=np.float32(2))
+    np.savez(tmp_path / "b.npz", x=x[:2], s=np.float32(3), extra=np.zeros(1))
+    batches = InputBatches(tmp_path, model)
+    assert batches.total == len(batches) == 4
+    feeds = list(batches)
+    assert [f["x"].shape for f in feeds] == [(2, 3)] * 4
+    np.testing.assert_array_equal(feeds[1]["x"], x[2:4])
+    assert [float(f["s"]) for f in feeds] == [2, 2, 2, 3]
+    assert len(list(batches)) == 4  # iterating again reads the files again
+    report = check_parity(model, model, batches)
+    assert report.passed and report.samples == 4
+    np.savez(tmp_path / "c.npz", y=x)
+    with pytest.raises(UsageError, match="no array for model input"):
+        InputBatches(tmp_path, model)
+    (tmp_path / "d.npz").write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match="not a readable .npz"):
+        InputBatches(tmp_path / "d.npz", model)
