@@ -11,10 +11,11 @@ The figures, per output, over all runs:
 5. `snr_db`: `10 * log10(sum ref^2 / sum (cand - ref)^2)` over all runs; inf when identical.
 6. `argmax_agreement`: for outputs whose last axis looks like classes, the share of positions
    (all axes but the last, all runs) whose argmax over the last axis is the same. "Looks like
-   classes" is deliberately simple: a float output of rank >= 2 whose last dim is >= 2
-   (logits, probabilities, per-token scores). The rule also takes in outputs that are not
-   class scores (a feature map whose last axis is its width); there the figure is merely
-   informative and never decides a pass.
+   classes": a float output whose last dim is >= 2 and which is either a batch of score rows
+   (rank 2, [N, C]: logits or probabilities) or, at any rank >= 2, a probability distribution
+   along its last axis (non-negative rows summing to 1: per-token softmax). A feature map whose
+   last axis is its width (a detector's [1, 1, H, W] map) is neither, so it gets no figure.
+   The figure is informative and never decides a pass.
 
 Cosine, SNR and mean come from running sums (sum ref*cand, ref^2, cand^2, diff^2, |diff|), so
 a long stream of inputs never piles up in memory.
@@ -254,6 +255,16 @@ def criteria_from_specs(
     )
 
 
+def _looks_like_classes(ref: np.ndarray) -> bool:
+    """Class scores along the last axis (case 6): [N, C] rows, or rows that are distributions."""
+    if ref.ndim < 2 or ref.shape[-1] < 2 or ref.size == 0:
+        return False
+    if ref.ndim == 2:
+        return True
+    rows = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    return bool(rows.min() >= 0.0 and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+
+
 class OutputStats:
     """Streaming figures for one output over many runs: `update(ref, cand)` per run, `result()`.
 
@@ -350,7 +361,7 @@ class OutputStats:
         self.sum_rr += float(np.dot(r.ravel(), r.ravel()))
         self.sum_cc += float(np.dot(c.ravel(), c.ravel()))
         self.sum_dd += float(np.dot(diff.ravel(), diff.ravel()))
-        if floating and ref.ndim >= 2 and ref.shape[-1] >= 2:
+        if floating and _looks_like_classes(ref):
             agree = np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)
             self.argmax_match += int(agree.sum())
             self.argmax_total += agree.size

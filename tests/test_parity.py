@@ -129,7 +129,7 @@ def test_reference_outputs_are_computed_once_per_feed(conv_bn_model, monkeypatch
 
 def _two_runs(seed: int = 2, noise: float = 1e-2):
     rng = np.random.default_rng(seed)
-    refs = [rng.normal(size=(3, 5, 7)).astype(np.float32) for _ in range(2)]
+    refs = [rng.normal(size=(15, 7)).astype(np.float32) for _ in range(2)]  # [N, C] scores
     cands = [
         (r + rng.normal(scale=noise, size=r.shape)).astype(np.float32) * np.float32(1 + i)
         for i, r in enumerate(refs)
@@ -388,3 +388,13 @@ def test_input_batches_split_files_along_axis_0(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"not a zip")
     with pytest.raises(UsageError, match="not a readable .npz"):
         InputBatches(tmp_path / "d.npz", model)
+
+
+def test_argmax_agreement_only_for_class_like_outputs():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(2, 6, 5))
+    probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    assert compare_outputs("p", probs, probs.copy(), rtol=1e-4).argmax_agreement == 1.0
+    # A detector's [1, 1, H, W] map: its last axis is the width, not classes.
+    heatmap = rng.random((1, 1, 8, 8)).astype(np.float32)
+    assert compare_outputs("m", heatmap, heatmap.copy(), rtol=1e-4).argmax_agreement is None
