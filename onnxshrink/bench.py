@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxshrink.errors import UsageError
+from onnxshrink.errors import UsageError, first_line
 from onnxshrink.io import load_model
 from onnxshrink.parity import DEFAULT_DYNAMIC_DIM, generate_inputs, load_inputs
 from onnxshrink.shapes import pin_input_shapes
@@ -566,7 +566,7 @@ def _open(
     try:
         session, ep_error = _create_session(m.path, _session_options(threads), providers)
     except Exception as exc:
-        return f"{m.label}: ONNX Runtime cannot create a session: {_first_line(exc)}", False
+        return f"{m.label}: ONNX Runtime cannot create a session: {first_line(exc, 300)}", False
     session_s = time.perf_counter() - start
     if ep not in session.get_providers():
         # ORT lists the EP but could not start it (missing libraries): it said why and fell back.
@@ -588,7 +588,7 @@ def _open(
     except Exception as exc:
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in m.feed.items())
         return (
-            f"{m.label}: fails on the inputs ({shapes}): {_first_line(exc)}; "
+            f"{m.label}: fails on the inputs ({shapes}): {first_line(exc, 300)}; "
             "pass --input-shape or --inputs",
             False,
         )
@@ -654,7 +654,7 @@ def _profile_placement(
             with open(path, encoding="utf-8") as f:
                 events = json.load(f)
         except Exception as exc:
-            row.warnings.append(f"placement unknown: profiling failed ({_first_line(exc)})")
+            row.warnings.append(f"placement unknown: profiling failed ({first_line(exc, 300)})")
             return
         del session
     nodes, kernel_us = parse_profile(events)
@@ -747,12 +747,6 @@ def _placement_warnings(row: BenchRow, nodes: dict[str, tuple[str, str]], ep: st
 
 def _short(ep: str) -> str:
     return ep.removesuffix("ExecutionProvider")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300]
 
 
 @contextlib.contextmanager

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -150,6 +148,7 @@ def bench(
     from onnxshrink import cli
     from onnxshrink.bench import benchmark, parse_providers
     from onnxshrink.errors import OnnxShrinkError, UsageError
+    from onnxshrink.io import write_text_atomic
     from onnxshrink.shapes import parse_input_shapes
 
     cli._setup_logging(verbose)
@@ -194,7 +193,7 @@ def bench(
         _print_report(cli.out, report)
         if json_path:
             try:
-                _write_atomic(Path(json_path), report.to_json() + "\n")
+                write_text_atomic(Path(json_path), report.to_json() + "\n")
             except OSError as exc:
                 cli._fail(f"--json {json_path}: cannot write ({exc.strerror or exc})", 2)
     for provider_name, reason in report.skipped:
@@ -318,14 +317,3 @@ def _print_report(console, report: BenchReport) -> None:
         console.print(
             f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

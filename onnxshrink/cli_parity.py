@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -393,17 +391,12 @@ class _Run:
 
 def _write_atomic(dest: Path, text: str) -> None:
     from onnxshrink.errors import UsageError
+    from onnxshrink.io import write_text_atomic
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, dest)
+        write_text_atomic(dest, text)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot write JSON ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextmanager

@@ -21,3 +21,10 @@ class ModelLoadError(UsageError):
 
 class ParityError(OnnxShrinkError):
     """The rewritten model's outputs moved more than the tolerance allows."""
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of an exception's message (ORT's are long), or its type when empty."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:limit]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from onnxshrink.errors import ModelLoadError, UsageError
+from onnxshrink.errors import ModelLoadError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +76,19 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
-        raise ModelLoadError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph found; truncated or wrong file?)")
     _check_external_data(model, p.parent)
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:
-        raise ModelLoadError(f"{p}: cannot read external data ({_short(exc)})") from None
+        raise ModelLoadError(f"{p}: cannot read external data ({first_line(exc)})") from None
     if check:
         try:
             onnx.checker.check_model(model)
         except Exception as exc:
-            raise ModelLoadError(f"{p}: invalid ONNX model: {_short(exc)}") from None
+            raise ModelLoadError(f"{p}: invalid ONNX model: {first_line(exc)}") from None
     return model
 
 
@@ -160,6 +161,21 @@ def _can_size(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def write_text_atomic(dest: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically (temp file beside it, fsync, rename); raises OSError.
+
+    The file gets the usual permissions (umask), unlike a mkstemp file (0600).
+    """
+    dest = Path(dest)
+    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.errors import UsageError
+from onnxshrink.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -845,11 +845,11 @@ def check_parity(
     try:
         ref_sess = ref.session
     except Exception as exc:
-        return failed(False, f"ONNX Runtime cannot load the {ref_label} model: {_first_line(exc)}")
+        return failed(False, f"ONNX Runtime cannot load the {ref_label} model: {first_line(exc)}")
     try:
         cand_sess = ort_session(candidate)
     except Exception as exc:
-        return failed(False, f"ONNX Runtime cannot load the {cand_label} model: {_first_line(exc)}")
+        return failed(False, f"ONNX Runtime cannot load the {cand_label} model: {first_line(exc)}")
     names = [o.name for o in ref_sess.get_outputs()]
     cand_names = [o.name for o in cand_sess.get_outputs()]
     if set(names) != set(cand_names):
@@ -870,7 +870,7 @@ def check_parity(
             shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
             return failed(
                 False,
-                f"the {ref_label} model fails on the inputs ({shapes}): {_first_line(exc)}; "
+                f"the {ref_label} model fails on the inputs ({shapes}): {first_line(exc)}; "
                 "pass --input-shape or --inputs",
                 samples,
             )
@@ -879,7 +879,7 @@ def check_parity(
         except Exception as exc:
             return failed(
                 True,
-                f"the {cand_label} model fails where the {ref_label} runs: {_first_line(exc)}",
+                f"the {cand_label} model fails where the {ref_label} runs: {first_line(exc)}",
                 samples,
             )
         samples += 1
@@ -929,10 +929,3 @@ def _jsonable(value: Any) -> Any:
 def jsonable(value: Any) -> Any:
     """`value` with numpy scalars made plain and inf/NaN spelled as strings (valid JSON)."""
     return _jsonable(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    # ORT prefixes messages with "[ONNXRuntimeError] : 10 : INVALID_GRAPH : ..."
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:400]

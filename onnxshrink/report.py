@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import platform
-import secrets
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxshrink import charts
 from onnxshrink.errors import UsageError
-from onnxshrink.io import check_output_path
+from onnxshrink.io import check_output_path, write_text_atomic
 
 if TYPE_CHECKING:  # onnxshrink.bench is only read duck-typed, never imported at run time
     from onnxshrink.bench import BenchReport
@@ -108,24 +107,9 @@ def write_report(
         text = render_markdown(result, **args)
     else:
         text = json.dumps(report_dict(result, **args), indent=2, allow_nan=False) + "\n"
-    _write_atomic(dest, text)
+    write_text_atomic(dest, text)
     logger.info("report written to %s", dest)
     return dest
-
-
-def _write_atomic(dest: Path, text: str) -> None:
-    # O_EXCL with mode 0666: a fresh file that gets the usual umask (mkstemp would make it 0600).
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
