@@ -63,8 +63,14 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import UsageError, first_line
-from onnxshrink.io import load_model
-from onnxshrink.parity import DEFAULT_DYNAMIC_DIM, generate_inputs, load_inputs
+from onnxshrink.io import graph_protos, load_model
+from onnxshrink.parity import (
+    DEFAULT_DYNAMIC_DIM,
+    generate_inputs,
+    load_inputs,
+    model_inputs,
+    npz_files,
+)
 from onnxshrink.shapes import pin_input_shapes
 
 logger = logging.getLogger(__name__)
@@ -200,17 +206,11 @@ def parse_providers(spec: str | Sequence[str]) -> list[str]:
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether the model (subgraphs included) holds quantization ops (QLinear*, Q/DQ, *Integer)."""
-
-    def walk(graph: onnx.GraphProto) -> Iterator[str]:
-        for node in graph.node:
-            yield node.op_type
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                for sub in attr.graphs:
-                    yield from walk(sub)
-
-    return any(op.startswith("QLinear") or op in _QUANT_OPS for op in walk(model.graph))
+    return any(
+        node.op_type.startswith("QLinear") or node.op_type in _QUANT_OPS
+        for graph in graph_protos(model.graph)
+        for node in graph.node
+    )
 
 
 @dataclass
@@ -354,11 +354,11 @@ def _prepare_models(
                 f"--input-shape names {name!r}, which is not an input of any model "
                 f"({', '.join(sorted(known)) or 'none'})"
             )
-    inputs_file = _first_npz(Path(inputs)) if inputs is not None else None
+    inputs_file = npz_files(inputs)[0] if inputs is not None else None
     prepared = []
     for label, path, proto in loaded:
         feed = (
-            _feed_from_file(inputs_file, proto)
+            next(load_inputs(inputs_file, [v.name for v in model_inputs(proto)]))
             if inputs_file is not None
             else _generated_feed(label, proto, input_shapes, batch, seed)
         )
@@ -368,11 +368,6 @@ def _prepare_models(
     return prepared
 
 
-def _runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
 def _generated_feed(
     label: str,
     model: onnx.ModelProto,
@@ -380,7 +375,7 @@ def _generated_feed(
     batch: int | None,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    graph_inputs = _runtime_inputs(model)
+    graph_inputs = model_inputs(model)
     own = {k: v for k, v in input_shapes.items() if k in {i.name for i in graph_inputs}}
     # Check names, ranks and fixed dims on a copy holding only the inputs.
     probe = onnx.ModelProto()
@@ -410,22 +405,6 @@ def _generated_feed(
             f"(inputs: {', '.join(f'{k}{v}' for k, v in shapes.items())})"
         )
     return generate_inputs(model, shapes, seed=seed)
-
-
-def _first_npz(path: Path) -> Path:
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise UsageError(f"--inputs {path}: folder holds no .npz files")
-        return files[0]
-    if not path.is_file():
-        raise UsageError(f"--inputs {path}: no such file or folder")
-    return path
-
-
-def _feed_from_file(path: Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    names = [i.name for i in _runtime_inputs(model)]
-    return next(load_inputs(path, names))
 
 
 def _provider_list(name: str, device_id: int, fp16: bool, cache_dir: str | None) -> list:

@@ -169,9 +169,9 @@ def optimize(
             )
         if bench:
             from onnxshrink.bench import benchmark, parse_providers
-            from onnxshrink.cli_bench import _progress
+            from onnxshrink.cli_parity import _progress
 
-            with _progress(err, True) as progress:
+            with _progress(err, "benchmarking") as progress:
                 bench_report = benchmark(
                     [str(model), str(result.output_path)],
                     parse_providers(bench_provider),

@@ -147,6 +147,7 @@ def bench(
     """
     from onnxshrink import cli
     from onnxshrink.bench import benchmark, parse_providers
+    from onnxshrink.cli_parity import _progress
     from onnxshrink.errors import OnnxShrinkError, UsageError
     from onnxshrink.io import write_text_atomic
     from onnxshrink.shapes import parse_input_shapes
@@ -160,7 +161,7 @@ def bench(
             parent = Path(json_path).parent
             if not parent.is_dir():
                 raise UsageError(f"--json {json_path}: folder {parent} does not exist")
-        with _progress(cli.err, not json_to_stdout) as progress:
+        with _progress(cli.err, "benchmarking", not json_to_stdout) as progress:
             report = benchmark(
                 [str(m) for m in models],
                 providers,
@@ -209,40 +210,6 @@ def bench(
             )
     if not report.rows:
         cli._fail("nothing ran: every requested provider or model was skipped (see above)", 1)
-
-
-class _progress:
-    """A rich progress bar over the rounds on a terminal; a no-op callback elsewhere."""
-
-    def __init__(self, console, enabled: bool):
-        self.console = console
-        self.enabled = enabled and console.is_terminal
-        self.bar = None
-        self.task = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.bar = Progress(
-            "benchmarking",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,
-        )
-        self.bar.__enter__()
-        self.task = self.bar.add_task("rounds", total=None)
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -400,9 +400,12 @@ def _write_atomic(dest: Path, text: str) -> None:
 
 
 @contextmanager
-def _progress(console, label: str):
-    """A progress callback drawn as a rich bar on a terminal; a no-op otherwise."""
-    if not console.is_terminal:
+def _progress(console, label: str, enabled: bool = True):
+    """A progress callback drawn as a rich bar on a terminal; None otherwise (or when disabled).
+
+    Every command's progress bar (parity, localize, bench, optimize --bench) comes from here.
+    """
+    if not (enabled and console.is_terminal):
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn

@@ -151,14 +151,6 @@ def producer_of(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
 
-def consumers_of(tensor: gs.Tensor) -> list[gs.Node]:
-    """The nodes that read `tensor` (subgraph readers of an outer tensor included by gs).
-
-    A node appears once per input slot it fills; `readers` lists each node once.
-    """
-    return list(tensor.outputs)
-
-
 def readers(tensor: gs.Tensor) -> list[gs.Node]:
     """The distinct nodes reading `tensor` (gs lists a node once per input slot it fills)."""
     seen: dict[int, gs.Node] = {}
@@ -222,11 +214,6 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
         if isinstance(value, gs.Constant):
             return value.values
     return None
-
-
-def is_const(tensor: gs.Tensor | None) -> bool:
-    """True when the tensor's value is known at rewrite time."""
-    return const_value(tensor) is not None
 
 
 def scalar_constant(tensor: gs.Tensor | None) -> tuple[float, int] | None:

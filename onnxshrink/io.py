@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -43,22 +44,26 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
-def _all_tensors(model: onnx.ModelProto):
-    """Initializers and Constant-node tensors of the main graph and every subgraph."""
+def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph nested in it (If branches, Loop/Scan bodies), outermost first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from graph_protos(sub)
 
-    def walk(graph: onnx.GraphProto):
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and Constant-node tensors of the main graph and every subgraph."""
+    for graph in graph_protos(model.graph):
         yield from graph.initializer
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        yield from walk(sub)
-
-    yield from walk(model.graph)
 
 
 def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxshrink.io import graph_protos
 from onnxshrink.parity import Progress, jsonable, ort_session, relative_error
 
 logger = logging.getLogger(__name__)
@@ -152,14 +153,8 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 
 
 def _count_subgraph_outputs(graph: onnx.GraphProto) -> int:
-    count = 0
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                count += sum(len([o for o in n.output if o]) for n in sub.node)
-                count += _count_subgraph_outputs(sub)
-    return count
+    subgraphs = list(graph_protos(graph))[1:]
+    return sum(len([o for o in n.output if o]) for sub in subgraphs for n in sub.node)
 
 
 def _graph_info(model: onnx.ModelProto) -> _Graph:

@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
-from onnxshrink.io import check_output_path, load_model, save_model
+from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
 from onnxshrink.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -23,6 +23,7 @@ from onnxshrink.parity import (
     check_parity,
     generate_inputs,
     load_inputs,
+    model_inputs,
 )
 from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
 from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
@@ -193,7 +194,8 @@ def rewrite_model(
     from onnxshrink.rules import lossless_passes
 
     passes = list(passes) if passes is not None else lossless_passes()
-    graph = gs.import_onnx(infer_shapes(model))
+    # No inference here: the manager's first pass is shape inference.
+    graph = gs.import_onnx(model)
     stats = PassStats()
     ctx = RuleContext(graph, graph, default_opset(model), stats, dict(options or {}))
     manager = PassManager([_shape_inference_pass(), *passes], max_steps=max_steps)
@@ -224,21 +226,8 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
         if value.name in src_types:
             value.type.CopyFrom(src_types[value.name])
     # Graph-level value_info is a cache of inferred shapes; keep the file lean.
-    del dst.graph.value_info[:]
-    for sub in _subgraph_protos(dst.graph):
-        del sub.value_info[:]
-
-
-def _subgraph_protos(graph: onnx.GraphProto):
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield attr.g
-                yield from _subgraph_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield sub
-                    yield from _subgraph_protos(sub)
+    for graph in graph_protos(dst.graph):
+        del graph.value_info[:]
 
 
 def optimize(
@@ -283,9 +272,7 @@ def optimize(
         work = convert_opset(work, opset)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
-    input_names = [
-        i.name for i in work.graph.input if i.name not in {t.name for t in work.graph.initializer}
-    ]
+    input_names = [v.name for v in model_inputs(work)]
     if inputs is not None and not isinstance(inputs, (str, Path)):
         inputs = list(inputs)  # may be one-shot, and a retry reads it again
 

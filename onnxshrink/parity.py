@@ -67,17 +67,6 @@ DEFAULT_DYNAMIC_DIM = 32
 
 _TINY = float(np.finfo(np.float32).tiny)
 
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
 Progress = Callable[[int, int], None]
 
 
@@ -124,7 +113,7 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure as JSON-ready values (inf and NaN as the strings "inf", "-inf", "nan")."""
-        return _jsonable(
+        return jsonable(
             {
                 "verified": self.verified,
                 "passed": self.passed,
@@ -484,9 +473,6 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes):
     return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
 
 
-_session = ort_session  # the name the engine used before
-
-
 def _int_input_bounds(model: onnx.ModelProto) -> dict[str, int]:
     """For integer inputs read by Gather (token ids), the table size along the gathered axis."""
     tables = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -613,7 +599,7 @@ def parse_input_ranges(
 
 def load_inputs(path: str | Path, input_names: list[str]) -> Iterator[dict[str, np.ndarray]]:
     """Feeds from an .npz (one array per input) or a folder of .npz files, one file at a time."""
-    for f in _npz_files(path):
+    for f in npz_files(path):
         try:
             data = np.load(f, allow_pickle=False)
         except Exception as exc:
@@ -628,7 +614,8 @@ def load_inputs(path: str | Path, input_names: list[str]) -> Iterator[dict[str, 
             yield {n: np.asarray(data[n]) for n in input_names}
 
 
-def _npz_files(path: str | Path) -> list[Path]:
+def npz_files(path: str | Path) -> list[Path]:
+    """The .npz file at `path`, or the sorted .npz files of a folder; UsageError when none."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.npz"))
@@ -743,7 +730,7 @@ class InputBatches:
         inputs = model_inputs(model)
         self.names = [v.name for v in inputs]
         declared = {v.name: _declared_batch(v) for v in inputs}
-        self.files = _npz_files(path)
+        self.files = npz_files(path)
         self.plans: list[list[tuple[int, int]] | None] = []
         self.sliced: list[set[str]] = []
         for f in self.files:
@@ -907,11 +894,12 @@ def compare_outputs(
     return stats.result()
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` with numpy scalars made plain and inf/NaN spelled as strings (valid JSON)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -924,8 +912,3 @@ def _jsonable(value: Any) -> Any:
             return "inf" if v > 0 else "-inf"
         return v
     return value
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with numpy scalars made plain and inf/NaN spelled as strings (valid JSON)."""
-    return _jsonable(value)

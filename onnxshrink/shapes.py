@@ -10,7 +10,7 @@ import logging
 
 import onnx
 
-from onnxshrink.errors import UsageError
+from onnxshrink.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
 
         return version_converter.convert_version(model, target)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"cannot convert the model from opset {current} to {target}: {text}"
+            f"cannot convert the model from opset {current} to {target}: {first_line(exc)}"
         ) from None
