@@ -189,21 +189,44 @@ def rewrite_model(
     """Apply `passes` (default: the lossless pipeline) to a fixed point; return a new model.
 
     `model` itself is not modified. Metadata (producer, metadata_props, ir_version, functions)
-    is carried over.
+    is carried over. A graph input that also has an initializer (IR >= 4: a default the caller
+    may override) stays an input with its default, and no rule treats it as a constant.
     """
     from onnxshrink.rules import lossless_passes
 
     passes = list(passes) if passes is not None else lossless_passes()
+    overridable = _overridable_initializers(model)
+    source = model
+    if overridable:
+        # Rewrite with those values hidden, so that they are plain inputs to every rule.
+        source = onnx.ModelProto()
+        source.CopyFrom(model)
+        kept = [t for t in source.graph.initializer if t.name not in overridable]
+        del source.graph.initializer[:]
+        source.graph.initializer.extend(kept)
     # No inference here: the manager's first pass is shape inference.
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(source)
     stats = PassStats()
     ctx = RuleContext(graph, graph, default_opset(model), stats, dict(options or {}))
     manager = PassManager([_shape_inference_pass(), *passes], max_steps=max_steps)
     result = manager(graph, ctx)
     out_graph = result.graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = export_graph(out_graph)
+    out.graph.initializer.extend(overridable.values())
     _carry_metadata(model, out)
     return out, stats
+
+
+def _overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers that are also graph inputs, in IR >= 4 models (where that means a default).
+
+    Before IR 4 every initializer had to be listed as an input, so there it means nothing and
+    they are left to the rules (and onnx-graphsurgeon drops them from the inputs).
+    """
+    if model.ir_version < 4:
+        return {}
+    inputs = {v.name for v in model.graph.input}
+    return {t.name: t for t in model.graph.initializer if t.name in inputs}
 
 
 def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:

@@ -144,3 +144,33 @@ def test_scale_folds_are_dropped_when_rounding_breaks_parity():
     assert histogram(exact.model) == {"Gemm": 1, "Mul": 1}
     assert exact.parity.passed and exact.parity.outputs[0].max_abs == 0.0
     assert "turned off" in exact.notes[0] and "moved" in exact.notes[0]
+
+
+def test_input_with_default_stays_an_overridable_input():
+    rng = np.random.default_rng(3)
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[1,2,4,4] x, float[3,2,1,1] w) => (float[1,3,4,4] y) {
+            c = Conv (x, w)
+            i = Identity (c)
+            y = Mul (i, s)
+        }
+        """,
+        {
+            "w": rng.normal(size=(3, 2, 1, 1)).astype(np.float32),
+            "s": np.full((1, 3, 1, 1), 2.0, np.float32),
+        },
+    )
+    out = onnxshrink.optimize(model).model
+    assert [i.name for i in out.graph.input] == ["x", "w"]
+    assert {t.name for t in out.graph.initializer} == {"w", "s"}
+    # Identity went; the Mul stays, since folding it would bake the default w into new weights.
+    assert histogram(out) == {"Conv": 1, "Mul": 1}
+    from tests.helpers import run
+
+    x = rng.normal(size=(1, 2, 4, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 2, 1, 1)).astype(np.float32)
+    np.testing.assert_allclose(
+        run(out, {"x": x, "w": w})[0], run(model, {"x": x, "w": w})[0], rtol=1e-6
+    )
