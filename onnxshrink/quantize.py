@@ -1,0 +1,650 @@
+"""Static int8 quantization: insert QuantizeLinear/DequantizeLinear (QDQ) around compute ops.
+
+The result is a QDQ model in the standard ai.onnx domain: a runtime that knows int8 kernels
+(ONNX Runtime's QDQ fusion into QLinearConv/QLinearMatMul/QGemm, TensorRT) fuses each
+`DQ -> op -> Q` group into one int8 kernel; any other runtime simply runs the float op on
+dequantized values. Ranges of the activations come from calibration (`collect_ranges` in
+`onnxshrink.calibration`); this module takes them as a plain dict `tensor -> (lo, hi)`.
+
+Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q - z) * s`.
+
+1. Which nodes. Conv, ConvTranspose (group 1), Gemm and MatMul whose weight (input 1) is a
+   float32 initializer of the main graph and whose activation (input 0) is not a constant.
+   Kept float, each with its reason in the report:
+   a. depthwise Conv: group > 1 and one input channel per group (`W.shape[1] == 1`); int8
+      kernels do not beat float ones there on CPU;
+   b. tiny weights: fewer than `MIN_WEIGHT_ELEMENTS` (64) elements; the Q/DQ conversion of the
+      activations costs about what the int8 arithmetic saves;
+   c. MatMul whose B is not a constant initializer (activation x activation), or whose B is
+      not 2-D;
+   d. nodes inside subgraphs (If/Loop/Scan bodies): only the main graph is quantized;
+   e. nodes matched by `exclude` or left out of `nodes`;
+   f. nodes whose input activation has no calibrated range.
+2. Weights: int8 symmetric per output channel, `s_c = max|W_c| / 127`, `z = 0`, values in
+   [-127, 127]; a channel of zeros gets `s_c = 1` (any scale represents it exactly). The
+   channel axis is 0 for Conv (`[C_out, C_in/g, k...]`), 1 for ConvTranspose
+   (`[C_in, C_out/g, k...]`), 1 for MatMul (`B[K, N]`), and for Gemm 0 when transB = 1
+   (`B[N, K]`) else 1. Stored as an int8 initializer read by `DequantizeLinear(axis=...)`;
+   per-channel DequantizeLinear needs opset 13, so a model below 13 is first converted with
+   `onnxshrink.shapes.convert_opset` (the report says so).
+3. Bias (Conv, ConvTranspose, and Gemm's C when it is 1-D of length N): int32 with
+   `s_b,c = s_x * s_w,c`, `z = 0`, read by `DequantizeLinear(axis=0)`, so that the int32
+   accumulator adds it directly. Only when the activation input is quantized; a bias whose
+   quantized value would overflow int32 stays float (with a note).
+4. Activations, per tensor, from the range `(lo, hi)`, widened to include 0 so that zero
+   (padding) is exact:
+   a. `ort-cpu`: uint8 asymmetric, `s = (hi - lo) / 255`, `z = clamp(round(-lo / s), 0, 255)`;
+   b. `tensorrt`: int8 symmetric, `s = max(|lo|, |hi|) / 127`, `z = 0`;
+   an empty range (lo == hi == 0) gets `s = 1`.
+5. Placement. One Q -> DQ pair per tensor, shared by all its quantized readers.
+   a. The activation input of every quantized node reads DQ's output; readers that stay
+      float keep reading the float tensor.
+   b. `ort-cpu` also quantizes each quantized node's output when its range is known, so that
+      ORT can fuse `DQ -> Conv -> Q` into QLinearConv and the next layer reads int8 directly.
+      Every reader of that output then reads DQ's output (a float reader beside Q would stop
+      the fusion). `tensorrt` places Q/DQ on inputs only (TensorRT propagates them).
+   c. Graph inputs and outputs keep their names and stay float: an output that is a graph
+      output keeps its float value for the graph; only its node readers go through Q/DQ.
+   Q/DQ nodes go right after the tensor's producer (or first, for graph inputs) and weight
+   DQs right before their reader, so the node list stays topologically sorted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxshrink.errors import UsageError
+from onnxshrink.shapes import convert_opset, default_opset
+
+logger = logging.getLogger(__name__)
+
+#: quantization targets: activation dtype and where Q/DQ go (case 4, 5)
+TARGETS = ("ort-cpu", "tensorrt")
+#: ops quantized with a constant weight at input 1 (case 1)
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: weights with fewer elements stay float (case 1b)
+MIN_WEIGHT_ELEMENTS = 64
+#: per-channel DequantizeLinear (its `axis` attribute) needs this opset (case 2)
+PER_CHANNEL_OPSET = 13
+
+_INT32_MAX = np.iinfo(np.int32).max
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class QuantCandidate:
+    """One Conv/ConvTranspose/Gemm/MatMul node and whether it can be quantized.
+
+    `reason` is None when the node is quantized; otherwise why it stays float. `activation`
+    and `output` are the tensors that need calibrated ranges.
+    """
+
+    name: str
+    op: str
+    activation: str | None
+    weight: str | None
+    output: str | None
+    reason: str | None = None
+
+    @property
+    def quantizable(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_qdq` did: quantized nodes, nodes kept float and why, opset change."""
+
+    target: str
+    quantized: list[str] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)
+    opset_before: int = 0
+    opset_after: int = 0
+    quantize_linear: int = 0
+    dequantize_linear: int = 0
+    quantized_tensors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def opset_changed(self) -> bool:
+        return self.opset_before != self.opset_after
+
+
+@dataclass(frozen=True)
+class _ActivationParams:
+    scale: np.float32
+    zero_point: np.ndarray  # 0-d uint8 (ort-cpu) or int8 (tensorrt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def quantizable_nodes(
+    model: onnx.ModelProto,
+    target: str = "ort-cpu",
+    *,
+    exclude: Sequence[str] = (),
+    nodes: set[str] | None = None,
+    min_weight_elements: int = MIN_WEIGHT_ELEMENTS,
+) -> list[QuantCandidate]:
+    """Every Conv/ConvTranspose/Gemm/MatMul of the model (subgraphs too), quantizable or not.
+
+    Unnamed nodes are listed as `<op>_<index>` (their position in their graph), the name
+    `quantize_qdq` gives them in its output. Ranges are not consulted here (case 1f).
+    """
+    _check_target(target)
+    patterns = _compile(exclude)
+    work = _named_copy(model)
+    _check_selection(work, nodes)
+    return _candidates(work, patterns, nodes, min_weight_elements)
+
+
+def activation_tensors(
+    model: onnx.ModelProto,
+    target: str = "ort-cpu",
+    *,
+    exclude: Sequence[str] = (),
+    nodes: set[str] | None = None,
+    min_weight_elements: int = MIN_WEIGHT_ELEMENTS,
+) -> list[str]:
+    """The tensors that calibration must give ranges for, in graph order, without repeats.
+
+    Inputs of quantizable nodes, and for `ort-cpu` also their outputs (case 5b).
+    """
+    names: dict[str, None] = {}
+    for cand in quantizable_nodes(
+        model, target, exclude=exclude, nodes=nodes, min_weight_elements=min_weight_elements
+    ):
+        if not cand.quantizable:
+            continue
+        names[cand.activation] = None
+        if target == "ort-cpu" and cand.output:
+            names[cand.output] = None
+    return list(names)
+
+
+def quantize_qdq(
+    model: onnx.ModelProto,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    target: str = "ort-cpu",
+    exclude: Sequence[str] = (),
+    nodes: set[str] | None = None,
+    min_weight_elements: int = MIN_WEIGHT_ELEMENTS,
+) -> tuple[onnx.ModelProto, QuantizeReport]:
+    """Quantize a float model to QDQ int8 with calibrated activation ranges; `model` is kept.
+
+    - `ranges`: tensor name -> (lo, hi), as `onnxshrink.calibration.collect_ranges` returns;
+      tensors listed by `activation_tensors` should be present (a quantizable node whose input
+      has no range stays float; an output without one gets no output Q/DQ).
+    - `exclude`: regexes; a node stays float when one is found in its name (`re.search`) or
+      matches its op type exactly (`re.fullmatch`): `Conv` keeps every Conv, no ConvTranspose.
+    - `nodes`: when given, only these node names are quantized (UsageError for unknown names).
+    The model is converted to opset 13 first when it is older (case 2).
+    """
+    _check_target(target)
+    patterns = _compile(exclude)
+    params = _activation_params(ranges, target)
+    work = _named_copy(model)
+    _check_selection(work, nodes)
+    report = QuantizeReport(target=target, opset_before=default_opset(work))
+
+    candidates = _with_ranges(_candidates(work, patterns, nodes, min_weight_elements), params)
+    if any(c.quantizable for c in candidates) and report.opset_before < PER_CHANNEL_OPSET:
+        work = convert_opset(work, PER_CHANNEL_OPSET)
+        report.notes.append(
+            f"converted from opset {report.opset_before} to {PER_CHANNEL_OPSET}: per-channel "
+            "DequantizeLinear needs its axis attribute"
+        )
+        # node names survive the conversion (they were given before it), so the decisions
+        # made above still name the same nodes; recompute them on the converted graph
+        candidates = _with_ranges(_candidates(work, patterns, nodes, min_weight_elements), params)
+    report.opset_after = default_opset(work)
+
+    for cand in candidates:
+        if cand.quantizable:
+            report.quantized.append(cand.name)
+        else:
+            report.kept_float[cand.name] = cand.reason
+    if report.quantized:
+        _insert_qdq(work, [c for c in candidates if c.quantizable], params, target, report)
+    logger.info(
+        "quantized %d node(s), kept %d float, inserted %d Q and %d DQ",
+        len(report.quantized),
+        len(report.kept_float),
+        report.quantize_linear,
+        report.dequantize_linear,
+    )
+    return work, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing nodes (case 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise UsageError(f"unknown quantization target {target!r}; choose one of {TARGETS}")
+
+
+def _compile(exclude: Iterable[str]) -> list[re.Pattern[str]]:
+    patterns = []
+    for text in exclude:
+        try:
+            patterns.append(re.compile(text))
+        except re.error as exc:
+            raise UsageError(f"--exclude {text!r} is not a valid regex: {exc}") from None
+    return patterns
+
+
+def _is_default_domain(node: onnx.NodeProto) -> bool:
+    return node.domain in _DEFAULT_DOMAINS
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        yield from attr.graphs
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _all_graphs(sub)
+
+
+def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` where every node has a name unique in the model."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    graphs = list(_all_graphs(work.graph))
+    used = {n.name for g in graphs for n in g.node if n.name}
+    for graph in graphs:
+        for index, node in enumerate(graph.node):
+            if node.name:
+                continue
+            name = f"{node.op_type}_{index}"
+            suffix = 1
+            while name in used:
+                name = f"{node.op_type}_{index}_{suffix}"
+                suffix += 1
+            node.name = name
+            used.add(name)
+    return work
+
+
+def _check_selection(model: onnx.ModelProto, nodes: set[str] | None) -> None:
+    if nodes is None:
+        return
+    known = {n.name for g in _all_graphs(model.graph) for n in g.node}
+    unknown = sorted(set(nodes) - known)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UsageError(f"nodes not in the model: {shown}")
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of the node's weight (case 2)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return 1  # ConvTranspose [C_in, C_out/g, k...], MatMul B[K, N]
+
+
+def _candidates(
+    model: onnx.ModelProto,
+    patterns: Sequence[re.Pattern[str]],
+    selected: set[str] | None,
+    min_weight_elements: int,
+) -> list[QuantCandidate]:
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    overridable = {v.name for v in graph.input}  # an initializer that is also an input
+    out: list[QuantCandidate] = []
+
+    def decide(node: onnx.NodeProto, in_subgraph: bool) -> QuantCandidate:
+        activation = node.input[0] if node.input and node.input[0] else None
+        weight = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        output = node.output[0] if node.output and node.output[0] else None
+
+        def keep(reason: str) -> QuantCandidate:
+            return QuantCandidate(node.name, node.op_type, activation, weight, output, reason)
+
+        if in_subgraph:  # case 1d
+            return keep("inside a subgraph (only the main graph is quantized)")
+        if selected is not None and node.name not in selected:  # case 1e
+            return keep("not in the selected nodes")
+        for pattern in patterns:
+            if pattern.search(node.name) or pattern.fullmatch(node.op_type):
+                return keep(f"excluded by {pattern.pattern!r}")
+        if activation is None or weight is None:
+            return keep("missing input")
+        if activation in initializers:
+            return keep("activation input is a constant")
+        if weight not in initializers or weight in overridable:  # case 1c
+            what = "B" if node.op_type == "MatMul" else "weight"
+            return keep(f"{what} is not a constant initializer")
+        proto = initializers[weight]
+        if proto.data_type != onnx.TensorProto.FLOAT:
+            return keep("weight is not float32")
+        dims = list(proto.dims)
+        size = int(np.prod(dims)) if dims else 1
+        if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
+            return keep(f"weight has rank {len(dims)}, not 2")
+        if node.op_type in ("Conv", "ConvTranspose") and len(dims) < 3:
+            return keep(f"weight has rank {len(dims)}")
+        group = int(_attr(node, "group", 1))
+        if node.op_type == "Conv" and group > 1 and dims[1] == 1:  # case 1a
+            return keep("depthwise Conv (int8 kernels do not help on CPU)")
+        if node.op_type == "ConvTranspose" and group != 1:
+            return keep("grouped ConvTranspose (per-channel axis 1 does not span C_out)")
+        if size < min_weight_elements:  # case 1b
+            return keep(f"weight too small ({size} < {min_weight_elements} elements)")
+        return QuantCandidate(node.name, node.op_type, activation, weight, output)
+
+    def walk(g: onnx.GraphProto, in_subgraph: bool) -> None:
+        for node in g.node:
+            if node.op_type in QUANTIZABLE_OPS and _is_default_domain(node):
+                out.append(decide(node, in_subgraph))
+            for sub in _subgraphs(node):
+                walk(sub, True)
+
+    walk(graph, False)
+    return out
+
+
+def _with_ranges(
+    candidates: list[QuantCandidate], params: dict[str, _ActivationParams]
+) -> list[QuantCandidate]:
+    """Case 1f: a node whose activation has no range stays float."""
+    result = []
+    for cand in candidates:
+        if cand.quantizable and cand.activation not in params:
+            cand = QuantCandidate(
+                cand.name,
+                cand.op,
+                cand.activation,
+                cand.weight,
+                cand.output,
+                f"no calibrated range for input {cand.activation!r}",
+            )
+        result.append(cand)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization parameters (cases 2-4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation_params(
+    ranges: dict[str, tuple[float, float]], target: str
+) -> dict[str, _ActivationParams]:
+    """Case 4: per-tensor scale and zero point from each (lo, hi)."""
+    params = {}
+    for name, value in ranges.items():
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise UsageError(f"range for {name!r} must be (lo, hi), got {value!r}") from None
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
+            raise UsageError(f"range for {name!r} must be finite with lo <= hi, got {value!r}")
+        lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero must be exact (padding, ReLU)
+        if target == "ort-cpu":
+            scale = np.float32((hi - lo) / 255.0)
+            if not scale > 0:
+                scale = np.float32(1.0)
+            zero = np.uint8(np.clip(np.rint(-lo / float(scale)), 0, 255))
+        else:
+            scale = np.float32(max(-lo, hi) / 127.0)
+            if not scale > 0:
+                scale = np.float32(1.0)
+            zero = np.int8(0)
+        params[name] = _ActivationParams(scale, np.array(zero))
+    return params
+
+
+def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 along `axis`: (int8 values, float32 scales), case 2."""
+    channels = w.shape[axis]
+    amax = np.abs(np.moveaxis(w, axis, 0).reshape(channels, -1)).max(axis=1)
+    scale = (amax / 127.0).astype(np.float32)
+    scale[~(scale > 0)] = 1.0  # zero (or underflowed) channel: any scale is exact
+    shape = [1] * w.ndim
+    shape[axis] = channels
+    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_bias(b: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
+    """int32 bias with the given per-channel scale (case 3); None when it would overflow."""
+    q = np.rint(b.astype(np.float64) / scale.astype(np.float64))
+    if not np.all(np.abs(q) <= _INT32_MAX):
+        return None
+    return q.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph edit (case 5)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Names:
+    """Unique tensor and node names across the whole model (subgraphs see outer names)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.used: set[str] = set()
+        for g in _all_graphs(model.graph):
+            self.used.update(t.name for t in g.initializer)
+            self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
+            for node in g.node:
+                self.used.add(node.name)
+                self.used.update(node.input)
+                self.used.update(node.output)
+
+    def new(self, hint: str) -> str:
+        name, i = hint, 1
+        while name in self.used:
+            name, i = f"{hint}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+def _insert_qdq(
+    model: onnx.ModelProto,
+    quantized: list[QuantCandidate],
+    params: dict[str, _ActivationParams],
+    target: str,
+    report: QuantizeReport,
+) -> None:
+    graph = model.graph
+    names = _Names(model)
+    initializers = {t.name: t for t in graph.initializer}
+    by_name = {c.name: c for c in quantized}
+    new_inits: list[onnx.TensorProto] = []
+    replaced = {c.weight for c in quantized} | {
+        n.input[2] for n in graph.node if n.name in by_name and len(n.input) > 2
+    }
+
+    # Case 5: which tensors get a Q/DQ pair, and whose readers move to it.
+    redirect_all: set[str] = set()  # 5b: outputs of quantized nodes
+    pairs: dict[str, None] = {}
+    for cand in quantized:
+        pairs[cand.activation] = None
+    if target == "ort-cpu":
+        readers_of: dict[str, int] = {}
+        for node in graph.node:
+            for name in node.input:
+                readers_of[name] = readers_of.get(name, 0) + 1
+        for cand in quantized:
+            if cand.output in params and readers_of.get(cand.output, 0) > 0:
+                pairs[cand.output] = None
+                redirect_all.add(cand.output)
+
+    def const(hint: str, value: np.ndarray) -> str:
+        name = names.new(hint)
+        new_inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    dq_of: dict[str, str] = {}  # float tensor -> its DQ output
+    pair_nodes: dict[str, list[onnx.NodeProto]] = {}
+    for tensor in pairs:
+        p = params[tensor]
+        scale = const(f"{tensor}_scale", np.array(p.scale, dtype=np.float32))
+        zero = const(f"{tensor}_zero_point", p.zero_point)
+        q_out, dq_out = names.new(f"{tensor}_quantized"), names.new(f"{tensor}_dequantized")
+        pair_nodes[tensor] = [
+            helper.make_node(
+                "QuantizeLinear",
+                [tensor, scale, zero],
+                [q_out],
+                name=names.new(f"{tensor}_QuantizeLinear"),
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [q_out, scale, zero],
+                [dq_out],
+                name=names.new(f"{tensor}_DequantizeLinear"),
+            ),
+        ]
+        dq_of[tensor] = dq_out
+        report.quantized_tensors.append(tensor)
+        report.quantize_linear += 1
+        report.dequantize_linear += 1
+
+    weight_dq: dict[tuple[str, int], tuple[str, np.ndarray, onnx.NodeProto]] = {}
+    bias_dq: dict[tuple[str, bytes], tuple[str, onnx.NodeProto]] = {}
+
+    def weight_node(cand: QuantCandidate, axis: int) -> tuple[str, np.ndarray, onnx.NodeProto]:
+        key = (cand.weight, axis)
+        if key not in weight_dq:
+            w = numpy_helper.to_array(initializers[cand.weight])
+            q, scale = quantize_weight(w, axis)
+            q_name = const(f"{cand.weight}_quantized", q)
+            s_name = const(f"{cand.weight}_scale", scale)
+            z_name = const(f"{cand.weight}_zero_point", np.zeros_like(scale, dtype=np.int8))
+            out = names.new(f"{cand.weight}_dequantized")
+            node = helper.make_node(
+                "DequantizeLinear",
+                [q_name, s_name, z_name],
+                [out],
+                name=names.new(f"{cand.weight}_DequantizeLinear"),
+                axis=axis,
+            )
+            weight_dq[key] = (out, scale, node)
+            report.dequantize_linear += 1
+        return weight_dq[key]
+
+    def bias_node(
+        node: onnx.NodeProto, w_scale: np.ndarray, x_scale: np.float32
+    ) -> tuple[str, onnx.NodeProto | None] | None:
+        """Case 3: (new bias input, its DQ node or None when shared); None keeps it float."""
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        bias = node.input[2]
+        if bias not in initializers:
+            return None
+        b = numpy_helper.to_array(initializers[bias])
+        if b.dtype != np.float32 or b.ndim != 1 or b.shape[0] != w_scale.shape[0]:
+            return None
+        b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
+        key = (bias, b_scale.tobytes())
+        if key in bias_dq:
+            return bias_dq[key][0], None
+        q = quantize_bias(b, b_scale)
+        if q is None:
+            report.notes.append(f"{node.name}: bias overflows int32 at scale s_x * s_w; kept float")
+            return None
+        q_name = const(f"{bias}_quantized", q)
+        s_name = const(f"{bias}_scale", b_scale)
+        z_name = const(f"{bias}_zero_point", np.zeros_like(q))
+        out = names.new(f"{bias}_dequantized")
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [q_name, s_name, z_name],
+            [out],
+            name=names.new(f"{bias}_DequantizeLinear"),
+            axis=0,
+        )
+        bias_dq[key] = (out, dq)
+        report.dequantize_linear += 1
+        return out, dq
+
+    # Rebuild the node list in order (case 5, last paragraph).
+    graph_inputs = [v.name for v in graph.input]
+    new_nodes: list[onnx.NodeProto] = []
+    placed: set[str] = set()
+    placed_ids: set[int] = set()  # weight DQs shared by several readers go before the first
+    for tensor in pairs:  # pairs on graph inputs (and any tensor with no producer) go first
+        if tensor in graph_inputs:
+            new_nodes.extend(pair_nodes[tensor])
+            placed.add(tensor)
+
+    for node in graph.node:
+        cand = by_name.get(node.name)
+        if cand is not None:
+            axis = _weight_axis(node)
+            w_out, w_scale, w_node = weight_node(cand, axis)
+            if id(w_node) not in placed_ids:
+                new_nodes.append(w_node)
+                placed_ids.add(id(w_node))
+            bias = bias_node(node, w_scale, params[cand.activation].scale)
+            if bias is not None:
+                b_out, b_node = bias
+                if b_node is not None:
+                    new_nodes.append(b_node)
+                node.input[2] = b_out
+            node.input[0] = dq_of[cand.activation]
+            node.input[1] = w_out
+        else:
+            for i, name in enumerate(node.input):
+                if name in redirect_all:
+                    node.input[i] = dq_of[name]
+        new_nodes.append(node)
+        for out in node.output:
+            if out in pair_nodes and out not in placed:
+                new_nodes.extend(pair_nodes[out])
+                placed.add(out)
+    missing = [t for t in pairs if t not in placed]
+    if missing:
+        # produced by nothing in the main graph and not an input: an initializer (excluded
+        # in case 1) or an outer-scope name; neither can happen in a main graph
+        raise UsageError(f"cannot place Q/DQ for tensors with no producer: {missing[:3]}")
+
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    _drop_unread_initializers(model, replaced)
+
+
+def _drop_unread_initializers(model: onnx.ModelProto, replaced: set[str]) -> None:
+    """Remove the float weights/biases in `replaced` that no node (of any scope) reads now."""
+    graph = model.graph
+    read = {o.name for o in graph.output} | {v.name for v in graph.input}
+    for g in _all_graphs(graph):
+        for node in g.node:
+            read.update(node.input)
+    keep = [t for t in graph.initializer if t.name in read or t.name not in replaced]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
