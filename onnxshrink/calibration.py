@@ -1,0 +1,725 @@
+"""Calibration for static quantization: where the data comes from, and the ranges it gives.
+
+Calibration runs the float model on sample inputs and records, per tensor to be quantized, the
+range `[lo, hi]` that the int8 grid will cover. Collecting statistics is kept apart from
+computing parameters (after torch.ao's observers): an `Observer` takes arrays one at a time
+(`update`), keeps bounded state, and answers `range()` and `qparams()`.
+
+Data sources (`calibration_feeds`):
+
+1. An `.npz` file with one array per model input, axis 0 the batch axis, split into the batches
+   the model accepts (`onnxshrink.parity.plan_batches`).
+2. A folder of such files, read one file at a time.
+3. A data-loader script, `loader.py` or `loader.py:function` (as Polygraphy's
+   `--data-loader-script`): the function (default `load_data`) returns an iterable of feed
+   dicts; every feed is checked against the model's inputs (names, dtypes, ranks).
+4. The literal `random`: uniform inputs from `generate_inputs`, with a warning, since noise
+   calibrates poorly.
+
+Observers. Every range satisfies `lo <= 0 <= hi`, so that 0 is exactly representable.
+
+5. `MinMaxObserver`: `lo = min(0, min x)`, `hi = max(0, max x)` over everything seen.
+6. `HistogramObserver`: a signed histogram of `2B` bins over `[-a, a]` (bin width `w = a/B`,
+   0 on a bin edge, so the |x| histogram is the two halves folded: `h[k] = pos[k] + neg[k]`,
+   bin k covering `[k w, (k+1) w)`). When a batch reaches past `a`, the range doubles `m` times
+   (`a' = 2^m a`, the least that covers the batch); every new bin is then exactly `2^m` old
+   bins, so the old counts merge by summing groups (no interpolation, no smearing), and the
+   result equals the histogram of all data binned at once on the final edges (up to float32
+   rounding of values on a bin edge). The state is `2B` counts plus the running min/max:
+   constant in the number of samples. The range is at most 2x wider than the data, so at
+   least `B/2` bins cover |x|.
+   From the histogram, a threshold `t` on |x| is chosen; the range is then
+   `(max(min x, -t), min(max x, t))`. Methods:
+   a. `percentile` (p, e.g. 99.999): symmetric, `t` is the p-th percentile of |x|; asymmetric,
+      `lo`/`hi` are the (100-p)-th/p-th percentiles of x. Within a bin, the CDF is interpolated
+      linearly (values uniform within a bin), so the error is below one bin width.
+   b. `entropy` (TensorRT's KL calibration): for each candidate `t = i w` (i = L..B, with L
+      the number of levels), the reference P is `h[:i]` with the clipped tail `sum h[i:]` added
+      to its last bin; Q spreads `h[:i]` into L groups (bin edges `floor(j i / L)`), each group's
+      count shared evenly among its bins where P is non-zero. Choose the i with the least
+      `KL(P || Q) = sum p log(p / q)` (p, q normalized). All candidates at once in closed form,
+      with cumulative sums S (counts), N (non-zero bins) and E (`h log h`):
+      `KL = (1/T) [sum_k P_k log P_k - sum_g P_g log(G_g / n_g)] - log T + log S[i]`,
+      where T is the total count, `G_g` the group's count in h, `P_g` in P, `n_g` its
+      non-zero bins. A group holding P mass but no h mass (only the last, from the folded
+      tail) gives KL = inf. L = 128 (int8: 127 steps a side), 256 for data that is never
+      negative (uint8 over [0, t]).
+   c. `mse`: choose `t` minimizing the expected squared error of fake quantization with step
+      `s = t / L'` (L' = 127 steps for signed data, 255 for non-negative data):
+      `E(t) = sum_{k < i} h_k r_k(s) + sum_{k >= i} h_k ((c_k - t)^2 + w^2/12)`, with c_k the
+      bin centre; the rounding error of a bin is `(c_k - s round(c_k / s))^2 + w^2/12` where
+      `s >= w`, and `s^2/12` (uniform noise) where the step is finer than a bin. Candidates are
+      bin edges, subsampled to at most 512, evaluated in blocks to bound memory.
+
+Quantization parameters (`Observer.qparams`), from `(lo, hi)`:
+
+7. Asymmetric: `scale = (hi - lo) / 255`, `zero_point = round(qmin - lo / scale)` clipped to
+   `[qmin, qmax]` (uint8 [0, 255], int8 [-128, 127]); real 0 maps to the integer zero_point.
+8. Symmetric: `t = max(-lo, hi)`; int8: `scale = t / 127`, zero_point 0 (the grid [-127, 127]
+   as TensorRT uses); uint8: `scale = 2 t / 255`, zero_point 128.
+9. A range of width 0 (a tensor that is always 0) gets scale 1. Scales are rounded to float32,
+   the type ONNX stores them in.
+
+Collecting (`collect_ranges`):
+
+10. One ORT session on a copy of the model whose outputs are the requested intermediate
+    tensors (main graph only); one run per feed; each array goes to its tensor's observer and
+    is dropped. Graph inputs are observed from the feeds, initializers once from their values.
+    Histograms grow as ranges grow, so every method needs a single pass over the data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxshrink.errors import UsageError, first_line
+from onnxshrink.parity import InputBatches, generate_inputs, model_inputs
+from onnxshrink.shapes import infer_shapes
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+Feed = dict[str, np.ndarray]
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+DEFAULT_PERCENTILE = 99.999
+DEFAULT_BINS = 2048
+RANDOM_SAMPLES = 16
+_MSE_CANDIDATES = 512
+_MSE_BLOCK = 64
+_HOW_TO = (
+    "pass --calibration-data with an .npz file (one array per model input, axis 0 the batch), "
+    "a folder of .npz files, a loader script loader.py[:function] returning feed dicts, or "
+    "'random' (synthetic inputs; poor ranges)"
+)
+
+# --------------------------------------------------------------------------------------------
+# Data sources (module docstring, 1-4)
+
+
+@dataclass
+class CalibrationData:
+    """Feeds for calibration; iterate it (again and again) for dicts of input name -> array.
+
+    `total` is the number of feeds when known up front (0 otherwise); `synthetic` is True for
+    `random`, so that the caller can say in its output that the ranges come from noise.
+    """
+
+    source: str
+    make: Callable[[], Iterator[Feed]]
+    total: int = 0
+    synthetic: bool = False
+
+    def __iter__(self) -> Iterator[Feed]:
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def calibration_feeds(
+    spec: str | Path,
+    model: onnx.ModelProto,
+    batch: int | None = None,
+    *,
+    random_samples: int = RANDOM_SAMPLES,
+) -> CalibrationData:
+    """Calibration feeds from `spec`: an .npz, a folder of them, `loader.py[:function]`, `random`.
+
+    Each iteration reads the source again (files one at a time, the loader called anew), so
+    memory does not grow with the number of samples. `batch` splits .npz arrays along axis 0
+    (ignored by loaders, which yield whole feeds). Raises UsageError with one line saying what
+    is wrong and how to provide calibration data.
+    """
+    text = str(spec).strip()
+    if not text:
+        raise UsageError(f"no calibration data: {_HOW_TO}")
+    if text == "random":
+        logger.warning(
+            "calibrating on random inputs: ranges will not match real data; "
+            "pass real samples with --calibration-data"
+        )
+
+        def make_random() -> Iterator[Feed]:
+            for i in range(random_samples):
+                yield generate_inputs(model, seed=i, batch=batch or 1)
+
+        return CalibrationData("random", make_random, random_samples, synthetic=True)
+    script, function = _loader_spec(text)
+    if script is not None:
+        return _loader_data(script, function, model)
+    path = Path(text)
+    if not path.exists():
+        raise UsageError(f"--calibration-data {text}: no such file or folder; {_HOW_TO}")
+    if path.is_file() and path.suffix != ".npz":
+        raise UsageError(f"--calibration-data {text}: not an .npz file or loader script; {_HOW_TO}")
+    try:
+        batches = InputBatches(path, model, batch)
+    except UsageError as exc:
+        raise UsageError(_as_calibration_message(exc)) from None
+
+    def make_npz() -> Iterator[Feed]:
+        try:
+            yield from batches
+        except UsageError as exc:
+            raise UsageError(_as_calibration_message(exc)) from None
+
+    return CalibrationData(str(path), make_npz, len(batches))
+
+
+def _as_calibration_message(exc: UsageError) -> str:
+    # parity's readers name the option they serve; here the data came from --calibration-data.
+    return str(exc).replace("--inputs", "--calibration-data", 1)
+
+
+def _loader_spec(text: str) -> tuple[Path | None, str]:
+    """(script, function) when `text` names a Python loader, else (None, "")."""
+    if text.endswith(".py"):
+        return Path(text), "load_data"
+    head, sep, tail = text.rpartition(":")
+    if sep and head.endswith(".py"):
+        if not tail.isidentifier():
+            raise UsageError(f"--calibration-data {text}: {tail!r} is not a function name")
+        return Path(head), tail
+    return None, ""
+
+
+def _loader_data(script: Path, function: str, model: onnx.ModelProto) -> CalibrationData:
+    where = f"--calibration-data {script}"
+    if not script.is_file():
+        raise UsageError(f"{where}: no such loader script")
+    module_name = f"_onnxshrink_calibration_loader_{abs(hash(str(script.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, script)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError("not importable as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"{where}: cannot import the script: {first_line(exc)}") from None
+    loader = getattr(module, function, None)
+    if not callable(loader):
+        defined = sorted(
+            n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+        )
+        raise UsageError(
+            f"{where}: defines no function {function!r} "
+            f"(functions: {', '.join(defined) or 'none'}); use {script}:NAME to pick one"
+        )
+    expected = {
+        v.name: (
+            np.dtype(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)),
+            len(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else -1,
+        )
+        for v in model_inputs(model)
+    }
+
+    def make_loader() -> Iterator[Feed]:
+        try:
+            produced = loader()
+            items = iter(produced)
+        except Exception as exc:
+            raise UsageError(f"{where}: {function}() failed: {first_line(exc)}") from None
+        count = 0
+        while True:
+            try:
+                feed = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise UsageError(
+                    f"{where}: {function}() failed at feed {count}: {first_line(exc)}"
+                ) from None
+            yield _checked_feed(feed, expected, f"{where}: feed {count}")
+            count += 1
+        if count == 0:
+            raise UsageError(f"{where}: {function}() yielded no feeds")
+
+    return CalibrationData(f"{script}:{function}", make_loader)
+
+
+def _checked_feed(feed: Any, expected: dict[str, tuple[np.dtype, int]], where: str) -> Feed:
+    """The feed as arrays, or UsageError naming the first mismatch with the model's inputs."""
+    if not isinstance(feed, Mapping):
+        raise UsageError(
+            f"{where}: expected a dict of input name -> array, got {type(feed).__name__}"
+        )
+    unknown = [str(k) for k in feed if k not in expected]
+    if unknown:
+        raise UsageError(
+            f"{where}: {', '.join(repr(k) for k in unknown)} not a model input "
+            f"(inputs: {', '.join(expected)})"
+        )
+    missing = [n for n in expected if n not in feed]
+    if missing:
+        raise UsageError(f"{where}: no value for model input(s) {', '.join(missing)}")
+    out: Feed = {}
+    for name, (dtype, rank) in expected.items():
+        value = np.asarray(feed[name])
+        if value.dtype != dtype:
+            raise UsageError(f"{where}: input {name!r} is {value.dtype}, the model takes {dtype}")
+        if rank >= 0 and value.ndim != rank:
+            raise UsageError(
+                f"{where}: input {name!r} has rank {value.ndim}, the model takes rank {rank}"
+            )
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Observers (module docstring, 5-9)
+
+
+class Observer:
+    """Streaming statistics of one tensor: `update(array)` per batch, then `range()`/`qparams()`.
+
+    State is bounded (independent of how many arrays were seen). `range()` raises ValueError
+    when nothing was observed (a programming error, not a user's).
+    """
+
+    def __init__(self) -> None:
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one array into the statistics; NaN/inf values are ignored."""
+        x = np.asarray(array)
+        if x.size == 0:
+            return
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32)
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += x.size
+        self._update(x, lo, hi)
+
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        """Subclasses fold `x` (finite, with its min and max) into their state."""
+
+    def range(self) -> tuple[float, float]:
+        """The clipping range (lo, hi), lo <= 0 <= hi."""
+        self._check_seen()
+        return min(self.min, 0.0), max(self.max, 0.0)
+
+    def _check_seen(self) -> None:
+        if self.count == 0:
+            raise ValueError(f"{type(self).__name__}: no values observed")
+
+    def qparams(self, dtype: str = "uint8", symmetric: bool = False) -> tuple[float, int]:
+        """(scale, zero_point) for the range on a `uint8` or `int8` grid (module docstring 7-9)."""
+        return qparams_for_range(*self.range(), dtype=dtype, symmetric=symmetric)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of numpy state held (scalars count 8 each): what must stay constant."""
+        total = 0
+        for value in vars(self).values():
+            total += value.nbytes if isinstance(value, np.ndarray) else 8
+        return total
+
+
+def qparams_for_range(
+    lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False
+) -> tuple[float, int]:
+    """(scale, zero_point) covering [lo, hi] (widened to hold 0) on a uint8/int8 grid."""
+    if dtype not in ("uint8", "int8"):
+        raise UsageError(f"quantized type {dtype!r}: expected uint8 or int8")
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+    if symmetric:
+        t = max(-lo, hi)
+        if dtype == "int8":
+            return _scale(t / 127.0), 0
+        return _scale(2.0 * t / 255.0), 128
+    scale = _scale((hi - lo) / 255.0)
+    zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
+    return scale, zero_point
+
+
+def _scale(value: float) -> float:
+    scale = float(np.float32(value))
+    if not scale > 0.0 or not math.isfinite(scale):  # case 9: an all-zero tensor
+        return 1.0
+    return scale
+
+
+class MinMaxObserver(Observer):
+    """Running min and max (module docstring, 5)."""
+
+
+class HistogramObserver(Observer):
+    """A growing histogram over [-a, a] serving percentile, entropy and mse (module docstring 6).
+
+    `bins` is B, the number of bins over [0, a]; the histogram holds 2B counts. `symmetric`
+    matters for `percentile` only (percentile of |x|, or separate lower/upper percentiles).
+    """
+
+    def __init__(
+        self,
+        method: str = "percentile",
+        bins: int = DEFAULT_BINS,
+        percentile: float = DEFAULT_PERCENTILE,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        if method not in ("percentile", "entropy", "mse"):
+            raise UsageError(f"histogram method {method!r}: expected percentile, entropy or mse")
+        if bins < 128 or bins & (bins - 1):
+            raise UsageError(f"histogram bins {bins}: must be a power of two >= 128")
+        if not 50.0 < percentile <= 100.0:
+            raise UsageError(f"percentile {percentile:g}: must be in (50, 100]")
+        self.method = method
+        self.bins = bins
+        self.percentile = percentile
+        self.symmetric = symmetric
+        self.bound = 0.0  # a: the histogram covers [-a, a]
+        self.hist = np.zeros(2 * bins, dtype=np.int64)
+
+    @property
+    def width(self) -> float:
+        """The bin width a / B (0 while everything seen is 0)."""
+        return self.bound / self.bins
+
+    def edges(self) -> np.ndarray:
+        """The 2B + 1 bin edges over [-a, a]."""
+        return np.linspace(-self.bound, self.bound, 2 * self.bins + 1)
+
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        reach = max(-lo, hi)
+        if reach > self.bound:
+            self._grow(reach)
+        B = self.bins
+        if self.bound == 0.0:  # everything so far is exactly 0: bin [0, w)
+            self.hist[B] += x.size
+            return
+        # Bin index floor(x / w) + B, computed as trunc(x / w + B): the shifted value is >= 0
+        # (up to rounding, which truncation sends to bin 0), so truncation is the floor. x == a
+        # lands in the last bin. float32 is faster; float64 where the factor overflows it.
+        factor = B / self.bound
+        work = np.float32 if factor < 1e30 else np.float64
+        scaled = np.multiply(x, work(factor), dtype=work)
+        scaled += work(B)
+        np.minimum(scaled, work(2 * B - 1), out=scaled)
+        index = scaled.astype(np.intp).ravel()
+        self.hist += np.bincount(index, minlength=2 * B)
+
+    def _grow(self, reach: float) -> None:
+        """Widen [-a, a] to cover `reach`, by doubling when there are counts to merge."""
+        B = self.bins
+        if self.bound == 0.0:
+            # Nothing but zeros so far (they sit in bin [0, w) at any width).
+            self.bound = float(reach)
+            return
+        factor = 1
+        bound = self.bound
+        while bound < reach:
+            bound *= 2.0
+            factor *= 2
+        # New bin k (each side, counted from 0) holds old bins [k f, (k+1) f): sum groups.
+        group = min(factor, B)
+        kept = B // group
+        pos = self.hist[B:].reshape(kept, group).sum(axis=1)
+        neg = self.hist[:B][::-1].reshape(kept, group).sum(axis=1)
+        self.hist[:] = 0
+        self.hist[B : B + kept] = pos
+        self.hist[B - kept : B] = neg[::-1]
+        self.bound = bound
+
+    def abs_hist(self) -> np.ndarray:
+        """The |x| histogram: B counts, bin k covering [k w, (k+1) w)."""
+        B = self.bins
+        return self.hist[B:] + self.hist[:B][::-1]
+
+    def range(self) -> tuple[float, float]:
+        """The clipping range chosen by the method (lo <= 0 <= hi)."""
+        self._check_seen()
+        lo, hi = min(self.min, 0.0), max(self.max, 0.0)
+        if self.bound == 0.0:
+            return lo, hi
+        if self.method == "percentile" and not self.symmetric:
+            edges = self.edges()
+            low = _cdf_quantile(self.hist, edges, 1.0 - self.percentile / 100.0)
+            high = _cdf_quantile(self.hist, edges, self.percentile / 100.0)
+            return max(lo, min(low, 0.0)), min(hi, max(high, 0.0))
+        if self.method == "percentile":
+            edges = np.linspace(0.0, self.bound, self.bins + 1)
+            t = _cdf_quantile(self.abs_hist(), edges, self.percentile / 100.0)
+        elif self.method == "entropy":
+            t = entropy_threshold(self.abs_hist(), self.width, 256 if self.min >= 0 else 128)
+        else:
+            t = mse_threshold(self.abs_hist(), self.width, 255 if self.min >= 0 else 127)
+        return max(lo, -t), min(hi, t)
+
+
+def _cdf_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """The q-quantile of histogrammed data, linear within a bin (module docstring 6a)."""
+    cum = np.cumsum(hist)
+    total = cum[-1]
+    target = q * total
+    k = int(np.searchsorted(cum, target, side="left"))
+    k = min(k, len(hist) - 1)
+    before = cum[k - 1] if k > 0 else 0
+    inside = hist[k]
+    frac = (target - before) / inside if inside > 0 else 1.0
+    frac = min(max(frac, 0.0), 1.0)
+    return float(edges[k] + frac * (edges[k + 1] - edges[k]))
+
+
+def entropy_threshold(hist: np.ndarray, width: float, levels: int = 128) -> float:
+    """The |x| threshold minimizing KL(P || Q) over `levels` quantized bins (docstring 6b).
+
+    `hist` is the |x| histogram (bin k covers [k width, (k+1) width)). Every candidate edge
+    i >= levels is evaluated at once; with fewer bins than levels, the whole range is kept.
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    n_bins = h.size
+    if n_bins <= levels or h.sum() == 0:
+        return n_bins * width
+    total = h.sum()
+    S = np.concatenate([[0.0], np.cumsum(h)])
+    N = np.concatenate([[0.0], np.cumsum(h > 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    E = np.concatenate([[0.0], np.cumsum(hlogh)])
+    cand = np.arange(levels, n_bins + 1)  # i: bins kept
+    tail = total - S[cand]  # mass clipped into the last kept bin
+    last = h[cand - 1] + tail  # P's last bin
+    # sum_k P_k log P_k: the first i-1 bins as in h, the last with the tail folded in.
+    plogp = E[cand - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+    # Group boundaries floor(j i / L), j = 0..L, per candidate: shape (C, L+1).
+    bounds = (cand[:, None] * np.arange(levels + 1)[None, :]) // levels
+    start, stop = bounds[:, :-1], bounds[:, 1:]
+    G = S[stop] - S[start]  # Q's mass per group (from h, no tail)
+    n = N[stop] - N[start]  # non-zero bins of h per group
+    Pg = G.copy()
+    # The last group of every candidate also gets the tail; its last bin may turn non-zero.
+    Pg[:, -1] += tail
+    n[:, -1] += (h[cand - 1] == 0) & (tail > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_q = np.where(G > 0, np.log(G) - np.log(np.maximum(n, 1)), -np.inf)
+        cross = np.where(Pg > 0, Pg * log_q, 0.0).sum(axis=1)
+        kl = (plogp - cross) / total - np.log(total) + np.log(S[cand])
+    kl = np.where(np.isfinite(kl), kl, np.inf)
+    best = int(cand[int(np.argmin(kl))])
+    return best * width
+
+
+def mse_threshold(hist: np.ndarray, width: float, steps: int = 127) -> float:
+    """The |x| threshold minimizing the expected squared fake-quantization error (docstring 6c).
+
+    `steps` is the number of quantization steps over [0, t] (127 for int8 symmetric, 255 for
+    non-negative data on uint8).
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    B = h.size
+    if h.sum() == 0:
+        return B * width
+    centres = (np.arange(B) + 0.5) * width
+    cand = np.unique(np.linspace(1, B, min(_MSE_CANDIDATES, B)).round().astype(np.int64))
+    # Clipping error over the tail via suffix sums: sum h (c - t)^2 = S2 - 2 t S1 + t^2 S0.
+    S0 = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
+    S1 = np.concatenate([np.cumsum((h * centres)[::-1])[::-1], [0.0]])
+    S2 = np.concatenate([np.cumsum((h * centres**2)[::-1])[::-1], [0.0]])
+    t = cand * width
+    clip_err = S2[cand] - 2 * t * S1[cand] + t**2 * S0[cand] + S0[cand] * width**2 / 12
+    round_err = np.empty(cand.size)
+    nonzero = np.flatnonzero(h)
+    hc, cc = h[nonzero], centres[nonzero]
+    for lo in range(0, cand.size, _MSE_BLOCK):
+        i = cand[lo : lo + _MSE_BLOCK]
+        s = (i * width / steps)[:, None]
+        err = (cc[None, :] - s * np.round(cc[None, :] / s)) ** 2 + width**2 / 12
+        err = np.where(s >= width, err, s**2 / 12)
+        inside = nonzero[None, :] < i[:, None]
+        round_err[lo : lo + _MSE_BLOCK] = (np.where(inside, err, 0.0) * hc[None, :]).sum(axis=1)
+    best = int(cand[int(np.argmin(clip_err + round_err))])
+    return best * width
+
+
+def make_observer(
+    method: str = "minmax", percentile: float = DEFAULT_PERCENTILE, symmetric: bool = False
+) -> Observer:
+    """A fresh observer for a calibration method (one of METHODS)."""
+    if method == "minmax":
+        return MinMaxObserver()
+    if method in ("percentile", "entropy", "mse"):
+        return HistogramObserver(method, percentile=percentile, symmetric=symmetric)
+    raise UsageError(f"calibration method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting ranges through ORT (module docstring, 10)
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+def collect_ranges(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    feeds: Iterable[Feed],
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    provider: str = "cpu",
+    progress: Progress | None = None,
+    *,
+    symmetric: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """The calibration range (lo, hi) of each named float tensor, from one pass over `feeds`.
+
+    Names may be graph inputs, initializers or outputs of main-graph nodes; tensors that are
+    not float are left out of the result (logged). One ORT session is built (CPU, or CUDA when
+    `provider="cuda"`); every feed runs once. `symmetric` selects |x| percentiles for
+    `percentile`. Raises UsageError for unknown names, an unknown method or provider, or no
+    feeds; and for a model ORT cannot run on a feed, with ORT's first line.
+    """
+    observers = observe(
+        model, tensor_names, feeds, method, percentile, provider, progress, symmetric=symmetric
+    )
+    return {name: obs.range() for name, obs in observers.items()}
+
+
+def observe(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    feeds: Iterable[Feed],
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    provider: str = "cpu",
+    progress: Progress | None = None,
+    *,
+    symmetric: bool = False,
+) -> dict[str, Observer]:
+    """As `collect_ranges`, but returns the observers (for qparams or several methods' ranges)."""
+    make_observer(method, percentile, symmetric)  # validate before any work
+    names = list(dict.fromkeys(tensor_names))
+    inferred = infer_shapes(model)
+    graph = inferred.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = {v.name for v in model_inputs(model)}
+    produced = {o for node in graph.node for o in node.output if o}
+    types: dict[str, int] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    for t in initializers.values():
+        types[t.name] = t.data_type
+    unknown = [n for n in names if n not in initializers and n not in inputs and n not in produced]
+    if unknown:
+        raise UsageError(
+            f"calibration: {', '.join(repr(n) for n in unknown[:5])} "
+            f"{'is' if len(unknown) == 1 else 'are'} not a tensor of the main graph"
+        )
+    wanted = []
+    for name in names:
+        elem = types.get(name)
+        if elem is not None and elem not in _FLOAT_TYPES:
+            logger.info("calibration: %s is %s, not float; skipped", name, _type_name(elem))
+            continue
+        wanted.append(name)
+    observers = {n: make_observer(method, percentile, symmetric) for n in wanted}
+    for name in wanted:
+        if name in initializers:
+            observers[name].update(onnx.numpy_helper.to_array(initializers[name]))
+    from_inputs = [n for n in wanted if n in inputs]
+    from_session = [n for n in wanted if n not in initializers and n not in inputs]
+
+    session = _calibration_session(model, from_session, types, provider) if from_session else None
+    total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
+    runs = 0
+    for feed in feeds:
+        for name in from_inputs:
+            observers[name].update(feed[name])
+        if session is not None:
+            try:
+                arrays = session.run(from_session, feed)
+            except Exception as exc:
+                shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
+                raise UsageError(
+                    f"calibration: the model fails on feed {runs} ({shapes}): {first_line(exc)}"
+                ) from None
+            for name, array in zip(from_session, arrays, strict=True):
+                if np.issubdtype(np.asarray(array).dtype, np.floating):
+                    observers[name].update(array)
+            del arrays
+        runs += 1
+        if progress is not None:
+            progress(runs, max(total, runs))
+    if runs == 0:
+        raise UsageError(f"calibration: no feeds; {_HOW_TO}")
+    empty = [n for n, o in observers.items() if o.count == 0]
+    for name in empty:
+        logger.info("calibration: %s produced no float values; skipped", name)
+        del observers[name]
+    logger.info("calibration: %d tensor(s), %d run(s), method %s", len(observers), runs, method)
+    return observers
+
+
+def _type_name(elem: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem).lower()
+    except ValueError:
+        return str(elem)
+
+
+def _calibration_session(
+    model: onnx.ModelProto, outputs: list[str], types: dict[str, int], provider: str
+):
+    """An ORT session of a copy of `model` whose graph outputs are `outputs` (plus the originals)."""
+    import onnxruntime as ort
+
+    if provider not in ("cpu", "cuda"):
+        raise UsageError(f"calibration provider {provider!r}: expected cpu or cuda")
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError(
+                "calibration provider cuda: CUDAExecutionProvider is not available in this "
+                "onnxruntime (install onnxruntime-gpu), use cpu"
+            )
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name in outputs:
+        if name in existing:
+            continue
+        value = onnx.ValueInfoProto(name=name)
+        if name in types:
+            value.type.tensor_type.elem_type = types[name]
+        copy.graph.output.append(value)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        if copy.ByteSize() < 2**31 - 2**24:
+            return ort.InferenceSession(copy.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:  # past protobuf's 2 GB: external data
+            path = Path(tmp) / "calibration.onnx"
+            onnx.save(copy, path, save_as_external_data=True, location="calibration.data")
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        raise UsageError(
+            f"calibration: ONNX Runtime cannot load the model: {first_line(exc)}"
+        ) from None
