@@ -19,7 +19,9 @@ of producing a model:
    (group == C_in, found from the weights, not from names) in `nodes_to_exclude`.
 5. `onnxshrink int8`: the lossless result, ranges from `onnxshrink.calibration.collect_ranges`
    (`--method`, default percentile) on the calibration feeds, then
-   `onnxshrink.quantize.quantize_qdq(target="ort-cpu")`.
+   `onnxshrink.sensitivity.quantize_with_budget(target="ort-cpu")` with the default error
+   budget (the most sensitive layers stay float; notes: how many, and the output error of
+   the fully quantized model -> the returned one).
 
 Every model is produced in a child process (this script with `--worker`), so that a tool that
 runs out of memory or crashes fails its own row only; the child's wall time (loading the data
@@ -185,7 +187,7 @@ def _produce(row: str, job: dict) -> dict:
         if row == "lossless":
             onnx.save(result.model, str(out))
             return notes
-        from onnxshrink.quantize import activation_tensors, quantize_qdq
+        from onnxshrink.quantize import activation_tensors
 
         names = activation_tensors(result.model, "ort-cpu")
         method = job["method"]
@@ -201,11 +203,18 @@ def _produce(row: str, job: dict) -> dict:
                 ) from None
             ranges = _minmax_ranges(result.model, names, _Folder(calib))
             method += " (bench's own)"
-        quantized, report = quantize_qdq(result.model, ranges, target="ort-cpu")
+        from onnxshrink.sensitivity import DEFAULT_MAX_ERROR, quantize_with_budget
+
+        quantized, budget = quantize_with_budget(
+            result.model, ranges, _Folder(calib), "ort-cpu", DEFAULT_MAX_ERROR
+        )
+        report = budget.quantize
         onnx.save(quantized, str(out))
         notes["method"] = method
         notes["quantized nodes"] = len(report.quantized)
         notes["kept float"] = len(report.kept_float)
+        notes["sensitive"] = len(budget.kept_float)
+        notes["error"] = f"{budget.full_error:.2g}->{budget.final_error:.2g}"
         return notes
 
     from onnxruntime.quantization import (
