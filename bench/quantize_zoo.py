@@ -191,18 +191,10 @@ def _produce(row: str, job: dict) -> dict:
 
         names = activation_tensors(result.model, "ort-cpu")
         method = job["method"]
-        try:
-            from onnxshrink.calibration import calibration_feeds, collect_ranges
+        from onnxshrink.calibration import calibration_feeds, collect_ranges
 
-            feeds = calibration_feeds(str(calib), result.model)
-            ranges = collect_ranges(result.model, names, feeds, method=method)
-        except ImportError:
-            if method != "minmax":
-                raise RuntimeError(
-                    f"onnxshrink.calibration is not importable; --method {method} needs it"
-                ) from None
-            ranges = _minmax_ranges(result.model, names, _Folder(calib))
-            method += " (bench's own)"
+        feeds = calibration_feeds(str(calib), result.model)
+        ranges = collect_ranges(result.model, names, feeds, method=method)
         from onnxshrink.sensitivity import DEFAULT_MAX_ERROR, quantize_with_budget
 
         quantized, budget = quantize_with_budget(
@@ -252,29 +244,6 @@ def _produce(row: str, job: dict) -> dict:
         )
         return notes
     raise ValueError(f"unknown row {row!r}")
-
-
-def _minmax_ranges(model: onnx.ModelProto, names: list[str], feeds) -> dict:
-    """Min/max of the named tensors over the feeds (used when onnxshrink.calibration is absent)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), options, ["CPUExecutionProvider"])
-    inputs = {i.name for i in sess.get_inputs()}
-    ranges: dict[str, tuple[float, float]] = {}
-    for feed in feeds:
-        for name, value in zip(names, sess.run(names, {k: feed[k] for k in inputs}), strict=True):
-            lo, hi = float(value.min()), float(value.max())
-            old = ranges.get(name, (lo, hi))
-            ranges[name] = (min(lo, old[0]), max(hi, old[1]))
-    return ranges
 
 
 def _worker(job_text: str) -> int:
@@ -633,12 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return _worker(argv[1])
-    try:
-        import onnxshrink.calibration  # noqa: F401
-
-        default_method = "percentile"
-    except ImportError:
-        default_method = "minmax"
+    default_method = "percentile"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--calib", type=int, default=64, help="calibration samples (>= 1)")

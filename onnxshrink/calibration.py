@@ -83,6 +83,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import UsageError, first_line
+from onnxshrink.io import with_outputs
 from onnxshrink.parity import InputBatches, generate_inputs, model_inputs
 from onnxshrink.shapes import infer_shapes
 
@@ -700,16 +701,7 @@ def _calibration_session(
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    existing = {o.name for o in copy.graph.output}
-    for name in outputs:
-        if name in existing:
-            continue
-        value = onnx.ValueInfoProto(name=name)
-        if name in types:
-            value.type.tensor_type.elem_type = types[name]
-        copy.graph.output.append(value)
+    copy = with_outputs(model, outputs, types)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:

@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -164,6 +164,28 @@ def _can_size(model: onnx.ModelProto) -> bool:
     except Exception:
         return False
     return True
+
+
+def with_outputs(
+    model: onnx.ModelProto, names: Iterable[str], elem_types: dict[str, int] | None = None
+) -> onnx.ModelProto:
+    """A copy of `model` with the tensors `names` added as graph outputs (to observe them).
+
+    `elem_types` gives the element type of a name where known; otherwise ORT infers it. Names
+    already among the outputs are not added twice; `model` is not modified.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    have = {o.name for o in copy.graph.output}
+    for name in names:
+        if name in have:
+            continue
+        value = onnx.ValueInfoProto(name=name)
+        if elem_types and name in elem_types:
+            value.type.tensor_type.elem_type = elem_types[name]
+        copy.graph.output.append(value)
+        have.add(name)
+    return copy
 
 
 def write_text_atomic(dest: str | os.PathLike[str], text: str) -> Path:

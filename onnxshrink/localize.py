@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.io import graph_protos
+from onnxshrink.io import graph_protos, with_outputs
 from onnxshrink.parity import Progress, jsonable, ort_session, relative_error
 
 logger = logging.getLogger(__name__)
@@ -233,14 +233,7 @@ def _pair_tensors(ref: _Graph, cand: _Graph) -> tuple[dict[str, tuple[str, str]]
 
 def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
     """A serialized copy of `model` with `names` added as graph outputs (types left to ORT)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in have:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-            have.add(name)
-    return copy.SerializeToString()
+    return with_outputs(model, names).SerializeToString()
 
 
 def _cut_model(

@@ -664,6 +664,26 @@ def _img(svg: str | None, alt: str) -> str:
     return f'<img class="chart" alt="{_e(alt)}" src="{_svg_uri(svg)}">'
 
 
+def _figures(
+    result: OptimizeResult,
+    command: str,
+    model_path: str | os.PathLike[str] | None,
+    output_path: str | os.PathLike[str] | None,
+    bench: BenchReport | None,
+    layer_errors: Sequence[tuple[str, float]] | None,
+) -> tuple[dict[str, Any], str]:
+    """The report's figures (`report_dict`) and the model's display name, for HTML and markdown."""
+    d = report_dict(
+        result,
+        command=command,
+        model_path=model_path,
+        output_path=output_path,
+        bench=bench,
+        layer_errors=layer_errors,
+    )
+    return d, _model_name(model_path, result)
+
+
 def render_html(
     result: OptimizeResult,
     *,
@@ -674,20 +694,8 @@ def render_html(
     layer_errors: Sequence[tuple[str, float]] | None = None,
 ) -> str:
     """The report as one self-contained HTML page (inline CSS, SVG charts as data: images)."""
-    d = report_dict(
-        result,
-        command=command,
-        model_path=model_path,
-        output_path=output_path,
-        bench=bench,
-        layer_errors=layer_errors,
-    )
-    name = _model_name(model_path, result)
-    before, after, change = (
-        d["summary"]["before"],
-        d["summary"]["after"],
-        d["summary"]["change_pct"],
-    )
+    d, name = _figures(result, command, model_path, output_path, bench, layer_errors)
+    before, after, change = (d["summary"][k] for k in ("before", "after", "change_pct"))
     parity = d["parity"]
     status, status_cls = _parity_status(parity)
     body: list[str] = []
@@ -1048,20 +1056,8 @@ def render_markdown(
     layer_errors: Sequence[tuple[str, float]] | None = None,
 ) -> str:
     """The report as GitHub-flavoured markdown: the HTML report's tables, without charts."""
-    d = report_dict(
-        result,
-        command=command,
-        model_path=model_path,
-        output_path=output_path,
-        bench=bench,
-        layer_errors=layer_errors,
-    )
-    name = _model_name(model_path, result)
-    before, after, change = (
-        d["summary"]["before"],
-        d["summary"]["after"],
-        d["summary"]["change_pct"],
-    )
+    d, name = _figures(result, command, model_path, output_path, bench, layer_errors)
+    before, after, change = (d["summary"][k] for k in ("before", "after", "change_pct"))
     parity = d["parity"]
     status, _ = _parity_status(parity)
     out: list[str] = [f"# onnxshrink report: {_md(name)}", ""]
