@@ -429,3 +429,45 @@ def test_npz_missing_input_names_calibration_option(tmp_path) -> None:
     np.savez(tmp_path / "calib.npz", image=np.zeros((1, 2, 8, 8), np.float32))
     with pytest.raises(UsageError, match="--calibration-data .*no array for model input"):
         calibration_feeds(tmp_path / "calib.npz", conv_model())
+
+
+def test_collect_statistics_channel_means_match_numpy() -> None:
+    from onnxshrink.calibration import ChannelMeanObserver, collect_statistics
+
+    model = conv_model()
+    feeds = [_feed(seed) for seed in range(4)]
+    stats = collect_statistics(model, ["x", "r"], feeds, mean_axes={"r": 1, "x": 1})
+    assert set(stats.ranges) == {"x", "r"}
+    expected = _arrays_by_running(model, ["r"], feeds)["r"]
+    np.testing.assert_allclose(
+        stats.channel_means["r"], expected.astype(np.float64).mean(axis=(0, 2, 3))
+    )
+    xs = np.concatenate([f["x"] for f in feeds])
+    np.testing.assert_allclose(stats.channel_means["x"], xs.astype(np.float64).mean(axis=(0, 2, 3)))
+    # a tensor without the asked axis gets no mean, and no error
+    stats = collect_statistics(model, ["r"], feeds, mean_axes={"r": 7})
+    assert stats.channel_means == {} and "r" in stats.ranges
+    # the observer alone: streaming equals all at once; a channel-count change is refused
+    obs = ChannelMeanObserver(axis=-1)
+    data = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    for part in np.array_split(data, 3):
+        obs.update(part)
+    np.testing.assert_allclose(obs.mean(), data.astype(np.float64).mean(axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="channel count"):
+        obs.update(np.zeros((2, 5)))
+    assert ChannelMeanObserver(axis=0).mean() is None
+
+
+def _arrays_by_running(
+    model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    from onnxshrink.io import with_outputs
+
+    sess = ort.InferenceSession(
+        with_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    outs = [o.name for o in sess.get_outputs()]
+    runs = [dict(zip(outs, sess.run(None, f), strict=True)) for f in feeds]
+    return {n: np.concatenate([r[n] for r in runs]) for n in names}

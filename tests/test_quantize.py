@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from onnxshrink.errors import UsageError
 from onnxshrink.quantize import (
     activation_tensors,
+    bias_correction_axes,
     quantizable_nodes,
     quantize_qdq,
     quantize_weight,
@@ -129,9 +130,13 @@ def _minmax_ranges(
 def _calibrated(
     model: onnx.ModelProto, target: str = "ort-cpu", **kwargs
 ) -> tuple[onnx.ModelProto, object, dict]:
+    weight_only = kwargs.pop("weight_only", None)
+    input_means = kwargs.pop("input_means", None)
     names = activation_tensors(model, target, **kwargs)
     ranges = _minmax_ranges(model, names, _feeds(model, 8, seed=1))
-    quantized, report = quantize_qdq(model, ranges, target=target, **kwargs)
+    quantized, report = quantize_qdq(
+        model, ranges, target=target, weight_only=weight_only, input_means=input_means, **kwargs
+    )
     return quantized, report, ranges
 
 
@@ -323,7 +328,7 @@ def test_depthwise_conv_stays_float() -> None:
     _assert_interface(model, quantized)
     assert report.quantized == ["Conv_1"]
     assert "depthwise" in report.kept_float["Conv_0"]
-    assert _node(quantized, "Conv_0").input[1] == "wd"  # float weight kept
+    assert _node(quantized, "Conv_0").input[1] == "wd"  # float weight kept (case 6: no Conv)
     assert _relative_error(model, quantized) < 0.03
 
 
@@ -474,3 +479,188 @@ def test_op_type_pattern_matches_exactly() -> None:
     cands = quantizable_nodes(model, exclude=["Con"])
     assert all(c.quantizable for c in cands)  # "Con" is not an op type nor in a name
     assert not any(c.quantizable for c in quantizable_nodes(model, exclude=["Conv"]))
+
+
+_TWO_MATMULS = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (float[4,32] x) => (float[4,16] y) {
+    h = MatMul (x, w1)
+    r = Relu (h)
+    y = MatMul (r, w2)
+}
+"""
+
+
+def _two_matmuls() -> onnx.ModelProto:
+    return make_model(
+        _TWO_MATMULS,
+        {
+            "w1": _RNG.normal(0, 0.3, (32, 64)).astype(np.float32),
+            "w2": _RNG.normal(0, 0.3, (64, 16)).astype(np.float32),
+        },
+    )
+
+
+def test_weight_only_storage_for_matmul_kept_float() -> None:
+    model = _two_matmuls()
+    quantized, report, _ = _calibrated(model, nodes={"MatMul_0"})
+    assert report.quantized == ["MatMul_0"] and report.weight_only == ["MatMul_2"]
+    assert report.kept_float["MatMul_2"] == "not in the selected nodes"
+    node = _node(quantized, "MatMul_2")
+    dq = _producer(quantized, node.input[1])
+    assert dq.op_type == "DequantizeLinear" and _dq_attr_axis(dq) == 1
+    assert _initializers(quantized)[dq.input[0]].dtype == np.int8
+    # the activation stays float: the node reads Relu's output directly, no DQ in between
+    assert _producer(quantized, node.input[0]).op_type == "Relu"
+    assert "w2" not in _initializers(quantized)  # the float copy is gone
+    _assert_interface(model, quantized)
+    assert _relative_error(model, quantized) < 0.03
+    # off, or excluded by the user: the weight stays float
+    plain, plain_report, _ = _calibrated(model, nodes={"MatMul_0"}, weight_only=False)
+    assert plain_report.weight_only == [] and _node(plain, "MatMul_2").input[1] == "w2"
+    excluded, excluded_report, _ = _calibrated(model, exclude=["MatMul_2"])
+    assert excluded_report.weight_only == [] and _node(excluded, "MatMul_2").input[1] == "w2"
+    # tensorrt expects Q/DQ on activations too: no weight-only storage by default
+    _, trt_report, _ = _calibrated(model, target="tensorrt", nodes={"MatMul_0"})
+    assert trt_report.weight_only == []
+
+
+def test_weight_only_conv_needs_a_share_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxshrink.quantize as quantize_module
+
+    model = _conv_relu_conv()
+    _, report, _ = _calibrated(model, nodes={"Conv_0"})
+    assert report.weight_only == ["Conv_2"]  # its weight is most of the model's
+    # a Conv below the share keeps a float weight (and ORT's NCHWc kernels)
+    monkeypatch.setattr(quantize_module, "WEIGHT_ONLY_CONV_SHARE", 0.99)
+    plain, report, _ = _calibrated(model, nodes={"Conv_0"})
+    assert report.weight_only == [] and _node(plain, "Conv_2").input[1] == "w2"
+
+
+_POINTWISE = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (float[2,8,6,6] x, float[3,16] v) => (float[2,8,6,6] y, float[3,8] z) {
+    y = Conv (x, w, b)
+    z = Gemm <transB = 1, alpha = 2.0, beta = 0.5> (v, g, c)
+}
+"""
+
+
+def _rounding_down(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Weights that int8 rounding moves down by 0.4 steps everywhere but each row's maximum."""
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(-100, 100, size=shape).astype(np.float64) + 0.4
+    rows = steps.reshape(shape[0], -1)
+    rows[:, 0] = 127.0  # the max sets the scale to exactly 1/1000 per row
+    return (rows.reshape(shape) / 1000.0).astype(np.float32)
+
+
+def test_bias_correction_cancels_the_mean_shift_of_rounded_weights() -> None:
+    model = make_model(
+        _POINTWISE,
+        {
+            "w": _rounding_down((8, 8, 1, 1), 0),
+            "b": np.zeros(8, np.float32),
+            "g": _rounding_down((8, 16), 1),
+            "c": np.ones(8, np.float32),
+        },
+    )
+    rng = np.random.default_rng(2)
+    feed = {
+        "x": (5.0 + rng.normal(size=(2, 8, 6, 6))).astype(np.float32),
+        "v": (3.0 + rng.normal(size=(3, 16))).astype(np.float32),
+    }
+    means = {
+        "x": feed["x"].astype(np.float64).mean(axis=(0, 2, 3)),
+        "v": feed["v"].astype(np.float64).mean(axis=0),
+    }
+    assert bias_correction_axes(model) == {"x": 1, "v": -1}
+    ref = run(model, feed)
+
+    def mean_shift(**kwargs) -> tuple[float, float, object]:
+        q, report = quantize_qdq(model, {}, nodes=set(), **kwargs)  # weight-only, no ranges
+        out = run(q, feed)
+        # per-channel mean over everything else: with mu taken from this very feed, the
+        # correction cancels it exactly (up to float32 rounding)
+        conv = float(np.abs((out[0] - ref[0]).mean(axis=(0, 2, 3))).max())
+        gemm = float(np.abs((out[1] - ref[1]).mean(axis=0)).max())
+        return conv, gemm, report
+
+    conv_raw, gemm_raw, report = mean_shift()
+    assert report.weight_only == ["Conv_0", "Gemm_1"] and report.bias_corrected == []
+    conv_fixed, gemm_fixed, report = mean_shift(input_means=means)
+    assert report.bias_corrected == ["Conv_0", "Gemm_1"]
+    assert conv_raw > 5e-3 and gemm_raw > 5e-3  # the systematic shift is there
+    assert conv_fixed < 0.05 * conv_raw and gemm_fixed < 0.05 * gemm_raw
+
+
+def test_bias_correction_with_activation_quantization_and_no_bias() -> None:
+    model = _conv_relu_conv()
+    rng = np.random.default_rng(3)
+    means = {
+        "x": rng.normal(size=8),
+        "r1": np.abs(rng.normal(size=16)),
+    }
+    quantized, report, _ = _calibrated(model, input_means=means)
+    assert report.bias_corrected == ["Conv_0", "Conv_2"]
+    onnx.checker.check_model(quantized, full_check=True)
+    # the corrected biases are int32 at scale s_x * s_w, as in case 3
+    conv = _node(quantized, "Conv_2")
+    bias_dq = _producer(quantized, conv.input[2])
+    assert _initializers(quantized)[bias_dq.input[0]].dtype == np.int32
+    # a Conv without a bias gets one; a grouped Conv is left alone
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    agraph (float[1,8,6,6] x) => (float[1,8,6,6] y) {
+        h = Conv (x, w)
+        y = Conv <group = 2> (h, wg)
+    }
+    """
+    plain = make_model(
+        text,
+        {
+            "w": _RNG.normal(size=(8, 8, 1, 1)).astype(np.float32),
+            "wg": _RNG.normal(size=(8, 4, 1, 1)).astype(np.float32),
+        },
+    )
+    assert bias_correction_axes(plain) == {"x": 1}
+    q, report = quantize_qdq(plain, {}, nodes=set(), input_means={"x": np.ones(8)})
+    assert report.bias_corrected == ["Conv_0"] and len(_node(q, "Conv_0").input) == 3
+    assert len(_node(q, "Conv_1").input) == 2
+
+
+_RESIDUAL = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (float[1,8,8,8] x) => (float[1,8,4,4] y) {
+    c1 = Conv <pads = [1,1,1,1]> (x, w1)
+    r1 = Relu (c1)
+    c2 = Conv <pads = [1,1,1,1]> (r1, w2)
+    s = Add (c2, r1)
+    p = MaxPool <kernel_shape = [2,2], strides = [2,2]> (s)
+    y = Conv <pads = [1,1,1,1]> (p, w3)
+}
+"""
+
+
+def test_tensorrt_quantizes_residual_add_and_pooling_inputs() -> None:
+    model = make_model(
+        _RESIDUAL,
+        {name: _RNG.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32) for name in ("w1", "w2", "w3")},
+    )
+    names = activation_tensors(model, "tensorrt")
+    assert names == ["x", "r1", "p", "s"]  # conv inputs, then the pooling input
+    quantized, report, _ = _calibrated(model, target="tensorrt")
+    assert sorted(report.tensorrt_joins) == ["Add_3", "MaxPool_4"]
+    add, pool = _node(quantized, "Add_3"), _node(quantized, "MaxPool_4")
+    assert add.input[0] == "c2"  # the quantized layer's own output stays as it is
+    assert _producer(quantized, add.input[1]).op_type == "DequantizeLinear"  # the residual
+    assert _producer(quantized, pool.input[0]).op_type == "DequantizeLinear"
+    onnx.checker.check_model(quantized, full_check=True)
+    _assert_interface(model, quantized)
+    assert _relative_error(model, quantized) < 0.05
+    # ort-cpu has its own layout (case 5b): no joins there
+    _, cpu_report, _ = _calibrated(model)
+    assert cpu_report.tensorrt_joins == []
+    # nothing quantized next to them: no Q/DQ for the Add or the pooling either
+    _, none_report, _ = _calibrated(model, target="tensorrt", nodes={"Conv_0"})
+    assert none_report.tensorrt_joins == []
