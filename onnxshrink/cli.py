@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +17,8 @@ from onnxshrink import __version__
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.optimize import ModelSummary, OptimizeResult
 from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL
+from onnxshrink.quantize import TARGETS as QUANTIZE_TARGETS
+from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -70,7 +74,8 @@ def optimize(
         typer.Option(
             "--inputs",
             help="Inputs for the parity check: an .npz with one array per model input, or a "
-            "folder of them \\[default: generated random inputs].",
+            "folder of them \\[default: generated random inputs]. With --quantize, the int8 "
+            "model is judged on them too: give held-out samples, not the calibration data.",
         ),
     ] = None,
     opset: Annotated[
@@ -126,6 +131,87 @@ def optimize(
     bench_runs: Annotated[
         int, typer.Option("--bench-runs", min=1, help="Timed runs per model for --bench.")
     ] = 30,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            metavar="int8",
+            help="Also quantize: int8 (static, QDQ; needs --calibration-data).",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = None,
+    calibration_data: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration-data",
+            metavar="SPEC",
+            help="Samples for int8 calibration: an .npz with one array per model input (axis 0 "
+            "the batch), a folder of .npz files, a loader script loader.py[:function] yielding "
+            "feed dicts, or 'random' (synthetic; poor ranges, flagged in the output).",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = None,
+    calibration_method: Annotated[
+        str,
+        typer.Option(
+            "--calibration-method",
+            metavar="minmax|percentile|entropy|mse",
+            help="How activation ranges are chosen from the calibration statistics.",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = "percentile",
+    quantize_target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            metavar="|".join(QUANTIZE_TARGETS),
+            help="The runtime the int8 layout is for: ort-cpu (uint8 activations, Q/DQ on "
+            "inputs and outputs for ORT's QLinear kernels) or tensorrt (symmetric int8, Q/DQ "
+            "on inputs).",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = "ort-cpu",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            metavar="REGEX",
+            help="Keep a node float when REGEX is found in its name or matches its op type "
+            "(repeatable; e.g. --exclude Conv keeps every Conv float).",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = None,
+    max_error: Annotated[
+        float,
+        typer.Option(
+            "--max-error",
+            help="Error budget: the mean output noise-to-signal ratio, sum (q-f)^2 / sum f^2, "
+            "allowed on calibration samples; the most sensitive layers stay float until it "
+            f"holds (measured on up to 32 calibration samples). The default "
+            f"{DEFAULT_MAX_ERROR:g} is {-10 * math.log10(DEFAULT_MAX_ERROR):.0f} dB SNR; lower it "
+            "for more accuracy (more layers float: slower, larger), raise it for speed.",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = DEFAULT_MAX_ERROR,
+    calibration_provider: Annotated[
+        str,
+        typer.Option(
+            "--calibration-provider",
+            metavar="cpu|cuda",
+            help="ONNX Runtime provider for the calibration pass.",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = "cpu",
+    no_speed_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-speed-check",
+            help="Keep int8 compute without timing it. By default (target ort-cpu) int8 compute "
+            "is timed against float compute with int8 weights on ORT CPU and kept only where "
+            "it is faster.",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = False,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -135,6 +221,12 @@ def optimize(
 ) -> None:
     """Apply the lossless rules (dead-layer removal, constant folding, operator fusion), check
     parity with ONNX Runtime CPU, and write the result atomically.
+
+    With --quantize int8, the lossless result is then quantized to int8 (QDQ, per-channel
+    weights): activation ranges come from --calibration-data; the layers whose quantization
+    hurts the outputs most stay float until the error on calibration samples is within
+    --max-error. The int8 model is then compared with the original on --inputs (use held-out
+    samples, not the calibration data): cosine, SNR, noise-to-signal ratio, argmax agreement.
 
     Exit codes: 0 written; 1 parity failed or internal failure (nothing written); 2 bad input.
     """
@@ -150,11 +242,7 @@ def optimize(
             from onnxshrink.report import report_format
 
             report_format(report)  # a bad --report path fails before the work, not after
-        with (
-            err.status(f"optimizing {model.name}...", spinner="dots")
-            if err.is_terminal
-            else _null()
-        ):
+        with _optimize_progress(err, model.name, quantize is not None) as progress:
             result = run_optimize(
                 model,
                 target,
@@ -166,6 +254,15 @@ def optimize(
                 verify=verify,
                 samples=samples,
                 seed=seed,
+                quantize=quantize,
+                calibration_data=calibration_data,
+                calibration_method=calibration_method,
+                target=quantize_target,
+                exclude=tuple(exclude or ()),
+                max_error=max_error,
+                calibration_provider=calibration_provider,
+                check_speed=not no_speed_check,
+                progress=progress,
             )
         if bench:
             from onnxshrink.bench import benchmark, parse_providers
@@ -187,6 +284,8 @@ def optimize(
             raise
         _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
     _print_result(model, result, verbose)
+    if result.quantization is not None:
+        _print_quantization(result)
     if bench_report is not None:
         from onnxshrink.cli_bench import _print_report
 
@@ -333,7 +432,9 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
         out.print(declined)
 
     for note in result.notes:
-        if not note.startswith("parity not verified"):
+        if note.startswith("warning: "):
+            out.print(f"[yellow]warning:[/yellow] {note[len('warning: ') :]}", highlight=False)
+        elif not note.startswith("parity not verified"):
             out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     parity = result.parity
     if parity is None:
@@ -341,8 +442,10 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
     elif not parity.verified:
         out.print(f"[yellow]parity not verified: {parity.reason}[/yellow]")
     else:
+        stage = " (lossless stage, before int8)" if result.quantization is not None else ""
         out.print(
-            f"parity vs original: ONNX Runtime CPU, {parity.samples} input sample(s), rtol {parity.rtol:g}"
+            f"parity vs original{stage}: ONNX Runtime CPU, {parity.samples} input sample(s), "
+            f"rtol {parity.rtol:g}"
         )
         table = Table(show_header=True, header_style="bold")
         table.add_column("output")
@@ -359,12 +462,134 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
         out.print(table)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+@contextlib.contextmanager
+def _optimize_progress(console: Console, name: str, quantizing: bool):
+    """A spinner while optimizing; with quantization, one bar per stage (calibration pass,
+    sensitivity sessions, held-out check). Yields optimize()'s progress callback (or None)."""
+    if not console.is_terminal:
+        yield None
+        return
+    if not quantizing:
+        with console.status(f"optimizing {name}...", spinner="dots"):
+            yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {"": bar.add_task(f"optimizing {name}", total=None)}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                for task in tasks.values():  # an earlier stage is over
+                    bar.update(task, visible=False)
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        yield update
+
+
+def _fmt_float(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return format(value, spec)
+
+
+def _print_quantization(result: OptimizeResult) -> None:
+    """The int8 section: settings, counts, layers kept float and why, the held-out check."""
+    q = result.quantization
+    budget = q.budget
+    out.print()
+    out.print(
+        f"[bold]int8 quantization[/bold]: target {q.target}, calibration method {q.method}, "
+        f"{q.feeds} calibration sample(s) from {q.calibration} ({q.seconds:.2f} s)",
+        highlight=False,
+    )
+    if q.synthetic:
+        out.print(
+            "[yellow]warning: calibrated on random inputs; ranges do not come from real data. "
+            "Pass real samples with --calibration-data.[/yellow]",
+            highlight=False,
+        )
+    out.print(
+        f"quantized {len(q.quantized)} of {len(q.layers)} Conv/ConvTranspose/Gemm/MatMul layers; "
+        f"{len(q.kept_float)} kept float ({len(budget.kept_float)} for accuracy), "
+        f"{len(q.quantize.weight_only)} of them with int8 weights; bias correction on "
+        f"{len(q.quantize.bias_corrected)} layer(s)",
+        highlight=False,
+    )
+    if q.kept_float:
+        table = Table(title="layers kept float", show_header=True, header_style="bold")
+        table.add_column("layer")
+        table.add_column("op")
+        table.add_column("reason")
+        for layer in q.kept_float:
+            table.add_row(layer.name, layer.op, layer.reason or "")
+        out.print(table)
+    verdict = "within" if budget.within_budget else "[red]over[/red]"
+    out.print(
+        f"error on calibration samples (mean output noise-to-signal): full int8 "
+        f"{budget.full_error:.3g} -> final {budget.final_error:.3g}, {verdict} the budget "
+        f"{budget.max_error:g} ({budget.sessions} ORT session(s))",
+        highlight=False,
+    )
+    if q.speed is not None:
+        out.print(
+            f"speed check (ORT CPU, median of {q.speed.runs} interleaved runs): float "
+            f"{q.speed.float_ms:.2f} ms, int8 compute {q.speed.int8_ms:.2f} ms"
+            + (
+                ""
+                if q.speed.weights_ms is None
+                else f", float compute with int8 weights {q.speed.weights_ms:.2f} ms"
+            )
+            + f"; result {q.speed.ratio:.2f}x the float model ("
+            + ("int8 compute" if q.speed.chosen == "int8" else "float compute, int8 weights")
+            + ")",
+            highlight=False,
+        )
+    check = result.quantized_parity
+    if check is None or not check.verified:
+        return
+    what = "held-out" if check.held_out else "[yellow]not held-out[/yellow]"
+    out.print(
+        f"int8 vs original on {check.source} ({what}, {check.samples} sample(s)): "
+        f"mean noise-to-signal {check.error:.3g}",
+        highlight=False,
+    )
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("output")
+    table.add_column("cosine", justify="right")
+    table.add_column("SNR dB", justify="right")
+    table.add_column("NSR", justify="right")
+    table.add_column("argmax agree", justify="right")
+    for o in check.outputs:
+        agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement * 100:.1f}%"
+        table.add_row(
+            o.name,
+            _fmt_float(o.cosine, ".6f"),
+            _fmt_float(o.snr_db, ".1f"),
+            _fmt_float(o.nsr, ".2e"),
+            agree,
+        )
+    out.print(table)
 
 
 def _setup_logging(verbose: bool) -> None:

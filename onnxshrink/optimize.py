@@ -1,4 +1,15 @@
-"""The `optimize` pipeline: load, rewrite to a fixed point, verify parity, write atomically."""
+"""The `optimize` pipeline: load, rewrite to a fixed point, verify parity, write atomically.
+
+1. Load the model (never modified); pin input shapes and raise the opset when asked.
+2. Rewrite with the lossless rules to a fixed point; check parity against the original (rtol
+   bar), retrying with fewer weight rescalings when rounding breaks it.
+3. With `quantize="int8"`: quantize the lossless model (`onnxshrink.int8.quantize_int8`:
+   calibration, QDQ placement within the error budget), then judge the quantized model against
+   the original on the parity inputs (held-out when the user gives them) with cosine, SNR,
+   noise-to-signal ratio and argmax agreement. Over the budget there: a warning note, no
+   failure.
+4. Write the result atomically, only after all of the above.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +25,29 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
+from onnxshrink.int8 import (
+    HOW_TO_CALIBRATE,
+    HeldOutCheck,
+    Int8Result,
+    StagedProgress,
+    as_calibration_data,
+    check_settings,
+    float_output_names,
+    held_out_check,
+    quantize_int8,
+)
 from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
 from onnxshrink.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
+    InputBatches,
     ParityReport,
     Reference,
     check_parity,
     generate_inputs,
-    load_inputs,
-    model_inputs,
 )
 from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
+from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
 from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
 
 logger = logging.getLogger(__name__)
@@ -76,7 +98,12 @@ class ModelSummary:
 
 @dataclass
 class OptimizeResult:
-    """Everything `optimize` learned; the CLI renders it as a table."""
+    """Everything `optimize` learned; the CLI renders it as a table.
+
+    With `quantize="int8"`, `model`/`after` are the quantized model, `parity` is the lossless
+    stage's check, `quantization` what quantization did and `quantized_parity` the check of the
+    quantized model against the original (None with `verify=False`).
+    """
 
     model: onnx.ModelProto
     before: ModelSummary
@@ -86,6 +113,8 @@ class OptimizeResult:
     output_path: Path | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    quantization: Int8Result | None = None
+    quantized_parity: HeldOutCheck | None = None
 
 
 # Rewrite tiers, tried in order until parity holds. Folding a scale into weights is exact in
@@ -266,6 +295,15 @@ def optimize(
     samples: int = 2,
     seed: int = 0,
     passes: Sequence[Pass] | None = None,
+    quantize: str | None = None,
+    calibration_data: str | Path | Iterable[dict[str, np.ndarray]] | None = None,
+    calibration_method: str = "percentile",
+    target: str = "ort-cpu",
+    exclude: Sequence[str] = (),
+    max_error: float = DEFAULT_MAX_ERROR,
+    calibration_provider: str = "cpu",
+    check_speed: bool = True,
+    progress: StagedProgress | None = None,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
 
@@ -273,12 +311,36 @@ def optimize(
     - `output`: where to write; nothing is written when None or when parity fails.
     - `input_shapes`: pins dynamic input dims (kept in the output model).
     - `inputs`: an .npz path, a folder of them, or an iterable of feed dicts; default:
-      `samples` generated feeds.
+      `samples` generated feeds. With quantization these are the held-out data the quantized
+      model is judged on: never pass the calibration samples.
     - `opset`: raise the model's ai.onnx opset first (lets newer fused ops be used).
-    Raises ParityError when an output moves more than `atol + rtol * max|ref|` (see
-    `onnxshrink.parity`); nothing is written then.
+    - `quantize="int8"`: then quantize (module docstring, 3) with `calibration_data` (an .npz,
+      a folder of them, `loader.py[:function]`, `random`, or a list of feed dicts; required),
+      `calibration_method` (minmax, percentile, entropy, mse), `target` (ort-cpu, tensorrt),
+      `exclude` (regexes on node names / op types kept float), `max_error` (mean output
+      noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
+      `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.int8`, 5).
+      `progress(stage, done, total)` reports calibration and sensitivity work.
+    Raises ParityError when an output of the lossless model moves more than
+    `atol + rtol * max|ref|` (see `onnxshrink.parity`), UsageError for bad settings or data;
+    nothing is written then.
     """
     start = time.perf_counter()
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    if quantize is not None:
+        if quantize != "int8":
+            raise UsageError(f"--quantize {quantize!r}: only int8 is supported")
+        if calibration_data is None or (
+            isinstance(calibration_data, (str, Path)) and not str(calibration_data).strip()
+        ):
+            raise UsageError(f"--quantize int8 needs calibration data: {HOW_TO_CALIBRATE}")
+        check_settings(
+            method=calibration_method,
+            target=target,
+            exclude=exclude,
+            max_error=max_error,
+            provider=calibration_provider,
+        )
     source_path = Path(model) if isinstance(model, (str, Path)) else None
     original = load_model(source_path) if source_path is not None else model
     if output is not None:
@@ -295,15 +357,22 @@ def optimize(
         work = convert_opset(work, opset)
     if input_shapes:
         pin_input_shapes(work, input_shapes)
-    input_names = [v.name for v in model_inputs(work)]
     if inputs is not None and not isinstance(inputs, (str, Path)):
         inputs = list(inputs)  # may be one-shot, and a retry reads it again
+    calibration = None
+    if quantize is not None:
+        # read up front (file headers, loader import) so that bad data fails before any work
+        calibration = as_calibration_data(calibration_data, work)
+
+    # an .npz holding many samples is split along axis 0 into batches the model accepts;
+    # the file headers are checked now, so a bad --inputs fails before any work
+    batches = InputBatches(inputs, work) if isinstance(inputs, (str, Path)) else None
 
     def feeds() -> Iterable[dict[str, np.ndarray]]:
         if inputs is None:
             return (generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples))
-        if isinstance(inputs, (str, Path)):
-            return load_inputs(inputs, input_names)
+        if batches is not None:
+            return batches
         return inputs
 
     parity = None
@@ -350,14 +419,109 @@ def optimize(
             )
         logger.info("parity failed (%s); retrying without weight rescaling", failures[-1])
 
-    written = save_model(rewritten, output) if output is not None else None
+    final = rewritten
+    quantization = quantized_parity = None
+    if calibration is not None:
+        quantization = quantize_int8(
+            rewritten,
+            calibration,
+            method=calibration_method,
+            target=target,
+            exclude=exclude,
+            max_error=max_error,
+            provider=calibration_provider,
+            progress=progress,
+            check_speed=check_speed,
+        )
+        final = quantization.model
+        notes.extend(quantization.quantize.notes)
+        if quantization.synthetic:
+            notes.append(
+                "calibrated on random inputs (--calibration-data random): activation ranges "
+                "do not come from real data and accuracy may suffer; pass real samples"
+            )
+        if verify:
+            quantized_parity = _check_quantized(
+                reference, original, final, feeds(), inputs, calibration_data, max_error, progress
+            )
+            notes.extend(_held_out_notes(quantized_parity, max_error))
+        else:
+            notes.append("quantized model not checked against the original (--no-verify)")
+
+    written = save_model(final, output) if output is not None else None
     return OptimizeResult(
-        model=rewritten,
+        model=final,
         before=ModelSummary.of(original),
-        after=ModelSummary.of(rewritten),
+        after=ModelSummary.of(final),
         stats=stats,
         parity=parity,
         output_path=written,
         seconds=time.perf_counter() - start,
         notes=notes,
+        quantization=quantization,
+        quantized_parity=quantized_parity,
     )
+
+
+def _check_quantized(
+    reference: Reference,
+    original: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    feeds: Iterable[dict[str, np.ndarray]],
+    inputs: str | Path | list | None,
+    calibration_data: object,
+    max_error: float,
+    progress: StagedProgress | None,
+) -> HeldOutCheck:
+    """The quantized model against the original on the parity feeds (module docstring, 3)."""
+    if inputs is None:
+        source, held_out = "generated random inputs", False
+    elif isinstance(inputs, (str, Path)):
+        source = str(inputs)
+        same = isinstance(calibration_data, (str, Path)) and _same_path(inputs, calibration_data)
+        held_out = not same
+    else:
+        source, held_out = "the given feeds", calibration_data is not inputs
+    return held_out_check(
+        reference,
+        quantized,
+        feeds,
+        source=source,
+        held_out=held_out,
+        float_outputs=float_output_names(original),
+        progress=(lambda done, total: progress("held-out check", done, total))
+        if progress is not None
+        else None,
+    )
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _held_out_notes(check: HeldOutCheck, max_error: float) -> list[str]:
+    """Notes on how far the held-out check can be trusted, and a warning over the budget."""
+    notes = []
+    if not check.verified:
+        notes.append(f"quantized model not checked against the original: {check.reason}")
+        return notes
+    if check.source == "generated random inputs":
+        notes.append(
+            "the quantized model was checked on generated random inputs, not real data; pass "
+            "held-out samples with --inputs for a meaningful accuracy figure"
+        )
+    elif not check.held_out:
+        notes.append(
+            "--inputs is the calibration data: the check of the quantized model is not on "
+            "held-out data; pass other samples with --inputs"
+        )
+    if not check.error <= max_error:
+        notes.append(
+            f"warning: the quantized model's output noise-to-signal ratio on {check.source} is "
+            f"{check.error:.3g}, over the budget {max_error:g} met on the calibration samples; "
+            "calibrate on more representative data, lower --max-error or --exclude layers"
+        )
+    return notes

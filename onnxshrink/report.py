@@ -12,10 +12,12 @@
 Contents: the command, versions and date; before/after size, node counts, initializers and
 parameters; the op-type histogram; rules applied (times, seconds), rules that declined (reason,
 times); notes; the parity table; the benchmark table when a bench report is given; per-layer
-errors when given. The bench report comes from `onnxshrink.bench` and is read duck-typed
-(attributes or mapping keys: `rows`, `skipped`, `environment`; row fields `model, provider,
-p50_ms, p90_ms, mean_ms, throughput, session_s, peak_mb, placement, ratio, runs`), so this module
-never imports it. Every user-controlled string (paths, node, output and layer names) is escaped.
+errors when given; with int8 quantization, its settings, counts, every layer kept float and
+why, the sensitivity ranking (bars in HTML) and the check of the int8 model against the original
+(`onnxshrink.int8`, read duck-typed too). The bench report comes from `onnxshrink.bench` and
+is read duck-typed (attributes or mapping keys: `rows`, `skipped`, `environment`; row fields
+`model, provider, p50_ms, p90_ms, mean_ms, throughput, session_s, peak_mb, placement, ratio,
+runs`), so this module never imports it. Every user-controlled string (paths, node, output and layer names) is escaped.
 """
 
 from __future__ import annotations
@@ -344,8 +346,192 @@ def report_dict(
             if layer_errors is not None
             else None
         ),
+        "quantization": _quantization_dict(
+            _get(result, "quantization"), _get(result, "quantized_parity")
+        ),
     }
     return _clean(data)
+
+
+def _layer_dict(layer: Any) -> dict[str, Any]:
+    return {
+        "name": _get(layer, "name"),
+        "op": _get(layer, "op"),
+        "precision": _get(layer, "precision"),
+        "reason": _get(layer, "reason"),
+        "error": _get(layer, "error"),
+    }
+
+
+def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
+    """Settings, counts, every layer's decision, the sensitivity ranking, the held-out check.
+
+    Read duck-typed from `onnxshrink.int8.Int8Result` and `HeldOutCheck` (attributes or keys).
+    """
+    if quant is None:
+        return None
+    budget = _get(quant, "budget")
+    qreport = _get(quant, "quantize")
+    layers = [_layer_dict(layer) for layer in _get(quant, "layers", []) or []]
+    kept = [layer for layer in layers if layer["precision"] != "int8"]
+    data: dict[str, Any] = {
+        "target": _get(quant, "target"),
+        "method": _get(quant, "method"),
+        "calibration": _get(quant, "calibration"),
+        "calibration_samples": _get(quant, "feeds"),
+        "synthetic": bool(_get(quant, "synthetic", False)),
+        "calibration_seconds": _get(quant, "seconds"),
+        "layers_total": len(layers),
+        "layers_quantized": len(layers) - len(kept),
+        "weight_only": list(_get(qreport, "weight_only", []) or []),
+        "bias_corrected": list(_get(qreport, "bias_corrected", []) or []),
+        "kept_float": kept,
+        "layers": layers,
+        "budget": {
+            "max_error": _get(budget, "max_error"),
+            "full_error": _get(budget, "full_error"),
+            "final_error": _get(budget, "final_error"),
+            "within_budget": _get(budget, "within_budget"),
+            "kept_for_accuracy": len(_get(budget, "kept_float", {}) or {}),
+            "sessions": _get(budget, "sessions"),
+            "steps": [list(step) for step in _get(budget, "steps", []) or []],
+        },
+        "speed": (
+            {
+                "float_ms": _get(speed, "float_ms"),
+                "int8_ms": _get(speed, "int8_ms"),
+                "weights_ms": _get(speed, "weights_ms"),
+                "chosen": _get(speed, "chosen"),
+                "ratio": _get(speed, "ratio"),
+                "runs": _get(speed, "runs"),
+            }
+            if (speed := _get(quant, "speed")) is not None
+            else None
+        ),
+        "sensitivity": [
+            {"layer": _get(e, "name"), "op": _get(e, "op"), "error": _get(e, "error")}
+            for e in _get(budget, "ranking", []) or []
+        ],
+        "opset_before": _get(qreport, "opset_before"),
+        "opset_after": _get(qreport, "opset_after"),
+        "quantize_linear": _get(qreport, "quantize_linear"),
+        "dequantize_linear": _get(qreport, "dequantize_linear"),
+        "held_out_check": None,
+    }
+    if check is not None:
+        data["held_out_check"] = {
+            "samples": _get(check, "samples"),
+            "source": _get(check, "source"),
+            "held_out": bool(_get(check, "held_out")),
+            "verified": bool(_get(check, "verified")),
+            "reason": _get(check, "reason"),
+            "error": _get(check, "error"),
+            "outputs": [
+                {
+                    "name": _get(o, "name"),
+                    "cosine": _get(o, "cosine"),
+                    "snr_db": _get(o, "snr_db"),
+                    "nsr": _get(o, "nsr"),
+                    "argmax_agreement": _get(o, "argmax_agreement"),
+                }
+                for o in _get(check, "outputs", []) or []
+            ],
+        }
+    return data
+
+
+def _quantization_lines(q: Mapping[str, Any]) -> list[str]:
+    """Plain-text sentences of the int8 section (escaped by the caller)."""
+    b = q["budget"]
+    lines = [
+        f"Target {q['target']}, calibration method {q['method']}, "
+        f"{q['calibration_samples']} calibration sample(s) from {q['calibration']}"
+        + (
+            f" ({q['calibration_seconds']:.2f} s)"
+            if isinstance(q["calibration_seconds"], (int, float))
+            else ""
+        )
+        + ".",
+        f"Quantized {q['layers_quantized']} of {q['layers_total']} Conv/ConvTranspose/Gemm/MatMul "
+        f"layers; {len(q['kept_float'])} kept float ({b['kept_for_accuracy']} for accuracy), "
+        f"{len(q['weight_only'])} of them with int8 weights; bias correction on "
+        f"{len(q['bias_corrected'])} layer(s).",
+        "Error on calibration samples (mean output noise-to-signal ratio): full int8 "
+        f"{_num(b['full_error'], 'float')} \u2192 final {_num(b['final_error'], 'float')}, "
+        f"budget {_num(b['max_error'], 'float')} ({b['sessions']} ORT session(s)).",
+    ]
+    speed = q.get("speed")
+    if speed:
+        lines.append(
+            f"Speed check (ORT CPU, median of {speed['runs']} interleaved runs): float "
+            f"{speed['float_ms']:.2f} ms, int8 compute {speed['int8_ms']:.2f} ms"
+            + (
+                ""
+                if speed.get("weights_ms") is None
+                else f", float compute with int8 weights {speed['weights_ms']:.2f} ms"
+            )
+            + f"; the result ({'int8 compute' if speed.get('chosen') == 'int8' else 'float compute, int8 weights'})"
+            f" runs {speed['ratio']:.2f}x the float model."
+        )
+    if q["opset_before"] != q["opset_after"]:
+        lines.append(f"Opset raised from {q['opset_before']} to {q['opset_after']}.")
+    return lines
+
+
+def _held_out_text(check: Mapping[str, Any]) -> str:
+    kind = "held-out data" if check["held_out"] else "data that is NOT held out"
+    return (
+        f"The int8 model against the original on {check['source']} ({kind}, "
+        f"{check['samples']} sample(s)): mean noise-to-signal {_num(check['error'], 'float')}."
+    )
+
+
+def _held_out_rows(check: Mapping[str, Any], esc: Any) -> list[list[str]]:
+    return [
+        [
+            esc(o["name"]),
+            _parity_cell(o["cosine"], "cos"),
+            _parity_cell(o["snr_db"], "db"),
+            _parity_cell(o["nsr"], "err"),
+            _parity_cell(o["argmax_agreement"], "share"),
+        ]
+        for o in check["outputs"]
+    ]
+
+
+_HELD_OUT_HEADERS = (
+    ("output", False),
+    ("cosine", True),
+    ("SNR dB", True),
+    ("NSR", True),
+    ("argmax agree", True),
+)
+_SYNTHETIC_WARNING = (
+    "Calibrated on random inputs (--calibration-data random): the activation ranges do not "
+    "come from real data."
+)
+
+
+def _sensitivity_chart(sensitivity: Sequence[Mapping[str, Any]]) -> str | None:
+    """Bars of the sensitivity ranking: output NSR with one layer quantized alone."""
+    finite = [
+        (str(e["layer"]), float(e["error"]))
+        for e in sensitivity
+        if isinstance(e["error"], (int, float)) and math.isfinite(e["error"])
+    ]
+    if not finite:
+        return None
+    top = sorted(finite, key=lambda item: -item[1])[:_LAYER_ERRORS_SHOWN]
+    positive = [e for _, e in top if e > 0]
+    return charts.horizontal_bars(
+        [name for name, _ in top],
+        [charts.Series("noise-to-signal", [e for _, e in top], "#c9503c")],
+        title=f"Sensitivity: output error with one layer quantized alone (largest {len(top)} "
+        f"of {len(sensitivity)})",
+        axis_label="output noise-to-signal ratio",
+        log=bool(positive) and max(positive) / min(positive) > 100,
+        value_format="{:.2e}",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,7 +1034,8 @@ def render_html(
         body.append("</ul></section>")
 
     # Parity.
-    body.append('<section id="parity"><h2>Parity with the original</h2>')
+    stage = " (lossless stage, before int8)" if d["quantization"] is not None else ""
+    body.append(f'<section id="parity"><h2>Parity with the original{stage}</h2>')
     if not parity["checked"]:
         body.append('<p class="warn">Parity was not checked (--no-verify).</p>')
     elif not parity["verified"]:
@@ -885,6 +1072,54 @@ def render_html(
             prow.append(cells)
         body.append(_table(headers, prow, table_id="parity-table", name_cols=(0,)))
     body.append("</section>")
+
+    # int8 quantization.
+    quant = d["quantization"]
+    if quant is not None:
+        body.append('<section id="quantization"><h2>int8 quantization</h2>')
+        if quant["synthetic"]:
+            body.append(f'<p class="warn">{_e(_SYNTHETIC_WARNING)}</p>')
+        body.extend(f"<p>{_e(line)}</p>" for line in _quantization_lines(quant))
+        if quant["kept_float"]:
+            body.append(
+                _table(
+                    [("layer", False), ("op", False), ("reason", False)],
+                    [
+                        [_e(k["name"]), _e(k["op"]), _e(k["reason"] or "")]
+                        for k in quant["kept_float"]
+                    ],
+                    table_id="kept-float-table",
+                    caption="layers kept float, and why",
+                    name_cols=(0, 2),
+                )
+            )
+        if quant["sensitivity"]:
+            body.append(
+                _img(
+                    _sensitivity_chart(quant["sensitivity"]),
+                    "Bar chart: output noise-to-signal ratio with one layer quantized alone",
+                )
+            )
+        check = quant["held_out_check"]
+        if check is None:
+            body.append('<p class="warn">The int8 model was not checked (--no-verify).</p>')
+        elif not check["verified"]:
+            body.append(
+                f'<p class="warn">The int8 model could not be checked: {_e(check["reason"])}</p>'
+            )
+        else:
+            cls = "" if check["held_out"] else ' class="warn"'
+            body.append(f"<p{cls}>{_e(_held_out_text(check))}</p>")
+            body.append(
+                _table(
+                    _HELD_OUT_HEADERS,
+                    _held_out_rows(check, _e),
+                    table_id="held-out-table",
+                    caption="NSR = sum (int8 \u2212 fp32)\u00b2 / sum fp32\u00b2 over all samples",
+                    name_cols=(0,),
+                )
+            )
+        body.append("</section>")
 
     # Benchmark.
     bench_d = d["bench"]
@@ -1136,7 +1371,8 @@ def render_markdown(
     if d["notes"]:
         out += ["", "## Notes", ""]
         out += [f"- {_md(n)}" for n in d["notes"]]
-    out += ["", "## Parity with the original", ""]
+    stage = " (lossless stage, before int8)" if d["quantization"] is not None else ""
+    out += ["", f"## Parity with the original{stage}", ""]
     if not parity["checked"]:
         out.append("Parity was not checked (--no-verify).")
     elif not parity["verified"]:
@@ -1167,6 +1403,47 @@ def render_markdown(
             cells.append("ok" if o["ok"] else f"**FAIL**{reason}")
             rows.append(cells)
         out.append(_md_table(headers, rows))
+    quant = d["quantization"]
+    if quant is not None:
+        out += ["", "## int8 quantization", ""]
+        if quant["synthetic"]:
+            out += [f"**Warning:** {_md(_SYNTHETIC_WARNING)}", ""]
+        for line in _quantization_lines(quant):
+            out += [_md(line), ""]
+        if quant["kept_float"]:
+            out += ["Layers kept float, and why:", ""]
+            out.append(
+                _md_table(
+                    [("layer", False), ("op", False), ("reason", False)],
+                    [
+                        [_md(k["name"]), _md(k["op"]), _md(k["reason"] or "")]
+                        for k in quant["kept_float"]
+                    ],
+                )
+            )
+            out.append("")
+        if quant["sensitivity"]:
+            top = quant["sensitivity"][:_LAYER_ERRORS_SHOWN]  # ranked, largest first
+            out += [
+                f"Sensitivity (output NSR with one layer quantized alone), the {len(top)} "
+                f"largest of {len(quant['sensitivity'])}:",
+                "",
+            ]
+            out.append(
+                _md_table(
+                    [("layer", False), ("op", False), ("NSR alone", True)],
+                    [[_md(e["layer"]), _md(e["op"]), _num(e["error"], "err")] for e in top],
+                )
+            )
+            out.append("")
+        check = quant["held_out_check"]
+        if check is None:
+            out.append("The int8 model was not checked (--no-verify).")
+        elif not check["verified"]:
+            out.append(f"The int8 model could not be checked: {_md(check['reason'])}")
+        else:
+            out += [_md(_held_out_text(check)), ""]
+            out.append(_md_table(_HELD_OUT_HEADERS, _held_out_rows(check, _md)))
     bench_d = d["bench"]
     if bench_d is not None:
         out += ["", "## Benchmark", ""]

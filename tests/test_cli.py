@@ -129,3 +129,12 @@ def test_bad_report_suffix_fails_before_any_work(tmp_path, conv_bn_path):
     assert result.exit_code == 2
     assert "unknown report format" in result.output
     assert not out.exists()
+
+
+def test_optimize_help_documents_int8():
+    result = _run("optimize", "--help")
+    assert result.exit_code == 0
+    for option in ("--quantize", "--calibration-data", "--calibration-method", "--target",
+                   "--exclude", "--max-error", "--calibration-provider", "--no-speed-check"):  # fmt: skip
+        assert option in result.output
+    assert "20 dB" in result.output

@@ -360,3 +360,50 @@ def test_render_script_makes_a_png(tmp_path, result):
     png = _render_script().render(html, tmp_path / "r.png", width=1000)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+@pytest.fixture(scope="module")
+def int8_result(tmp_path_factory):
+    """optimize(quantize="int8") on the tiny conv net: a sensitive layer, a depthwise one."""
+    import numpy as np
+
+    from tests.test_int8 import _samples, build_net
+
+    calib = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(calib, x=_samples(1, 8))
+    model = build_net()
+    model.graph.node[0].name = f"conv{HOSTILE}"
+    result = onnxshrink.optimize(model, quantize="int8", calibration_data=calib, max_error=0.0)
+    assert result.quantization.budget.ranking  # the tight budget ran the sensitivity ranking
+    return result
+
+
+def test_int8_section_in_every_format(tmp_path, int8_result):
+    html = render_html(int8_result, **ARGS)
+    page = parse(html)
+    assert {"kept-float-table", "held-out-table"} <= set(page.tables)
+    kept = {row[0]: row[2] for row in page.tables["kept-float-table"][1:]}
+    assert len(kept) == len(int8_result.quantization.kept_float)
+    assert any("depthwise" in reason for reason in kept.values())
+    assert any(reason.startswith("sensitive") for reason in kept.values())
+    assert f"conv{HOSTILE}" in kept and HOSTILE not in html  # escaped
+    charts_alt = [img["alt"] for img in page.images]
+    assert any("one layer quantized alone" in alt for alt in charts_alt)
+    assert not [u for u in page.links if u.startswith(("http:", "https:", "//"))]
+    assert not page.tags & {"script", "link", "iframe", "object"}
+    assert "generated random inputs" in html  # no --inputs: the check says what it ran on
+
+    md = render_markdown(int8_result, **ARGS)
+    assert "## int8 quantization" in md and "Layers kept float" in md and "NSR alone" in md
+    assert HOSTILE not in md
+
+    data = json.loads(write_report(tmp_path / "r.json", int8_result, **ARGS).read_text())
+    quant = data["quantization"]
+    assert quant["layers_total"] == len(int8_result.quantization.layers)
+    assert len(quant["sensitivity"]) == len(int8_result.quantization.budget.ranking)
+    assert quant["budget"]["max_error"] == 0.0 and quant["held_out_check"]["verified"]
+
+
+def test_no_int8_section_without_quantization(result):
+    assert report_dict(result, **ARGS)["quantization"] is None
+    assert 'id="quantization"' not in render_html(result, **ARGS)
