@@ -27,7 +27,12 @@ Observers. Every range satisfies `lo <= 0 <= hi`, so that 0 is exactly represent
    result equals the histogram of all data binned at once on the final edges (up to float32
    rounding of values on a bin edge). The state is `2B` counts plus the running min/max:
    constant in the number of samples. The range is at most 2x wider than the data, so at
-   least `B/2` bins cover |x|.
+   least `B/2` bins cover |x|. A tensor of more than `2 HIST_SAMPLE` (65,536) elements is
+   binned from a systematic sample, every s-th element (s odd, about size / 32,768) from an
+   offset that moves with every update, so that successive feeds see other positions; min and
+   max stay exact (every element). This keeps the pass within a few times plain inference: on
+   ppocr-v4-rec (64 feeds, 66 tensors) it took the percentile statistics from 1.68 s to
+   1.12 s, with every range within 2.7% of the full histogram's (median difference 0).
    From the histogram, a threshold `t` on |x| is chosen; the range is then
    `(max(min x, -t), min(max x, t))`. Methods:
    a. `percentile` (p, e.g. 99.999): symmetric, `t` is the p-th percentile of |x|; asymmetric,
@@ -103,6 +108,8 @@ RANDOM_SEED_BASE = 1_000_003
 _MSE_CANDIDATES = 512
 _MSE_BLOCK = 64
 _HIST_BLOCK = 1 << 16
+#: a tensor with more than twice this many elements is histogrammed on a sample (docstring 6)
+HIST_SAMPLE = 1 << 15
 _HOW_TO = (
     "pass --calibration-data with an .npz file (one array per model input, axis 0 the batch), "
     "a folder of .npz files, a loader script loader.py[:function] returning feed dicts, or "
@@ -438,6 +445,7 @@ class HistogramObserver(Observer):
         self.symmetric = symmetric
         self.bound = 0.0  # a: the histogram covers [-a, a]
         self.hist = np.zeros(2 * bins, dtype=np.int64)
+        self.updates = 0
 
     @property
     def width(self) -> float:
@@ -462,6 +470,10 @@ class HistogramObserver(Observer):
         factor = B / self.bound
         work = np.float32 if factor < 1e30 else np.float64
         flat = x.reshape(-1)
+        self.updates += 1
+        if flat.size > 2 * HIST_SAMPLE:  # docstring 6: a systematic sample of a large tensor
+            stride = (flat.size // HIST_SAMPLE) | 1
+            flat = flat[(self.updates * 7919) % stride :: stride]
         # in blocks, with buffers reused: the temporaries stay in cache (about 1.2x faster
         # than whole-tensor temporaries on the zoo's activations), the counts are the same
         block = min(flat.size, _HIST_BLOCK)

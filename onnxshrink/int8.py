@@ -24,8 +24,11 @@ their final form). Pipeline:
    measured like the others. The float model, the int8 one and this one are timed on ORT CPU
    in `SPEED_RUNS` interleaved runs on the first calibration feed (medians; intra-op spinning
    off so that one session's idle threads do not slow the next). The float-compute candidate
-   replaces int8 compute when it is faster by more than `SPEED_MARGIN` (3%) and within the
-   error budget, with a note giving the figures; on a tie int8 compute stays (it is smaller).
+   replaces int8 compute when it is faster by more than `SPEED_MARGIN` (10%) and within the
+   error budget, with a note giving the figures. Otherwise int8 compute stays: it is the
+   smaller file, and a smaller lead is within what two medians of 20 runs on a busy machine
+   can disagree by (on the zoo's recognizers the two were within 1-4% and swapped places
+   between runs of the bench).
    A warning note says when the result is still slower than the float model.
 6. The account (`Int8Result`): settings, number of feeds seen, calibration time, the budget and
    quantize reports, the speed check, and `layers`: every Conv/ConvTranspose/Gemm/MatMul with
@@ -81,10 +84,10 @@ StagedProgress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
 
 PROVIDERS = ("cpu", "cuda")
-#: timed runs per model in the speed check (module docstring, 5), the lead int8 compute needs
-#: over float compute to be kept, and the slowdown against the float model warned about
-SPEED_RUNS = 15
-SPEED_MARGIN = 0.03
+#: timed runs per model in the speed check (module docstring, 5), the lead float compute needs
+#: over int8 compute to replace it, and the slowdown against the float model warned about
+SPEED_RUNS = 20
+SPEED_MARGIN = 0.10
 SPEED_WARN_RATIO = 1.03
 HOW_TO_CALIBRATE = "--calibration-data calib.npz | folder | loader.py[:fn] | random"
 

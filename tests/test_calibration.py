@@ -165,7 +165,12 @@ def test_thresholds_directly_on_histograms() -> None:
     assert entropy_threshold(np.zeros(2048), width) == 2048 * width
 
 
-def test_mse_threshold_beats_neighbours_on_fake_quantization() -> None:
+def test_mse_threshold_beats_neighbours_on_fake_quantization(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import onnxshrink.calibration as calibration_module
+
+    monkeypatch.setattr(calibration_module, "HIST_SAMPLE", 1 << 30)  # the math on every value
     data = heavy_tailed(1)
     obs = HistogramObserver("mse")
     obs.update(data)
@@ -471,3 +476,20 @@ def _arrays_by_running(
     outs = [o.name for o in sess.get_outputs()]
     runs = [dict(zip(outs, sess.run(None, f), strict=True)) for f in feeds]
     return {n: np.concatenate([r[n] for r in runs]) for n in names}
+
+
+def test_large_tensors_are_histogrammed_on_a_sample_with_exact_min_max() -> None:
+    from onnxshrink.calibration import HIST_SAMPLE
+
+    rng = np.random.default_rng(5)
+    feeds = [rng.normal(0.0, 1.0, size=(4, 64, 32, 32)).astype(np.float32) for _ in range(8)]
+    sampled = HistogramObserver("percentile", percentile=99.9)
+    for x in feeds:
+        sampled.update(x)
+    # about HIST_SAMPLE values binned per update, not all 262,144
+    assert 8 * HIST_SAMPLE // 2 <= sampled.hist.sum() <= 8 * 2 * HIST_SAMPLE
+    everything = np.concatenate([x.ravel() for x in feeds])
+    assert sampled.min == everything.min() and sampled.max == everything.max()
+    lo, hi = sampled.range()
+    expected = np.percentile(everything, [0.1, 99.9])
+    np.testing.assert_allclose([lo, hi], expected, rtol=0.03)

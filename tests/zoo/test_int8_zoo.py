@@ -42,7 +42,7 @@ def test_cli_int8_keeps_classifier_agreement(tmp_path):
         assert out.stat().st_size < 0.8 * source.stat().st_size
     else:  # float compute was faster by the margin; the Gemm still stores int8 weights
         assert "DequantizeLinear" in ops and quant["weight_only"]
-        assert quant["speed"]["weights_ms"] < 0.97 * quant["speed"]["int8_ms"]
+        assert quant["speed"]["weights_ms"] < 0.9 * quant["speed"]["int8_ms"]
         assert out.stat().st_size < source.stat().st_size
     check = quant["held_out_check"]
     assert check["held_out"] and check["samples"] == SAMPLES
