@@ -503,18 +503,10 @@ def _optimize_progress(console: Console, name: str, quantizing: bool):
         yield update
 
 
-def _fmt_float(value: float | None, spec: str) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return format(value, spec)
-
-
 def _print_quantization(result: OptimizeResult) -> None:
     """The int8 section: settings, counts, layers kept float and why, the held-out check."""
+    from onnxshrink.cli_parity import _fmt
+
     q = result.quantization
     budget = q.budget
     out.print()
@@ -584,9 +576,9 @@ def _print_quantization(result: OptimizeResult) -> None:
         agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement * 100:.1f}%"
         table.add_row(
             o.name,
-            _fmt_float(o.cosine, ".6f"),
-            _fmt_float(o.snr_db, ".1f"),
-            _fmt_float(o.nsr, ".2e"),
+            _fmt(o.cosine, ".6f"),
+            _fmt(o.snr_db, ".1f"),
+            _fmt(o.nsr, ".2e"),
             agree,
         )
     out.print(table)

@@ -359,14 +359,12 @@ def _speed_aware(
     weights, weights_report = quantize_qdq(
         model, ranges, exclude=exclude, nodes=set(), weight_only=storable, input_means=means
     )
-    weights_error = None
     weights_error = reference.error(weights, "the float-compute candidate")
     budget.sessions += 1
-    feed = reference.feeds[0]
-    if weights_error is None or weights_error > max_error:
-        speed = speed_check(model, quantized, feed)
-    else:
-        speed = speed_check(model, quantized, feed, weights_model=weights)
+    within = weights_error <= max_error  # over budget, it is not a candidate (not timed)
+    speed = speed_check(
+        model, quantized, reference.feeds[0], weights_model=weights if within else None
+    )
     logger.info(
         "speed: float %.2f ms, int8 %.2f ms, float compute with int8 weights %s ms",
         speed.float_ms,
@@ -375,8 +373,7 @@ def _speed_aware(
     )
     if speed.weights_ms is not None and speed.weights_ms < (1.0 - SPEED_MARGIN) * speed.int8_ms:
         speed = SpeedCheck(speed.float_ms, speed.int8_ms, speed.runs, speed.weights_ms, "weights")
-        slower = [n for n in report.quantized]
-        for name in slower:
+        for name in report.quantized:
             weights_report.kept_float[name] = "int8 compute not faster here (speed check)"
         weights_report.notes.extend(n for n in report.notes if n not in weights_report.notes)
         weights_report.notes.append(
@@ -386,7 +383,8 @@ def _speed_aware(
             f"tensor sizes, so every layer computes in float and {len(weights_report.weight_only)}"
             " MatMul/Gemm layer(s) store int8 weights (--no-speed-check keeps int8 compute)"
         )
-        budget.final_error = float(weights_error)  # type: ignore[arg-type]
+        # the budget report now describes the returned model: its error, nothing kept for it
+        budget.final_error = weights_error
         budget.kept_float = {}
         quantized, report = weights, weights_report
     if speed.ratio > SPEED_WARN_RATIO:
