@@ -29,8 +29,11 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    `onnxshrink.shapes.convert_opset` (the report says so).
 3. Bias (Conv, ConvTranspose, and Gemm's C when it is 1-D of length N): int32 with
    `s_b,c = s_x * s_w,c`, `z = 0`, read by `DequantizeLinear(axis=0)`, so that the int32
-   accumulator adds it directly. Only when the activation input is quantized; a bias whose
-   quantized value would overflow int32 stays float (with a note).
+   accumulator adds it directly. Only when the activation input is quantized. A channel whose
+   weights are all near zero but whose bias is not would need an int32 bias past its range
+   (`|b| / (s_x s_w)`): its weight scale is raised to `|b| / (s_x 2^30)` (its weights then
+   round to about 0, as they nearly are), with a note; a bias that still overflows stays
+   float (with a note), which keeps ORT from fusing that node.
 4. Activations, per tensor, from the range `(lo, hi)`, widened to include 0 so that zero
    (padding) is exact:
    a. `ort-cpu`: uint8 asymmetric, `s = (hi - lo) / 255`, `z = clamp(round(-lo / s), 0, 255)`;
@@ -108,6 +111,8 @@ WEIGHT_ONLY_CONV_SHARE = 0.01
 PER_CHANNEL_OPSET = 13
 
 _INT32_MAX = np.iinfo(np.int32).max
+#: the int32 bias may use half its range, leaving room for bias correction (case 3)
+_BIAS_HEADROOM = 2.0**30
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -563,12 +568,19 @@ def _activation_params(
     return params
 
 
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8 along `axis`: (int8 values, float32 scales), case 2."""
+def quantize_weight(
+    w: np.ndarray, axis: int, floor: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8 along `axis`: (int8 values, float32 scales), case 2.
+
+    `floor` (per channel) raises scales below it, so that the int32 bias fits (case 3).
+    """
     channels = w.shape[axis]
     amax = np.abs(np.moveaxis(w, axis, 0).reshape(channels, -1)).max(axis=1)
     scale = (amax / 127.0).astype(np.float32)
     scale[~(scale > 0)] = 1.0  # zero (or underflowed) channel: any scale is exact
+    if floor is not None:
+        scale = np.maximum(scale, floor.astype(np.float32))
     shape = [1] * w.ndim
     shape[axis] = channels
     q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
@@ -689,15 +701,49 @@ def _insert_qdq(
         report.quantize_linear += 1
         report.dequantize_linear += 1
 
-    weight_dq: dict[tuple[str, int], tuple[str, np.ndarray, onnx.NodeProto]] = {}
-    weight_error: dict[tuple[str, int], np.ndarray] = {}  # dequantized - float, float64
+    weight_dq: dict[tuple, tuple[str, np.ndarray, onnx.NodeProto]] = {}
+    weight_error: dict[tuple, np.ndarray] = {}  # dequantized - float, float64
     bias_dq: dict[tuple[str, bytes], tuple[str, onnx.NodeProto]] = {}
 
-    def weight_node(cand: QuantCandidate, axis: int) -> tuple[str, np.ndarray, onnx.NodeProto]:
+    cand_of = {c.name: c for c in quantized}
+    rounded: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def natural_rounding(cand: QuantCandidate, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """quantize_weight of the node's weight without a floor, computed once per weight."""
         key = (cand.weight, axis)
+        if key not in rounded:
+            rounded[key] = quantize_weight(numpy_helper.to_array(initializers[cand.weight]), axis)
+        return rounded[key]
+
+    def bias_floor(node: onnx.NodeProto, x_scale: np.float32, axis: int) -> np.ndarray | None:
+        """Case 3: the least weight scale per channel that keeps the int32 bias in range, where
+        the natural scale is below it (a channel of near-zero weights with a real bias);
+        None when no channel needs it."""
+        if len(node.input) < 3 or not node.input[2] or node.input[2] not in initializers:
+            return None
+        b = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+        channels = int(initializers[node.input[1]].dims[axis])
+        if b.shape != (channels,):
+            return None
+        floor = np.abs(b) / (float(x_scale) * _BIAS_HEADROOM)
+        natural = natural_rounding(cand_of[node.name], axis)[1]
+        if not np.any(natural < floor):
+            return None
+        report.notes.append(
+            f"{node.name}: weight scale raised on {int(np.sum(natural < floor))} channel(s) of "
+            "near-zero weights so that the int32 bias fits"
+        )
+        return floor.astype(np.float32)
+
+    def weight_node(
+        cand: QuantCandidate, axis: int, floor: np.ndarray | None = None
+    ) -> tuple[str, np.ndarray, onnx.NodeProto]:
+        key = (cand.weight, axis) if floor is None else (cand.weight, axis, floor.tobytes())
         if key not in weight_dq:
             w = numpy_helper.to_array(initializers[cand.weight])
-            q, scale = quantize_weight(w, axis)
+            q, scale = (
+                natural_rounding(cand, axis) if floor is None else quantize_weight(w, axis, floor)
+            )
             q_name = const(f"{cand.weight}_quantized", q)
             s_name = const(f"{cand.weight}_scale", scale)
             z_name = const(f"{cand.weight}_zero_point", np.zeros_like(scale, dtype=np.int8))
@@ -716,13 +762,17 @@ def _insert_qdq(
             report.dequantize_linear += 1
         return weight_dq[key]
 
-    def corrected_bias(node: onnx.NodeProto, cand: QuantCandidate, axis: int) -> np.ndarray | None:
-        """Case 7: the node's bias minus the mean output shift of its rounded weight, or None."""
+    def corrected_bias(
+        node: onnx.NodeProto, cand: QuantCandidate, axis: int, key: tuple
+    ) -> np.ndarray | None:
+        """Case 7: the node's bias minus the mean output shift of its rounded weight, or None.
+
+        `key` names the rounded weight in `weight_error` (the one `weight_node` made)."""
         mean = input_means.get(cand.activation)
         if mean is None:
             return None
         mean = np.asarray(mean, dtype=np.float64)
-        error = weight_error[(cand.weight, axis)]
+        error = weight_error[key]
         if node.op_type == "Conv":
             if int(_attr(node, "group", 1)) != 1 or error.shape[1] != mean.shape[0]:
                 return None
@@ -819,11 +869,13 @@ def _insert_qdq(
         cand = by_name.get(node.name)
         if cand is not None:
             axis = _weight_axis(node)
-            w_out, w_scale, w_node = weight_node(cand, axis)
+            floor = bias_floor(node, params[cand.activation].scale, axis)
+            w_out, w_scale, w_node = weight_node(cand, axis, floor)
             if id(w_node) not in placed_ids:
                 new_nodes.append(w_node)
                 placed_ids.add(id(w_node))
-            corrected = corrected_bias(node, cand, axis)
+            key = (cand.weight, axis) if floor is None else (cand.weight, axis, floor.tobytes())
+            corrected = corrected_bias(node, cand, axis, key)
             bias = bias_node(node, w_scale, params[cand.activation].scale, corrected)
             if bias is not None:
                 b_out, b_node = bias
@@ -842,7 +894,7 @@ def _insert_qdq(
                 new_nodes.append(w_node)
                 placed_ids.add(id(w_node))
             node.input[1] = w_out
-            corrected = corrected_bias(node, cand, axis)
+            corrected = corrected_bias(node, cand, axis, (cand.weight, axis))
             if corrected is not None:
                 set_bias(node, const(f"{node.name}_bias_corrected", corrected))
             for i, name in enumerate(node.input):

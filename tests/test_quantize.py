@@ -664,3 +664,23 @@ def test_tensorrt_quantizes_residual_add_and_pooling_inputs() -> None:
     # nothing quantized next to them: no Q/DQ for the Add or the pooling either
     _, none_report, _ = _calibrated(model, target="tensorrt", nodes={"Conv_0"})
     assert none_report.tensorrt_joins == []
+
+
+def test_near_zero_weight_channel_gets_a_scale_that_fits_the_int32_bias(tmp_path: Path) -> None:
+    model = _conv_relu_conv()
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1")).copy()
+    w1[3] = 1e-12  # a dead channel (e.g. pruned, or a BatchNorm gamma of ~0 folded in)
+    b1 = np.full(16, 0.05, np.float32)
+    b1[3] = 5.0  # ... whose bias still matters: it is the channel's whole output
+    for name, value in (("w1", w1), ("b1", b1)):
+        init = next(t for t in model.graph.initializer if t.name == name)
+        init.CopyFrom(numpy_helper.from_array(value, name))
+    quantized, report, _ = _calibrated(model)
+    assert any("Conv_0: weight scale raised on 1 channel" in n for n in report.notes)
+    assert not any("overflows" in n for n in report.notes)
+    bias = _producer(quantized, _node(quantized, "Conv_0").input[2])
+    assert bias.op_type == "DequantizeLinear"  # the bias is int32, so ORT can fuse the node
+    assert _initializers(quantized)[bias.input[0]].dtype == np.int32
+    optimized = _ort_optimized_ops(quantized, tmp_path)
+    assert optimized["QLinearConv"] >= 1 and optimized["Conv"] <= 1  # Conv_0 fused
+    assert _relative_error(model, quantized) < 0.03
