@@ -166,8 +166,9 @@ def optimize(
             "--target",
             metavar="|".join(QUANTIZE_TARGETS),
             help="The runtime the int8 layout is for: ort-cpu (uint8 activations, Q/DQ on "
-            "inputs and outputs for ORT's QLinear kernels) or tensorrt (symmetric int8, Q/DQ "
-            "on inputs).",
+            "inputs and outputs for ORT's QLinear kernels), tensorrt (symmetric int8, Q/DQ on "
+            "inputs, residual Adds and pooling), or ort-cuda (ORT's CUDA EP has no int8 "
+            "convolution kernels: weights stored int8, compute in float).",
             rich_help_panel="int8 quantization",
         ),
     ] = "ort-cpu",

@@ -77,6 +77,13 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    applies to quantized and weight-only nodes alike; MatMul and ConvTranspose have no bias
    input and are left as they are. Measured on ppocr-v4-rec with every weight rounded to int8
    and activations float: held-out CER 3.90% without, 3.12% with (fp32 2.81%).
+8. `ort-cuda`. ONNX Runtime's CUDA EP has no int8 convolution or GEMM kernels for QDQ models (its
+   FAQ: the CUDA build has QuantizeLinear, DequantizeLinear and MatMulInteger): a
+   DQ -> Conv -> Q group runs as float Conv between (de)quantizations, slower than fp32. So
+   for this target every layer computes in float and every weight that can be (any Conv,
+   depthwise too, ConvTranspose, Gemm, MatMul) is stored int8 and dequantized on the GPU
+   (case 6, with bias correction): a smaller file at float speed. No activation is quantized
+   (`activation_tensors` is empty). For int8 compute on NVIDIA GPUs, use `tensorrt`.
 """
 
 from __future__ import annotations
@@ -96,11 +103,13 @@ from onnxshrink.shapes import convert_opset, default_opset
 logger = logging.getLogger(__name__)
 
 #: quantization targets: activation dtype and where Q/DQ go (case 4, 5)
-TARGETS = ("ort-cpu", "tensorrt")
+TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")
 #: ops quantized with a constant weight at input 1 (case 1)
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: weights with fewer elements stay float (case 1b)
 MIN_WEIGHT_ELEMENTS = 64
+#: why every layer computes in float for `ort-cuda` (case 8)
+_CUDA_REASON = "float compute, weight stored int8 (ort-cuda: the CUDA EP has no int8 conv kernels)"
 #: ops whose weight may be stored int8 while they compute in float (case 6)
 QUANTIZE_DEPTHWISE = False
 WEIGHT_ONLY_OPS = ("MatMul", "Gemm", "Conv")
@@ -188,7 +197,7 @@ def quantizable_nodes(
     patterns = _compile(exclude)
     work = _named_copy(model)
     _check_selection(work, nodes)
-    return _candidates(work, patterns, nodes, min_weight_elements)
+    return _candidates(work, patterns, nodes, min_weight_elements, target)
 
 
 def activation_tensors(
@@ -266,7 +275,8 @@ def quantize_qdq(
     - `nodes`: when given, only these node names are quantized (UsageError for unknown names).
     - `weight_only`: store the weights of nodes kept float as int8 too (case 6): True for every
       such node that can be, a collection for those names only, False for none; default True
-      for `ort-cpu`, False for `tensorrt`. Nodes matched by `exclude` stay entirely float.
+      for `ort-cpu` and `ort-cuda`, False for `tensorrt`. Nodes matched by `exclude` stay
+      entirely float.
     - `input_means`: activation tensor -> its per-channel mean on calibration data
       (`calibration.collect_statistics` with `bias_correction_axes`): the biases of the nodes
       reading it absorb the mean shift that weight rounding causes (case 7).
@@ -279,7 +289,9 @@ def quantize_qdq(
     _check_selection(work, nodes)
     report = QuantizeReport(target=target, opset_before=default_opset(work))
 
-    candidates = _with_ranges(_candidates(work, patterns, nodes, min_weight_elements), params)
+    candidates = _with_ranges(
+        _candidates(work, patterns, nodes, min_weight_elements, target), params
+    )
     wants_dq = any(
         c.quantizable or (weight_only is not False and c.weight_only_ok) for c in candidates
     )
@@ -291,11 +303,13 @@ def quantize_qdq(
         )
         # node names survive the conversion (they were given before it), so the decisions
         # made above still name the same nodes; recompute them on the converted graph
-        candidates = _with_ranges(_candidates(work, patterns, nodes, min_weight_elements), params)
+        candidates = _with_ranges(
+            _candidates(work, patterns, nodes, min_weight_elements, target), params
+        )
     report.opset_after = default_opset(work)
 
     if weight_only is None:
-        weight_only = target == "ort-cpu"
+        weight_only = target in ("ort-cpu", "ort-cuda")
     storable = [c for c in candidates if not c.quantizable and c.weight_only_ok]
     if isinstance(weight_only, bool):
         weights_only = storable if weight_only else []
@@ -410,6 +424,7 @@ def _candidates(
     patterns: Sequence[re.Pattern[str]],
     selected: set[str] | None,
     min_weight_elements: int,
+    target: str = "ort-cpu",
 ) -> list[QuantCandidate]:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -419,10 +434,13 @@ def _candidates(
         int(np.prod(t.dims)) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
     )
 
+    cuda = target == "ort-cuda"  # case 8: every layer float compute, weights int8
+
     def weight_only_ok(op: str, size: int) -> bool:  # case 6
         if op not in WEIGHT_ONLY_OPS:
             return False
-        return op != "Conv" or size >= WEIGHT_ONLY_CONV_SHARE * float_weights
+        # the Conv share is about ORT CPU's NCHWc kernels; cuDNN has no such layout
+        return op != "Conv" or cuda or size >= WEIGHT_ONLY_CONV_SHARE * float_weights
 
     def decide(node: onnx.NodeProto, in_subgraph: bool) -> QuantCandidate:
         activation = node.input[0] if node.input and node.input[0] else None
@@ -461,6 +479,8 @@ def _candidates(
         storable = weight_only_ok(node.op_type, size)
         if selected is not None and node.name not in selected:  # case 1e
             return keep("not in the selected nodes", storable)
+        if cuda:  # case 8
+            return keep(_CUDA_REASON, storable)
         group = int(_attr(node, "group", 1))
         if node.op_type == "Conv" and group > 1 and dims[1] == 1 and not QUANTIZE_DEPTHWISE:  # 1a
             return keep("depthwise Conv (int8 kernels do not help on CPU)")

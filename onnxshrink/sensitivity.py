@@ -30,7 +30,7 @@ Algorithm:
 4. Default budget `DEFAULT_MAX_ERROR` = 0.01 (SNR 20 dB). Chosen once, generically, on the
    PP-OCR zoo (calibration split only for the ranking; eval split only to read the figures):
    see the constant's comment for the measurement.
-5. Weight-only storage (`ort-cpu`, quantize_qdq case 6). Nodes float for structural reasons
+5. Weight-only storage (not `tensorrt`; quantize_qdq case 6). Nodes float for structural reasons
    (no calibrated range, ...) store int8 weights in every step, so their rounding error is
    inside every measured figure. Of the k nodes kept float for sensitivity, those that can
    store int8 weights are sorted by weight size, largest first, and the longest prefix whose
@@ -257,7 +257,7 @@ def quantize_with_budget(
     Returns the QDQ model and a BudgetReport (its `quantize` is quantize_qdq's report of the
     returned model). `ranking` (from `layer_sensitivity` on the same model, ranges and target)
     skips the ranking; otherwise it is computed only when the fully quantized model is over
-    budget. `feeds` is iterated once. `weight_only` (default: on for `ort-cpu`) stores int8
+    budget. `feeds` is iterated once. `weight_only` (default: on but for `tensorrt`) stores int8
     weights for nodes kept float (quantize_qdq case 6) where the budget allows; `input_means`
     turns on bias correction (quantize_qdq case 7) in every candidate measured; `reference`
     (an `ErrorReference` of the same model) reuses cached float outputs instead of `feeds`. Raises
@@ -268,7 +268,7 @@ def quantize_with_budget(
     reference = reference or ErrorReference(model, feeds, samples)
     report = BudgetReport(max_error=max_error)
     if weight_only is None:
-        weight_only = target == "ort-cpu"
+        weight_only = target in ("ort-cpu", "ort-cuda")
 
     # every Conv/Gemm/MatMul name (unnamed ones as quantize_qdq names them): leaving a node out
     # of `nodes` keeps it float while the other nodes keep their own reasons

@@ -371,3 +371,20 @@ def test_inputs_npz_with_many_samples_is_split_into_batches(tmp_path):
     )
     assert result.parity.samples == 5
     assert result.quantized_parity.verified and result.quantized_parity.samples == 5
+
+
+def test_ort_cuda_target_gives_float_compute_with_int8_weights(net_files):
+    model_path, calib, held_out = net_files
+    result = quantize_int8(build_net(), calib, target="ort-cuda")
+    assert result.quantized == [] and result.speed is None  # no CPU timing for a GPU target
+    assert len(result.quantize.weight_only) == LAYERS  # every weight, depthwise included
+    assert result.quantize.bias_corrected  # the Convs with group 1 and the Gemm
+    assert histogram(result.model)["QuantizeLinear"] == 0
+    assert result.budget.within_budget
+    out = model_path.parent / "cuda.onnx"
+    cli = _runner_output(
+        "optimize", str(model_path), "-o", str(out), "--quantize", "int8", "--target", "ort-cuda",
+        "--calibration-data", str(calib), "--inputs", str(held_out),
+    )  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert out.stat().st_size < 0.5 * model_path.stat().st_size

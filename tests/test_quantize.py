@@ -684,3 +684,17 @@ def test_near_zero_weight_channel_gets_a_scale_that_fits_the_int32_bias(tmp_path
     optimized = _ort_optimized_ops(quantized, tmp_path)
     assert optimized["QLinearConv"] >= 1 and optimized["Conv"] <= 1  # Conv_0 fused
     assert _relative_error(model, quantized) < 0.03
+
+
+def test_ort_cuda_stores_every_weight_int8_and_computes_in_float() -> None:
+    model = _depthwise()
+    assert activation_tensors(model, "ort-cuda") == []  # no activation is quantized (case 8)
+    quantized, report = quantize_qdq(model, {}, target="ort-cuda")
+    assert report.quantized == [] and report.weight_only == ["Conv_0", "Conv_1"]  # depthwise too
+    assert all("ort-cuda" in reason for reason in report.kept_float.values())
+    hist = histogram(quantized)
+    assert hist["QuantizeLinear"] == 0 and hist["DequantizeLinear"] == 2
+    assert _node(quantized, "Conv_0").input[0] == "x"
+    onnx.checker.check_model(quantized, full_check=True)
+    _assert_interface(model, quantized)
+    assert _relative_error(model, quantized) < 0.01
