@@ -111,7 +111,6 @@ MIN_WEIGHT_ELEMENTS = 64
 #: why every layer computes in float for `ort-cuda` (case 8)
 _CUDA_REASON = "float compute, weight stored int8 (ort-cuda: the CUDA EP has no int8 conv kernels)"
 #: ops whose weight may be stored int8 while they compute in float (case 6)
-QUANTIZE_DEPTHWISE = False
 WEIGHT_ONLY_OPS = ("MatMul", "Gemm", "Conv")
 #: a Conv gets weight-only storage only when its weight holds this share of the model's float
 #: weights (case 6): smaller ones save little and lose ORT's NCHWc kernels
@@ -482,7 +481,7 @@ def _candidates(
         if cuda:  # case 8
             return keep(_CUDA_REASON, storable)
         group = int(_attr(node, "group", 1))
-        if node.op_type == "Conv" and group > 1 and dims[1] == 1 and not QUANTIZE_DEPTHWISE:  # 1a
+        if node.op_type == "Conv" and group > 1 and dims[1] == 1:  # case 1a
             return keep("depthwise Conv (int8 kernels do not help on CPU)")
         if node.op_type == "ConvTranspose" and group != 1:
             return keep("grouped ConvTranspose (per-channel axis 1 does not span C_out)")
