@@ -7,12 +7,15 @@ computing parameters (after torch.ao's observers): an `Observer` takes arrays on
 
 Data sources (`calibration_feeds`):
 
-1. An `.npz` file with one array per model input, axis 0 the batch axis, split into the batches
-   the model accepts (`onnxshrink.parity.plan_batches`).
+1. An `.npz` file with one array per model input, axis 0 the sample axis, split into runs of
+   at most `max_batch` samples (`DEFAULT_BATCH`, 8; the model's fixed batch when it declares
+   one: `onnxshrink.parity.plan_batches`) and streamed: each run's rows are read from the file
+   when it comes, so memory holds one run whatever the file holds.
 2. A folder of such files, read one file at a time.
 3. A data-loader script, `loader.py` or `loader.py:function` (as Polygraphy's
    `--data-loader-script`): the function (default `load_data`) returns an iterable of feed
-   dicts; every feed is checked against the model's inputs (names, dtypes, ranks).
+   dicts; every feed is checked against the model's inputs (names, dtypes, ranks), and a feed
+   of more than `max_batch` samples is cut into runs of `max_batch` like an .npz.
 4. The literal `random`: uniform inputs from `generate_inputs`, with a warning, since noise
    calibrates poorly.
 
@@ -74,6 +77,9 @@ Collecting (`collect_ranges`):
 11. `collect_statistics` also keeps, for the tensors asked, a `ChannelMeanObserver`: a float64
     sum per channel and a count, updated from the same arrays in the same pass (what bias
     correction needs: `onnxshrink.quantize`, case 7).
+12. With `on_run`, the session also fetches the model's own graph outputs, and hands each feed
+    and its outputs to the hook: the error budget (`onnxshrink.sensitivity.ErrorReference`)
+    keeps the first few as its reference instead of running the float model a second time.
 """
 
 from __future__ import annotations
@@ -92,18 +98,30 @@ import onnx
 
 from onnxshrink.errors import UsageError, first_line
 from onnxshrink.io import with_outputs
-from onnxshrink.parity import InputBatches, generate_inputs, model_inputs
+from onnxshrink.parity import (
+    InputBatches,
+    declared_batches,
+    generate_inputs,
+    model_inputs,
+    split_feed,
+)
 from onnxshrink.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 Feed = dict[str, np.ndarray]
+#: on_run(feed, the model's graph outputs on it), after each calibration run
+RunHook = Callable[[Feed, list[np.ndarray]], None]
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.999
 DEFAULT_BINS = 2048
 RANDOM_SAMPLES = 16
+#: samples per calibration run when the model's batch dim is dynamic (docstring, 1): the
+#: statistics pass, bias correction and every budget session run batches of at most this,
+#: so memory does not depend on how many samples a file holds
+DEFAULT_BATCH = 8
 RANDOM_SEED_BASE = 1_000_003
 _MSE_CANDIDATES = 512
 _MSE_BLOCK = 64
@@ -124,14 +142,16 @@ _HOW_TO = (
 class CalibrationData:
     """Feeds for calibration; iterate it (again and again) for dicts of input name -> array.
 
-    `total` is the number of feeds when known up front (0 otherwise); `synthetic` is True for
-    `random`, so that the caller can say in its output that the ranges come from noise.
+    `total` is the number of feeds (runs) when known up front (0 otherwise), `samples` the
+    number of samples they hold (0 when unknown); `synthetic` is True for `random`, so that
+    the caller can say in its output that the ranges come from noise.
     """
 
     source: str
     make: Callable[[], Iterator[Feed]]
     total: int = 0
     synthetic: bool = False
+    samples: int = 0
 
     def __iter__(self) -> Iterator[Feed]:
         return self.make()
@@ -146,14 +166,18 @@ def calibration_feeds(
     batch: int | None = None,
     *,
     random_samples: int = RANDOM_SAMPLES,
+    max_batch: int = DEFAULT_BATCH,
 ) -> CalibrationData:
     """Calibration feeds from `spec`: an .npz, a folder of them, `loader.py[:function]`, `random`.
 
-    Each iteration reads the source again (files one at a time, the loader called anew), so
-    memory does not grow with the number of samples. `batch` splits .npz arrays along axis 0
-    (ignored by loaders, which yield whole feeds). Raises UsageError with one line saying what
-    is wrong and how to provide calibration data.
+    Each iteration reads the source again (files one at a time and row by row, the loader
+    called anew), so memory does not grow with the number of samples. `batch` splits .npz
+    arrays along axis 0 into runs of exactly that size; otherwise runs hold at most
+    `max_batch` samples (module docstring, 1 and 3). Raises UsageError with one line saying
+    what is wrong and how to provide calibration data.
     """
+    if max_batch < 1:
+        raise UsageError(f"--calibration-batch {max_batch}: must be at least 1")
     text = str(spec).strip()
     if not text:
         raise UsageError(f"no calibration data: {_HOW_TO}")
@@ -169,17 +193,19 @@ def calibration_feeds(
                 # so that its check of the quantized model is not on the calibration samples
                 yield generate_inputs(model, seed=RANDOM_SEED_BASE + i, batch=batch or 1)
 
-        return CalibrationData("random", make_random, random_samples, synthetic=True)
+        return CalibrationData(
+            "random", make_random, random_samples, synthetic=True, samples=random_samples
+        )
     script, function = _loader_spec(text)
     if script is not None:
-        return _loader_data(script, function, model)
+        return _loader_data(script, function, model, max_batch)
     path = Path(text)
     if not path.exists():
         raise UsageError(f"--calibration-data {text}: no such file or folder; {_HOW_TO}")
     if path.is_file() and path.suffix != ".npz":
         raise UsageError(f"--calibration-data {text}: not an .npz file or loader script; {_HOW_TO}")
     try:
-        batches = InputBatches(path, model, batch)
+        batches = InputBatches(path, model, batch, max_batch=max_batch, where="--calibration-data")
     except UsageError as exc:
         raise UsageError(_as_calibration_message(exc)) from None
 
@@ -189,7 +215,7 @@ def calibration_feeds(
         except UsageError as exc:
             raise UsageError(_as_calibration_message(exc)) from None
 
-    return CalibrationData(str(path), make_npz, len(batches))
+    return CalibrationData(str(path), make_npz, len(batches), samples=batches.samples)
 
 
 def _as_calibration_message(exc: UsageError) -> str:
@@ -209,7 +235,9 @@ def _loader_spec(text: str) -> tuple[Path | None, str]:
     return None, ""
 
 
-def _loader_data(script: Path, function: str, model: onnx.ModelProto) -> CalibrationData:
+def _loader_data(
+    script: Path, function: str, model: onnx.ModelProto, max_batch: int = DEFAULT_BATCH
+) -> CalibrationData:
     where = f"--calibration-data {script}"
     if not script.is_file():
         raise UsageError(f"{where}: no such loader script")
@@ -238,6 +266,7 @@ def _loader_data(script: Path, function: str, model: onnx.ModelProto) -> Calibra
         )
         for v in model_inputs(model)
     }
+    declared = declared_batches(model)
 
     def make_loader() -> Iterator[Feed]:
         try:
@@ -255,7 +284,11 @@ def _loader_data(script: Path, function: str, model: onnx.ModelProto) -> Calibra
                 raise UsageError(
                     f"{where}: {function}() failed at feed {count}: {first_line(exc)}"
                 ) from None
-            yield _checked_feed(feed, expected, f"{where}: feed {count}")
+            checked = _checked_feed(feed, expected, f"{where}: feed {count}")
+            try:
+                yield from split_feed(checked, declared, max_batch, f"{where}: feed {count}")
+            except UsageError:  # arrays the model cannot split: the feed runs as it is
+                yield checked
             count += 1
         if count == 0:
             raise UsageError(f"{where}: {function}() yielded no feeds")
@@ -687,10 +720,13 @@ def collect_statistics(
     *,
     symmetric: bool = False,
     mean_axes: Mapping[str, int] | None = None,
+    on_run: RunHook | None = None,
 ) -> CalibrationStats:
     """As `collect_ranges`, plus the per-channel mean of each tensor in `mean_axes` (name ->
     channel axis), in the same single pass. A tensor whose shape does not have that axis, or
     changes its channel count between feeds, gets no mean (logged), never an error.
+    `on_run(feed, outputs)` gets each feed with the model's own graph outputs on it (docstring
+    12), so a caller can keep the float model's reference outputs without running it again.
     """
     means = {name: ChannelMeanObserver(axis) for name, axis in (mean_axes or {}).items()}
     observers = observe(
@@ -703,6 +739,7 @@ def collect_statistics(
         progress,
         symmetric=symmetric,
         also=means,
+        on_run=on_run,
     )
     ranges = {name: obs.range() for name, obs in observers.items() if name in set(tensor_names)}
     channel_means = {}
@@ -724,11 +761,13 @@ def observe(
     *,
     symmetric: bool = False,
     also: Mapping[str, ChannelMeanObserver] | None = None,
+    on_run: RunHook | None = None,
 ) -> dict[str, Observer]:
     """As `collect_ranges`, but returns the observers (for qparams or several methods' ranges).
 
     `also` maps tensor names (which must be among `tensor_names`) to extra observers updated
-    with the same arrays (per-channel means).
+    with the same arrays (per-channel means). `on_run(feed, outputs)` is called after each run
+    with the model's graph outputs (module docstring, 12).
     """
     extra = dict(also or {})
     make_observer(method, percentile, symmetric)  # validate before any work
@@ -764,7 +803,9 @@ def observe(
     from_inputs = [n for n in wanted if n in inputs]
     from_session = [n for n in wanted if n not in initializers and n not in inputs]
 
-    session = _calibration_session(model, from_session, types, provider) if from_session else None
+    graph_outputs = [o.name for o in model.graph.output]
+    fetched = list(dict.fromkeys([*from_session, *graph_outputs])) if on_run else from_session
+    session = _calibration_session(model, fetched, types, provider) if fetched else None
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
     runs = 0
 
@@ -784,16 +825,21 @@ def observe(
             update(name, feed[name])
         if session is not None:
             try:
-                arrays = session.run(from_session, feed)
+                arrays = session.run(fetched, feed)
             except Exception as exc:
                 shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
                 raise UsageError(
                     f"calibration: the model fails on feed {runs} ({shapes}): {first_line(exc)}"
                 ) from None
-            for name, array in zip(from_session, arrays, strict=True):
+            by_name = dict(zip(fetched, arrays, strict=True))
+            del arrays
+            for name in from_session:
+                array = by_name[name]
                 if np.issubdtype(np.asarray(array).dtype, np.floating):
                     update(name, array)
-            del arrays
+            if on_run is not None:
+                on_run(feed, [by_name[n] for n in graph_outputs])
+            del by_name
         runs += 1
         if progress is not None:
             progress(runs, max(total, runs))

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxshrink import __version__
+from onnxshrink.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.optimize import ModelSummary, OptimizeResult
 from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL
@@ -151,6 +152,17 @@ def optimize(
             rich_help_panel="int8 quantization",
         ),
     ] = None,
+    calibration_batch: Annotated[
+        int,
+        typer.Option(
+            "--calibration-batch",
+            min=1,
+            help="Samples per run where the model's batch dim is dynamic: calibration data (and "
+            "--inputs) are cut along axis 0 into runs of at most this many and streamed, so "
+            "memory does not depend on how many samples a file holds.",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = CALIBRATION_BATCH,
     calibration_method: Annotated[
         str,
         typer.Option(
@@ -194,6 +206,18 @@ def optimize(
             rich_help_panel="int8 quantization",
         ),
     ] = DEFAULT_MAX_ERROR,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            "--metric",
+            metavar="MODULE:FUNCTION",
+            help="A task metric for the held-out check: FUNCTION(reference, candidate) gets the "
+            "original's and the quantized model's outputs of each --inputs batch (dicts of "
+            "output name -> array) and returns a number (e.g. 1 - IoU); its mean is reported. "
+            "MODULE may be a file.py.",
+            rich_help_panel="int8 quantization",
+        ),
+    ] = None,
     calibration_provider: Annotated[
         str,
         typer.Option(
@@ -263,6 +287,8 @@ def optimize(
                 max_error=max_error,
                 calibration_provider=calibration_provider,
                 check_speed=not no_speed_check,
+                calibration_batch=calibration_batch,
+                metric=metric,
                 progress=progress,
             )
         if bench:
@@ -511,11 +537,17 @@ def _print_quantization(result: OptimizeResult) -> None:
     q = result.quantization
     budget = q.budget
     out.print()
+    seen = f"{q.samples} sample(s) in {q.feeds} run(s)" if q.samples else f"{q.feeds} run(s)"
     out.print(
         f"[bold]int8 quantization[/bold]: target {q.target}, calibration method {q.method}, "
-        f"{q.feeds} calibration sample(s) from {q.calibration} ({q.seconds:.2f} s)",
+        f"{seen} of at most {q.batch} from {q.calibration}",
         highlight=False,
     )
+    if q.timings:
+        out.print(
+            "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in q.timings.items()),
+            highlight=False,
+        )
     if q.synthetic:
         out.print(
             "[yellow]warning: calibrated on random inputs; ranges do not come from real data. "
@@ -539,7 +571,7 @@ def _print_quantization(result: OptimizeResult) -> None:
         out.print(table)
     verdict = "within" if budget.within_budget else "[red]over[/red]"
     out.print(
-        f"error on calibration samples (mean output noise-to-signal): full int8 "
+        f"error on calibration samples (output noise-to-signal, worst channel group): full int8 "
         f"{budget.full_error:.3g} -> final {budget.final_error:.3g}, {verdict} the budget "
         f"{budget.max_error:g} ({budget.sessions} ORT session(s))",
         highlight=False,
@@ -563,8 +595,13 @@ def _print_quantization(result: OptimizeResult) -> None:
         return
     what = "held-out" if check.held_out else "[yellow]not held-out[/yellow]"
     out.print(
-        f"int8 vs original on {check.source} ({what}, {check.samples} sample(s)): "
-        f"mean noise-to-signal {check.error:.3g}",
+        f"int8 vs original on {check.source} ({what}, {check.samples} run(s)): "
+        f"noise-to-signal {check.error:.3g} (worst channel group)"
+        + (
+            ""
+            if check.metric is None
+            else f"; --metric {check.metric}: {_fmt(check.metric_value, '.4g')}"
+        ),
         highlight=False,
     )
     table = Table(show_header=True, header_style="bold")

@@ -4,25 +4,32 @@
 the model the lossless rules produced (BatchNorm already folded, so weights are quantized in
 their final form). Pipeline:
 
+0. The model is prepared once (`quantize.prepare_model`: nodes named, opset raised to 13 when
+   a per-channel DequantizeLinear needs it), so that no candidate of the budget search pays
+   for a copy-and-convert of its own.
 1. Calibration feeds: `calibration.calibration_feeds(spec, model)` for a spec (an .npz, a folder
-   of them, `loader.py[:function]`, or `random`); a `CalibrationData` or a list of feed dicts is
-   used as given. `random` is marked synthetic, and the result says so.
+   of them, `loader.py[:function]`, or `random`); a list of feed dicts is used as given. Every
+   source is cut into runs of at most `calibration_batch` samples and streamed, so memory
+   does not depend on the number of samples. `random` is marked synthetic, and the result
+   says so.
 2. Tensors to calibrate: `quantize.activation_tensors(model, target, exclude=...)`: the inputs of
    the quantizable Conv/ConvTranspose/Gemm/MatMul nodes, and on `ort-cpu` their outputs.
 3. Statistics: `calibration.collect_statistics` in one streaming ORT pass over the feeds
    (`method`, `provider`; symmetric |x| statistics for `tensorrt`, whose activations are
    symmetric int8): each tensor's range, and the per-channel means of the inputs of Conv and
-   Gemm nodes, for bias correction (`quantize.quantize_qdq`, case 7).
+   Gemm nodes, for bias correction (`quantize.quantize_qdq`, case 7). The same pass keeps the
+   float model's outputs on the first `DEFAULT_SAMPLES` samples: the budget's reference, so
+   the float model is never run again for it.
 4. Placement within the error budget: `sensitivity.quantize_with_budget` quantizes everything
-   eligible, and when the mean output noise-to-signal ratio on the first calibration feeds
-   exceeds `max_error`, keeps the most sensitive layers float until it holds.
+   eligible, and when the error figure (`onnxshrink.measure`) on the first calibration
+   samples exceeds `max_error`, keeps the most sensitive layers float until it holds.
 5. Speed-aware placement (`ort-cpu`, `check_speed`). int8 kernels pay off only where the
    arithmetic they save outweighs the Q/DQ conversions around them; on small tensors (a text
    classifier at 48x192) they may not. So a second candidate is built: every layer computes
    in float, MatMul/Gemm weights stored int8 (`quantize.quantize_qdq` case 6, with bias
    correction; the only weight-only storage that costs no speed), and its output error is
    measured like the others. The float model, the int8 one and this one are timed on ORT CPU
-   in `SPEED_RUNS` interleaved runs on the first calibration feed (medians; intra-op spinning
+   in `SPEED_RUNS` interleaved runs on one calibration sample (medians; intra-op spinning
    off so that one session's idle threads do not slow the next). The float-compute candidate
    replaces int8 compute when it is faster by more than `SPEED_MARGIN` (10%) and within the
    error budget, with a note giving the figures. Otherwise int8 compute stays: it is the
@@ -35,9 +42,11 @@ their final form). Pipeline:
    "int8" or "float" and why.
 
 `held_out_check` then judges a quantized model against the original on other feeds (held-out
-data, never the calibration samples): per output cosine, SNR and noise-to-signal ratio
-`NSR = sum (q - f)^2 / sum f^2` pooled over runs (the figure the budget uses, so
-`NSR = 10^(-SNR_dB / 10)`), and argmax agreement where `onnxshrink.parity` computes it.
+data, never the calibration samples): per output cosine and SNR (pooled over runs), the
+budget's own figure (`onnxshrink.measure`: the noise-to-signal ratio of the worst channel
+group, so that a small-valued part of an output counts as much as a large one), argmax
+agreement where `onnxshrink.parity` computes it, and the mean of a user's task metric
+(`--metric`) over the batches.
 """
 
 from __future__ import annotations
@@ -54,18 +63,27 @@ import numpy as np
 import onnx
 
 from onnxshrink.calibration import (
+    DEFAULT_BATCH,
     METHODS,
     CalibrationData,
     calibration_feeds,
     collect_statistics,
 )
 from onnxshrink.errors import UsageError
-from onnxshrink.parity import Reference, check_parity
+from onnxshrink.measure import OutputNoise, TaskMetric
+from onnxshrink.parity import (
+    Reference,
+    check_parity,
+    declared_batches,
+    feed_samples,
+    split_feed,
+)
 from onnxshrink.quantize import (
     TARGETS,
     QuantizeReport,
     activation_tensors,
     bias_correction_axes,
+    prepare_model,
     quantizable_nodes,
     quantize_qdq,
 )
@@ -121,6 +139,11 @@ class Int8Result:
     quantize: QuantizeReport
     layers: list[LayerDecision] = field(default_factory=list)
     speed: SpeedCheck | None = None
+    #: seconds per phase: "statistics", "sensitivity", "speed check" (when it ran)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: calibration samples (0 when the source did not say) and the run size they were cut to
+    samples: int = 0
+    batch: int = DEFAULT_BATCH
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -168,7 +191,8 @@ class OutputError:
 
 @dataclass
 class HeldOutCheck:
-    """`held_out_check`'s result. `error` is the mean NSR over float outputs (the budget's figure).
+    """`held_out_check`'s result. `error` is the budget's figure: the worst float output's
+    per-group NSR (`onnxshrink.measure`).
 
     `held_out` is False when the feeds were generated or are the calibration data itself;
     `source` says where they came from. `verified` is False when a model could not run (then
@@ -182,6 +206,9 @@ class HeldOutCheck:
     reason: str | None = None
     outputs: list[OutputError] = field(default_factory=list)
     error: float = 0.0
+    #: the user's task metric (`--metric`) and its mean over the held-out batches
+    metric: str | None = None
+    metric_value: float | None = None
 
 
 def check_settings(
@@ -213,18 +240,27 @@ def check_settings(
 def as_calibration_data(
     calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
     model: onnx.ModelProto,
+    max_batch: int = DEFAULT_BATCH,
 ) -> CalibrationData:
-    """The feeds of `calibration` (module docstring, 1); UsageError saying how to give them."""
+    """The feeds of `calibration` (module docstring, 1); UsageError saying how to give them.
+
+    Every source is cut into runs of at most `max_batch` samples where the model's batch dim
+    is dynamic (`calibration.calibration_feeds`); a `CalibrationData` is used as it is.
+    """
     if isinstance(calibration, CalibrationData):
         return calibration
+    if not (isinstance(max_batch, int) and max_batch >= 1):
+        raise UsageError(f"--calibration-batch {max_batch}: must be at least 1")
     if isinstance(calibration, (str, Path)):
-        return calibration_feeds(calibration, model)
+        return calibration_feeds(calibration, model, max_batch=max_batch)
     if calibration is None:
         raise UsageError(f"int8 quantization needs calibration data: {HOW_TO_CALIBRATE}")
-    feeds = [dict(feed) for feed in calibration]
+    declared = declared_batches(model)
+    feeds = [run for feed in calibration for run in split_feed(dict(feed), declared, max_batch)]
     if not feeds:
         raise UsageError(f"calibration data holds no feeds: {HOW_TO_CALIBRATE}")
-    return CalibrationData("feeds", lambda: iter(feeds), len(feeds))
+    samples = sum(feed_samples(f, declared) for f in feeds)
+    return CalibrationData("feeds", lambda: iter(feeds), len(feeds), samples=samples)
 
 
 class _Counted:
@@ -256,6 +292,7 @@ def quantize_int8(
     progress: StagedProgress | None = None,
     check_speed: bool = True,
     bias_correction: bool = True,
+    calibration_batch: int = DEFAULT_BATCH,
 ) -> Int8Result:
     """Quantize a float model to QDQ int8 within an output error budget; `model` is kept.
 
@@ -272,9 +309,12 @@ def quantize_int8(
     check_settings(
         method=method, target=target, exclude=exclude, max_error=max_error, provider=provider
     )
-    data = as_calibration_data(calibration, model)  # 1
+    # named and at opset >= 13 once, not once per candidate the budget search builds
+    model, opset_before = prepare_model(model)
+    data = as_calibration_data(calibration, model, calibration_batch)  # 1
     names = activation_tensors(model, target, exclude=exclude)  # 2
     counted = _Counted(data)
+    timings: dict[str, float] = {}
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         if progress is None:
@@ -283,6 +323,8 @@ def quantize_int8(
 
     start = time.perf_counter()
     mean_axes = bias_correction_axes(model, target, exclude=exclude) if bias_correction else {}
+    # the budget's reference: the float outputs on the first samples, kept from this pass
+    reference = ErrorReference(model, DEFAULT_SAMPLES)
     stats = collect_statistics(  # 3
         model,
         names,
@@ -292,18 +334,20 @@ def quantize_int8(
         progress=stage("calibration"),
         symmetric=target == "tensorrt",
         mean_axes=mean_axes,
+        on_run=reference.record,
     )
+    reference.check()
     ranges = stats.ranges
-    seconds = time.perf_counter() - start
+    seconds = timings["statistics"] = time.perf_counter() - start
     logger.info(
-        "calibration: %d tensor(s) from %d feed(s) of %s in %.2f s",
+        "calibration: %d tensor(s) from %d run(s) of %s in %.2f s",
         len(ranges),
         counted.count,
         data.source,
         seconds,
     )
     means = stats.channel_means if bias_correction else None
-    reference = ErrorReference(model, data, DEFAULT_SAMPLES)
+    phase = time.perf_counter()
     quantized, budget = quantize_with_budget(  # 4
         model,
         ranges,
@@ -317,10 +361,22 @@ def quantize_int8(
     )
     report = budget.quantize
     assert report is not None  # quantize_with_budget always sets it
+    timings["sensitivity"] = time.perf_counter() - phase
+    logger.info("sensitivity: %d session(s) in %.2f s", budget.sessions, timings["sensitivity"])
     speed = None
     if check_speed and target == "ort-cpu" and report.quantized:  # 5
+        phase = time.perf_counter()
         quantized, report, speed = _speed_aware(
             model, quantized, report, budget, ranges, exclude, means, reference, max_error
+        )
+        timings["speed check"] = time.perf_counter() - phase
+        logger.info("speed check: %.2f s", timings["speed check"])
+    report.opset_before = opset_before
+    if report.opset_changed:
+        report.notes.insert(
+            0,
+            f"converted from opset {opset_before} to {report.opset_after}: per-channel "
+            "DequantizeLinear needs its axis attribute",
         )
     return Int8Result(
         model=quantized,
@@ -334,6 +390,9 @@ def quantize_int8(
         quantize=report,
         layers=layer_decisions(model, target, report, budget),
         speed=speed,
+        timings=timings,
+        samples=data.samples,
+        batch=calibration_batch,
     )
 
 
@@ -362,9 +421,9 @@ def _speed_aware(
     weights_error = reference.error(weights, "the float-compute candidate")
     budget.sessions += 1
     within = weights_error <= max_error  # over budget, it is not a candidate (not timed)
-    speed = speed_check(
-        model, quantized, reference.feeds[0], weights_model=weights if within else None
-    )
+    # one sample, the latency a deployment runs at (the budget's feeds may hold several)
+    feed = next(split_feed(reference.feeds[0], declared_batches(model), 1))
+    speed = speed_check(model, quantized, feed, weights_model=weights if within else None)
     logger.info(
         "speed: float %.2f ms, int8 %.2f ms, float compute with int8 weights %s ms",
         speed.float_ms,
@@ -460,14 +519,32 @@ def held_out_check(
     held_out: bool,
     float_outputs: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    metric: TaskMetric | None = None,
 ) -> HeldOutCheck:
     """Judge a quantized model against the original on `feeds` (module docstring).
 
-    `float_outputs` names the outputs that count in the mean NSR (default: all). Never raises
-    for ORT failures: the check is then unverified, with the reason.
+    `float_outputs` names the outputs that count in the error (default: all); the error is the
+    budget's figure (`onnxshrink.measure`: per channel group, worst output). `metric` (a
+    user's task metric) is called on every batch and its mean reported. Never raises for ORT
+    failures: the check is then unverified, with the reason; a failing metric raises
+    UsageError.
     """
+    noises: dict[str, OutputNoise] = {}
+
+    def observe(names: list[str], ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
+        for name, r, c in zip(names, ref, cand, strict=True):
+            if np.issubdtype(np.asarray(r).dtype, np.floating):
+                noises.setdefault(name, OutputNoise()).update(r, c)
+        if metric is not None:
+            metric.update(names, ref, cand)
+
     parity = check_parity(
-        reference, candidate, feeds, progress=progress, labels=("original", "quantized")
+        reference,
+        candidate,
+        feeds,
+        progress=progress,
+        labels=("original", "quantized"),
+        observe=observe,
     )
     check = HeldOutCheck(parity.samples, source, held_out, parity.verified, parity.reason)
     if not parity.verified or not parity.outputs:
@@ -477,14 +554,16 @@ def held_out_check(
     counted = set(float_outputs) if float_outputs is not None else None
     errors = []
     for o in parity.outputs:
-        floating = counted is None or o.name in counted
-        nsr = _nsr(o.snr_db)
+        floating = (counted is None or o.name in counted) and o.name in noises
+        nsr = noises[o.name].value() if o.name in noises else _nsr(o.snr_db)
         check.outputs.append(
             OutputError(o.name, o.cosine, o.snr_db, nsr, o.argmax_agreement, floating)
         )
         if floating:
             errors.append(nsr)
-    check.error = float(np.mean(errors)) if errors else 0.0
+    check.error = max(errors) if errors else 0.0
+    if metric is not None:
+        check.metric, check.metric_value = metric.spec, metric.value
     return check
 
 

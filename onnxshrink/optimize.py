@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxshrink.calibration import DEFAULT_BATCH
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
 from onnxshrink.int8 import (
     HOW_TO_CALIBRATE,
@@ -37,6 +38,7 @@ from onnxshrink.int8 import (
     quantize_int8,
 )
 from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
+from onnxshrink.measure import TaskMetric, load_metric
 from onnxshrink.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -303,6 +305,8 @@ def optimize(
     max_error: float = DEFAULT_MAX_ERROR,
     calibration_provider: str = "cpu",
     check_speed: bool = True,
+    calibration_batch: int = DEFAULT_BATCH,
+    metric: str | None = None,
     progress: StagedProgress | None = None,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
@@ -319,7 +323,12 @@ def optimize(
       `calibration_method` (minmax, percentile, entropy, mse), `target` (ort-cpu, tensorrt),
       `exclude` (regexes on node names / op types kept float), `max_error` (mean output
       noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
-      `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.int8`, 5).
+      `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.int8`, 5),
+      `calibration_batch` (samples per run where the batch dim is dynamic: every source, and
+      `inputs`, is cut into runs of at most this many samples, so memory does not depend on
+      how many samples a file holds), `metric` (`module:function` or `file.py:function`: a
+      task metric called with the original's and the quantized model's outputs of each
+      held-out batch; its mean is reported with the held-out check).
       `progress(stage, done, total)` reports calibration and sensitivity work.
     Raises ParityError when an output of the lossless model moves more than
     `atol + rtol * max|ref|` (see `onnxshrink.parity`), UsageError for bad settings or data;
@@ -341,6 +350,7 @@ def optimize(
             max_error=max_error,
             provider=calibration_provider,
         )
+    task_metric = load_metric(metric) if metric is not None else None
     source_path = Path(model) if isinstance(model, (str, Path)) else None
     original = load_model(source_path) if source_path is not None else model
     if output is not None:
@@ -362,11 +372,15 @@ def optimize(
     calibration = None
     if quantize is not None:
         # read up front (file headers, loader import) so that bad data fails before any work
-        calibration = as_calibration_data(calibration_data, work)
+        calibration = as_calibration_data(calibration_data, work, calibration_batch)
 
     # an .npz holding many samples is split along axis 0 into batches the model accepts;
     # the file headers are checked now, so a bad --inputs fails before any work
-    batches = InputBatches(inputs, work) if isinstance(inputs, (str, Path)) else None
+    batches = (
+        InputBatches(inputs, work, max_batch=calibration_batch)
+        if isinstance(inputs, (str, Path))
+        else None
+    )
 
     def feeds() -> Iterable[dict[str, np.ndarray]]:
         if inputs is None:
@@ -432,6 +446,7 @@ def optimize(
             provider=calibration_provider,
             progress=progress,
             check_speed=check_speed,
+            calibration_batch=calibration_batch,
         )
         final = quantization.model
         notes.extend(quantization.quantize.notes)
@@ -442,7 +457,15 @@ def optimize(
             )
         if verify:
             quantized_parity = _check_quantized(
-                reference, original, final, feeds(), inputs, calibration_data, max_error, progress
+                reference,
+                original,
+                final,
+                feeds(),
+                inputs,
+                calibration_data,
+                max_error,
+                progress,
+                task_metric,
             )
             notes.extend(_held_out_notes(quantized_parity, max_error))
         else:
@@ -472,6 +495,7 @@ def _check_quantized(
     calibration_data: object,
     max_error: float,
     progress: StagedProgress | None,
+    metric: TaskMetric | None = None,
 ) -> HeldOutCheck:
     """The quantized model against the original on the parity feeds (module docstring, 3)."""
     if inputs is None:
@@ -489,6 +513,7 @@ def _check_quantized(
         source=source,
         held_out=held_out,
         float_outputs=float_output_names(original),
+        metric=metric,
         progress=(lambda done, total: progress("held-out check", done, total))
         if progress is not None
         else None,

@@ -674,6 +674,7 @@ def plan_batches(
     declared: dict[str, tuple[int, int | None]],
     batch: int | None = None,
     where: str = "--inputs",
+    max_batch: int | None = None,
 ) -> list[tuple[int, int]] | None:
     """Slices `[start, stop)` along axis 0 for one file's arrays; None feeds the file whole.
 
@@ -681,8 +682,11 @@ def plan_batches(
     2. The other arrays must share their axis-0 length N; if they do not (e.g. a recurrent
        state beside a batch of audio) the file is one run, and `batch` is refused.
     3. The batch size is the fixed axis-0 dim the model declares (all inputs that declare one
-       must agree), else `batch`, else N (one run).
-    4. A fixed batch size must divide N; with `batch` the last run may be smaller.
+       must agree), else `batch`, else `min(N, max_batch)`, else N (one run). `max_batch` is
+       how callers bound memory: a file of 1024 samples for a dynamic-batch model runs as
+       128 batches of 8, not as one batch of 1024.
+    4. A fixed batch size must divide N; with `batch` or `max_batch` the last run may be
+       smaller.
     """
     lengths = {n: shapes[n][0] for n in batched_arrays(shapes, declared)}
     if not lengths:
@@ -709,11 +713,48 @@ def plan_batches(
             )
         if batch is not None and batch != size:
             raise UsageError(f"--batch {batch}: the model's batch size is fixed at {size}")
+    elif batch is not None:
+        size = batch
     else:
-        size = batch if batch is not None else total
+        size = min(total, max_batch) if max_batch else total
     if total == 0:
         return None
     return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def split_feed(
+    feed: dict[str, np.ndarray],
+    declared: dict[str, tuple[int, int | None]],
+    max_batch: int | None,
+    where: str = "--inputs",
+) -> Iterator[dict[str, np.ndarray]]:
+    """`feed` cut along axis 0 into runs of at most `max_batch` samples (`plan_batches`).
+
+    `declared` is `declared_batches(model)`. A feed that cannot be split (arrays of different
+    lengths, a fixed batch it already matches) comes back whole. The runs are views.
+    """
+    shapes = {n: tuple(np.shape(a)) for n, a in feed.items()}
+    plan = plan_batches(shapes, declared, None, where, max_batch)
+    if plan is None or len(plan) == 1:
+        yield feed
+        return
+    sliced = set(batched_arrays(shapes, declared))
+    for start, stop in plan:
+        yield {n: (a[start:stop] if n in sliced else a) for n, a in feed.items()}
+
+
+def declared_batches(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
+    """Input name -> (rank, fixed axis-0 size or None), as `plan_batches` takes them."""
+    return {v.name: _declared_batch(v) for v in model_inputs(model)}
+
+
+def feed_samples(feed: dict[str, np.ndarray], declared: dict[str, tuple[int, int | None]]) -> int:
+    """Samples in a feed: axis-0 length of its first input that has a batch axis (else 1)."""
+    for name in declared:
+        value = feed.get(name)
+        if value is not None and declared[name][0] != 0 and np.ndim(value) >= 1:
+            return int(np.shape(value)[0])
+    return 1
 
 
 class InputBatches:
@@ -721,32 +762,49 @@ class InputBatches:
 
     Files are read one at a time; `total` (the number of runs) comes from the array headers
     before any data is read, so bad files are refused up front. See `plan_batches` for the
-    splitting rules. Iterating again reads the files again.
+    splitting rules (`batch`, `max_batch`). Iterating again reads the files again.
+
+    A file split into batches is streamed: each run's rows are read from the archive member
+    when that run comes (`_stream_rows`), so memory holds one batch, not the file. An .npz
+    written by `np.savez` stores its arrays uncompressed and reads at disk speed;
+    `np.savez_compressed` files stream too, decompressed as they are read.
     """
 
-    def __init__(self, path: str | Path, model: onnx.ModelProto, batch: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        model: onnx.ModelProto,
+        batch: int | None = None,
+        *,
+        max_batch: int | None = None,
+        where: str = "--inputs",
+    ):
         if batch is not None and batch < 1:
             raise UsageError(f"--batch {batch}: must be at least 1")
         inputs = model_inputs(model)
         self.names = [v.name for v in inputs]
-        declared = {v.name: _declared_batch(v) for v in inputs}
+        declared = declared_batches(model)
         self.files = npz_files(path)
         self.plans: list[list[tuple[int, int]] | None] = []
         self.sliced: list[set[str]] = []
+        #: samples per file: axis-0 length of its batched arrays (1 when the file is one run)
+        self.samples = 0
         for f in self.files:
             shapes = _npz_shapes(f)
             missing = [n for n in self.names if n not in shapes]
             if missing:
                 raise UsageError(
-                    f"--inputs {f}: no array for model input(s) {', '.join(missing)} "
+                    f"{where} {f}: no array for model input(s) {', '.join(missing)} "
                     f"(file has {', '.join(shapes) or 'nothing'})"
                 )
             extra = [n for n in shapes if n not in self.names]
             if extra:
                 logger.info("%s: arrays %s are not model inputs; ignored", f, ", ".join(extra))
             shapes = {n: shapes[n] for n in self.names}
-            self.plans.append(plan_batches(shapes, declared, batch, f"--inputs {f}"))
+            plan = plan_batches(shapes, declared, batch, f"{where} {f}", max_batch)
+            self.plans.append(plan)
             self.sliced.append(set(batched_arrays(shapes, declared)))
+            self.samples += plan[-1][1] if plan else 1
         self.total = sum(1 if plan is None else len(plan) for plan in self.plans)
 
     def __len__(self) -> int:
@@ -754,14 +812,71 @@ class InputBatches:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i, f in enumerate(self.files):
-            feed = next(load_inputs(f, self.names))
             plan, sliced = self.plans[i], self.sliced[i]
             if plan is None:
-                yield feed
+                yield next(load_inputs(f, self.names))
                 continue
             logger.debug("%s: %d run(s) along axis 0", f, len(plan))
+            yield from _stream_rows(f, self.names, plan, sliced)
+
+
+def _stream_rows(
+    path: Path, names: list[str], plan: list[tuple[int, int]], sliced: set[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    """One feed per `[start, stop)` of `plan` (consecutive from 0), read as it is needed.
+
+    Arrays in `sliced` are read row by row from their archive member; the others (scalars,
+    and the rare Fortran-ordered array) are read whole once and go to every run (sliced ones
+    sliced). Raises UsageError for a member that is shorter than its header says.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception as exc:
+        raise UsageError(f"--inputs {path}: not a readable .npz file ({exc})") from None
+    with archive:
+        streams: dict[str, tuple[Any, tuple[int, ...], np.dtype]] = {}
+        whole: dict[str, np.ndarray] = {}
+        try:
+            for name in names:
+                member = archive.open(f"{name}.npy")
+                version = np.lib.format.read_magic(member)
+                shape, fortran, dtype = (
+                    np.lib.format.read_array_header_1_0(member)
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0(member)
+                )
+                if name in sliced and not fortran and not dtype.hasobject and shape:
+                    streams[name] = (member, tuple(shape), dtype)
+                    continue
+                member.close()
+                with archive.open(f"{name}.npy") as again:
+                    whole[name] = np.lib.format.read_array(again, allow_pickle=False)
             for start, stop in plan:
-                yield {n: (a[start:stop] if n in sliced else a) for n, a in feed.items()}
+                feed: dict[str, np.ndarray] = {}
+                for name in names:
+                    if name in streams:
+                        member, shape, dtype = streams[name]
+                        rows = np.empty((stop - start, *shape[1:]), dtype=dtype)
+                        view = memoryview(rows).cast("B") if rows.nbytes else memoryview(b"")
+                        done = 0
+                        while done < rows.nbytes:
+                            got = member.readinto(view[done:])
+                            if not got:
+                                raise ValueError(f"array {name!r} ends before row {stop}")
+                            done += got
+                        feed[name] = rows
+                    elif name in sliced:
+                        feed[name] = whole[name][start:stop]
+                    else:
+                        feed[name] = whole[name]
+                yield feed
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"--inputs {path}: not a readable .npz file ({exc})") from None
+        finally:
+            for member, _, _ in streams.values():
+                member.close()
 
 
 class Reference:
@@ -809,6 +924,7 @@ def check_parity(
     progress: Progress | None = None,
     total: int | None = None,
     labels: tuple[str, str] = ("original", "optimized"),
+    observe: Callable[[list[str], list[np.ndarray], list[np.ndarray]], None] | None = None,
 ) -> ParityReport:
     """Run both models on every feed and compare each output; never raises for ORT failures.
 
@@ -817,7 +933,8 @@ def check_parity(
     which an output fails (the report then covers the feeds seen so far). `criteria` replaces
     `rtol`/`atol` with the full set of checks (module docstring); outputs are matched by name.
     `progress(done, total)` is called after each run (`total` 0 when unknown). `labels` name
-    the two models in the reasons (e.g. "reference", "candidate").
+    the two models in the reasons (e.g. "reference", "candidate"). `observe(names, ref, cand)`
+    sees every run's outputs of both models (for figures of the caller's own).
     """
     ref_label, cand_label = labels
     criteria = criteria if criteria is not None else Criteria(rtol=rtol, atol=atol)
@@ -872,6 +989,8 @@ def check_parity(
         samples += 1
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
             stats[name].update(r, c)
+        if observe is not None:
+            observe(names, ref_out, cand_out)
         del ref_out, cand_out
         if progress is not None:
             progress(samples, max(total, samples))

@@ -253,6 +253,23 @@ def bias_correction_axes(
     return axes
 
 
+def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` with every node named and opset >= 13 (case 2), and its old opset.
+
+    What `quantize_qdq` does to every model it is given, done once: a caller that builds many
+    candidates from one model (the budget search) prepares it first, so that no candidate
+    pays for an opset conversion. The conversion happens only when a node could be quantized
+    or store int8 weights (it changes nothing otherwise).
+    """
+    work = _named_copy(model)
+    before = default_opset(work)
+    if before < PER_CHANNEL_OPSET and any(
+        c.quantizable or c.weight_only_ok for c in _candidates(work, [], None, 0, "ort-cuda")
+    ):
+        work = convert_opset(work, PER_CHANNEL_OPSET)
+    return work, before
+
+
 def quantize_qdq(
     model: onnx.ModelProto,
     ranges: dict[str, tuple[float, float]],

@@ -378,9 +378,12 @@ def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
         "target": _get(quant, "target"),
         "method": _get(quant, "method"),
         "calibration": _get(quant, "calibration"),
-        "calibration_samples": _get(quant, "feeds"),
+        "calibration_runs": _get(quant, "feeds"),
+        "calibration_samples": _get(quant, "samples") or _get(quant, "feeds"),
+        "calibration_batch": _get(quant, "batch"),
         "synthetic": bool(_get(quant, "synthetic", False)),
         "calibration_seconds": _get(quant, "seconds"),
+        "phase_seconds": dict(_get(quant, "timings", {}) or {}),
         "layers_total": len(layers),
         "layers_quantized": len(layers) - len(kept),
         "weight_only": list(_get(qreport, "weight_only", []) or []),
@@ -426,6 +429,8 @@ def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
             "verified": bool(_get(check, "verified")),
             "reason": _get(check, "reason"),
             "error": _get(check, "error"),
+            "metric": _get(check, "metric"),
+            "metric_value": _get(check, "metric_value"),
             "outputs": [
                 {
                     "name": _get(o, "name"),
@@ -447,8 +452,8 @@ def _quantization_lines(q: Mapping[str, Any]) -> list[str]:
         f"Target {q['target']}, calibration method {q['method']}, "
         f"{q['calibration_samples']} calibration sample(s) from {q['calibration']}"
         + (
-            f" ({q['calibration_seconds']:.2f} s)"
-            if isinstance(q["calibration_seconds"], (int, float))
+            f" in {q['calibration_runs']} run(s) of at most {q['calibration_batch']}"
+            if q.get("calibration_runs") and q.get("calibration_batch")
             else ""
         )
         + ".",
@@ -456,10 +461,16 @@ def _quantization_lines(q: Mapping[str, Any]) -> list[str]:
         f"layers; {len(q['kept_float'])} kept float ({b['kept_for_accuracy']} for accuracy), "
         f"{len(q['weight_only'])} of them with int8 weights; bias correction on "
         f"{len(q['bias_corrected'])} layer(s).",
-        "Error on calibration samples (mean output noise-to-signal ratio): full int8 "
-        f"{_num(b['full_error'], 'float')} \u2192 final {_num(b['final_error'], 'float')}, "
-        f"budget {_num(b['max_error'], 'float')} ({b['sessions']} ORT session(s)).",
+        "Error on calibration samples (output noise-to-signal ratio of the worst channel "
+        f"group): full int8 {_num(b['full_error'], 'float')} \u2192 final "
+        f"{_num(b['final_error'], 'float')}, budget {_num(b['max_error'], 'float')} "
+        f"({b['sessions']} ORT session(s)).",
     ]
+    phases = q.get("phase_seconds") or {}
+    if phases:
+        lines.append(
+            "Time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in phases.items()) + "."
+        )
     speed = q.get("speed")
     if speed:
         lines.append(
@@ -482,7 +493,14 @@ def _held_out_text(check: Mapping[str, Any]) -> str:
     kind = "held-out data" if check["held_out"] else "data that is NOT held out"
     return (
         f"The int8 model against the original on {check['source']} ({kind}, "
-        f"{check['samples']} sample(s)): mean noise-to-signal {_num(check['error'], 'float')}."
+        f"{check['samples']} run(s)): noise-to-signal {_num(check['error'], 'float')} (worst "
+        "channel group)"
+        + (
+            f"; task metric {check['metric']}: {_num(check['metric_value'], 'float')}"
+            if check.get("metric")
+            else ""
+        )
+        + "."
     )
 
 

@@ -1,20 +1,17 @@
 """Sensitivity analysis: keep the layers whose quantization hurts most in float, within a budget.
 
-Error figure. For a candidate model q and the float model f, run on the same feeds (the first
-`samples` calibration feeds), the error is the noise-to-signal ratio of the graph outputs,
-
-    NSR_o = sum_{feeds, elements} (q_o - f_o)^2 / sum_{feeds, elements} f_o^2,
-    error = mean over the float outputs o of NSR_o,
-
-pooled over feeds before dividing (one figure per output, not a mean of per-feed ratios). It is
-scale-free (an output scaled by c keeps its NSR) and equals `10^(-SNR_dB / 10)`; for small
-errors it is about `2 (1 - cosine)`. Non-float outputs are left out; an output that is all zero
-in float counts 0 when q is zero too and inf otherwise.
+Error figure. For a candidate model q and the float model f, run on the same feeds (the feeds
+holding the first `samples` calibration samples), the error is `onnxshrink.measure`'s: the
+noise-to-signal ratio `sum (q - f)^2 / sum f^2` of each output, judged per channel group so
+that a small-valued part of an output (class scores beside box coordinates) counts as much as
+a large one, and the worst float output's figure. It is scale-free and, for an output of one
+scale, equals `10^(-SNR_dB / 10)`, about `2 (1 - cosine)` for small errors.
 
 Algorithm:
 
-1. Reference. The float model runs once per feed; its outputs are cached (memory grows with
-   `samples`, not with the calibration set).
+1. Reference (`ErrorReference`). The float model's outputs on the first `samples` samples,
+   kept from the statistics pass (`record` as its `on_run` hook) or computed once
+   (`from_model`); memory grows with `samples`, not with the calibration set.
 2. Ranking (`layer_sensitivity`). For each quantizable node (`quantize.quantizable_nodes` with
    no reason, and a calibrated range for its input), the model with that node alone quantized
    (`quantize_qdq(nodes={name})`) is measured: one ORT session per node. Sorted by error,
@@ -42,7 +39,6 @@ Algorithm:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -52,7 +48,8 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import UsageError, first_line
-from onnxshrink.parity import ort_session
+from onnxshrink.measure import model_error
+from onnxshrink.parity import declared_batches, feed_samples, model_inputs, ort_session
 from onnxshrink.quantize import QuantizeReport, quantizable_nodes, quantize_qdq
 
 logger = logging.getLogger(__name__)
@@ -109,23 +106,60 @@ class BudgetReport:
 
 
 class ErrorReference:
-    """The first `samples` feeds and the float model's outputs on them (module docstring 1)."""
+    """Feeds holding the first `samples` calibration samples, and the float model's outputs on
+    them (module docstring 1).
 
-    def __init__(self, model: onnx.ModelProto, feeds: Iterable[Feed], samples: int) -> None:
+    Build it with `record` as the statistics pass's `on_run` hook (the float model then runs
+    once over the calibration data in all), or with `from_model` to run the model here.
+    `samples` counts samples, not feeds: a feed of 8 samples counts 8 (`feed_samples`).
+    """
+
+    def __init__(self, model: onnx.ModelProto, samples: int) -> None:
         if samples < 1:
             raise UsageError(f"sensitivity samples {samples}: must be at least 1")
-        sess = _session(model, "the float model")
-        inputs = [i.name for i in sess.get_inputs()]
-        self.output_names = [o.name for o in sess.get_outputs()]
+        self.samples = samples
+        self.inputs = [v.name for v in model_inputs(model)]
+        self.output_names = [o.name for o in model.graph.output]
+        self.declared = declared_batches(model)
         self.feeds: list[Feed] = []
         self.outputs: list[list[np.ndarray]] = []
-        for feed in itertools.islice(iter(feeds), samples):
-            missing = [n for n in inputs if n not in feed]
+        self.counts: list[int] = []  # samples per feed
+
+    @property
+    def full(self) -> bool:
+        return sum(self.counts) >= self.samples
+
+    def record(self, feed: Feed, outputs: list[np.ndarray]) -> None:
+        """Keep `feed` and its float outputs until `samples` samples are held."""
+        if self.full:
+            return
+        missing = [n for n in self.inputs if n not in feed]
+        if missing:
+            raise UsageError(f"calibration feed lacks model input(s) {', '.join(missing)}")
+        trimmed = {n: np.array(feed[n]) for n in self.inputs}  # a copy: feeds may be views
+        self.feeds.append(trimmed)
+        self.outputs.append(list(outputs))
+        self.counts.append(feed_samples(trimmed, self.declared))
+
+    @classmethod
+    def from_model(
+        cls, model: onnx.ModelProto, feeds: Iterable[Feed], samples: int
+    ) -> ErrorReference:
+        """Run the float model on the first feeds until `samples` samples are held."""
+        reference = cls(model, samples)
+        sess = _session(model, "the float model")
+        for feed in feeds:
+            missing = [n for n in reference.inputs if n not in feed]
             if missing:
                 raise UsageError(f"calibration feed lacks model input(s) {', '.join(missing)}")
-            trimmed = {n: feed[n] for n in inputs}
-            self.feeds.append(trimmed)
-            self.outputs.append(sess.run(None, trimmed))
+            reference.record(feed, sess.run(None, {n: feed[n] for n in reference.inputs}))
+            if reference.full:
+                break
+        reference.check()
+        return reference
+
+    def check(self) -> None:
+        """UsageError when nothing was recorded or no output is float."""
         if not self.feeds:
             raise UsageError("sensitivity analysis needs at least one calibration feed")
         self.floating = [
@@ -136,10 +170,23 @@ class ErrorReference:
         if not self.floating:
             raise UsageError("sensitivity analysis needs a float graph output; the model has none")
 
+    def take(self, limit: int | None) -> int:
+        """How many leading feeds hold about `limit` samples (at least one feed)."""
+        if limit is None:
+            return len(self.feeds)
+        held = 0
+        for i, count in enumerate(self.counts):
+            held += count
+            if held >= limit:
+                return i + 1
+        return len(self.feeds)
+
     def error(self, candidate: onnx.ModelProto, what: str, limit: int | None = None) -> float:
-        """The mean output NSR of `candidate` on the first `limit` cached feeds (one session)."""
+        """The output error of `candidate` on the cached feeds holding `limit` samples."""
+        if not hasattr(self, "floating"):
+            self.check()
         sess = _session(candidate, what)
-        feeds = self.feeds[:limit] if limit is not None else self.feeds
+        feeds = self.feeds[: self.take(limit)]
         runs = [sess.run(None, feed) for feed in feeds]
         return output_error(self.outputs[: len(runs)], runs, self.floating)
 
@@ -149,32 +196,8 @@ def output_error(
     candidate: Sequence[Sequence[np.ndarray]],
     outputs: Sequence[int] | None = None,
 ) -> float:
-    """Mean over outputs of `sum (c - r)^2 / sum r^2`, pooled over runs (module docstring).
-
-    `reference[run][output]` and `candidate[run][output]`; `outputs` picks output indices
-    (default all). Mismatched shapes give inf.
-    """
-    if not reference:
-        return 0.0
-    indices = range(len(reference[0])) if outputs is None else outputs
-    ratios = []
-    for o in indices:
-        noise = signal = 0.0
-        for ref_run, cand_run in zip(reference, candidate, strict=True):
-            r = np.asarray(ref_run[o], dtype=np.float64).ravel()
-            c = np.asarray(cand_run[o], dtype=np.float64).ravel()
-            if r.shape != c.shape:
-                return math.inf
-            d = c - r
-            noise += float(np.dot(d, d))
-            signal += float(np.dot(r, r))
-        if noise == 0.0:
-            ratios.append(0.0)
-        elif signal == 0.0 or not math.isfinite(noise):
-            ratios.append(math.inf)
-        else:
-            ratios.append(noise / signal)
-    return float(np.mean(ratios)) if ratios else 0.0
+    """The budget's error figure: `onnxshrink.measure.model_error` (module docstring)."""
+    return model_error(reference, candidate, outputs)
 
 
 def eligible_nodes(
@@ -208,7 +231,7 @@ def layer_sensitivity(
     `feeds` is iterated once (its first `samples` feeds); one ORT session per node plus one
     for the float model. Raises UsageError when the model has no float output or no feeds.
     """
-    reference = _reference or ErrorReference(model, feeds, samples)
+    reference = _reference or ErrorReference.from_model(model, feeds, samples)
     nodes = eligible_nodes(model, ranges, target, exclude)
     errors: list[LayerError] = []
     for i, (name, op) in enumerate(nodes):
@@ -265,7 +288,7 @@ def quantize_with_budget(
     """
     if not (max_error >= 0.0 and math.isfinite(max_error)):
         raise UsageError(f"--max-error {max_error}: must be a finite number >= 0")
-    reference = reference or ErrorReference(model, feeds, samples)
+    reference = reference or ErrorReference.from_model(model, feeds, samples)
     report = BudgetReport(max_error=max_error)
     if weight_only is None:
         weight_only = target in ("ort-cpu", "ort-cuda")

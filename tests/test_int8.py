@@ -388,3 +388,136 @@ def test_ort_cuda_target_gives_float_compute_with_int8_weights(net_files):
     )  # fmt: skip
     assert cli.exit_code == 0, cli.output
     assert out.stat().st_size < 0.5 * model_path.stat().st_size
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded, streaming calibration (issue 8)
+
+_DYNAMIC_NET = _NET.replace("float[1,3,16,16] x", "float[N,3,16,16] x").replace(
+    "float[1,10] y", "float[N,10] y"
+)
+
+
+def build_dynamic_net() -> onnx.ModelProto:
+    model = build_net()
+    dynamic = make_model(
+        _DYNAMIC_NET, {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    )
+    return dynamic
+
+
+def test_calibration_npz_runs_in_batches_and_float_model_runs_once(tmp_path, monkeypatch):
+    """64 samples in one .npz for a dynamic-batch model: 8 runs of 8, never one run of 64, and
+    the budget's reference comes from the statistics pass (the float model is not run again)."""
+    import onnxshrink.calibration as calibration_module
+    from onnxshrink.sensitivity import ErrorReference
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_samples(1, 64))
+    sizes: list[int] = []
+    real_observe = calibration_module.observe
+
+    def spying_observe(model, names, feeds, *args, **kwargs):
+        def spied():
+            for feed in feeds:
+                sizes.append(feed["x"].shape[0])
+                yield feed
+
+        return real_observe(model, names, spied(), *args, **kwargs)
+
+    monkeypatch.setattr(calibration_module, "observe", spying_observe)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the float model ran a second time for the budget's reference")
+
+    monkeypatch.setattr(ErrorReference, "from_model", classmethod(forbidden))
+    result = quantize_int8(build_dynamic_net(), calib, max_error=0.05)
+    assert sizes == [8] * 8
+    assert result.feeds == 8 and result.samples == 64 and result.batch == 8
+    assert set(result.timings) == {"statistics", "sensitivity", "speed check"}
+    assert all(seconds > 0 for seconds in result.timings.values())
+    small = quantize_int8(build_dynamic_net(), calib, max_error=0.05, calibration_batch=3)
+    assert small.feeds == 22 and small.samples == 64  # 21 runs of 3 and one of 1
+
+
+def test_loader_feeds_and_feed_lists_are_cut_to_the_batch(tmp_path):
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import numpy as np\n"
+        "def load_data():\n"
+        "    yield {'x': np.random.default_rng(0).normal(size=(20, 3, 16, 16)).astype(np.float32)}\n"
+    )
+    result = quantize_int8(build_dynamic_net(), str(script), max_error=1.0, check_speed=False)
+    assert result.feeds == 3  # 8 + 8 + 4
+    listed = quantize_int8(
+        build_dynamic_net(), [{"x": _samples(4, 10)}], max_error=1.0, check_speed=False
+    )
+    assert listed.feeds == 2 and listed.samples == 10
+    with pytest.raises(UsageError, match="calibration-batch"):
+        quantize_int8(build_dynamic_net(), [{"x": _samples(4, 2)}], calibration_batch=0)
+
+
+def test_held_out_check_reports_a_task_metric(tmp_path):
+    module = tmp_path / "task_metric.py"
+    module.write_text(
+        "import numpy as np\n"
+        "def flips(ref, cand):\n"
+        "    return float(np.mean(ref['y'].argmax(-1) != cand['y'].argmax(-1)))\n"
+        "def broken(ref, cand):\n"
+        "    raise RuntimeError('no labels here')\n"
+    )
+    from onnxshrink.measure import load_metric
+
+    model = build_net()
+    feeds = [{"x": x[None]} for x in _samples(5, 6)]
+    same = held_out_check(
+        model, model, feeds, source="t", held_out=True, metric=load_metric(f"{module}:flips")
+    )
+    assert same.metric == f"{module}:flips" and same.metric_value == 0.0
+    quantized = quantize_int8(model, [{"x": x[None]} for x in _samples(1, 8)], max_error=1.0)
+    check = held_out_check(
+        model,
+        quantized.model,
+        feeds,
+        source="t",
+        held_out=True,
+        metric=load_metric(f"{module}:flips"),
+    )
+    assert check.metric_value is not None and 0.0 <= check.metric_value <= 1.0
+    with pytest.raises(UsageError, match="broken.*failed on batch 0: no labels"):
+        held_out_check(
+            model, model, feeds, source="t", held_out=True, metric=load_metric(f"{module}:broken")
+        )
+    for spec, message in [
+        ("nomodule_xyz:fn", "cannot import"),
+        (f"{module}:missing", "defines no function"),
+        ("justtext", "expected module:function"),
+        (f"{tmp_path}/none.py:fn", "no such file"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            load_metric(spec)
+
+
+def test_cli_calibration_batch_and_metric(tmp_path, net_files):
+    model, calib, held_out = net_files
+    dynamic = tmp_path / "dyn.onnx"
+    onnx.save(build_dynamic_net(), str(dynamic))
+    big = tmp_path / "calib64.npz"
+    np.savez(big, x=_samples(1, 64))
+    metric = tmp_path / "m.py"
+    metric.write_text("def zero(ref, cand):\n    return 0.0\n")
+    out = tmp_path / "q.onnx"
+    result = _runner_output(
+        "optimize", str(dynamic), "-o", str(out), "--quantize", "int8",
+        "--calibration-data", str(big), "--calibration-batch", "16", "--inputs", str(held_out),
+        "--metric", f"{metric}:zero", "--max-error", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "64 sample(s) in 4 run(s) of at most 16" in result.output
+    assert "--metric" in result.output and "time: statistics" in result.output
+    bad = _runner_output(
+        "optimize", str(dynamic), "-o", str(tmp_path / "b.onnx"), "--quantize", "int8",
+        "--calibration-data", str(big), "--metric", "nope",
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "--metric 'nope'" in bad.output
+    assert not (tmp_path / "b.onnx").exists()

@@ -14,11 +14,14 @@ from onnxshrink.parity import (
     check_parity,
     compare_outputs,
     criteria_from_specs,
+    declared_batches,
+    feed_samples,
     generate_inputs,
     load_inputs,
     parse_input_ranges,
     plan_batches,
     relative_error,
+    split_feed,
 )
 from tests.helpers import make_model
 
@@ -388,6 +391,62 @@ def test_input_batches_split_files_along_axis_0(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"not a zip")
     with pytest.raises(UsageError, match="not a readable .npz"):
         InputBatches(tmp_path / "d.npz", model)
+
+
+_DYNAMIC = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (float[N, 3] x, float s) => (float[N, 3] y) {
+    y = Mul (x, s)
+}
+"""
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_input_batches_stream_rows_in_runs_of_max_batch(tmp_path, save):
+    """A dynamic-batch model and a file of 20 samples: runs of at most 8, read row by row."""
+    model = make_model(_DYNAMIC)
+    x = np.arange(60, dtype=np.float32).reshape(20, 3)
+    save(tmp_path / "a.npz", x=x, s=np.float32(2))
+    batches = InputBatches(tmp_path / "a.npz", model, max_batch=8)
+    assert len(batches) == 3 and batches.samples == 20
+    feeds = list(batches)
+    assert [f["x"].shape for f in feeds] == [(8, 3), (8, 3), (4, 3)]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
+    assert all(f["x"].flags.writeable and f["x"].flags.c_contiguous for f in feeds)
+    assert [float(f["s"]) for f in feeds] == [2, 2, 2]
+    assert len(list(InputBatches(tmp_path / "a.npz", model))) == 1  # no cap: one run of 20
+
+
+def test_input_batches_fortran_order_and_truncated_member(tmp_path):
+    model = make_model(_DYNAMIC)
+    x = np.asfortranarray(np.arange(30, dtype=np.float32).reshape(10, 3))
+    np.savez(tmp_path / "f.npz", x=x, s=np.float32(1))
+    feeds = list(InputBatches(tmp_path / "f.npz", model, max_batch=4))
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
+    # a member whose data is shorter than its header says: one line, not a traceback
+    import io
+    import zipfile
+
+    good = io.BytesIO()
+    np.save(good, np.zeros((10, 3), np.float32))
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as archive:
+        archive.writestr("x.npy", good.getvalue()[:-40])
+        scalar = io.BytesIO()
+        np.save(scalar, np.float32(1))
+        archive.writestr("s.npy", scalar.getvalue())
+    with pytest.raises(UsageError, match="not a readable .npz.*ends before row"):
+        list(InputBatches(tmp_path / "t.npz", model, max_batch=4))
+
+
+def test_split_feed_and_feed_samples():
+    model = make_model(_DYNAMIC)
+    declared = declared_batches(model)
+    feed = {"x": np.zeros((10, 3), np.float32), "s": np.float32(1)}
+    runs = list(split_feed(feed, declared, 4))
+    assert [r["x"].shape[0] for r in runs] == [4, 4, 2]
+    assert all(r["s"] is feed["s"] for r in runs)
+    assert [feed_samples(r, declared) for r in runs] == [4, 4, 2]
+    assert list(split_feed(feed, declared, 16)) == [feed]  # within the cap: the feed itself
 
 
 def test_argmax_agreement_only_for_class_like_outputs():

@@ -61,7 +61,8 @@ def test_output_error_matches_numpy() -> None:
     rng = np.random.default_rng(2)
     ref = [[rng.normal(0, 1, (3, 5)), rng.normal(0, 10, 7)] for _ in range(3)]
     cand = [[r + rng.normal(0, 0.1, r.shape) for r in run_] for run_ in ref]
-    expected = np.mean(
+    # worst output; both outputs are one channel group (one scale), so their figure is pooled
+    expected = max(
         [
             sum(np.sum((c[o] - r[o]) ** 2) for r, c in zip(ref, cand, strict=True))
             / sum(np.sum(r[o] ** 2) for r in ref)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner
 
 from models import data
 from onnxshrink.cli import app
+from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
 from tests.zoo.conftest import model_path, sha256_of
 
 pytestmark = pytest.mark.zoo
@@ -81,3 +83,64 @@ def test_rec_int8_reads_like_fp32_and_is_small() -> None:
     size = len(result.model.SerializeToString()) / source.stat().st_size
     assert size <= 0.45, size
     assert np.isfinite(result.budget.final_error)
+
+
+def _mixed_scale_detector(source) -> onnx.ModelProto:
+    """The detector with its map concatenated to a copy scaled to box coordinates: one output
+    [N, 2, H, W] whose channel 0 is 0..640 and channel 1 the 0..1 probabilities. The small
+    part goes through a uint8 Q/DQ of its own, whose dequantization scale the candidate below
+    gets wrong."""
+    from onnx import helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    (out,) = graph.output
+    prob = out.name
+    graph.output.remove(out)
+    f32 = onnx.TensorProto.FLOAT
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array(640.0, np.float32), "mix_scale"),
+            onnx.numpy_helper.from_array(np.array(1 / 255, np.float32), "mix_q_scale"),
+            onnx.numpy_helper.from_array(np.array(1 / 255, np.float32), "mix_dq_scale"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Mul", [prob, "mix_scale"], ["mix_big"]),
+            helper.make_node("QuantizeLinear", [prob, "mix_q_scale"], ["mix_q"]),
+            helper.make_node("DequantizeLinear", ["mix_q", "mix_dq_scale"], ["mix_small"]),
+            helper.make_node("Concat", ["mix_big", "mix_small"], ["mixed"], axis=1),
+        ]
+    )
+    graph.output.append(helper.make_tensor_value_info("mixed", f32, None))
+    if model.opset_import[0].version < 13:
+        model.opset_import[0].version = 13
+    return model
+
+
+def test_budget_catches_a_quantization_that_ruins_the_small_part_of_an_output():
+    """Issue 8: box-scale and score-scale values in one output; scores ruined, boxes intact."""
+    from onnxshrink.sensitivity import ErrorReference
+
+    source = model_path("ppocr-v4-det")
+    mixed = _mixed_scale_detector(source)
+    ruined = onnx.ModelProto()
+    ruined.CopyFrom(mixed)
+    for init in ruined.graph.initializer:
+        if init.name == "mix_dq_scale":  # a wrong scale: the scores fall 3x (0.47 -> 0.16)
+            wrong = np.array(0.33 / 255, np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(wrong, init.name))
+    feeds = data.feeds_for("ppocr-v4-det", "calib", 2)
+    reference = ErrorReference.from_model(mixed, feeds, 2)
+    ref_runs = reference.outputs
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ruined.SerializeToString(), providers=["CPUExecutionProvider"])
+    cand_runs = [session.run(None, feed) for feed in reference.feeds]
+    noise = sum(float(np.sum((c[0] - r[0]) ** 2)) for r, c in zip(ref_runs, cand_runs, strict=True))
+    signal = sum(float(np.sum(r[0] ** 2)) for r in ref_runs)
+    assert noise / signal < 1e-3  # the pooled figure: ten times within the default budget
+    error = reference.error(ruined, "ruined scores")
+    assert error > 10 * DEFAULT_MAX_ERROR  # the figure the budget uses: far over it
+    assert reference.error(mixed, "the float model") == 0.0
