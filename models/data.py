@@ -38,8 +38,10 @@ feeds for `onnxshrink optimize --inputs`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import re
 import string
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -696,6 +698,65 @@ def silero_feeds(
 # Sentences (case 6)
 
 
+#: stdlib modules whose docstrings give plain English sentences (corpus_sentences)
+_DOC_MODULES = (
+    "argparse", "asyncio", "calendar", "collections", "csv", "datetime", "decimal", "difflib",
+    "email", "fractions", "functools", "gzip", "heapq", "http.client", "imaplib", "inspect",
+    "json", "logging", "mailbox", "math", "os", "pathlib", "pickle", "queue", "random",
+    "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
+    "tempfile", "textwrap", "threading", "time", "unittest", "urllib.request", "uuid", "wave",
+    "zipfile",
+)  # fmt: skip
+_PLAIN_SENTENCE = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'\-]+\.$")
+
+
+@functools.cache
+def _docstring_sentences() -> tuple[str, ...]:
+    """Plain sentences (6 to 30 words, no code) from the docstrings of stdlib modules.
+
+    About 1,200 on CPython 3.11: technical English of the kind a semantic search over
+    documentation embeds, enough for hundreds of held-out sentences. The set follows the
+    Python version; splits stay disjoint whatever it is (`corpus_sentences`).
+    """
+    import importlib
+    import inspect
+
+    found: dict[str, None] = {}
+    for module_name in _DOC_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:  # a module this Python lacks: fewer sentences, never an error
+            continue
+        docs = [module.__doc__ or ""]
+        for name in sorted(dir(module)):
+            obj = getattr(module, name, None)
+            if not name.startswith("_") and (
+                inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)
+            ):
+                docs.append(obj.__doc__ or "")
+        for doc in docs:
+            for sentence in re.split(r"(?<=\.)\s+", " ".join(doc.split())):
+                if _PLAIN_SENTENCE.match(sentence) and 6 <= len(sentence.split()) <= 30:
+                    found.setdefault(sentence, None)
+    return tuple(found)
+
+
+def corpus_sentences(split: str) -> list[str]:
+    """Every MiniLM sentence of a split: its paraphrase pairs, then stdlib docstring sentences.
+
+    A docstring sentence belongs to `calib` or `eval` by the parity of its sha256, so the two
+    splits never share a sentence; the order is by hash (stable, and mixes the modules).
+    """
+    topical = split_sentences(split)
+    want = 0 if split == "calib" else 1
+    keyed = [
+        (hashlib.sha256(text.encode()).digest(), text)
+        for text in _docstring_sentences()
+        if text not in topical
+    ]
+    return topical + [text for digest, text in sorted(keyed) if digest[0] % 2 == want]
+
+
 def split_sentences(split: str) -> list[str]:
     """The MiniLM sentences of a split: one paraphrase pair per topic, topic by topic."""
     if split not in SPLITS:
@@ -738,7 +799,7 @@ def minilm_feeds(
     split: str = "eval", n: int = 4, batch: int = 4, seed: int = 0, zoo: Path = ZOO_DIR
 ) -> list[Feed]:
     """n MiniLM feeds of `batch` sentences each, drawn from the split in a seeded order."""
-    sentences = split_sentences(split)
+    sentences = corpus_sentences(split)
     order = _rng(split, seed, "minilm").permutation(len(sentences))
     picked = [sentences[order[i % len(order)]] for i in range(n * batch)]
     return [tokenize(picked[i * batch : (i + 1) * batch], zoo) for i in range(n)]
