@@ -45,6 +45,7 @@ test-fast: $(DEV_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check onnxshrink tests models bench
 	$(BIN)/ruff format --check onnxshrink tests models bench
+	$(BIN)/mypy
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff format onnxshrink tests models bench
