@@ -858,7 +858,7 @@ def _stream_rows(
                     if name in streams:
                         member, shape, dtype = streams[name]
                         rows = np.empty((stop - start, *shape[1:]), dtype=dtype)
-                        view = memoryview(rows).cast("B") if rows.nbytes else memoryview(b"")
+                        view = rows.data.cast("B") if rows.nbytes else memoryview(b"")
                         done = 0
                         while done < rows.nbytes:
                             got = member.readinto(view[done:])
