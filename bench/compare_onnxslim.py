@@ -175,7 +175,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def render(rows: list[Row], runs: int) -> None:
     """Print the comparison table (and any errors) with rich."""
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
     from rich.table import Table
 
     # Wide enough for every column when the output is piped (rich assumes 80 columns then).
@@ -184,7 +184,7 @@ def render(rows: list[Row], runs: int) -> None:
         title=f"onnxshrink vs onnxslim {_version('onnxslim')} "
         f"(ORT {ort.__version__} CPU, {THREADS} threads, median of {runs} interleaved runs)"
     )
-    for header, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("model", "left"),
         ("nodes orig", "right"),
         ("nodes slim", "right"),
@@ -199,7 +199,8 @@ def render(rows: list[Row], runs: int) -> None:
         ("ms orig", "right"),
         ("shrink/orig", "right"),
         ("slim/orig", "right"),
-    ):
+    )
+    for header, justify in columns:
         table.add_column(header, justify=justify)
     for r in rows:
         mb = 1024 * 1024

@@ -420,6 +420,7 @@ def bench_model(
     start = time.perf_counter()
     calib_dir = workdir / f"{name}.calib"
     data.save_npz(data.feeds_for(name, "calib", ns.calib), calib_dir)
+    truth: list[str] | list[int] | list[list[tuple[int, int, int, int]]]
     if task == "rec":
         x_eval, truth = data.rec_lines(name, "eval", n_eval)
     elif task == "cls":
@@ -474,6 +475,7 @@ def bench_model(
                 v.metric = _judge(task, name, ref, outputs[v.row], truth)
         if task == "rec":
             fp32_texts = _decode(name, ref)
+            assert fp32.metric is not None  # fp32 gave ref, so it was judged above
             for v in res.variants:
                 if v.metric is not None:
                     v.delta = v.metric - fp32.metric
@@ -499,8 +501,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fastest(rows: list[Variant]) -> Variant | None:
-    timed = [v for v in rows if v.latency_ratio is not None and v.metric is not None]
-    return min(timed, key=lambda v: v.latency_ratio) if timed else None
+    timed = [
+        (v.latency_ratio, v) for v in rows if v.latency_ratio is not None and v.metric is not None
+    ]
+    return min(timed, key=lambda t: t[0])[1] if timed else None
 
 
 def _best_line(res: ModelResult) -> str:
@@ -516,6 +520,7 @@ def _best_line(res: ModelResult) -> str:
             if v.metric is not None and _better_or_equal(task, v.metric, fp32.metric)
         ]
     )
+    assert at_fp32 is not None  # fp32 ran, so it was timed and qualifies itself
     parts = [f"fastest at fp32 accuracy: {at_fp32.row} ({at_fp32.latency_ratio:.2f}x)"]
     expert = rows["expert"]
     if expert.metric is not None:
@@ -525,6 +530,8 @@ def _best_line(res: ModelResult) -> str:
             if v.metric is not None and _better_or_equal(task, v.metric, expert.metric)
         ]
         best = _fastest(bar)
+        # the expert ran, so it was timed and qualifies itself
+        assert best is not None and expert.latency_ratio is not None
         parts.append(
             f"fastest at >= expert accuracy ({_metric_text(task, expert.metric)}): "
             f"{best.row} ({best.latency_ratio:.2f}x)"

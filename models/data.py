@@ -522,7 +522,7 @@ def det_pages(
             _, fg = _colors(rng)
             draw.text((x, y), text, font=font, fill=fg)
             left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-            boxes.append((left, top, right, bottom))
+            boxes.append((int(left), int(top), int(right), int(bottom)))  # ints with FreeType
             # Lines sit at random vertical gaps: paragraphs, headings, isolated labels.
             y += ascent + descent + int(rng.integers(4, 60))
         arr = _degrade(page, rng, (1.0, 5.0))
@@ -861,7 +861,8 @@ def save_npz(feeds: Feed | Iterable[Feed], path: str | Path) -> list[Path]:
     files = []
     for i, feed in enumerate(feeds):
         file = target / f"{i:04d}.npz"
-        np.savez(file, **feed)
+        # numpy's stub types **kwds as if a key could be its allow_pickle argument
+        np.savez(file, **feed)  # type: ignore[arg-type]
         files.append(file)
     return files
 

@@ -54,10 +54,11 @@ import os
 import platform
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -72,6 +73,9 @@ from onnxshrink.parity import (
     npz_files,
 )
 from onnxshrink.shapes import pin_input_shapes
+
+if TYPE_CHECKING:  # imported lazily at run time: loading onnxruntime takes a while
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +233,9 @@ class _Live:
     """A model's session on the provider being measured, with its binding and times."""
 
     model: _Model
-    session: object
+    session: ort.InferenceSession
     session_s: float
-    binding: object | None = None
+    binding: ort.IOBinding | None = None
     first_run_s: float = 0.0
     peak_mb: float | None = None
     peak_source: str | None = None
@@ -320,6 +324,11 @@ def benchmark(
     with _trt_cache_dir(trt_cache, "tensorrt" in runnable) as cache_dir:
         for name in runnable:
             options = _provider_list(name, device_id, trt_fp16, cache_dir)
+
+            def step(k: int, base: int = done) -> None:
+                if progress:
+                    progress(base + k, total)
+
             rows, skipped = _bench_provider(
                 name,
                 prepared,
@@ -329,7 +338,7 @@ def benchmark(
                 runs,
                 iobinding,
                 device_id,
-                lambda k, base=done: progress(base + k, total) if progress else None,
+                step,
             )
             done += warmup + runs
             if progress:
@@ -575,7 +584,9 @@ def _open(
     return item
 
 
-def _create_session(path: Path, options, providers: list) -> tuple[object, str | None]:
+def _create_session(
+    path: Path, options, providers: list
+) -> tuple[ort.InferenceSession, str | None]:
     """An InferenceSession, with what ORT's Python layer printed when an EP failed to start.
 
     When creating a session with a GPU EP fails, onnxruntime prints "EP Error ..." on stdout
@@ -670,7 +681,7 @@ def parse_profile(events: list) -> tuple[dict[str, tuple[str, str]], dict[str, f
     are left out. A node that ran several times counts once.
     """
     nodes: dict[str, tuple[str, str]] = {}
-    kernel_us: Counter[str] = Counter()
+    kernel_us: defaultdict[str, float] = defaultdict(float)
     for event in events:
         if not isinstance(event, dict) or event.get("cat") != "Node":
             continue
@@ -857,28 +868,31 @@ class _Nvml:
         except (OSError, AttributeError):
             self.lib = None
 
-    def _handle(self, device_id: int):
+    def _handle(self, device_id: int) -> tuple[ctypes.CDLL, ctypes.c_void_p] | None:
+        """The library and the device's handle; None without NVML or without that device."""
         handle = ctypes.c_void_p()
         if self.lib is None or self.lib.nvmlDeviceGetHandleByIndex_v2(
             ctypes.c_uint(device_id), ctypes.byref(handle)
         ):
             return None
-        return handle
+        return self.lib, handle
 
     def used_bytes(self, device_id: int) -> int | None:
-        handle = self._handle(device_id)
-        if handle is None:
+        found = self._handle(device_id)
+        if found is None:
             return None
+        lib, handle = found
         info = _NvmlMemory()
-        if self.lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(info)):
+        if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(info)):
             return None
         return int(info.used)
 
     def name(self, device_id: int) -> str | None:
-        handle = self._handle(device_id)
-        if handle is None:
+        found = self._handle(device_id)
+        if found is None:
             return None
+        lib, handle = found
         buf = ctypes.create_string_buffer(96)
-        if self.lib.nvmlDeviceGetName(handle, buf, ctypes.c_uint(96)):
+        if lib.nvmlDeviceGetName(handle, buf, ctypes.c_uint(96)):
             return None
         return buf.value.decode(errors="replace")

@@ -379,7 +379,7 @@ def _first_line(obj: object) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -505,6 +505,7 @@ def _optimize_progress(console: Console, name: str, quantizing: bool):
         MofNCompleteColumn,
         Progress,
         SpinnerColumn,
+        TaskID,
         TextColumn,
         TimeElapsedColumn,
     )
@@ -518,7 +519,7 @@ def _optimize_progress(console: Console, name: str, quantizing: bool):
         console=console,
         transient=True,
     ) as bar:
-        tasks: dict[str, int] = {"": bar.add_task(f"optimizing {name}", total=None)}
+        tasks: dict[str, TaskID] = {"": bar.add_task(f"optimizing {name}", total=None)}
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
@@ -535,6 +536,7 @@ def _print_quantization(result: OptimizeResult) -> None:
     from onnxshrink.cli_parity import _fmt
 
     q = result.quantization
+    assert q is not None  # the caller checks
     budget = q.budget
     out.print()
     seen = f"{q.samples} sample(s) in {q.feeds} run(s)" if q.samples else f"{q.feeds} run(s)"

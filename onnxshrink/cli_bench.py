@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -243,7 +243,7 @@ def _print_report(console, report: BenchReport) -> None:
     # Model paths are what the reader needs whole; let the placement column wrap instead.
     width = min(max(len(r.model) for r in report.rows), 60)
     table.add_column("model", min_width=width, overflow="fold")
-    for title, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("provider", "left"),
         ("p50 ms", "right"),
         ("p90 ms", "right"),
@@ -252,7 +252,8 @@ def _print_report(console, report: BenchReport) -> None:
         ("session s", "right"),
         ("peak MB", "right"),
         ("vs first", "right"),
-    ):
+    )
+    for title, justify in columns:
         table.add_column(title, justify=justify)
     table.add_column("placement", overflow="fold")
     for r in report.rows:

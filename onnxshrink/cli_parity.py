@@ -386,6 +386,7 @@ class _Run:
             sys.stdout.write(text)
             sys.stdout.flush()
             return
+        assert self.json_path is not None  # write_json is only called with --json
         _write_atomic(Path(self.json_path), text)
 
 

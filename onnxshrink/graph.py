@@ -15,6 +15,7 @@ constant operand holds (`const_value`, `scalar_constant`, `int_list`, `input_or_
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TypeGuard
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -48,8 +49,11 @@ def is_default_domain(node: gs.Node) -> bool:
     return node.domain in DEFAULT_DOMAINS
 
 
-def is_op(node: gs.Node | None, *ops: str) -> bool:
-    """True when `node` is not None and is one of the ai.onnx ops named in `ops`."""
+def is_op(node: gs.Node | None, *ops: str) -> TypeGuard[gs.Node]:
+    """True when `node` is not None and is one of the ai.onnx ops named in `ops`.
+
+    A type guard: where it returns True, the type checker knows `node` is not None.
+    """
     return node is not None and node.op in ops and is_default_domain(node)
 
 
@@ -238,7 +242,7 @@ def int_list(tensor: gs.Tensor | None) -> list[int] | None:
 
 def is_static_dim(dim: object) -> bool:
     """True for a known dim: a non-negative int (not a symbolic name, None or a bool)."""
-    return isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 0
+    return isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and bool(dim >= 0)
 
 
 def tensor_dims(tensor: gs.Tensor) -> list[int | None] | None:
@@ -342,6 +346,7 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
         return
     if can_become_output(graph, new):
         new_producer = producer_of(new)
+        assert new_producer is not None  # can_become_output found it
         old_producer = producer_of(old)
         if old_producer is not None:
             old_producer.outputs = [t for t in old_producer.outputs if t is not old]

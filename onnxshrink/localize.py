@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,7 +237,7 @@ def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
 
 
 def _cut_model(
-    model: onnx.ModelProto, cut: dict[str, str], elem_types: dict[str, int], outputs: list[str]
+    model: onnx.ModelProto, cut: dict[str, str], elem_types: Mapping[str, int], outputs: list[str]
 ) -> bytes:
     """The candidate whose consumers of each tensor in `cut` read a new input instead (case 3)."""
     copy = onnx.ModelProto()

@@ -159,8 +159,8 @@ def _hoist_shared_initializers(root: onnx.GraphProto) -> int:
 
     def ancestors(g: onnx.GraphProto) -> list[onnx.GraphProto]:
         chain = [g]
-        while parent[id(chain[-1])] is not None:
-            chain.append(parent[id(chain[-1])])
+        while (up := parent[id(chain[-1])]) is not None:
+            chain.append(up)
         return chain[::-1]  # root first
 
     holders: dict[str, list[onnx.GraphProto]] = {}
@@ -190,6 +190,7 @@ def _hoist_shared_initializers(root: onnx.GraphProto) -> int:
             kept = [i for i in g.initializer if i.name != name]
             del g.initializer[:]
             g.initializer.extend(kept)
+        assert lca is not None  # every chain starts at the root
         lca.initializer.append(keep)
         dropped += len(gs_) - 1
     return dropped
@@ -352,7 +353,7 @@ def optimize(
         )
     task_metric = load_metric(metric) if metric is not None else None
     source_path = Path(model) if isinstance(model, (str, Path)) else None
-    original = load_model(source_path) if source_path is not None else model
+    original = load_model(Path(model)) if isinstance(model, (str, Path)) else model
     if output is not None:
         if source_path is not None and Path(output).resolve() == source_path.resolve():
             raise UsageError(
@@ -372,6 +373,7 @@ def optimize(
     calibration = None
     if quantize is not None:
         # read up front (file headers, loader import) so that bad data fails before any work
+        assert calibration_data is not None  # refused above
         calibration = as_calibration_data(calibration_data, work, calibration_batch)
 
     # an .npz holding many samples is split along axis 0 into batches the model accepts;
@@ -385,7 +387,8 @@ def optimize(
     def feeds() -> Iterable[dict[str, np.ndarray]]:
         if inputs is None:
             return (generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples))
-        if batches is not None:
+        if isinstance(inputs, (str, Path)):
+            assert batches is not None  # made from the path above
             return batches
         return inputs
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -614,7 +615,7 @@ def load_inputs(path: str | Path, input_names: list[str]) -> Iterator[dict[str, 
             yield {n: np.asarray(data[n]) for n in input_names}
 
 
-def npz_files(path: str | Path) -> list[Path]:
+def npz_files(path: str | os.PathLike[str]) -> list[Path]:
     """The .npz file at `path`, or the sorted .npz files of a folder; UsageError when none."""
     p = Path(path)
     if p.is_dir():
@@ -699,7 +700,7 @@ def plan_batches(
             )
         return None
     total = next(iter(lengths.values()))
-    fixed = {declared[n][1] for n in lengths if declared.get(n, (-1, None))[1] is not None}
+    fixed = {d for d in (declared.get(n, (-1, None))[1] for n in lengths) if d is not None}
     if len(fixed) > 1:
         raise UsageError(
             f"{where}: the model's inputs declare different fixed batch sizes ({sorted(fixed)})"
@@ -857,7 +858,7 @@ def _stream_rows(
                     if name in streams:
                         member, shape, dtype = streams[name]
                         rows = np.empty((stop - start, *shape[1:]), dtype=dtype)
-                        view = memoryview(rows).cast("B") if rows.nbytes else memoryview(b"")
+                        view = rows.data.cast("B") if rows.nbytes else memoryview(b"")
                         done = 0
                         while done < rows.nbytes:
                             got = member.readinto(view[done:])

@@ -145,6 +145,14 @@ class QuantCandidate:
     def quantizable(self) -> bool:
         return self.reason is None
 
+    def tensors(self) -> tuple[str, str]:
+        """(activation, weight) of a candidate that is quantized or stores its weight int8.
+
+        Both are set there: `quantizable_nodes` keeps a node with a missing input float.
+        """
+        assert self.activation is not None and self.weight is not None, self.name
+        return self.activation, self.weight
+
 
 @dataclass
 class QuantizeReport:
@@ -219,7 +227,8 @@ def activation_tensors(
     for cand in candidates:
         if not cand.quantizable:
             continue
-        names[cand.activation] = None
+        activation, _ = cand.tensors()
+        names[activation] = None
         if target == "ort-cpu" and cand.output:
             names[cand.output] = None
     if target == "tensorrt":  # case 5d, with every quantizable node counted as quantized
@@ -333,7 +342,7 @@ def quantize_qdq(
         chosen = set(weight_only)
         weights_only = [c for c in storable if c.name in chosen]
     for cand in candidates:
-        if cand.quantizable:
+        if cand.reason is None:  # quantizable
             report.quantized.append(cand.name)
         else:
             report.kept_float[cand.name] = cand.reason
@@ -673,8 +682,8 @@ def _insert_qdq(
     weight_only_names = {c.name: c for c in weights_only}
     new_inits: list[onnx.TensorProto] = []
     replaced = (
-        {c.weight for c in quantized}
-        | {c.weight for c in weights_only}
+        {c.tensors()[1] for c in quantized}
+        | {c.tensors()[1] for c in weights_only}
         | {
             n.input[2]
             for n in graph.node
@@ -686,7 +695,7 @@ def _insert_qdq(
     redirect_all: set[str] = set()  # 5b: outputs of quantized nodes
     pairs: dict[str, None] = {}
     for cand in quantized:
-        pairs[cand.activation] = None
+        pairs[cand.tensors()[0]] = None
     if target == "ort-cpu":
         readers_of: dict[str, int] = {}
         for node in graph.node:
@@ -699,7 +708,7 @@ def _insert_qdq(
     redirect_at: dict[tuple[str, int], str] = {}  # 5d: one reader's input moves to the DQ
     if target == "tensorrt":
         outputs = {c.output for c in quantized if c.output}
-        inputs = {c.activation for c in quantized}
+        inputs = {c.tensors()[0] for c in quantized}
         for node_name, index, tensor in _tensorrt_joins(graph, outputs, inputs):
             if tensor in params:
                 pairs[tensor] = None
@@ -746,9 +755,10 @@ def _insert_qdq(
 
     def natural_rounding(cand: QuantCandidate, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """quantize_weight of the node's weight without a floor, computed once per weight."""
-        key = (cand.weight, axis)
+        _, weight = cand.tensors()
+        key = (weight, axis)
         if key not in rounded:
-            rounded[key] = quantize_weight(numpy_helper.to_array(initializers[cand.weight]), axis)
+            rounded[key] = quantize_weight(numpy_helper.to_array(initializers[weight]), axis)
         return rounded[key]
 
     def bias_floor(node: onnx.NodeProto, x_scale: np.float32, axis: int) -> np.ndarray | None:
@@ -804,7 +814,7 @@ def _insert_qdq(
         """Case 7: the node's bias minus the mean output shift of its rounded weight, or None.
 
         `key` names the rounded weight in `weight_error` (the one `weight_node` made)."""
-        mean = input_means.get(cand.activation)
+        mean = input_means.get(cand.tensors()[0])
         if mean is None:
             return None
         mean = np.asarray(mean, dtype=np.float64)
@@ -902,17 +912,18 @@ def _insert_qdq(
             placed.add(tensor)
 
     for node in graph.node:
-        cand = by_name.get(node.name)
-        if cand is not None:
+        if node.name in by_name:
+            cand = by_name[node.name]
+            activation, weight = cand.tensors()
             axis = _weight_axis(node)
-            floor = bias_floor(node, params[cand.activation].scale, axis)
+            floor = bias_floor(node, params[activation].scale, axis)
             w_out, w_scale, w_node = weight_node(cand, axis, floor)
             if id(w_node) not in placed_ids:
                 new_nodes.append(w_node)
                 placed_ids.add(id(w_node))
-            key = (cand.weight, axis) if floor is None else (cand.weight, axis, floor.tobytes())
+            key = (weight, axis) if floor is None else (weight, axis, floor.tobytes())
             corrected = corrected_bias(node, cand, axis, key)
-            bias = bias_node(node, w_scale, params[cand.activation].scale, corrected)
+            bias = bias_node(node, w_scale, params[activation].scale, corrected)
             if bias is not None:
                 b_out, b_node = bias
                 if b_node is not None:
@@ -920,7 +931,7 @@ def _insert_qdq(
                 set_bias(node, b_out)
             elif corrected is not None:  # overflows int32: the corrected bias stays float
                 set_bias(node, const(f"{node.name}_bias_corrected", corrected))
-            node.input[0] = dq_of[cand.activation]
+            node.input[0] = dq_of[activation]
             node.input[1] = w_out
         elif node.name in weight_only_names:  # case 6: int8 storage, float compute
             cand = weight_only_names[node.name]

@@ -96,7 +96,7 @@ def write_report(
     """
     dest = Path(path)
     fmt = report_format(dest)
-    args = dict(
+    args: dict[str, Any] = dict(
         command=command,
         model_path=model_path,
         output_path=output_path,
@@ -215,7 +215,7 @@ _SUMMARY_ROWS = (
 
 def _op_rows(before: Mapping[str, int], after: Mapping[str, int]) -> list[dict[str, Any]]:
     """Every op type; changed ones first (largest change first), then by count."""
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"op": op, "before": int(before.get(op, 0)), "after": int(after.get(op, 0))}
         for op in set(before) | set(after)
     ]
@@ -1220,9 +1220,9 @@ def render_html(
     # Per-layer error.
     if layer_errors is not None:
         body.append('<section id="layer-errors"><h2>Error per layer</h2>')
-        svg = charts.layer_error_chart(layer_errors, limit=_LAYER_ERRORS_SHOWN)
-        if svg:
-            body.append(_img(svg, "Bar chart: relative error per layer, largest first"))
+        errors_svg = charts.layer_error_chart(layer_errors, limit=_LAYER_ERRORS_SHOWN)
+        if errors_svg:
+            body.append(_img(errors_svg, "Bar chart: relative error per layer, largest first"))
         top = sorted(
             d["layer_errors"],
             key=_error_sort_key,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import numpy as np
 import onnx
 import onnx.parser
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from onnxshrink.optimize import rewrite_model
-from onnxshrink.passes import FunctionPass, Pass, PassStats, Rule, RulePass
+from onnxshrink.passes import FunctionPass, Pass, PassStats, Rule, RuleContext, RulePass
+
+#: a `graph, ctx -> modified` function, which `apply` wraps into a FunctionPass
+GraphFunction = Callable[[gs.Graph, RuleContext], bool]
 
 
 def make_model(
@@ -34,7 +39,8 @@ def make_model(
 
 
 def apply(
-    model: onnx.ModelProto, rules: Sequence[Rule | Pass] | Rule | Pass
+    model: onnx.ModelProto,
+    rules: Sequence[Rule | Pass | GraphFunction] | Rule | Pass | GraphFunction,
 ) -> tuple[onnx.ModelProto, PassStats]:
     """Run rules (wrapped into one RulePass) and/or passes to a fixed point on a copy of `model`."""
     items = [rules] if not isinstance(rules, (list, tuple)) else list(rules)
@@ -47,11 +53,10 @@ def apply(
             if pending:
                 passes.append(RulePass("test-rules", pending))
                 pending = []
-            passes.append(
-                item
-                if not callable(item) or hasattr(item, "name")
-                else FunctionPass(item.__name__, item)
-            )
+            if not callable(item) or hasattr(item, "name"):
+                passes.append(cast(Pass, item))  # named: a pass already (Pass is a Protocol)
+            else:
+                passes.append(FunctionPass(item.__name__, item))
     if pending:
         passes.append(RulePass("test-rules", pending))
     return rewrite_model(model, passes)

@@ -457,7 +457,9 @@ def test_collect_statistics_channel_means_match_numpy() -> None:
     data = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
     for part in np.array_split(data, 3):
         obs.update(part)
-    np.testing.assert_allclose(obs.mean(), data.astype(np.float64).mean(axis=0), rtol=1e-12)
+    mean = obs.mean()
+    assert mean is not None
+    np.testing.assert_allclose(mean, data.astype(np.float64).mean(axis=0), rtol=1e-12)
     with pytest.raises(ValueError, match="channel count"):
         obs.update(np.zeros((2, 5)))
     assert ChannelMeanObserver(axis=0).mean() is None

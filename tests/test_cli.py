@@ -108,7 +108,7 @@ def test_optimize_report_and_bench(tmp_path, conv_bn_path):
     assert "p50 ms" in result.output and "report:" in result.output
 
     class Tags(HTMLParser):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.tags: list[str] = []
 

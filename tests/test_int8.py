@@ -406,7 +406,7 @@ def build_dynamic_net() -> onnx.ModelProto:
     return dynamic
 
 
-def test_calibration_npz_runs_in_batches_and_float_model_runs_once(tmp_path, monkeypatch):
+def test_calibration_npz_runs_in_batches_and_float_model_runs_once(tmp_path, monkeypatch) -> None:
     """64 samples in one .npz for a dynamic-batch model: 8 runs of 8, never one run of 64, and
     the budget's reference comes from the statistics pass (the float model is not run again)."""
     import onnxshrink.calibration as calibration_module

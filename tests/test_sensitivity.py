@@ -118,6 +118,7 @@ def test_tight_budget_keeps_the_fragile_layer_float() -> None:
     assert report.full_error > budget
     assert report.within_budget and report.final_error <= budget
     assert list(report.kept_float) == [names["b"]]
+    assert report.quantize is not None
     assert names["b"] in report.quantize.kept_float
     assert "sensitive" in report.quantize.kept_float[names["b"]]
     assert sorted(report.quantize.quantized) == sorted([names["a"], names["y"]])
@@ -140,6 +141,7 @@ def test_loose_budget_quantizes_everything_without_ranking() -> None:
     qmodel, report = quantize_with_budget(model, _ranges(model), _feeds(), max_error=1.0)
     assert report.kept_float == {} and report.ranking == []
     assert report.sessions == 1 and report.final_error == report.full_error <= 1.0
+    assert report.quantize is not None
     assert len(report.quantize.quantized) == 3
     assert histogram(qmodel)["DequantizeLinear"] > 0
 
@@ -148,6 +150,7 @@ def test_zero_budget_keeps_everything_float() -> None:
     model = _fragile_model()
     qmodel, report = quantize_with_budget(model, _ranges(model), _feeds(), max_error=0.0)
     assert report.final_error == 0.0 and len(report.kept_float) == 3
+    assert report.quantize is not None
     assert report.quantize.quantized == []
     assert histogram(qmodel)["QuantizeLinear"] == 0
 
@@ -162,6 +165,7 @@ def test_exclude_and_precomputed_ranking() -> None:
         model, ranges, _feeds(), max_error=ranked[1].error * 3, exclude=[names["a"]], ranking=ranked
     )
     assert report.sessions <= 3  # no ranking sessions
+    assert report.quantize is not None
     assert names["a"] not in report.quantize.quantized
     assert list(report.kept_float) == [names["b"]]
 

@@ -16,7 +16,7 @@ def _ctx(graph: gs.Graph, opset: int = 14) -> RuleContext:
 
 
 def _initializers(model: onnx.ModelProto) -> list[str]:
-    names = []
+    names: list[str] = []
 
     def walk(graph: onnx.GraphProto) -> None:
         names.extend(i.name for i in graph.initializer)

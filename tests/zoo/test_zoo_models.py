@@ -132,7 +132,7 @@ def test_input_file_untouched(name, optimized):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_parity_on_eval_data(name, optimized):
+def test_parity_on_eval_data(name, optimized) -> None:
     case = optimized(name)
     case.require()
     feeds = data.feeds_for(name, "eval", EVAL_FEEDS.get(name, DEFAULT_EVAL_FEEDS))

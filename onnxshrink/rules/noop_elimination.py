@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -126,6 +127,7 @@ class _BypassRule(Rule):
             # The source's producer writes the output tensor itself; readers of the output
             # (also readers of the source now) keep reading it.
             producer = producer_of(match.source)
+            assert producer is not None  # can_become_output found it
             index = next(i for i, t in enumerate(producer.outputs) if t is match.source)
             producer.outputs[index] = match.result
             return
@@ -266,18 +268,18 @@ class RemoveFullSlice(_BypassRule):
         dims = tensor_dims(node.inputs[0])
         if dims is None:
             return False
-        if ctx.opset < 10:
-            starts = node.attrs.get("starts")
-            ends = node.attrs.get("ends")
-            axes = node.attrs.get("axes")
-            steps = None
-        else:
+        if ctx.opset >= 10:
             starts = int_list(node.inputs[1]) if len(node.inputs) > 1 else None
             ends = int_list(node.inputs[2]) if len(node.inputs) > 2 else None
             axes = _optional_ints(node, 3)
             steps = _optional_ints(node, 4)
             if axes is False or steps is False:
                 return False
+        else:
+            starts = node.attrs.get("starts")
+            ends = node.attrs.get("ends")
+            axes = node.attrs.get("axes")
+            steps = None
         if starts is None or ends is None or len(starts) != len(ends):
             return False
         axes = list(axes) if axes is not None else list(range(len(starts)))
@@ -299,7 +301,7 @@ class RemoveFullSlice(_BypassRule):
         return True
 
 
-def _optional_ints(node: gs.Node, index: int) -> list[int] | None | bool:
+def _optional_ints(node: gs.Node, index: int) -> list[int] | None | Literal[False]:
     """An optional constant int-list input: None when absent, False when not constant."""
     tensor = optional_input(node, index)
     if tensor is None:

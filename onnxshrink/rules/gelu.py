@@ -138,10 +138,11 @@ def _polynomial(tensor: gs.Tensor, argument: _Argument, depth: int = 8) -> dict[
             return None
         argument.const_rank = max(argument.const_rank, divisor[1])
         return {p: c / divisor[0] for p, c in left.items()}
-    if producer.inputs[1] is producer.inputs[0]:
-        right = left
-    else:
-        right = _polynomial(producer.inputs[1], argument, depth - 1)
+    right = (
+        left
+        if producer.inputs[1] is producer.inputs[0]
+        else _polynomial(producer.inputs[1], argument, depth - 1)
+    )
     if right is None:
         return None
     if producer.op == "Mul":

@@ -251,10 +251,10 @@ class FuseLayerNorm(Rule):
     def check(self, match: _LayerNormMatch, ctx: RuleContext) -> str | None:
         """Axes, exponents, eps, readers, dtype, opset, then a static normalized shape."""
         mean_axes, reason = _reduce_axes(match.mean_node)
-        if reason is not None:
+        if mean_axes is None:
             return reason
         var_axes, reason = _reduce_axes(match.var_node)
-        if reason is not None:
+        if var_axes is None:
             return reason
         rank = len(match.x.shape) if match.x.shape is not None else None
         k = _trailing_count(mean_axes, rank)
@@ -287,9 +287,13 @@ class FuseLayerNorm(Rule):
     def rewrite(self, match: _LayerNormMatch, ctx: RuleContext) -> None:
         """One LayerNormalization with materialized scale (and bias) replaces the pattern."""
         graph, x = ctx.graph, match.x
+        # check() accepted the match: the axes, k, the normalized shape and epsilon are known
         mean_axes, _ = _reduce_axes(match.mean_node)
+        assert mean_axes is not None
         k = _trailing_count(mean_axes, len(x.shape))
+        assert k is not None
         shape = _normalized_shape(x, k)
+        assert shape is not None
         dtype = np.dtype(x.dtype if x.dtype is not None else match.end.dtype)
         gamma = np.ones(shape) if match.gamma is None else match.gamma.astype(np.float64)
         scale = make_constant(
@@ -299,13 +303,14 @@ class FuseLayerNorm(Rule):
         if match.beta is not None:
             beta = np.broadcast_to(match.beta.astype(np.float64), shape).astype(dtype)
             inputs.append(make_constant(graph, f"{x.name}_ln_bias", beta))
-        eps = scalar_constant(match.eps)[0]
+        eps = scalar_constant(match.eps)
+        assert eps is not None
         out = make_variable(graph, f"{match.end.name}_fused", like=match.end)
         graph.nodes.append(
             gs.Node(
                 "LayerNormalization",
                 name=unique_name(graph, f"{x.name}_layernorm"),
-                attrs={"axis": -k, "epsilon": float(eps)},
+                attrs={"axis": -k, "epsilon": float(eps[0])},
                 inputs=inputs,
                 outputs=[out],
             )

@@ -170,9 +170,10 @@ def _resolve_copies(shape: list[int], middle: list[int | None] | None) -> list[i
     resolved = []
     for i, entry in enumerate(shape):
         if entry == 0:
-            if i >= len(middle) or middle[i] is None or middle[i] == 0:
+            copied = middle[i] if i < len(middle) else None
+            if copied is None or copied == 0:
                 return None
-            entry = middle[i]
+            entry = copied
         resolved.append(entry)
     return resolved
 
@@ -203,8 +204,9 @@ def _apply_to_labels(
     present, axes = _axes(node, ctx)
     if present and axes is None:
         return None
+    # from here on, axes is None exactly when the operand is absent
     if node.op == "Unsqueeze":
-        if not present:
+        if axes is None:
             return None
         rank = len(labels) + len(axes)
         norm = sorted(a + rank if a < 0 else a for a in axes)
@@ -216,15 +218,15 @@ def _apply_to_labels(
             dims.insert(a, 1)
         return labels, dims
     rank = len(labels)
-    if present:
-        norm = {a + rank if a < 0 else a for a in axes}
-        if any(not 0 <= a < rank for a in norm):
+    if axes is not None:
+        squeezed = {a + rank if a < 0 else a for a in axes}
+        if any(not 0 <= a < rank for a in squeezed):
             return None
     else:  # squeeze every size-1 dim: needs them all static
         if any(d is None for d in dims):
             return None
-        norm = {i for i, d in enumerate(dims) if d == 1}
-    keep = [i for i in range(rank) if i not in norm]
+        squeezed = {i for i, d in enumerate(dims) if d == 1}
+    keep = [i for i in range(rank) if i not in squeezed]
     return [labels[i] for i in keep], [dims[i] for i in keep]
 
 

@@ -293,6 +293,7 @@ def _slice(node: gs.Node, partial: Callable, opset: int) -> _Partial | None:
     data = partial(node.inputs[0])
     if data is None or data.scalar:
         return None
+    steps: list[int] | None
     if opset < 10:
         starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
         axes, steps = node.attrs.get("axes", [0]), [1]
@@ -493,7 +494,8 @@ def _grows(node: gs.Node, readers: dict[str, int]) -> bool:
             return True
         in_bytes += size / max(1, readers.get(tensor.name, 1))
     out_sizes = [_nbytes(t) for t in node.outputs if not t.is_empty()]
-    if any(size is None for size in out_sizes):
+    known_sizes = [size for size in out_sizes if size is not None]
+    if len(known_sizes) < len(out_sizes):
         predicted = _predicted_nbytes(node)
         if predicted is None and node.op in _NEVER_GROW:
             predicted = max((_nbytes(t) or 0 for t in inputs.values()), default=0)
@@ -501,7 +503,7 @@ def _grows(node: gs.Node, readers: dict[str, int]) -> bool:
             return True
         out_bytes = predicted
     else:
-        out_bytes = sum(out_sizes)
+        out_bytes = sum(known_sizes)
     return out_bytes > in_bytes + _GROWTH_ALLOWANCE
 
 
@@ -545,9 +547,10 @@ def _predicted_nbytes(node: gs.Node) -> int | None:
             return math.prod(shape) * values[0].itemsize
         if node.op == "Tile" and values[0] is not None and values[1] is not None:
             return values[0].nbytes * math.prod(int(v) for v in values[1].reshape(-1))
-        if node.op == "Range" and all(v is not None for v in values[:3]):
-            start, limit, delta = (float(v.reshape(-1)[0]) for v in values[:3])
-            return max(math.ceil((limit - start) / delta), 0) * values[0].itemsize
+        range_args = [v for v in values[:3] if v is not None]
+        if node.op == "Range" and len(range_args) == 3:
+            start, limit, delta = (float(v.reshape(-1)[0]) for v in range_args)
+            return max(math.ceil((limit - start) / delta), 0) * range_args[0].itemsize
     except (ValueError, TypeError, ZeroDivisionError, OverflowError):
         return None
     return None

@@ -240,25 +240,36 @@ def _bound(tensor: gs.Tensor | None, default: float) -> tuple[float, int] | None
     return scalar_constant(tensor)
 
 
+def _one_scalar(node: gs.Node) -> tuple[int, float, int] | None:
+    """(index, value, rank) of the scalar constant when exactly one of two inputs is one."""
+    first, second = (scalar_constant(t) for t in node.inputs)
+    if first is not None and second is None:
+        return 0, first[0], first[1]
+    if second is not None and first is None:
+        return 1, second[0], second[1]
+    return None
+
+
 def _match_clip(graph: gs.Graph, node: gs.Node) -> _Clip | None:
     """Case 1: the clip ending at `node`, with constant bounds."""
     if is_op(node, "Clip"):
         if len(node.inputs) > 1:
-            lo = _bound(node.inputs[1], -np.inf)
-            hi = _bound(node.inputs[2] if len(node.inputs) > 2 else None, np.inf)
+            lo_bound = _bound(node.inputs[1], -np.inf)
+            hi_bound = _bound(node.inputs[2] if len(node.inputs) > 2 else None, np.inf)
         else:
-            lo = (float(node.attrs.get("min", -np.inf)), 0)
-            hi = (float(node.attrs.get("max", np.inf)), 0)
-        if lo is None or hi is None:
+            lo_bound = (float(node.attrs.get("min", -np.inf)), 0)
+            hi_bound = (float(node.attrs.get("max", np.inf)), 0)
+        if lo_bound is None or hi_bound is None:
             return None
-        return _Clip(node.inputs[0], lo[0], hi[0], [node], max(lo[1], hi[1]))
+        return _Clip(
+            node.inputs[0], lo_bound[0], hi_bound[0], [node], max(lo_bound[1], hi_bound[1])
+        )
     if not is_op(node, "Min", "Max") or len(node.inputs) != 2:
         return None
-    outer_bound = [scalar_constant(t) for t in node.inputs]
-    if (outer_bound[0] is None) == (outer_bound[1] is None):
+    outer_bound = _one_scalar(node)
+    if outer_bound is None:
         return None
-    const_at = 0 if outer_bound[0] is not None else 1
-    value, rank = outer_bound[const_at]
+    const_at, value, rank = outer_bound
     inner_tensor = node.inputs[1 - const_at]
     inner = producer_of(inner_tensor)
     if inner is None or sole_reader(graph, inner_tensor) is None:
@@ -268,11 +279,10 @@ def _match_clip(graph: gs.Graph, node: gs.Node) -> _Clip | None:
     wanted = "Max" if node.op == "Min" else "Min"
     if not is_op(inner, wanted) or len(inner.inputs) != 2:
         return None
-    inner_bound = [scalar_constant(t) for t in inner.inputs]
-    if (inner_bound[0] is None) == (inner_bound[1] is None):
+    inner_bound = _one_scalar(inner)
+    if inner_bound is None:
         return None
-    inner_at = 0 if inner_bound[0] is not None else 1
-    inner_value, inner_rank = inner_bound[inner_at]
+    inner_at, inner_value, inner_rank = inner_bound
     lo, hi = (inner_value, value) if node.op == "Min" else (value, inner_value)
     return _Clip(inner.inputs[1 - inner_at], lo, hi, [inner, node], max(rank, inner_rank))
 
@@ -289,10 +299,10 @@ def _match_affine(graph: gs.Graph, v: gs.Tensor, reader: gs.Node):
         ):
             return t, 1.0, [], 0
         first, second = (scalar_constant(i) for i in producer.inputs)
-        if producer.op == "Mul" and (first is None) != (second is None):
-            at = 0 if first is not None else 1
-            value, rank = first if first is not None else second
-            return producer.inputs[1 - at], value, [producer], rank
+        if producer.op == "Mul" and first is not None and second is None:
+            return producer.inputs[1], first[0], [producer], first[1]
+        if producer.op == "Mul" and second is not None and first is None:
+            return producer.inputs[0], second[0], [producer], second[1]
         if producer.op == "Div" and first is None and second is not None and second[0] != 0.0:
             return producer.inputs[0], 1.0 / second[0], [producer], second[1]
         return t, 1.0, [], 0
@@ -397,7 +407,8 @@ class FuseHardSigmoid(Rule):
         graph, x, end, factor = ctx.graph, match.x, match.chain.end, match.chain.factor
         out = make_variable(graph, f"{end.name}_fused", like=end)
         standard = _hardswish_constants(match.alpha, match.beta)
-        if factor is x and standard and ctx.opset >= 14:
+        # `factor is not None` first: `factor is x` alone makes mypy narrow x to Optional
+        if factor is not None and factor is x and standard and ctx.opset >= 14:
             graph.nodes.append(
                 gs.Node(
                     "HardSwish",

@@ -75,12 +75,12 @@ def pad_amounts(pad: gs.Node, opset: int, rank: int | None) -> list[int] | str:
     axes_tensor = optional_input(pad, 3)
     if axes_tensor is None:
         return pads
-    axes = const_value(axes_tensor)
-    if axes is None:
+    axes_value = const_value(axes_tensor)
+    if axes_value is None:
         return "Pad axes are not a constant"
     if rank is None:
         return "input rank unknown for Pad axes"
-    axes = [int(a) + rank if int(a) < 0 else int(a) for a in np.asarray(axes).reshape(-1)]
+    axes = [int(a) + rank if int(a) < 0 else int(a) for a in np.asarray(axes_value).reshape(-1)]
     if (
         len(pads) != 2 * len(axes)
         or any(not 0 <= a < rank for a in axes)
