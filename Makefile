@@ -43,13 +43,13 @@ test-fast: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not zoo"
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check onnxshrink tests models bench
-	$(BIN)/ruff format --check onnxshrink tests models bench
+	$(BIN)/ruff check onnxshrink rules tests models bench
+	$(BIN)/ruff format --check onnxshrink rules tests models bench
 	$(BIN)/mypy
 
 format: $(DEV_STAMP)
-	$(BIN)/ruff format onnxshrink tests models bench
-	$(BIN)/ruff check --fix onnxshrink tests models bench
+	$(BIN)/ruff format onnxshrink rules tests models bench
+	$(BIN)/ruff check --fix onnxshrink rules tests models bench
 
 bench: models
 	$(BIN)/python bench/compare_onnxslim.py

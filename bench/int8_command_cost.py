@@ -62,12 +62,11 @@ def _write_calibration(name: str, n: int, path: Path) -> None:
     from models import data
 
     if name == "minilm-l6":
-        sentences = data.split_sentences("calib")[:n]
-        feed = data.tokenize(sentences, ZOO)
-        np.savez(path, **feed)
+        sentences = data.corpus_sentences("calib")[:n]
+        data.save_npz(data.tokenize(sentences, ZOO), path)
     else:
         feeds = data.feeds_for(name, "calib", n)
-        np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+        data.save_npz({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}, path)
 
 
 def _fp32_pass(name: str, calib: Path):
@@ -163,12 +162,12 @@ def main(argv: list[str] | None = None) -> None:
           "peak RSS, 1024 samples | growth (bar 1.2x) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        big = (
+        memory = (
             f"{r['peak_mb_big']:.0f} MB | {r['growth']:.2f}x" if "peak_mb_big" in r else "- | -"
         )
         print(
             f"| {r['model']} | {r['samples']} | {r['fp32_pass_s']:.2f} s | {r['command_s']:.1f} s "
-            f"| {r['time_ratio']:.1f}x | {r['peak_mb']:.0f} MB | {big} |"
+            f"| {r['time_ratio']:.1f}x | {r['peak_mb']:.0f} MB | {memory} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
