@@ -376,11 +376,22 @@ class Observer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of numpy state held (scalars count 8 each): what must stay constant."""
-        total = 0
-        for value in vars(self).values():
-            total += value.nbytes if isinstance(value, np.ndarray) else 8
-        return total
+        """Bytes of state held, containers counted item by item: what must stay constant."""
+        return sum(_state_bytes(value) for value in vars(self).values())
+
+
+def _state_bytes(value: object) -> int:
+    """Bytes an observer's attribute holds: arrays by their buffer, containers by their items
+    (so that a list that grows with every update shows), anything else 8."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_state_bytes(k) + _state_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(_state_bytes(v) for v in value)
+    return 8
 
 
 class ChannelMeanObserver:

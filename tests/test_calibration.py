@@ -195,27 +195,51 @@ def test_observer_memory_is_constant() -> None:
         assert obs.nbytes == after_10
 
 
+def test_observer_nbytes_sees_state_that_grows() -> None:
+    """The measure above can fail: an observer that keeps every batch grows in nbytes."""
+
+    class Hoarding(MinMaxObserver):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[np.ndarray] = []
+
+        def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+            self.seen.append(x)
+
+    obs = Hoarding()
+    obs.update(np.zeros(100, np.float32))
+    before = obs.nbytes
+    obs.update(np.zeros(100, np.float32))
+    assert obs.nbytes == before + 400
+
+
 @pytest.mark.parametrize(
-    ("lo", "hi", "dtype", "symmetric"),
+    ("lo", "hi", "dtype", "symmetric", "expected_zero_point"),
     [
-        (-1.3, 4.7, "uint8", False),
-        (-1.3, 4.7, "int8", False),
-        (0.0, 6.0, "uint8", False),
-        (-3.0, 0.0, "int8", False),
-        (-1.3, 4.7, "int8", True),
-        (-1.3, 4.7, "uint8", True),
-        (0.0, 0.0, "uint8", False),
+        (-1.3, 4.7, "uint8", False, 55),  # 1.3 / (6 / 255) = 55.25
+        (-1.3, 4.7, "int8", False, -73),  # -128 + 55
+        (0.0, 6.0, "uint8", False, 0),
+        (-3.0, 0.0, "int8", False, 127),
+        (-1.3, 4.7, "int8", True, 0),
+        (-1.3, 4.7, "uint8", True, 128),
+        (0.0, 0.0, "uint8", False, 0),
     ],
 )
-def test_qparams(lo: float, hi: float, dtype: str, symmetric: bool) -> None:
+def test_qparams(
+    lo: float, hi: float, dtype: str, symmetric: bool, expected_zero_point: int
+) -> None:
     scale, zero_point = qparams_for_range(lo, hi, dtype, symmetric)
     qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
-    assert scale > 0 and qmin <= zero_point <= qmax
-    assert isinstance(zero_point, int)
+    assert scale > 0 and isinstance(zero_point, int)
     assert scale == float(np.float32(scale))
-    # 0 is exactly representable: quantize then dequantize gives 0 back.
-    q = np.clip(np.round(0.0 / scale) + zero_point, qmin, qmax)
-    assert (q - zero_point) * scale == 0.0
+    # real 0 maps to the integer the algebra says (module docstring 7-8), so padding is exact
+    assert zero_point == expected_zero_point
+    # every value of the range round-trips within half a step (one step at a clipped end)
+    values = np.linspace(lo, hi, 101)
+    q = np.clip(np.round(values / scale) + zero_point, qmin, qmax)
+    assert np.max(np.abs((q - zero_point) * scale - values)) <= scale * 0.5 + 1e-6 or (
+        symmetric and dtype == "uint8"
+    )
     # The range is covered to within one step.
     if hi > lo:
         assert (qmax - zero_point) * scale >= hi - scale
