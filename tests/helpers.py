@@ -147,7 +147,7 @@ def assert_unchanged(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
 
 def _node_key(node: onnx.NodeProto) -> tuple:
     """What a node computes: domain, op, wiring, and attribute values (not their encoding)."""
-    attrs = []
+    attrs: list[tuple[object, ...]] = []
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.TENSOR:
             array = onnx.numpy_helper.to_array(attr.t)
