@@ -105,6 +105,7 @@ from onnxshrink.parity import (
     model_inputs,
     split_feed,
 )
+from onnxshrink.schemes import Scheme
 from onnxshrink.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -370,8 +371,11 @@ class Observer:
         if self.count == 0:
             raise ValueError(f"{type(self).__name__}: no values observed")
 
-    def qparams(self, dtype: str = "uint8", symmetric: bool = False) -> tuple[float, int]:
-        """(scale, zero_point) for the range on a `uint8` or `int8` grid (module docstring 7-9)."""
+    def qparams(self, dtype: str | Scheme = "uint8", symmetric: bool = False) -> tuple[float, int]:
+        """(scale, zero_point) for the range, on a `Scheme`'s grid or a `uint8`/`int8` one
+        (module docstring 7-9): the scheme's `qparams` is the one place for this algebra."""
+        if isinstance(dtype, Scheme):
+            return dtype.qparams(*self.range())
         return qparams_for_range(*self.range(), dtype=dtype, symmetric=symmetric)
 
     @property
@@ -436,26 +440,13 @@ class ChannelMeanObserver:
 def qparams_for_range(
     lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False
 ) -> tuple[float, int]:
-    """(scale, zero_point) covering [lo, hi] (widened to hold 0) on a uint8/int8 grid."""
+    """(scale, zero_point) covering [lo, hi] (widened to hold 0) on a uint8/int8 grid.
+
+    The algebra is `onnxshrink.schemes.Scheme.qparams` (module docstring, 7-9).
+    """
     if dtype not in ("uint8", "int8"):
         raise UsageError(f"quantized type {dtype!r}: expected uint8 or int8")
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
-    if symmetric:
-        t = max(-lo, hi)
-        if dtype == "int8":
-            return _scale(t / 127.0), 0
-        return _scale(2.0 * t / 255.0), 128
-    scale = _scale((hi - lo) / 255.0)
-    zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
-    return scale, zero_point
-
-
-def _scale(value: float) -> float:
-    scale = float(np.float32(value))
-    if not scale > 0.0 or not math.isfinite(scale):  # case 9: an all-zero tensor
-        return 1.0
-    return scale
+    return Scheme(8, signed=dtype == "int8", symmetric=symmetric).qparams(lo, hi)
 
 
 class MinMaxObserver(Observer):

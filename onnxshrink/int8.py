@@ -79,7 +79,6 @@ from onnxshrink.parity import (
     split_feed,
 )
 from onnxshrink.quantize import (
-    TARGETS,
     QuantizeReport,
     activation_tensors,
     bias_correction_axes,
@@ -94,6 +93,7 @@ from onnxshrink.sensitivity import (
     ErrorReference,
     quantize_with_budget,
 )
+from onnxshrink.targets import target_profile
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,7 @@ def check_settings(
     """Raise UsageError (one line) for a bad method, target, regex, budget or provider."""
     if method not in METHODS:
         raise UsageError(f"--calibration-method {method!r}: expected one of {', '.join(METHODS)}")
-    if target not in TARGETS:
-        raise UsageError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
+    target_profile(target)  # UsageError for an unknown target
     if provider not in PROVIDERS:
         raise UsageError(
             f"--calibration-provider {provider!r}: expected one of {', '.join(PROVIDERS)}"
@@ -309,6 +308,7 @@ def quantize_int8(
     check_settings(
         method=method, target=target, exclude=exclude, max_error=max_error, provider=provider
     )
+    profile = target_profile(target)
     # named and at opset >= 13 once, not once per candidate the budget search builds
     model, opset_before = prepare_model(model)
     data = as_calibration_data(calibration, model, calibration_batch)  # 1
@@ -332,7 +332,7 @@ def quantize_int8(
         method=method,
         provider=provider,
         progress=stage("calibration"),
-        symmetric=target == "tensorrt",
+        symmetric=profile.symmetric_activations,
         mean_axes=mean_axes,
         on_run=reference.record,
     )
@@ -364,7 +364,7 @@ def quantize_int8(
     timings["sensitivity"] = time.perf_counter() - phase
     logger.info("sensitivity: %d session(s) in %.2f s", budget.sessions, timings["sensitivity"])
     speed = None
-    if check_speed and target == "ort-cpu" and report.quantized:  # 5
+    if check_speed and profile.speed_check and report.quantized:  # 5
         phase = time.perf_counter()
         quantized, report, speed = _speed_aware(
             model, quantized, report, budget, ranges, exclude, means, reference, max_error

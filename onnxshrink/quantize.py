@@ -42,8 +42,10 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
 5. Placement. One Q -> DQ pair per tensor, shared by all its quantized readers.
    a. The activation input of every quantized node reads DQ's output; readers that stay
       float keep reading the float tensor.
-   b. `ort-cpu` also quantizes each quantized node's output when its range is known, so that
-      ORT can fuse `DQ -> Conv -> Q` into QLinearConv and the next layer reads int8 directly.
+   b. `ort-cpu` also quantizes each quantized Conv/ConvTranspose/Gemm's output (the target
+      profile's `output_qdq_ops`; not MatMul's: `onnxshrink.targets`, 1) when its range is
+      known, so that ORT can fuse `DQ -> Conv -> Q` into QLinearConv and the next layer reads
+      int8 directly.
       Every reader of that output then reads DQ's output (a float reader beside Q would stop
       the fusion). `tensorrt` places Q/DQ on inputs only (TensorRT propagates them).
    c. Graph inputs and outputs keep their names and stay float: an output that is a graph
@@ -65,8 +67,8 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    For MatMul and Gemm that is all it costs. A Conv whose weight is not a constant also loses
    ORT's NCHWc kernels, its fastest float convolutions (measured on ppocr-v4-rec: two 480x480
    1x1 convs weight-only made the model 5% slower and 0.13x of fp32 smaller), so a Conv gets
-   it only when its weight holds at least `WEIGHT_ONLY_CONV_SHARE` (1%) of the model's float
-   weights, where the bytes matter. Off for `tensorrt`, which expects Q/DQ on the activation
+   it only when its weight holds at least its target profile's `conv_weight_only_share` (1% on
+   `ort-cpu`) of the model's float weights, where the bytes matter. Off for `tensorrt`, which expects Q/DQ on the activation
    as well.
 7. Bias correction (with `input_means`, after Nagel et al., "Data-Free Quantization", 2019).
    Rounding the weight to W' = W + dW shifts the node's output by dW x; its expectation
@@ -98,23 +100,21 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.errors import UsageError
+from onnxshrink.schemes import INT8_WEIGHT
 from onnxshrink.shapes import convert_opset, default_opset
+from onnxshrink.targets import PROFILES, TargetProfile, target_profile
+from onnxshrink.targets import TARGETS as PROFILE_NAMES
 
 logger = logging.getLogger(__name__)
 
-#: quantization targets: activation dtype and where Q/DQ go (case 4, 5)
-TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")
+#: quantization targets (onnxshrink.targets): activation scheme and where Q/DQ go (case 4, 5)
+TARGETS = PROFILE_NAMES
 #: ops quantized with a constant weight at input 1 (case 1)
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: weights with fewer elements stay float (case 1b)
 MIN_WEIGHT_ELEMENTS = 64
-#: why every layer computes in float for `ort-cuda` (case 8)
-_CUDA_REASON = "float compute, weight stored int8 (ort-cuda: the CUDA EP has no int8 conv kernels)"
 #: ops whose weight may be stored int8 while they compute in float (case 6)
 WEIGHT_ONLY_OPS = ("MatMul", "Gemm", "Conv")
-#: a Conv gets weight-only storage only when its weight holds this share of the model's float
-#: weights (case 6): smaller ones save little and lose ORT's NCHWc kernels
-WEIGHT_ONLY_CONV_SHARE = 0.01
 #: per-channel DequantizeLinear (its `axis` attribute) needs this opset (case 2)
 PER_CHANNEL_OPSET = 13
 
@@ -200,11 +200,11 @@ def quantizable_nodes(
     Unnamed nodes are listed as `<op>_<index>` (their position in their graph), the name
     `quantize_qdq` gives them in its output. Ranges are not consulted here (case 1f).
     """
-    _check_target(target)
+    profile = target_profile(target)
     patterns = _compile(exclude)
     work = _named_copy(model)
     _check_selection(work, nodes)
-    return _candidates(work, patterns, nodes, min_weight_elements, target)
+    return _candidates(work, patterns, nodes, min_weight_elements, profile)
 
 
 def activation_tensors(
@@ -221,6 +221,7 @@ def activation_tensors(
     the residual and pooling inputs of case 5d.
     """
     names: dict[str, None] = {}
+    profile = target_profile(target)
     candidates = quantizable_nodes(
         model, target, exclude=exclude, nodes=nodes, min_weight_elements=min_weight_elements
     )
@@ -229,9 +230,9 @@ def activation_tensors(
             continue
         activation, _ = cand.tensors()
         names[activation] = None
-        if target == "ort-cpu" and cand.output:
+        if cand.op in profile.output_qdq_ops and cand.output:
             names[cand.output] = None
-    if target == "tensorrt":  # case 5d, with every quantizable node counted as quantized
+    if profile.residual_joins:  # case 5d, with every quantizable node counted as quantized
         work = _named_copy(model)
         outputs = {c.output for c in candidates if c.quantizable and c.output}
         inputs = {c.activation for c in candidates if c.quantizable and c.activation}
@@ -273,7 +274,9 @@ def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     work = _named_copy(model)
     before = default_opset(work)
     if before < PER_CHANNEL_OPSET and any(
-        c.quantizable or c.weight_only_ok for c in _candidates(work, [], None, 0, "ort-cuda")
+        c.quantizable or c.weight_only_ok
+        for profile in PROFILES.values()
+        for c in _candidates(work, [], None, 0, profile)
     ):
         work = convert_opset(work, PER_CHANNEL_OPSET)
     return work, before
@@ -307,15 +310,15 @@ def quantize_qdq(
       reading it absorb the mean shift that weight rounding causes (case 7).
     The model is converted to opset 13 first when it is older (case 2).
     """
-    _check_target(target)
+    profile = target_profile(target)
     patterns = _compile(exclude)
-    params = _activation_params(ranges, target)
+    params = _activation_params(ranges, profile)
     work = _named_copy(model)
     _check_selection(work, nodes)
     report = QuantizeReport(target=target, opset_before=default_opset(work))
 
     candidates = _with_ranges(
-        _candidates(work, patterns, nodes, min_weight_elements, target), params
+        _candidates(work, patterns, nodes, min_weight_elements, profile), params
     )
     wants_dq = any(
         c.quantizable or (weight_only is not False and c.weight_only_ok) for c in candidates
@@ -329,12 +332,12 @@ def quantize_qdq(
         # node names survive the conversion (they were given before it), so the decisions
         # made above still name the same nodes; recompute them on the converted graph
         candidates = _with_ranges(
-            _candidates(work, patterns, nodes, min_weight_elements, target), params
+            _candidates(work, patterns, nodes, min_weight_elements, profile), params
         )
     report.opset_after = default_opset(work)
 
     if weight_only is None:
-        weight_only = target in ("ort-cpu", "ort-cuda")
+        weight_only = profile.weight_only
     storable = [c for c in candidates if not c.quantizable and c.weight_only_ok]
     if isinstance(weight_only, bool):
         weights_only = storable if weight_only else []
@@ -349,7 +352,7 @@ def quantize_qdq(
     report.weight_only = [c.name for c in weights_only]
     if report.quantized or weights_only:
         quantized = [c for c in candidates if c.quantizable]
-        _insert_qdq(work, quantized, weights_only, params, target, report, input_means or {})
+        _insert_qdq(work, quantized, weights_only, params, profile, report, input_means or {})
     logger.info(
         "quantized %d node(s), kept %d float, inserted %d Q and %d DQ",
         len(report.quantized),
@@ -363,11 +366,6 @@ def quantize_qdq(
 # ---------------------------------------------------------------------------------------------
 # Choosing nodes (case 1)
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise UsageError(f"unknown quantization target {target!r}; choose one of {TARGETS}")
 
 
 def _compile(exclude: Iterable[str]) -> list[re.Pattern[str]]:
@@ -449,7 +447,7 @@ def _candidates(
     patterns: Sequence[re.Pattern[str]],
     selected: set[str] | None,
     min_weight_elements: int,
-    target: str = "ort-cpu",
+    profile: TargetProfile,
 ) -> list[QuantCandidate]:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
@@ -459,13 +457,12 @@ def _candidates(
         int(np.prod(t.dims)) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
     )
 
-    cuda = target == "ort-cuda"  # case 8: every layer float compute, weights int8
-
     def weight_only_ok(op: str, size: int) -> bool:  # case 6
         if op not in WEIGHT_ONLY_OPS:
             return False
         # the Conv share is about ORT CPU's NCHWc kernels; cuDNN has no such layout
-        return op != "Conv" or cuda or size >= WEIGHT_ONLY_CONV_SHARE * float_weights
+        share = profile.conv_weight_only_share
+        return op != "Conv" or share is None or size >= share * float_weights
 
     def decide(node: onnx.NodeProto, in_subgraph: bool) -> QuantCandidate:
         activation = node.input[0] if node.input and node.input[0] else None
@@ -504,10 +501,11 @@ def _candidates(
         storable = weight_only_ok(node.op_type, size)
         if selected is not None and node.name not in selected:  # case 1e
             return keep("not in the selected nodes", storable)
-        if cuda:  # case 8
-            return keep(_CUDA_REASON, storable)
+        if profile.float_compute_reason:  # case 8
+            return keep(profile.float_compute_reason, storable)
         group = int(_attr(node, "group", 1))
-        if node.op_type == "Conv" and group > 1 and dims[1] == 1:  # case 1a
+        if not profile.depthwise_int8 and node.op_type == "Conv" and group > 1 and dims[1] == 1:
+            # case 1a
             return keep("depthwise Conv (int8 kernels do not help on CPU)")
         if node.op_type == "ConvTranspose" and group != 1:
             return keep("grouped ConvTranspose (per-channel axis 1 does not span C_out)")
@@ -587,7 +585,7 @@ def _with_ranges(
 
 
 def _activation_params(
-    ranges: dict[str, tuple[float, float]], target: str
+    ranges: dict[str, tuple[float, float]], profile: TargetProfile
 ) -> dict[str, _ActivationParams]:
     """Case 4: per-tensor scale and zero point from each (lo, hi)."""
     params = {}
@@ -598,18 +596,11 @@ def _activation_params(
             raise UsageError(f"range for {name!r} must be (lo, hi), got {value!r}") from None
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
             raise UsageError(f"range for {name!r} must be finite with lo <= hi, got {value!r}")
-        lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero must be exact (padding, ReLU)
-        if target == "ort-cpu":
-            scale = np.float32((hi - lo) / 255.0)
-            if not scale > 0:
-                scale = np.float32(1.0)
-            zero = np.uint8(np.clip(np.rint(-lo / float(scale)), 0, 255))
-        else:
-            scale = np.float32(max(-lo, hi) / 127.0)
-            if not scale > 0:
-                scale = np.float32(1.0)
-            zero = np.int8(0)
-        params[name] = _ActivationParams(scale, np.array(zero))
+        scheme = profile.activation  # the scheme's qparams: one place for the algebra
+        scale, zero = scheme.qparams(lo, hi)
+        params[name] = _ActivationParams(
+            np.float32(scale), np.array(zero, dtype=scheme.numpy_dtype)
+        )
     return params
 
 
@@ -620,15 +611,7 @@ def quantize_weight(
 
     `floor` (per channel) raises scales below it, so that the int32 bias fits (case 3).
     """
-    channels = w.shape[axis]
-    amax = np.abs(np.moveaxis(w, axis, 0).reshape(channels, -1)).max(axis=1)
-    scale = (amax / 127.0).astype(np.float32)
-    scale[~(scale > 0)] = 1.0  # zero (or underflowed) channel: any scale is exact
-    if floor is not None:
-        scale = np.maximum(scale, floor.astype(np.float32))
-    shape = [1] * w.ndim
-    shape[axis] = channels
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q, scale, _ = INT8_WEIGHT.quantize_array(w, axis, floor)
     return q, scale
 
 
@@ -671,7 +654,7 @@ def _insert_qdq(
     quantized: list[QuantCandidate],
     weights_only: list[QuantCandidate],
     params: dict[str, _ActivationParams],
-    target: str,
+    profile: TargetProfile,
     report: QuantizeReport,
     input_means: Mapping[str, np.ndarray],
 ) -> None:
@@ -696,17 +679,19 @@ def _insert_qdq(
     pairs: dict[str, None] = {}
     for cand in quantized:
         pairs[cand.tensors()[0]] = None
-    if target == "ort-cpu":
+    if profile.output_qdq_ops:
         readers_of: dict[str, int] = {}
         for node in graph.node:
             for name in node.input:
                 readers_of[name] = readers_of.get(name, 0) + 1
         for cand in quantized:
+            if cand.op not in profile.output_qdq_ops:
+                continue
             if cand.output in params and readers_of.get(cand.output, 0) > 0:
                 pairs[cand.output] = None
                 redirect_all.add(cand.output)
     redirect_at: dict[tuple[str, int], str] = {}  # 5d: one reader's input moves to the DQ
-    if target == "tensorrt":
+    if profile.residual_joins:
         outputs = {c.output for c in quantized if c.output}
         inputs = {c.tensors()[0] for c in quantized}
         for node_name, index, tensor in _tensorrt_joins(graph, outputs, inputs):

@@ -12,18 +12,14 @@ Algorithm:
 1. Reference (`ErrorReference`). The float model's outputs on the first `samples` samples,
    kept from the statistics pass (`record` as its `on_run` hook) or computed once
    (`from_model`); memory grows with `samples`, not with the calibration set.
-2. Ranking (`layer_sensitivity`). For each quantizable node (`quantize.quantizable_nodes` with
+2. Ranking (`layer_sensitivity`, with `onnxshrink.budget.rank`). For each quantizable node (`quantize.quantizable_nodes` with
    no reason, and a calibrated range for its input), the model with that node alone quantized
    (`quantize_qdq(nodes={name})`) is measured: one ORT session per node. Sorted by error,
    largest first (ties by graph order).
 3. Budget (`quantize_with_budget`). Everything eligible is quantized and measured. When the
    error exceeds `max_error`, the k most sensitive nodes of the ranking stay float, with the
-   least k found by galloping (k = 1, 2, 4, ... until one meets the budget) then bisection
-   between the last failing and first passing k: error(0) > budget, and error(N) is measured
-   only if no smaller k passes (when even that fails, nothing is quantized), so at most about
-   2 log2(N) sessions, fewer when few nodes must stay float. The
-   search assumes error(k) falls as k grows; when it does not (measured NSR is noisy), the k
-   found still meets the budget (it was measured), it may just not be the least such k.
+   least k found by `onnxshrink.budget.decline_fewest` (galloping, then bisection; about
+   2 log2(N) sessions); when even k = N fails, nothing is quantized.
 4. Default budget `DEFAULT_MAX_ERROR` = 0.01 (SNR 20 dB). Chosen once, generically, on the
    PP-OCR zoo (calibration split only for the ranking; eval split only to read the figures):
    see the constant's comment for the measurement.
@@ -31,8 +27,9 @@ Algorithm:
    (no calibrated range, ...) store int8 weights in every step, so their rounding error is
    inside every measured figure. Of the k nodes kept float for sensitivity, those that can
    store int8 weights are sorted by weight size, largest first, and the longest prefix whose
-   int8 storage still meets the budget is found by bisection (all of them first: one session
-   when it passes, about log2(k) more when not); the others stay entirely float. This is what
+   int8 storage still meets the budget is found by `onnxshrink.budget.grant_most` (all of
+   them first: one session when it passes, about log2(k) more when not); the others stay
+   entirely float. This is what
    makes the file small when the largest layer (often a classifier) is sensitive to
    activation quantization but not to weight rounding.
 """
@@ -47,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxshrink.budget import decline_fewest, grant_most, rank
 from onnxshrink.errors import UsageError, first_line
 from onnxshrink.measure import model_error
 from onnxshrink.parity import declared_batches, feed_samples, model_inputs, ort_session
@@ -233,8 +231,9 @@ def layer_sensitivity(
     """
     reference = _reference or ErrorReference.from_model(model, feeds, samples)
     nodes = eligible_nodes(model, ranges, target, exclude)
-    errors: list[LayerError] = []
-    for i, (name, op) in enumerate(nodes):
+    ops = dict(nodes)
+
+    def alone(name: str) -> onnx.ModelProto:
         # the others entirely float: the figure is this node's alone
         single, _ = quantize_qdq(
             model,
@@ -244,12 +243,15 @@ def layer_sensitivity(
             weight_only=False,
             input_means=input_means,
         )
-        error = reference.error(single, f"{name} quantized alone", RANKING_SAMPLES)
-        errors.append(LayerError(name, op, error))
-        if progress is not None:
-            progress(i + 1, len(nodes))
-    order = sorted(range(len(errors)), key=lambda i: (-errors[i].error, i))
-    ranked = [errors[i] for i in order]
+        return single
+
+    def measured(single: onnx.ModelProto, name: str) -> float:
+        return reference.error(single, f"{name} quantized alone", RANKING_SAMPLES)
+
+    ranked = [
+        LayerError(name, ops[name], error)
+        for name, error in rank([n for n, _ in nodes], alone, measured, progress)
+    ]
     if ranked:
         logger.info(
             "sensitivity of %d node(s): most sensitive %s (%.3g)",
@@ -329,16 +331,15 @@ def quantize_with_budget(
             qreport.kept_float[name] = f"sensitive: error {errors[name]:.3g} quantized alone"
         return built, qreport
 
-    def measure(
-        k: int, ranked: Sequence[LayerError], stored: Collection[str] = ()
-    ) -> tuple[onnx.ModelProto, QuantizeReport]:
-        kept = [e.name for e in ranked[:k]]
-        built, qreport = build(kept, stored)
-        what = f"quantized model with {k} node(s) kept float"
-        error = reference.error(built, what)
+    def record(k: int, error: float) -> float:
         report.sessions += 1
         report.steps.append((k, error))
         logger.info("%d most sensitive node(s) float: error %.4g", k, error)
+        return error
+
+    def measure(k: int, ranked: Sequence[LayerError]) -> tuple[onnx.ModelProto, QuantizeReport]:
+        built, qreport = build([e.name for e in ranked[:k]])
+        record(k, reference.error(built, f"quantized model with {k} node(s) kept float"))
         return built, qreport
 
     qmodel, qreport = measure(0, [])
@@ -360,55 +361,50 @@ def quantize_with_budget(
             report.sessions += len(ranked)
         report.ranking = list(ranked)
         errors.update((e.name, e.error) for e in ranked)
-        lo, hi = 0, len(ranked)  # error(lo) > budget; error(hi) is measured when reached
-        best: tuple[onnx.ModelProto, QuantizeReport, float] | None = None
-        # galloping (k = 1, 2, 4, ...) before bisecting favours small k when error(k) is not
-        # monotone: a plain bisection's first probe at N/2 may fail by chance and push k up
-        step = 1
-        while step < hi:
-            built, step_report = measure(step, ranked)
-            if report.steps[-1][1] <= max_error:
-                hi, best = step, (built, step_report, report.steps[-1][1])
-                break
-            lo, step = step, step * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            built, mid_report = measure(mid, ranked)
-            if report.steps[-1][1] <= max_error:
-                hi, best = mid, (built, mid_report, report.steps[-1][1])
-            else:
-                lo = mid
-        if best is None:  # only k = N can meet it
-            built, all_report = measure(len(ranked), ranked)
-            if report.steps[-1][1] <= max_error:
-                best = (built, all_report, report.steps[-1][1])
-            else:  # even the structural weight-only nodes cost too much: nothing int8
-                built, all_report = quantize_qdq(
-                    model, ranges, target=target, exclude=exclude, nodes=set(), weight_only=False
-                )  # nothing quantized: no rounding, nothing to correct
-                for e in ranked:
-                    all_report.kept_float[e.name] = (
-                        f"sensitive: error {e.error:.3g} quantized alone"
-                    )
-                best = (built, all_report, 0.0)
-                report.steps.append((len(ranked), 0.0))
-        qmodel, qreport, report.final_error = best
-        report.kept_float = {e.name: e.error for e in ranked[:hi]}
+        names = [e.name for e in ranked]
+        built_reports: dict[int, QuantizeReport] = {}
+
+        def build_declined(kept: Sequence[str]) -> onnx.ModelProto:
+            built, step_report = build(kept)
+            built_reports[id(built)] = step_report
+            return built
+
+        def measured(built: onnx.ModelProto, k: int) -> float:
+            return record(k, reference.error(built, f"quantized model with {k} node(s) float"))
+
+        search = decline_fewest(names, build_declined, measured, max_error)  # docstring 3
+        if search.built is not None:
+            qmodel, qreport = search.built, built_reports[id(search.built)]
+            report.final_error = search.error
+        else:  # even the structural weight-only nodes cost too much: nothing int8
+            qmodel, qreport = quantize_qdq(
+                model, ranges, target=target, exclude=exclude, nodes=set(), weight_only=False
+            )  # nothing quantized: no rounding, nothing to correct
+            for e in ranked:
+                qreport.kept_float[e.name] = f"sensitive: error {e.error:.3g} quantized alone"
+            report.final_error = 0.0
+            report.steps.append((len(ranked), 0.0))
+        report.kept_float = {e.name: e.error for e in ranked[: search.k]}
         storable = [n for n in report.kept_float if n in weight_sizes]
         if weight_only and storable and report.final_error > 0.0:
             # docstring 5: int8 storage for the largest kept weights that the budget allows
             storable.sort(key=lambda n: -weight_sizes[n])
-            lo_j, hi_j = 0, len(storable) + 1  # upgrading lo_j passes, hi_j fails
-            j = len(storable)
-            while hi_j - lo_j > 1:
-                built, wo_report = measure(hi, ranked, storable[:j])
-                if report.steps[-1][1] <= max_error:
-                    lo_j = j
-                    qmodel, qreport, report.final_error = built, wo_report, report.steps[-1][1]
-                else:
-                    hi_j = j
-                j = (lo_j + hi_j) // 2
-            report.kept_weights_int8 = storable[:lo_j]
+            kept = names[: search.k]
+
+            def build_stored(stored: Sequence[str]) -> onnx.ModelProto:
+                built, step_report = build(kept, stored)
+                built_reports[id(built)] = step_report
+                return built
+
+            def measured_stored(built: onnx.ModelProto, j: int) -> float:
+                what = f"quantized model with {search.k} node(s) float, {j} storing int8"
+                return record(search.k, reference.error(built, what))
+
+            granted = grant_most(storable, build_stored, measured_stored, max_error)
+            if granted.built is not None:
+                qmodel, qreport = granted.built, built_reports[id(granted.built)]
+                report.final_error = granted.error
+            report.kept_weights_int8 = storable[: granted.k]
     report.quantize = qreport
     logger.info(
         "error budget %.3g: full int8 %.4g, final %.4g with %d node(s) kept float (%d sessions)",

@@ -222,20 +222,32 @@ def test_conv_relu_conv_quantized_and_fused_by_ort(tmp_path: Path) -> None:
 
 def test_matmul_add_per_column_weights(tmp_path: Path) -> None:
     model = _matmul_add()
-    assert activation_tensors(model) == ["x", "m"]
-    quantized, report, _ = _calibrated(model)
+    # a MatMul's output gets no Q/DQ on ort-cpu (targets, 1): MatMulIntegerToFloat
+    assert activation_tensors(model) == ["x"]
+    assert activation_tensors(model, "tensorrt") == ["x"]
+    quantized, report, ranges = _calibrated(model)
     _assert_interface(model, quantized)
     assert report.quantized == ["MatMul_0"]
     inits = _initializers(quantized)
     w = numpy_helper.to_array(model.graph.initializer[0])
     np.testing.assert_allclose(inits["w_scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
     assert _dq_attr_axis(_producer(quantized, "w_dequantized")) == 1
-    # the Add reads the dequantized MatMul output (5b), the float bias stays
-    assert _node(quantized, "Add_1").input[0] == "m_dequantized"
+    # the Add reads the float MatMul output, the float bias stays
+    assert _node(quantized, "Add_1").input[0] == "m"
     assert inits["b"].dtype == np.float32
     assert _relative_error(model, quantized) < 0.03
-    assert histogram(quantized)["QuantizeLinear"] == 2
-    assert _ort_optimized_ops(quantized, tmp_path)["QLinearMatMul"] == 1
+    assert histogram(quantized)["QuantizeLinear"] == 1
+    assert _ort_optimized_ops(quantized, tmp_path)["QLinearMatMul"] == 0
+    # with a dynamic batch ORT keeps the MatMul and computes it in int8 with a float output
+    dynamic = make_model(
+        _MATMUL_ADD.replace("float[4,10,32] x", "float[N,10,32] x").replace(
+            "float[4,10,48] y", "float[N,10,48] y"
+        ),
+        {t.name: numpy_helper.to_array(t) for t in model.graph.initializer},
+    )
+    quantized, _ = quantize_qdq(dynamic, ranges)
+    ops = _ort_optimized_ops(quantized, tmp_path)
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["QLinearMatMul"] == 0, dict(ops)
 
 
 def test_gemm_transb_axis_and_int32_bias(tmp_path: Path) -> None:
@@ -422,7 +434,7 @@ def test_missing_range_keeps_node_float() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"target": "gpu"}, "unknown quantization target"),
+        ({"target": "gpu"}, "--target .gpu.: expected one of"),
         ({"exclude": ["("]}, "not a valid regex"),
     ],
 )
@@ -527,13 +539,16 @@ def test_weight_only_storage_for_matmul_kept_float() -> None:
 
 
 def test_weight_only_conv_needs_a_share_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    import onnxshrink.quantize as quantize_module
+    import dataclasses
+
+    import onnxshrink.targets as targets_module
 
     model = _conv_relu_conv()
     _, report, _ = _calibrated(model, nodes={"Conv_0"})
     assert report.weight_only == ["Conv_2"]  # its weight is most of the model's
     # a Conv below the share keeps a float weight (and ORT's NCHWc kernels)
-    monkeypatch.setattr(quantize_module, "WEIGHT_ONLY_CONV_SHARE", 0.99)
+    strict = dataclasses.replace(targets_module.PROFILES["ort-cpu"], conv_weight_only_share=0.99)
+    monkeypatch.setitem(targets_module.PROFILES, "ort-cpu", strict)
     plain, report, _ = _calibrated(model, nodes={"Conv_0"})
     assert report.weight_only == [] and _node(plain, "Conv_2").input[1] == "w2"
 

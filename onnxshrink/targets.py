@@ -1,0 +1,118 @@
+"""Target profiles: what each runtime fuses, accepts and runs fast, held in one place.
+
+A lossy stage asks its target profile instead of comparing target names: which schemes the
+runtime's kernels take, where Q/DQ pairs must sit for its fusions, which layers it computes
+faster in int8 than in float. Adding a runtime is adding a profile here.
+
+1. `ort-cpu`: ONNX Runtime's CPU EP. uint8 asymmetric activations and int8 per-channel
+   weights (its QLinearConv/QGemm/MatMulIntegerToFloat kernels, VNNI-friendly). Q/DQ also on
+   the outputs of quantized Conv/ConvTranspose/Gemm (so that `DQ -> Conv -> Q` fuses into
+   QLinearConv and the next layer reads int8), but not on MatMul outputs: ORT fuses a MatMul
+   with a quantized input and a float output into MatMulIntegerToFloat, and an output Q there
+   costs accuracy for no speed (measured on all-MiniLM-L6-v2: held-out embedding cosine
+   0.9526 with output Q against 0.9935 without, latency 0.56x against 0.55x of fp32).
+   Depthwise convolutions stay float (int8 kernels do not beat float ones there); a Conv
+   stores int8 weights with float compute only when it holds at least 1% of the model's
+   weights (a dequantized Conv weight loses ORT's NCHWc kernels). int8 compute is timed
+   against float compute with int8 weights (the speed check), since small tensors gain
+   nothing from int8 kernels.
+2. `ort-cuda`: ONNX Runtime's CUDA EP has no int8 convolution or GEMM kernels for QDQ models:
+   every layer computes in float, every weight that can be is stored int8 (a smaller file at
+   float speed). fp16 is its compute precision of choice.
+3. `tensorrt`: symmetric int8 activations and weights (TensorRT's Q/DQ rules), Q/DQ on layer
+   inputs only (TensorRT propagates them), plus the residual input of an Add that joins a
+   quantized layer and the input of pooling next to one; no weight-only storage (TensorRT
+   expects Q/DQ on the activation as well).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxshrink.errors import UsageError
+from onnxshrink.schemes import INT8_ACTIVATION, INT8_WEIGHT, UINT8_ACTIVATION, Scheme
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """One runtime's rules for lossy stages (module docstring)."""
+
+    name: str
+    #: activation and weight schemes of int8 compute
+    activation: Scheme
+    weight: Scheme
+    #: False: every layer computes in float, weights stored int8 (case 2)
+    int8_compute: bool
+    #: ops whose quantized output also gets Q/DQ, so the next layer reads int8 (case 1)
+    output_qdq_ops: tuple[str, ...]
+    #: Q/DQ on residual Add inputs and pooling inputs next to quantized layers (case 3)
+    residual_joins: bool
+    #: layers kept float store int8 weights by default (case 1, 2)
+    weight_only: bool
+    #: a Conv stores int8 weights only above this share of the model's weights (None: any)
+    conv_weight_only_share: float | None
+    #: depthwise Conv computes in int8
+    depthwise_int8: bool
+    #: int8 compute is timed against float compute with int8 weights
+    speed_check: bool
+    #: why a layer computes in float on this target whatever its sensitivity (None: none)
+    float_compute_reason: str | None = None
+
+    @property
+    def symmetric_activations(self) -> bool:
+        """Calibration collects |x| statistics for symmetric activation grids."""
+        return self.activation.symmetric
+
+
+PROFILES: dict[str, TargetProfile] = {
+    "ort-cpu": TargetProfile(
+        name="ort-cpu",
+        activation=UINT8_ACTIVATION,
+        weight=INT8_WEIGHT,
+        int8_compute=True,
+        output_qdq_ops=("Conv", "ConvTranspose", "Gemm"),
+        residual_joins=False,
+        weight_only=True,
+        conv_weight_only_share=0.01,
+        depthwise_int8=False,
+        speed_check=True,
+    ),
+    "ort-cuda": TargetProfile(
+        name="ort-cuda",
+        activation=UINT8_ACTIVATION,
+        weight=INT8_WEIGHT,
+        int8_compute=False,
+        output_qdq_ops=(),
+        residual_joins=False,
+        weight_only=True,
+        conv_weight_only_share=None,
+        depthwise_int8=False,
+        speed_check=False,
+        float_compute_reason=(
+            "float compute, weight stored int8 (ort-cuda: the CUDA EP has no int8 conv kernels)"
+        ),
+    ),
+    "tensorrt": TargetProfile(
+        name="tensorrt",
+        activation=INT8_ACTIVATION,
+        weight=INT8_WEIGHT,
+        int8_compute=True,
+        output_qdq_ops=(),
+        residual_joins=True,
+        weight_only=False,
+        conv_weight_only_share=None,
+        depthwise_int8=False,
+        speed_check=False,
+    ),
+}
+TARGETS = tuple(PROFILES)
+
+
+def target_profile(name: str | TargetProfile) -> TargetProfile:
+    """The profile of a target name; UsageError (one line) for an unknown one."""
+    if isinstance(name, TargetProfile):
+        return name
+    profile = PROFILES.get(name)
+    if profile is None:
+        raise UsageError(f"--target {name!r}: expected one of {', '.join(TARGETS)}")
+    return profile
