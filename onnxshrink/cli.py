@@ -18,8 +18,9 @@ from onnxshrink.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.optimize import ModelSummary, OptimizeResult
 from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL
-from onnxshrink.quantize import TARGETS as QUANTIZE_TARGETS
+from onnxshrink.rules import LOSSY_STAGES
 from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.targets import TARGETS as QUANTIZE_TARGETS
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -136,9 +137,11 @@ def optimize(
         str | None,
         typer.Option(
             "--quantize",
-            metavar="int8",
-            help="Also quantize: int8 (static, QDQ; needs --calibration-data).",
-            rich_help_panel="int8 quantization",
+            metavar="|".join(stage.name for stage in LOSSY_STAGES),
+            help="Also run a lossy stage, within the --max-error budget and checked on --inputs: "
+            + "; ".join(f"{stage.name}: {stage.summary}" for stage in LOSSY_STAGES)
+            + ". Needs --calibration-data.",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = None,
     calibration_data: Annotated[
@@ -149,7 +152,7 @@ def optimize(
             help="Samples for int8 calibration: an .npz with one array per model input (axis 0 "
             "the batch), a folder of .npz files, a loader script loader.py[:function] yielding "
             "feed dicts, or 'random' (synthetic; poor ranges, flagged in the output).",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = None,
     calibration_batch: Annotated[
@@ -160,7 +163,7 @@ def optimize(
             help="Samples per run where the model's batch dim is dynamic: calibration data (and "
             "--inputs) are cut along axis 0 into runs of at most this many and streamed, so "
             "memory does not depend on how many samples a file holds.",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = CALIBRATION_BATCH,
     calibration_method: Annotated[
@@ -169,7 +172,7 @@ def optimize(
             "--calibration-method",
             metavar="minmax|percentile|entropy|mse",
             help="How activation ranges are chosen from the calibration statistics.",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = "percentile",
     quantize_target: Annotated[
@@ -181,7 +184,7 @@ def optimize(
             "inputs and outputs for ORT's QLinear kernels), tensorrt (symmetric int8, Q/DQ on "
             "inputs, residual Adds and pooling), or ort-cuda (ORT's CUDA EP has no int8 "
             "convolution kernels: weights stored int8, compute in float).",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = "ort-cpu",
     exclude: Annotated[
@@ -191,7 +194,7 @@ def optimize(
             metavar="REGEX",
             help="Keep a node float when REGEX is found in its name or matches its op type "
             "(repeatable; e.g. --exclude Conv keeps every Conv float).",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = None,
     max_error: Annotated[
@@ -203,7 +206,7 @@ def optimize(
             f"holds (measured on up to 32 calibration samples). The default "
             f"{DEFAULT_MAX_ERROR:g} is {-10 * math.log10(DEFAULT_MAX_ERROR):.0f} dB SNR; lower it "
             "for more accuracy (more layers float: slower, larger), raise it for speed.",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = DEFAULT_MAX_ERROR,
     metric: Annotated[
@@ -215,7 +218,7 @@ def optimize(
             "original's and the quantized model's outputs of each --inputs batch (dicts of "
             "output name -> array) and returns a number (e.g. 1 - IoU); its mean is reported. "
             "MODULE may be a file.py.",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = None,
     calibration_provider: Annotated[
@@ -224,7 +227,7 @@ def optimize(
             "--calibration-provider",
             metavar="cpu|cuda",
             help="ONNX Runtime provider for the calibration pass.",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = "cpu",
     no_speed_check: Annotated[
@@ -234,7 +237,7 @@ def optimize(
             help="Keep int8 compute without timing it. By default (target ort-cpu) int8 compute "
             "is timed against float compute with int8 weights on ORT CPU and kept only where "
             "it is faster.",
-            rich_help_panel="int8 quantization",
+            rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = False,
     verbose: Annotated[
@@ -531,8 +534,13 @@ def _optimize_progress(console: Console, name: str, quantizing: bool):
         yield update
 
 
+#: rows of the "layers kept float" table in the terminal
+KEPT_ROWS = 25
+
+
 def _print_quantization(result: OptimizeResult) -> None:
-    """The int8 section: settings, counts, layers kept float and why, the held-out check."""
+    """The lossy stage's section: settings, counts, layers kept float and why, the held-out
+    check."""
     from onnxshrink.cli_parity import _fmt
 
     q = result.quantization
@@ -540,9 +548,10 @@ def _print_quantization(result: OptimizeResult) -> None:
     budget = q.budget
     out.print()
     seen = f"{q.samples} sample(s) in {q.feeds} run(s)" if q.samples else f"{q.feeds} run(s)"
+    method = f", calibration method {q.method}" if q.method else ""
     out.print(
-        f"[bold]int8 quantization[/bold]: target {q.target}, calibration method {q.method}, "
-        f"{seen} of at most {q.batch} from {q.calibration}",
+        f"[bold]{q.stage} quantization[/bold]: target {q.target}{method}, {seen} of at most {q.batch} "
+        f"from {q.calibration}",
         highlight=False,
     )
     if q.timings:
@@ -556,25 +565,36 @@ def _print_quantization(result: OptimizeResult) -> None:
             "Pass real samples with --calibration-data.[/yellow]",
             highlight=False,
         )
-    out.print(
-        f"quantized {len(q.quantized)} of {len(q.layers)} Conv/ConvTranspose/Gemm/MatMul layers; "
-        f"{len(q.kept_float)} kept float ({len(budget.kept_float)} for accuracy), "
-        f"{len(q.quantize.weight_only)} of them with int8 weights; bias correction on "
-        f"{len(q.quantize.bias_corrected)} layer(s)",
-        highlight=False,
-    )
+    if q.quantize is not None:  # int8
+        out.print(
+            f"quantized {len(q.quantized)} of {len(q.layers)} Conv/ConvTranspose/Gemm/MatMul "
+            f"layers; {len(q.kept_float)} kept float ({len(budget.kept_float)} for accuracy), "
+            f"{len(q.quantize.weight_only)} of them with int8 weights; bias correction on "
+            f"{len(q.quantize.bias_corrected)} layer(s)",
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"{q.stage}: {len(q.quantized)} of {len(q.layers)} nodes changed; "
+            f"{len(q.kept_float)} kept as they were ({len(budget.kept_float)} for accuracy)",
+            highlight=False,
+        )
     if q.kept_float:
+        # those kept for accuracy first; a long tail of structural reasons goes to the report
+        kept = sorted(q.kept_float, key=lambda layer: layer.name not in budget.kept_float)
         table = Table(title="layers kept float", show_header=True, header_style="bold")
         table.add_column("layer")
         table.add_column("op")
         table.add_column("reason")
-        for layer in q.kept_float:
+        for layer in kept[:KEPT_ROWS]:
             table.add_row(layer.name, layer.op, layer.reason or "")
         out.print(table)
+        if len(kept) > KEPT_ROWS:
+            out.print(f"... and {len(kept) - KEPT_ROWS} more (all in --report)", highlight=False)
     verdict = "within" if budget.within_budget else "[red]over[/red]"
     out.print(
-        f"error on calibration samples (output noise-to-signal, worst channel group): full int8 "
-        f"{budget.full_error:.3g} -> final {budget.final_error:.3g}, {verdict} the budget "
+        f"error on calibration samples (output noise-to-signal, worst channel group): full "
+        f"{q.stage} {budget.full_error:.3g} -> final {budget.final_error:.3g}, {verdict} the budget "
         f"{budget.max_error:g} ({budget.sessions} ORT session(s))",
         highlight=False,
     )
@@ -597,7 +617,7 @@ def _print_quantization(result: OptimizeResult) -> None:
         return
     what = "held-out" if check.held_out else "[yellow]not held-out[/yellow]"
     out.print(
-        f"int8 vs original on {check.source} ({what}, {check.samples} run(s)): "
+        f"{q.stage} vs original on {check.source} ({what}, {check.samples} run(s)): "
         f"noise-to-signal {check.error:.3g} (worst channel group)"
         + (
             ""

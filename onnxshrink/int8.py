@@ -37,7 +37,7 @@ their final form). Pipeline:
    can disagree by (on the zoo's recognizers the two were within 1-4% and swapped places
    between runs of the bench).
    A warning note says when the result is still slower than the float model.
-6. The account (`Int8Result`): settings, number of feeds seen, calibration time, the budget and
+6. The account (`onnxshrink.lossy.StageResult`): settings, number of feeds seen, calibration time, the budget and
    quantize reports, the speed check, and `layers`: every Conv/ConvTranspose/Gemm/MatMul with
    "int8" or "float" and why.
 
@@ -55,8 +55,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,18 +65,20 @@ from onnxshrink.calibration import (
     DEFAULT_BATCH,
     METHODS,
     CalibrationData,
-    calibration_feeds,
     collect_statistics,
 )
 from onnxshrink.errors import UsageError
-from onnxshrink.measure import OutputNoise, TaskMetric
-from onnxshrink.parity import (
-    Reference,
-    check_parity,
-    declared_batches,
-    feed_samples,
-    split_feed,
+from onnxshrink.lossy import (
+    LayerDecision,
+    SpeedCheck,
+    StagedProgress,
+    StageResult,
+    StageSettings,
+    _Counted,
+    as_calibration_data,
+    speed_check,
 )
+from onnxshrink.parity import declared_batches, split_feed
 from onnxshrink.quantize import (
     QuantizeReport,
     activation_tensors,
@@ -97,118 +98,13 @@ from onnxshrink.targets import target_profile
 
 logger = logging.getLogger(__name__)
 
-#: progress(stage, done, total): stage is "calibration" or "sensitivity"; total 0 when unknown
-StagedProgress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
 
 PROVIDERS = ("cpu", "cuda")
-#: timed runs per model in the speed check (module docstring, 5), the lead float compute needs
-#: over int8 compute to replace it, and the slowdown against the float model warned about
-SPEED_RUNS = 20
+#: the lead float compute needs over int8 compute to replace it (module docstring, 5), and
+#: the slowdown against the float model warned about
 SPEED_MARGIN = 0.10
 SPEED_WARN_RATIO = 1.03
-HOW_TO_CALIBRATE = "--calibration-data calib.npz | folder | loader.py[:fn] | random"
-
-
-@dataclass(frozen=True)
-class LayerDecision:
-    """One Conv/ConvTranspose/Gemm/MatMul: quantized or kept float, and why.
-
-    `error` is the output NSR with this layer quantized alone, when the sensitivity ranking ran.
-    """
-
-    name: str
-    op: str
-    precision: str  # "int8" or "float"
-    reason: str | None = None
-    error: float | None = None
-
-
-@dataclass
-class Int8Result:
-    """What `quantize_int8` did (module docstring, 5)."""
-
-    model: onnx.ModelProto
-    target: str
-    method: str
-    calibration: str
-    feeds: int
-    synthetic: bool
-    seconds: float
-    budget: BudgetReport
-    quantize: QuantizeReport
-    layers: list[LayerDecision] = field(default_factory=list)
-    speed: SpeedCheck | None = None
-    #: seconds per phase: "statistics", "sensitivity", "speed check" (when it ran)
-    timings: dict[str, float] = field(default_factory=dict)
-    #: calibration samples (0 when the source did not say) and the run size they were cut to
-    samples: int = 0
-    batch: int = DEFAULT_BATCH
-
-    @property
-    def quantized(self) -> list[LayerDecision]:
-        return [layer for layer in self.layers if layer.precision == "int8"]
-
-    @property
-    def kept_float(self) -> list[LayerDecision]:
-        return [layer for layer in self.layers if layer.precision == "float"]
-
-
-@dataclass(frozen=True)
-class SpeedCheck:
-    """Median ms per run on ORT CPU (module docstring, 5): the float model, int8 compute, and
-    float compute with int8 weights (None when there was no such candidate); `chosen` is
-    "int8" or "weights".
-    """
-
-    float_ms: float
-    int8_ms: float
-    runs: int
-    weights_ms: float | None = None
-    chosen: str = "int8"
-
-    @property
-    def result_ms(self) -> float:
-        return self.weights_ms if self.chosen == "weights" and self.weights_ms else self.int8_ms
-
-    @property
-    def ratio(self) -> float:
-        """The result's time over the float model's."""
-        return self.result_ms / self.float_ms if self.float_ms > 0 else math.inf
-
-
-@dataclass(frozen=True)
-class OutputError:
-    """Held-out figures of one output: quantized model against the original."""
-
-    name: str
-    cosine: float
-    snr_db: float
-    nsr: float
-    argmax_agreement: float | None = None
-    floating: bool = True
-
-
-@dataclass
-class HeldOutCheck:
-    """`held_out_check`'s result. `error` is the budget's figure: the worst float output's
-    per-group NSR (`onnxshrink.measure`).
-
-    `held_out` is False when the feeds were generated or are the calibration data itself;
-    `source` says where they came from. `verified` is False when a model could not run (then
-    `reason` says why and there are no figures).
-    """
-
-    samples: int
-    source: str
-    held_out: bool
-    verified: bool = True
-    reason: str | None = None
-    outputs: list[OutputError] = field(default_factory=list)
-    error: float = 0.0
-    #: the user's task metric (`--metric`) and its mean over the held-out batches
-    metric: str | None = None
-    metric_value: float | None = None
 
 
 def check_settings(
@@ -236,49 +132,6 @@ def check_settings(
         raise UsageError(f"--max-error {max_error}: must be a finite number >= 0")
 
 
-def as_calibration_data(
-    calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
-    model: onnx.ModelProto,
-    max_batch: int = DEFAULT_BATCH,
-) -> CalibrationData:
-    """The feeds of `calibration` (module docstring, 1); UsageError saying how to give them.
-
-    Every source is cut into runs of at most `max_batch` samples where the model's batch dim
-    is dynamic (`calibration.calibration_feeds`); a `CalibrationData` is used as it is.
-    """
-    if isinstance(calibration, CalibrationData):
-        return calibration
-    if not (isinstance(max_batch, int) and max_batch >= 1):
-        raise UsageError(f"--calibration-batch {max_batch}: must be at least 1")
-    if isinstance(calibration, (str, Path)):
-        return calibration_feeds(calibration, model, max_batch=max_batch)
-    if calibration is None:
-        raise UsageError(f"int8 quantization needs calibration data: {HOW_TO_CALIBRATE}")
-    declared = declared_batches(model)
-    feeds = [run for feed in calibration for run in split_feed(dict(feed), declared, max_batch)]
-    if not feeds:
-        raise UsageError(f"calibration data holds no feeds: {HOW_TO_CALIBRATE}")
-    samples = sum(feed_samples(f, declared) for f in feeds)
-    return CalibrationData("feeds", lambda: iter(feeds), len(feeds), samples=samples)
-
-
-class _Counted:
-    """Iterates `data` and remembers how many feeds the last pass yielded."""
-
-    def __init__(self, data: CalibrationData) -> None:
-        self.data = data
-        self.count = 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self) -> Iterator[Feed]:
-        self.count = 0
-        for feed in self.data:
-            self.count += 1
-            yield feed
-
-
 def quantize_int8(
     model: onnx.ModelProto,
     calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
@@ -292,7 +145,7 @@ def quantize_int8(
     check_speed: bool = True,
     bias_correction: bool = True,
     calibration_batch: int = DEFAULT_BATCH,
-) -> Int8Result:
+) -> StageResult:
     """Quantize a float model to QDQ int8 within an output error budget; `model` is kept.
 
     `calibration`: an .npz path, a folder of them, `loader.py[:function]`, `random`, a
@@ -378,22 +231,54 @@ def quantize_int8(
             f"converted from opset {opset_before} to {report.opset_after}: per-channel "
             "DequantizeLinear needs its axis attribute",
         )
-    return Int8Result(
+    return StageResult(
+        stage="int8",
         model=quantized,
         target=target,
-        method=method,
         calibration=data.source,
         feeds=counted.count,
         synthetic=bool(data.synthetic),
-        seconds=seconds,
         budget=budget,
-        quantize=report,
         layers=layer_decisions(model, target, report, budget),
-        speed=speed,
         timings=timings,
         samples=data.samples,
         batch=calibration_batch,
+        notes=report.notes,
+        method=method,
+        seconds=seconds,
+        quantize=report,
+        speed=speed,
     )
+
+
+class Int8Stage:
+    """`--quantize int8` as a lossy stage (`onnxshrink.lossy`): `quantize_int8` with the
+    user's settings."""
+
+    name = "int8"
+    summary = "static int8 (QDQ) with calibration, within the error budget"
+
+    def run(
+        self,
+        model: onnx.ModelProto,
+        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        settings: StageSettings,
+    ) -> StageResult:
+        return quantize_int8(
+            model,
+            calibration,
+            method=settings.method,
+            target=settings.target,
+            exclude=settings.exclude,
+            max_error=settings.max_error,
+            provider=settings.provider,
+            progress=settings.progress,
+            check_speed=settings.check_speed,
+            calibration_batch=settings.calibration_batch,
+        )
+
+
+STAGE = Int8Stage()
 
 
 def _speed_aware(
@@ -455,42 +340,6 @@ def _speed_aware(
     return quantized, report, speed
 
 
-def speed_check(
-    float_model: onnx.ModelProto,
-    int8_model: onnx.ModelProto,
-    feed: Feed,
-    runs: int = SPEED_RUNS,
-    *,
-    weights_model: onnx.ModelProto | None = None,
-) -> SpeedCheck:
-    """Median ms per run of the models on ORT CPU, interleaved (module docstring, 5)."""
-    import onnxruntime as ort
-
-    def session(model: onnx.ModelProto):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-
-    models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
-    sessions = [session(m) for m in models]
-    names = [{i.name for i in s.get_inputs()} for s in sessions]
-    feeds = [{k: v for k, v in feed.items() if k in n} for n in names]
-    times: list[list[float]] = [[] for _ in sessions]
-    for s, f in zip(sessions, feeds, strict=True):  # warm-up: first runs allocate
-        s.run(None, f)
-        s.run(None, f)
-    for _ in range(runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
-            start = time.perf_counter()
-            s.run(None, f)
-            times[i].append((time.perf_counter() - start) * 1e3)
-    medians = [float(np.median(t)) for t in times]
-    return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
-
-
 def layer_decisions(
     model: onnx.ModelProto, target: str, report: QuantizeReport, budget: BudgetReport
 ) -> list[LayerDecision]:
@@ -508,84 +357,3 @@ def layer_decisions(
                 reason += "; weight stored int8"
             layers.append(LayerDecision(cand.name, cand.op, "float", reason, alone.get(cand.name)))
     return layers
-
-
-def held_out_check(
-    reference: Reference | onnx.ModelProto,
-    candidate: onnx.ModelProto,
-    feeds: Iterable[Feed],
-    *,
-    source: str,
-    held_out: bool,
-    float_outputs: Sequence[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    metric: TaskMetric | None = None,
-) -> HeldOutCheck:
-    """Judge a quantized model against the original on `feeds` (module docstring).
-
-    `float_outputs` names the outputs that count in the error (default: all); the error is the
-    budget's figure (`onnxshrink.measure`: per channel group, worst output). `metric` (a
-    user's task metric) is called on every batch and its mean reported. Never raises for ORT
-    failures: the check is then unverified, with the reason; a failing metric raises
-    UsageError.
-    """
-    noises: dict[str, OutputNoise] = {}
-
-    def observe(names: list[str], ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
-        for name, r, c in zip(names, ref, cand, strict=True):
-            if np.issubdtype(np.asarray(r).dtype, np.floating):
-                noises.setdefault(name, OutputNoise()).update(r, c)
-        if metric is not None:
-            metric.update(names, ref, cand)
-
-    parity = check_parity(
-        reference,
-        candidate,
-        feeds,
-        progress=progress,
-        labels=("original", "quantized"),
-        observe=observe,
-    )
-    check = HeldOutCheck(parity.samples, source, held_out, parity.verified, parity.reason)
-    if not parity.verified or not parity.outputs:
-        check.verified = False
-        check.reason = parity.reason or "no outputs compared"
-        return check
-    counted = set(float_outputs) if float_outputs is not None else None
-    errors = []
-    for o in parity.outputs:
-        floating = (counted is None or o.name in counted) and o.name in noises
-        nsr = noises[o.name].value() if o.name in noises else _nsr(o.snr_db)
-        check.outputs.append(
-            OutputError(o.name, o.cosine, o.snr_db, nsr, o.argmax_agreement, floating)
-        )
-        if floating:
-            errors.append(nsr)
-    check.error = max(errors) if errors else 0.0
-    if metric is not None:
-        check.metric, check.metric_value = metric.spec, metric.value
-    return check
-
-
-def _nsr(snr_db: float) -> float:
-    """sum (q - f)^2 / sum f^2 from SNR dB = 10 log10(sum f^2 / sum (q - f)^2)."""
-    if math.isinf(snr_db):
-        return 0.0 if snr_db > 0 else math.inf
-    if math.isnan(snr_db):
-        return math.nan
-    return 10.0 ** (-snr_db / 10.0)
-
-
-def float_output_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the graph outputs whose declared type is floating point."""
-    floating = {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
-    }
-    return [
-        o.name
-        for o in model.graph.output
-        if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in floating
-    ]

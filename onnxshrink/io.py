@@ -166,6 +166,30 @@ def _can_size(model: onnx.ModelProto) -> bool:
     return True
 
 
+def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` where every node has a name unique in the model.
+
+    An unnamed node becomes `<op_type>_<index>` (its position in its graph), suffixed `_1`,
+    `_2`, ... on a clash: lossy stages name units so, and their plans and reports use it.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    graphs = list(graph_protos(work.graph))
+    used = {n.name for g in graphs for n in g.node if n.name}
+    for graph in graphs:
+        for index, node in enumerate(graph.node):
+            if node.name:
+                continue
+            name = f"{node.op_type}_{index}"
+            suffix = 1
+            while name in used:
+                name = f"{node.op_type}_{index}_{suffix}"
+                suffix += 1
+            node.name = name
+            used.add(name)
+    return work
+
+
 def with_outputs(
     model: onnx.ModelProto, names: Iterable[str], elem_types: dict[str, int] | None = None
 ) -> onnx.ModelProto:

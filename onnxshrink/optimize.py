@@ -3,7 +3,8 @@
 1. Load the model (never modified); pin input shapes and raise the opset when asked.
 2. Rewrite with the lossless rules to a fixed point; check parity against the original (rtol
    bar), retrying with fewer weight rescalings when rounding breaks it.
-3. With `quantize="int8"`: quantize the lossless model (`onnxshrink.int8.quantize_int8`:
+3. With `quantize=NAME` (a lossy stage of `onnxshrink.rules.LOSSY_STAGES`: "int8", "fp16"):
+   run the stage on the lossless model (int8 is `onnxshrink.int8.quantize_int8`:
    calibration, QDQ placement within the error budget), then judge the quantized model against
    the original on the parity inputs (held-out when the user gives them) with cosine, SNR,
    noise-to-signal ratio and argmax agreement. Over the budget there: a warning note, no
@@ -26,18 +27,18 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.calibration import DEFAULT_BATCH
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
-from onnxshrink.int8 import (
+from onnxshrink.int8 import check_settings
+from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
+from onnxshrink.lossy import (
     HOW_TO_CALIBRATE,
     HeldOutCheck,
-    Int8Result,
     StagedProgress,
+    StageResult,
+    StageSettings,
     as_calibration_data,
-    check_settings,
     float_output_names,
     held_out_check,
-    quantize_int8,
 )
-from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
 from onnxshrink.measure import TaskMetric, load_metric
 from onnxshrink.parity import (
     DEFAULT_ATOL,
@@ -102,9 +103,10 @@ class ModelSummary:
 class OptimizeResult:
     """Everything `optimize` learned; the CLI renders it as a table.
 
-    With `quantize="int8"`, `model`/`after` are the quantized model, `parity` is the lossless
-    stage's check, `quantization` what quantization did and `quantized_parity` the check of the
-    quantized model against the original (None with `verify=False`).
+    With a lossy stage (`quantize="int8"`, "fp16", ...), `model`/`after` are its model,
+    `parity` is the lossless stage's check, `quantization` what the stage did and
+    `quantized_parity` the check of its model against the original (None with
+    `verify=False`).
     """
 
     model: onnx.ModelProto
@@ -115,7 +117,7 @@ class OptimizeResult:
     output_path: Path | None
     seconds: float
     notes: list[str] = field(default_factory=list)
-    quantization: Int8Result | None = None
+    quantization: StageResult | None = None
     quantized_parity: HeldOutCheck | None = None
 
 
@@ -337,13 +339,15 @@ def optimize(
     """
     start = time.perf_counter()
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    stage = None
     if quantize is not None:
-        if quantize != "int8":
-            raise UsageError(f"--quantize {quantize!r}: only int8 is supported")
+        from onnxshrink.rules import lossy_stage
+
+        stage = lossy_stage(quantize)
         if calibration_data is None or (
             isinstance(calibration_data, (str, Path)) and not str(calibration_data).strip()
         ):
-            raise UsageError(f"--quantize int8 needs calibration data: {HOW_TO_CALIBRATE}")
+            raise UsageError(f"--quantize {quantize} needs calibration data: {HOW_TO_CALIBRATE}")
         check_settings(
             method=calibration_method,
             target=target,
@@ -438,21 +442,20 @@ def optimize(
 
     final = rewritten
     quantization = quantized_parity = None
-    if calibration is not None:
-        quantization = quantize_int8(
-            rewritten,
-            calibration,
-            method=calibration_method,
+    if stage is not None and calibration is not None:
+        settings = StageSettings(
             target=target,
             exclude=exclude,
             max_error=max_error,
-            provider=calibration_provider,
-            progress=progress,
-            check_speed=check_speed,
             calibration_batch=calibration_batch,
+            method=calibration_method,
+            provider=calibration_provider,
+            check_speed=check_speed,
+            progress=progress,
         )
+        quantization = stage.run(rewritten, calibration, settings)
         final = quantization.model
-        notes.extend(quantization.quantize.notes)
+        notes.extend(quantization.notes)
         if quantization.synthetic:
             notes.append(
                 "calibrated on random inputs (--calibration-data random): activation ranges "

@@ -100,6 +100,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.errors import UsageError
+from onnxshrink.io import named_copy
 from onnxshrink.schemes import INT8_WEIGHT
 from onnxshrink.shapes import convert_opset, default_opset
 from onnxshrink.targets import PROFILES, TargetProfile, target_profile
@@ -397,23 +398,8 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
 
 
 def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` where every node has a name unique in the model."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    graphs = list(_all_graphs(work.graph))
-    used = {n.name for g in graphs for n in g.node if n.name}
-    for graph in graphs:
-        for index, node in enumerate(graph.node):
-            if node.name:
-                continue
-            name = f"{node.op_type}_{index}"
-            suffix = 1
-            while name in used:
-                name = f"{node.op_type}_{index}_{suffix}"
-                suffix += 1
-            node.name = name
-            used.add(name)
-    return work
+    """A copy with every node named (`onnxshrink.io.named_copy`)."""
+    return named_copy(model)
 
 
 def _check_selection(model: onnx.ModelProto, nodes: set[str] | None) -> None:

@@ -373,8 +373,9 @@ def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
     budget = _get(quant, "budget")
     qreport = _get(quant, "quantize")
     layers = [_layer_dict(layer) for layer in _get(quant, "layers", []) or []]
-    kept = [layer for layer in layers if layer["precision"] != "int8"]
+    kept = [layer for layer in layers if layer["precision"] == "float"]
     data: dict[str, Any] = {
+        "stage": _get(quant, "stage") or "int8",
         "target": _get(quant, "target"),
         "method": _get(quant, "method"),
         "calibration": _get(quant, "calibration"),
@@ -462,7 +463,7 @@ def _quantization_lines(q: Mapping[str, Any]) -> list[str]:
         f"{len(q['weight_only'])} of them with int8 weights; bias correction on "
         f"{len(q['bias_corrected'])} layer(s).",
         "Error on calibration samples (output noise-to-signal ratio of the worst channel "
-        f"group): full int8 {_num(b['full_error'], 'float')} \u2192 final "
+        f"group): full {q['stage']} {_num(b['full_error'], 'float')} \u2192 final "
         f"{_num(b['final_error'], 'float')}, budget {_num(b['max_error'], 'float')} "
         f"({b['sessions']} ORT session(s)).",
     ]
@@ -489,10 +490,10 @@ def _quantization_lines(q: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _held_out_text(check: Mapping[str, Any]) -> str:
+def _held_out_text(check: Mapping[str, Any], stage: str = "int8") -> str:
     kind = "held-out data" if check["held_out"] else "data that is NOT held out"
     return (
-        f"The int8 model against the original on {check['source']} ({kind}, "
+        f"The {stage} model against the original on {check['source']} ({kind}, "
         f"{check['samples']} run(s)): noise-to-signal {_num(check['error'], 'float')} (worst "
         "channel group)"
         + (
@@ -1094,7 +1095,7 @@ def render_html(
     # int8 quantization.
     quant = d["quantization"]
     if quant is not None:
-        body.append('<section id="quantization"><h2>int8 quantization</h2>')
+        body.append(f'<section id="quantization"><h2>{_e(quant["stage"])} quantization</h2>')
         if quant["synthetic"]:
             body.append(f'<p class="warn">{_e(_SYNTHETIC_WARNING)}</p>')
         body.extend(f"<p>{_e(line)}</p>" for line in _quantization_lines(quant))
@@ -1120,20 +1121,24 @@ def render_html(
             )
         check = quant["held_out_check"]
         if check is None:
-            body.append('<p class="warn">The int8 model was not checked (--no-verify).</p>')
+            body.append(
+                f'<p class="warn">The {_e(quant["stage"])} model was not checked (--no-verify).</p>'
+            )
         elif not check["verified"]:
             body.append(
-                f'<p class="warn">The int8 model could not be checked: {_e(check["reason"])}</p>'
+                f'<p class="warn">The {_e(quant["stage"])} model could not be checked: '
+                f"{_e(check['reason'])}</p>"
             )
         else:
             cls = "" if check["held_out"] else ' class="warn"'
-            body.append(f"<p{cls}>{_e(_held_out_text(check))}</p>")
+            body.append(f"<p{cls}>{_e(_held_out_text(check, quant['stage']))}</p>")
             body.append(
                 _table(
                     _HELD_OUT_HEADERS,
                     _held_out_rows(check, _e),
                     table_id="held-out-table",
-                    caption="NSR = sum (int8 \u2212 fp32)\u00b2 / sum fp32\u00b2 over all samples",
+                    caption="NSR = sum (result \u2212 fp32)\u00b2 / sum fp32\u00b2 of the worst "
+                    "channel group, over all samples",
                     name_cols=(0,),
                 )
             )
@@ -1423,7 +1428,7 @@ def render_markdown(
         out.append(_md_table(headers, rows))
     quant = d["quantization"]
     if quant is not None:
-        out += ["", "## int8 quantization", ""]
+        out += ["", f"## {quant['stage']} quantization", ""]
         if quant["synthetic"]:
             out += [f"**Warning:** {_md(_SYNTHETIC_WARNING)}", ""]
         for line in _quantization_lines(quant):
@@ -1456,11 +1461,11 @@ def render_markdown(
             out.append("")
         check = quant["held_out_check"]
         if check is None:
-            out.append("The int8 model was not checked (--no-verify).")
+            out.append(f"The {quant['stage']} model was not checked (--no-verify).")
         elif not check["verified"]:
-            out.append(f"The int8 model could not be checked: {_md(check['reason'])}")
+            out.append(f"The {quant['stage']} model could not be checked: {_md(check['reason'])}")
         else:
-            out += [_md(_held_out_text(check)), ""]
+            out += [_md(_held_out_text(check, quant["stage"])), ""]
             out.append(_md_table(_HELD_OUT_HEADERS, _held_out_rows(check, _md)))
     bench_d = d["bench"]
     if bench_d is not None:

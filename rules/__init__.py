@@ -5,6 +5,10 @@ Nothing registers itself on import: to add a rule, write it in its module and li
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from onnxshrink import int8
+from onnxshrink.errors import UsageError
 from onnxshrink.passes import FunctionPass, Pass, Rule, RulePass
 from onnxshrink.rules import (
     constant_folding,
@@ -21,6 +25,9 @@ from onnxshrink.rules import (
     noop_elimination,
     pad_conv,
 )
+
+if TYPE_CHECKING:
+    from onnxshrink.lossy import LossyStage
 
 # Dead-layer removal. Order: constants become initializers first so that every later rule sees
 # weights as constants; no-ops go before folding so folding sees the real producers.
@@ -45,6 +52,20 @@ FUSION_RULES: list[Rule] = [
 ]
 
 
+# Lossy stages, by the name `optimize --quantize NAME` takes (`onnxshrink.lossy`). To add one,
+# write its module (a `PlannedStage` with `plan` and `materialize`, or a stage with its own
+# `run`) and list it here; the engine does not change. The order is the order of `--help`.
+LOSSY_STAGES: list[LossyStage] = [int8.STAGE]
+
+
+def lossy_stage(name: str) -> LossyStage:
+    """The stage called `name`; UsageError (one line) naming the known ones."""
+    stages = {stage.name: stage for stage in LOSSY_STAGES}
+    if name not in stages:
+        raise UsageError(f"--quantize {name!r}: expected one of {', '.join(stages)}")
+    return stages[name]
+
+
 def lossless_passes() -> list[Pass]:
     """The default pipeline of `onnxshrink optimize`, run by a PassManager to a fixed point."""
     return [
@@ -58,4 +79,4 @@ def lossless_passes() -> list[Pass]:
     ]
 
 
-__all__ = ["CLEANUP_RULES", "FUSION_RULES", "lossless_passes"]
+__all__ = ["CLEANUP_RULES", "FUSION_RULES", "LOSSY_STAGES", "lossless_passes", "lossy_stage"]

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import onnxshrink
 from onnxshrink.cli import app
 from onnxshrink.errors import UsageError
-from onnxshrink.int8 import held_out_check, quantize_int8
+from onnxshrink.int8 import quantize_int8
+from onnxshrink.lossy import SPEED_RUNS, held_out_check
 from tests.helpers import histogram, make_model
 
 # Two Convs, a depthwise Conv (kept float by rule) and a Gemm: large enough weights to quantize.
@@ -182,7 +183,7 @@ def test_optimize_int8_needs_calibration_data(tmp_path, net_files):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"quantize": "int4", "calibration_data": "random"}, "only int8"),
+        ({"quantize": "int4", "calibration_data": "random"}, "--quantize .int4.: expected one of int8"),
         ({"quantize": "int8", "calibration_data": "random", "calibration_method": "x"}, "method"),
     ],
 )
@@ -293,7 +294,7 @@ def test_cli_int8_random_prints_warning(tmp_path, net_files):
     [
         (["--quantize", "int8"], "--calibration-data"),
         (["--quantize", "int8", "--calibration-data", "absent.npz"], "no such file"),
-        (["--quantize", "fp16", "--calibration-data", "random"], "only int8"),
+        (["--quantize", "int3", "--calibration-data", "random"], "--quantize 'int3': expected one of"),
         (
             ["--quantize", "int8", "--calibration-data", "random", "--calibration-method", "x"],
             "--calibration-method",
@@ -346,7 +347,7 @@ def test_speed_aware_placement_keeps_int8_compute_only_when_faster(monkeypatch, 
     monkeypatch.setattr(int8_module, "SPEED_MARGIN", -100.0)
     result = quantize_int8(build_net(), calib, max_error=1.0)
     speed = result.speed
-    assert speed is not None and speed.runs == int8_module.SPEED_RUNS
+    assert speed is not None and speed.runs == SPEED_RUNS
     assert speed.float_ms > 0 and speed.int8_ms > 0 and speed.weights_ms > 0
     assert speed.chosen == "weights" and speed.result_ms == speed.weights_ms
     assert result.quantized == [] and result.quantize.weight_only  # float compute, int8 weights

@@ -1,0 +1,522 @@
+"""Lossy stages: the engine every lossy rule module runs on (int8, fp16; int4 and pruning next).
+
+A lossy stage changes numbers, so it is a *plan* and its *materialization*, chosen within an
+error budget and verified on held-out data. The stage modules live in `rules/` beside the
+lossless rules and are listed in `onnxshrink.rules.LOSSY_STAGES`; the engine here never
+needs editing to add one.
+
+1. The contract. A stage has a `name` (the value of `--quantize`), a one-line `summary`, and
+   `run(model, calibration, settings) -> StageResult`. A stage built on `PlannedStage` only
+   writes `plan` and `materialize`, and inherits `run` (3):
+   a. `plan(model, profile, exclude) -> Plan`: every unit (layer) the stage could change on
+      this target, with what it would do to it, and every unit it declines with the reason
+      ("excluded by 'Conv'", "not a default-domain op", ...);
+   b. `materialize(model, plan) -> (model, notes)`: the model with the plan applied.
+   A stage with more to do (int8: statistics, bias correction, a speed check) writes its own
+   `run` from the same parts.
+2. Data (`as_calibration_data`): calibration samples from any source users bring (an .npz of
+   N samples along axis 0, a folder, a loader script, `random`, a list of feed dicts), cut
+   into runs of at most `calibration_batch` samples and streamed.
+3. The generic run (`PlannedStage.run`):
+   a. the model's nodes are named once (`onnxshrink.io.named_copy`), so plans name units;
+   b. the float model's outputs on the first `sensitivity.DEFAULT_SAMPLES` calibration
+      samples are the reference (`sensitivity.ErrorReference`);
+   c. the full plan is materialized and measured (`onnxshrink.measure`'s figure: the worst
+      channel group's noise-to-signal ratio); over `max_error`, each unit is measured alone
+      (`budget.rank`) and the fewest most sensitive units are declined
+      (`budget.decline_fewest`) until the budget holds;
+   d. the result: the model, the plan as materialized, every unit's decision, the budget's
+      figures and the time each phase took.
+4. The target profile (`onnxshrink.targets`) says what the runtime accepts; stages read it
+   instead of comparing target names.
+5. `held_out_check` judges any stage's model against the original on held-out feeds, with
+   the budget's figure per output, cosine, SNR, argmax agreement and a user's task metric.
+6. `speed_check` times models against each other on ORT CPU, interleaved in one process
+   (medians), for stages that choose between layouts by speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import onnx
+
+from onnxshrink.budget import decline_fewest, rank
+from onnxshrink.calibration import DEFAULT_BATCH, CalibrationData, calibration_feeds
+from onnxshrink.errors import UsageError
+from onnxshrink.io import named_copy
+from onnxshrink.measure import OutputNoise, TaskMetric
+from onnxshrink.parity import (
+    Reference,
+    check_parity,
+    declared_batches,
+    feed_samples,
+    split_feed,
+)
+from onnxshrink.sensitivity import (
+    DEFAULT_MAX_ERROR,
+    DEFAULT_SAMPLES,
+    RANKING_SAMPLES,
+    BudgetReport,
+    ErrorReference,
+    LayerError,
+)
+from onnxshrink.targets import TargetProfile, target_profile
+
+if TYPE_CHECKING:
+    from onnxshrink.quantize import QuantizeReport
+
+logger = logging.getLogger(__name__)
+
+#: progress(stage, done, total): the phase ("calibration", "sensitivity", ...); total 0 if unknown
+StagedProgress = Callable[[str, int, int], None]
+Feed = dict[str, np.ndarray]
+
+HOW_TO_CALIBRATE = "--calibration-data calib.npz | folder | loader.py[:fn] | random"
+#: timed runs per model in the speed check (module docstring, 6)
+SPEED_RUNS = 20
+
+
+@dataclass
+class Plan:
+    """What a lossy stage will do (module docstring, 1a): units it applies to, with what, and
+    units it declines, with why."""
+
+    stage: str
+    target: str
+    applied: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+
+    def declining(self, reasons: Mapping[str, str]) -> Plan:
+        """This plan with the units of `reasons` moved to the declined ones."""
+        applied = {u: what for u, what in self.applied.items() if u not in reasons}
+        declined = dict(self.declined)
+        declined.update((u, r) for u, r in reasons.items() if u in self.applied)
+        return Plan(self.stage, self.target, applied, declined)
+
+    def only(self, unit: str) -> Plan:
+        """This plan with every applied unit but `unit` declined (the unit measured alone)."""
+        return self.declining({u: "not the unit measured" for u in self.applied if u != unit})
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the user asked of a lossy stage (the `optimize` options it reads)."""
+
+    target: str = "ort-cpu"
+    exclude: tuple[str, ...] = ()
+    max_error: float = DEFAULT_MAX_ERROR
+    calibration_batch: int = DEFAULT_BATCH
+    method: str = "percentile"
+    provider: str = "cpu"
+    check_speed: bool = True
+    progress: StagedProgress | None = None
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """One unit of a lossy stage (a layer): changed or kept as it was, and why.
+
+    `precision` is what the unit computes in: the stage's ("int8", "float16") or "float".
+    `error` is the output error with this unit changed alone, when the ranking ran.
+    """
+
+    name: str
+    op: str
+    precision: str
+    reason: str | None = None
+    error: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """Held-out figures of one output: quantized model against the original."""
+
+    name: str
+    cosine: float
+    snr_db: float
+    nsr: float
+    argmax_agreement: float | None = None
+    floating: bool = True
+
+
+@dataclass
+class HeldOutCheck:
+    """`held_out_check`'s result. `error` is the budget's figure: the worst float output's
+    per-group NSR (`onnxshrink.measure`).
+
+    `held_out` is False when the feeds were generated or are the calibration data itself;
+    `source` says where they came from. `verified` is False when a model could not run (then
+    `reason` says why and there are no figures).
+    """
+
+    samples: int
+    source: str
+    held_out: bool
+    verified: bool = True
+    reason: str | None = None
+    outputs: list[OutputError] = field(default_factory=list)
+    error: float = 0.0
+    #: the user's task metric (`--metric`) and its mean over the held-out batches
+    metric: str | None = None
+    metric_value: float | None = None
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    """Median ms per run on ORT CPU (`speed_check`): the float model, the stage's compute
+    (int8), and float compute with int8 weights (None when there was no such candidate);
+    `chosen` is "int8" or "weights".
+    """
+
+    float_ms: float
+    int8_ms: float
+    runs: int
+    weights_ms: float | None = None
+    chosen: str = "int8"
+
+    @property
+    def result_ms(self) -> float:
+        return self.weights_ms if self.chosen == "weights" and self.weights_ms else self.int8_ms
+
+    @property
+    def ratio(self) -> float:
+        """The result's time over the float model's."""
+        return self.result_ms / self.float_ms if self.float_ms > 0 else math.inf
+
+
+@dataclass
+class StageResult:
+    """What a lossy stage did (module docstring, 3d); int8 fills its own fields too."""
+
+    stage: str
+    model: onnx.ModelProto
+    target: str
+    calibration: str
+    feeds: int
+    synthetic: bool
+    budget: BudgetReport
+    layers: list[LayerDecision] = field(default_factory=list)
+    #: seconds per phase, e.g. "statistics", "sensitivity", "speed check"
+    timings: dict[str, float] = field(default_factory=dict)
+    #: calibration samples (0 when the source did not say) and the run size they were cut to
+    samples: int = 0
+    batch: int = DEFAULT_BATCH
+    notes: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    #: int8: the calibration method, the statistics pass's seconds, QDQ report, speed check
+    method: str | None = None
+    seconds: float = 0.0
+    quantize: QuantizeReport | None = None
+    speed: SpeedCheck | None = None
+
+    @property
+    def quantized(self) -> list[LayerDecision]:
+        """The units changed by the stage."""
+        return [layer for layer in self.layers if layer.precision != "float"]
+
+    @property
+    def kept_float(self) -> list[LayerDecision]:
+        """The units left as they were, each with its reason."""
+        return [layer for layer in self.layers if layer.precision == "float"]
+
+
+class LossyStage(Protocol):
+    """The contract of a lossy stage (module docstring, 1)."""
+
+    name: str
+    summary: str
+
+    def run(
+        self,
+        model: onnx.ModelProto,
+        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        settings: StageSettings,
+    ) -> StageResult: ...
+
+
+class PlannedStage:
+    """A stage written as `plan` + `materialize`; `run` is the engine's (module docstring, 3)."""
+
+    name = ""
+    summary = ""
+    #: what an applied unit computes in, for the layer table ("float16", "int8")
+    precision = ""
+
+    def plan(self, model: onnx.ModelProto, profile: TargetProfile, exclude: Sequence[str]) -> Plan:
+        raise NotImplementedError
+
+    def materialize(self, model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, list[str]]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        model: onnx.ModelProto,
+        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        settings: StageSettings,
+    ) -> StageResult:
+        """Plan, budget, materialize (module docstring, 3); `model` is kept."""
+        profile = target_profile(settings.target)
+        progress = settings.progress
+        timings: dict[str, float] = {}
+        model = named_copy(model)  # 3a
+        data = as_calibration_data(calibration, model, settings.calibration_batch)
+        start = time.perf_counter()
+        reference = ErrorReference.from_model(model, data, DEFAULT_SAMPLES)  # 3b
+        timings["reference"] = time.perf_counter() - start
+        plan = self.plan(model, profile, settings.exclude)
+        budget = BudgetReport(max_error=settings.max_error)
+        start = time.perf_counter()
+
+        def measure(candidate: onnx.ModelProto, what: str, limit: int | None = None) -> float:
+            budget.sessions += 1
+            return reference.error(candidate, what, limit)
+
+        full, notes = self.materialize(model, plan)  # 3c
+        budget.full_error = budget.final_error = measure(full, f"{self.name}: every unit")
+        budget.steps.append((0, budget.full_error))
+        chosen, chosen_plan = full, plan
+        if budget.full_error > settings.max_error and plan.applied:
+            units = list(plan.applied)
+            ranked = rank(
+                units,
+                lambda unit: self.materialize(model, plan.only(unit))[0],
+                lambda built, unit: measure(built, f"{unit} alone", RANKING_SAMPLES),
+                None if progress is None else (lambda d, t: progress("sensitivity", d, t)),
+            )
+            errors = dict(ranked)
+            ops = {n.name: n.op_type for n in model.graph.node}
+            budget.ranking = [LayerError(u, ops.get(u, ""), e) for u, e in ranked]
+
+            def declined(units: Sequence[str]) -> Plan:
+                return plan.declining({u: f"sensitive: error {errors[u]:.3g} alone" for u in units})
+
+            built_notes: dict[int, list[str]] = {}
+
+            def build(units: Sequence[str]) -> onnx.ModelProto:
+                built, built_note = self.materialize(model, declined(units))
+                built_notes[id(built)] = built_note
+                return built
+
+            def error(built: onnx.ModelProto, k: int) -> float:
+                value = measure(built, f"{k} unit(s) declined")
+                budget.steps.append((k, value))
+                return value
+
+            search = decline_fewest([u for u, _ in ranked], build, error, settings.max_error)
+            kept = [u for u, _ in ranked][: search.k]
+            budget.kept_float = {u: errors[u] for u in kept}
+            chosen_plan = declined(kept)
+            if search.built is not None:
+                chosen, budget.final_error = search.built, search.error
+            else:  # even every unit declined fails: nothing changes
+                chosen_plan = plan.declining(
+                    {u: f"sensitive: error {errors[u]:.3g} alone" for u in plan.applied}
+                )
+                chosen, budget.final_error = model, 0.0
+            notes = built_notes.get(id(search.built), []) if search.built is not None else []
+        timings["sensitivity"] = time.perf_counter() - start
+        logger.info(
+            "%s: error %.4g -> %.4g, %d unit(s) declined for accuracy (%d sessions, %.1f s)",
+            self.name,
+            budget.full_error,
+            budget.final_error,
+            len(budget.kept_float),
+            budget.sessions,
+            timings["sensitivity"],
+        )
+        ops = {n.name: n.op_type for n in model.graph.node}
+        alone = {e.name: e.error for e in budget.ranking}
+        layers = [
+            LayerDecision(u, ops.get(u, ""), self.precision, None, alone.get(u))
+            for u in chosen_plan.applied
+        ] + [
+            LayerDecision(u, ops.get(u, ""), "float", reason, alone.get(u))
+            for u, reason in chosen_plan.declined.items()
+        ]
+        return StageResult(
+            stage=self.name,
+            model=chosen,
+            target=profile.name,
+            calibration=data.source,
+            feeds=len(reference.feeds),
+            synthetic=bool(data.synthetic),
+            budget=budget,
+            layers=layers,
+            timings=timings,
+            samples=data.samples,
+            batch=settings.calibration_batch,
+            notes=notes,
+            plan=chosen_plan,
+        )
+
+
+def speed_check(
+    float_model: onnx.ModelProto,
+    int8_model: onnx.ModelProto,
+    feed: Feed,
+    runs: int = SPEED_RUNS,
+    *,
+    weights_model: onnx.ModelProto | None = None,
+) -> SpeedCheck:
+    """Median ms per run of the models on ORT CPU, interleaved (module docstring, 6).
+
+    Two warm-up runs each (first runs allocate), then `runs` rounds that run every model
+    once; intra-op spinning off, so that one session's idle threads do not slow the next.
+    """
+    import onnxruntime as ort
+
+    def session(model: onnx.ModelProto):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+
+    models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
+    sessions = [session(m) for m in models]
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    feeds = [{k: v for k, v in feed.items() if k in n} for n in names]
+    times: list[list[float]] = [[] for _ in sessions]
+    for s, f in zip(sessions, feeds, strict=True):  # warm-up: first runs allocate
+        s.run(None, f)
+        s.run(None, f)
+    for _ in range(runs):
+        for i, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
+            start = time.perf_counter()
+            s.run(None, f)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    medians = [float(np.median(t)) for t in times]
+    return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
+
+
+def as_calibration_data(
+    calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+    model: onnx.ModelProto,
+    max_batch: int = DEFAULT_BATCH,
+) -> CalibrationData:
+    """The feeds of `calibration` (module docstring, 2); UsageError saying how to give them.
+
+    Every source is cut into runs of at most `max_batch` samples where the model's batch dim
+    is dynamic (`calibration.calibration_feeds`); a `CalibrationData` is used as it is.
+    """
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    if not (isinstance(max_batch, int) and max_batch >= 1):
+        raise UsageError(f"--calibration-batch {max_batch}: must be at least 1")
+    if isinstance(calibration, (str, Path)):
+        return calibration_feeds(calibration, model, max_batch=max_batch)
+    if calibration is None:
+        raise UsageError(f"a lossy stage needs calibration data: {HOW_TO_CALIBRATE}")
+    declared = declared_batches(model)
+    feeds = [run for feed in calibration for run in split_feed(dict(feed), declared, max_batch)]
+    if not feeds:
+        raise UsageError(f"calibration data holds no feeds: {HOW_TO_CALIBRATE}")
+    samples = sum(feed_samples(f, declared) for f in feeds)
+    return CalibrationData("feeds", lambda: iter(feeds), len(feeds), samples=samples)
+
+
+class _Counted:
+    """Iterates `data` and remembers how many feeds the last pass yielded."""
+
+    def __init__(self, data: CalibrationData) -> None:
+        self.data = data
+        self.count = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[Feed]:
+        self.count = 0
+        for feed in self.data:
+            self.count += 1
+            yield feed
+
+
+def held_out_check(
+    reference: Reference | onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feeds: Iterable[Feed],
+    *,
+    source: str,
+    held_out: bool,
+    float_outputs: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    metric: TaskMetric | None = None,
+) -> HeldOutCheck:
+    """Judge a lossy stage's model against the original on `feeds` (module docstring, 5).
+
+    `float_outputs` names the outputs that count in the error (default: all); the error is the
+    budget's figure (`onnxshrink.measure`: per channel group, worst output). `metric` (a
+    user's task metric) is called on every batch and its mean reported. Never raises for ORT
+    failures: the check is then unverified, with the reason; a failing metric raises
+    UsageError.
+    """
+    noises: dict[str, OutputNoise] = {}
+
+    def observe(names: list[str], ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
+        for name, r, c in zip(names, ref, cand, strict=True):
+            if np.issubdtype(np.asarray(r).dtype, np.floating):
+                noises.setdefault(name, OutputNoise()).update(r, c)
+        if metric is not None:
+            metric.update(names, ref, cand)
+
+    parity = check_parity(
+        reference,
+        candidate,
+        feeds,
+        progress=progress,
+        labels=("original", "quantized"),
+        observe=observe,
+    )
+    check = HeldOutCheck(parity.samples, source, held_out, parity.verified, parity.reason)
+    if not parity.verified or not parity.outputs:
+        check.verified = False
+        check.reason = parity.reason or "no outputs compared"
+        return check
+    counted = set(float_outputs) if float_outputs is not None else None
+    errors = []
+    for o in parity.outputs:
+        floating = (counted is None or o.name in counted) and o.name in noises
+        nsr = noises[o.name].value() if o.name in noises else _nsr(o.snr_db)
+        check.outputs.append(
+            OutputError(o.name, o.cosine, o.snr_db, nsr, o.argmax_agreement, floating)
+        )
+        if floating:
+            errors.append(nsr)
+    check.error = max(errors) if errors else 0.0
+    if metric is not None:
+        check.metric, check.metric_value = metric.spec, metric.value
+    return check
+
+
+def _nsr(snr_db: float) -> float:
+    """sum (q - f)^2 / sum f^2 from SNR dB = 10 log10(sum f^2 / sum (q - f)^2)."""
+    if math.isinf(snr_db):
+        return 0.0 if snr_db > 0 else math.inf
+    if math.isnan(snr_db):
+        return math.nan
+    return 10.0 ** (-snr_db / 10.0)
+
+
+def float_output_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph outputs whose declared type is floating point."""
+    floating = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+    return [
+        o.name
+        for o in model.graph.output
+        if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in floating
+    ]
