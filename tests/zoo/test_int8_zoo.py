@@ -66,7 +66,7 @@ def test_rec_int8_reads_like_fp32_and_is_small() -> None:
     lossless = onnxshrink.optimize(source, None, input_shapes={"x": [1, 3, 48, 320]}).model
     result = quantize_int8(lossless, data.feeds_for(name, "calib", 32), check_speed=False)
     assert result.budget.within_budget
-    assert result.quantize.bias_corrected  # bias correction is on by default
+    assert result.quantize is not None and result.quantize.bias_corrected  # on by default
     x, truth = data.rec_lines(name, "eval", 64)
     classes = data.ctc_classes(name)
 
