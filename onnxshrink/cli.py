@@ -472,7 +472,11 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
     elif not parity.verified:
         out.print(f"[yellow]parity not verified: {parity.reason}[/yellow]")
     else:
-        stage = " (lossless stage, before int8)" if result.quantization is not None else ""
+        stage = (
+            f" (lossless stage, before {result.quantization.stage})"
+            if result.quantization is not None
+            else ""
+        )
         out.print(
             f"parity vs original{stage}: ONNX Runtime CPU, {parity.samples} input sample(s), "
             f"rtol {parity.rtol:g}"

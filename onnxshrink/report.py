@@ -1053,7 +1053,11 @@ def render_html(
         body.append("</ul></section>")
 
     # Parity.
-    stage = " (lossless stage, before int8)" if d["quantization"] is not None else ""
+    stage = (
+        f" (lossless stage, before {d['quantization']['stage']})"
+        if d["quantization"] is not None
+        else ""
+    )
     body.append(f'<section id="parity"><h2>Parity with the original{stage}</h2>')
     if not parity["checked"]:
         body.append('<p class="warn">Parity was not checked (--no-verify).</p>')
@@ -1394,7 +1398,11 @@ def render_markdown(
     if d["notes"]:
         out += ["", "## Notes", ""]
         out += [f"- {_md(n)}" for n in d["notes"]]
-    stage = " (lossless stage, before int8)" if d["quantization"] is not None else ""
+    stage = (
+        f" (lossless stage, before {d['quantization']['stage']})"
+        if d["quantization"] is not None
+        else ""
+    )
     out += ["", f"## Parity with the original{stage}", ""]
     if not parity["checked"]:
         out.append("Parity was not checked (--no-verify).")

@@ -15,6 +15,7 @@ from onnxshrink.rules import (
     cse,
     dead_code,
     dedup_initializers,
+    float16,
     fold_batchnorm,
     fold_conv_affine,
     gelu,
@@ -55,7 +56,7 @@ FUSION_RULES: list[Rule] = [
 # Lossy stages, by the name `optimize --quantize NAME` takes (`onnxshrink.lossy`). To add one,
 # write its module (a `PlannedStage` with `plan` and `materialize`, or a stage with its own
 # `run`) and list it here; the engine does not change. The order is the order of `--help`.
-LOSSY_STAGES: list[LossyStage] = [int8.STAGE]
+LOSSY_STAGES: list[LossyStage] = [int8.STAGE, float16.STAGE]
 
 
 def lossy_stage(name: str) -> LossyStage:
