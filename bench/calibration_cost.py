@@ -50,7 +50,7 @@ def _lossless(name: str):
 
 def _statistics(model, folder: Path, method: str) -> int:
     from onnxshrink.calibration import calibration_feeds, collect_statistics
-    from onnxshrink.quantize import activation_tensors, bias_correction_axes
+    from onnxshrink.rules.qdq import activation_tensors, bias_correction_axes
 
     feeds = calibration_feeds(folder, model)
     stats = collect_statistics(

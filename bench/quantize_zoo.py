@@ -17,7 +17,7 @@ of producing a model:
    `op_types_to_quantize=[Conv, MatMul, Gemm]`, `per_channel=True`, Percentile calibration,
    uint8 activations (the docstring's advice for x86 with VNNI) and every depthwise Conv
    (group == C_in, found from the weights, not from names) in `nodes_to_exclude`.
-5. `onnxshrink int8`: the lossless result through `onnxshrink.int8.quantize_int8`, exactly what
+5. `onnxshrink int8`: the lossless result through `onnxshrink.rules.int8.quantize_int8`, exactly what
    `onnxshrink optimize --quantize int8` runs: statistics from the calibration feeds
    (`--method`, default percentile), bias correction, the default error budget (the most
    sensitive layers stay float; notes: how many, and the output error of the fully quantized
@@ -190,7 +190,7 @@ def _produce(row: str, job: dict) -> dict:
             onnx.save(result.model, str(out))
             return notes
         # exactly what `onnxshrink optimize --quantize int8` runs on the lossless model
-        from onnxshrink.int8 import quantize_int8
+        from onnxshrink.rules.int8 import quantize_int8
 
         method = job["method"]
         int8 = quantize_int8(result.model, str(calib), method=method, target="ort-cpu")

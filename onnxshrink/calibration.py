@@ -76,10 +76,14 @@ Collecting (`collect_ranges`):
     Histograms grow as ranges grow, so every method needs a single pass over the data.
 11. `collect_statistics` also keeps, for the tensors asked, a `ChannelMeanObserver`: a float64
     sum per channel and a count, updated from the same arrays in the same pass (what bias
-    correction needs: `onnxshrink.quantize`, case 7).
+    correction needs: `onnxshrink.rules.qdq`, case 7).
 12. With `on_run`, the session also fetches the model's own graph outputs, and hands each feed
     and its outputs to the hook: the error budget (`onnxshrink.sensitivity.ErrorReference`)
     keeps the first few as its reference instead of running the float model a second time.
+13. `channel_ranges` keeps, per tensor asked, the min and max of every channel of the last
+    axis (`ChannelRangeObserver`): what activation smoothing needs (`onnxshrink.rules.int8`), and
+    what gives the range of a smoothed tensor `x / s` without a second pass:
+    `[min_c lo_c / s_c, max_c hi_c / s_c]`.
 """
 
 from __future__ import annotations
@@ -88,8 +92,8 @@ import importlib.util
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +440,47 @@ class ChannelMeanObserver:
             return None
         return self.sum / self.count
 
+    def reset(self) -> None:
+        self.sum, self.count = None, 0
+
+
+class ChannelRangeObserver:
+    """Streaming per-channel min and max along the last axis (docstring 13).
+
+    State: two float64 vectors. `update` takes any array whose last axis keeps its length
+    (a change is a programming error: ValueError); NaN/inf values are ignored.
+    """
+
+    def __init__(self) -> None:
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        x = np.asarray(array)
+        if x.ndim == 0 or x.size == 0:
+            return
+        rows = x.reshape(-1, x.shape[-1])
+        if not np.all(np.isfinite(rows)):
+            rows = np.where(np.isfinite(rows), rows, np.nan)
+        low = np.nanmin(rows, axis=0).astype(np.float64)
+        high = np.nanmax(rows, axis=0).astype(np.float64)
+        if self.low is None or self.high is None:
+            self.low, self.high = low, high
+        elif self.low.shape != low.shape:
+            raise ValueError(f"channel count changed: {self.low.shape[0]} -> {low.shape[0]}")
+        else:
+            self.low = np.fmin(self.low, low)
+            self.high = np.fmax(self.high, high)
+
+    def value(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(per-channel min, per-channel max), None when nothing was observed."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low, self.high
+
+    def reset(self) -> None:
+        self.low = self.high = None
+
 
 def qparams_for_range(
     lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False
@@ -705,10 +750,12 @@ def collect_ranges(
 
 @dataclass
 class CalibrationStats:
-    """What one calibration pass measured: ranges, and per-channel means where asked."""
+    """What one calibration pass measured: ranges, and per-channel means and ranges where
+    asked."""
 
     ranges: dict[str, tuple[float, float]]
     channel_means: dict[str, np.ndarray]
+    channel_ranges: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def collect_statistics(
@@ -722,6 +769,7 @@ def collect_statistics(
     *,
     symmetric: bool = False,
     mean_axes: Mapping[str, int] | None = None,
+    channel_ranges: Iterable[str] = (),
     on_run: RunHook | None = None,
 ) -> CalibrationStats:
     """As `collect_ranges`, plus the per-channel mean of each tensor in `mean_axes` (name ->
@@ -729,18 +777,24 @@ def collect_statistics(
     changes its channel count between feeds, gets no mean (logged), never an error.
     `on_run(feed, outputs)` gets each feed with the model's own graph outputs on it (docstring
     12), so a caller can keep the float model's reference outputs without running it again.
+    `channel_ranges` names tensors whose per-channel min and max along the last axis are kept
+    too (docstring 13).
     """
     means = {name: ChannelMeanObserver(axis) for name, axis in (mean_axes or {}).items()}
+    per_channel = {name: ChannelRangeObserver() for name in channel_ranges}
+    extra: dict[str, list[Any]] = {}
+    for name, obs in [*means.items(), *per_channel.items()]:
+        extra.setdefault(name, []).append(obs)
     observers = observe(
         model,
-        list(dict.fromkeys([*tensor_names, *means])),
+        list(dict.fromkeys([*tensor_names, *extra])),
         feeds,
         method,
         percentile,
         provider,
         progress,
         symmetric=symmetric,
-        also=means,
+        also=extra,
         on_run=on_run,
     )
     ranges = {name: obs.range() for name, obs in observers.items() if name in set(tensor_names)}
@@ -749,7 +803,10 @@ def collect_statistics(
         value = obs.mean()
         if value is not None:
             channel_means[name] = value
-    return CalibrationStats(ranges, channel_means)
+    found = {name: obs.value() for name, obs in per_channel.items()}
+    return CalibrationStats(
+        ranges, channel_means, {n: v for n, v in found.items() if v is not None}
+    )
 
 
 def observe(
@@ -762,16 +819,17 @@ def observe(
     progress: Progress | None = None,
     *,
     symmetric: bool = False,
-    also: Mapping[str, ChannelMeanObserver] | None = None,
+    also: Mapping[str, Sequence[Any]] | None = None,
     on_run: RunHook | None = None,
 ) -> dict[str, Observer]:
     """As `collect_ranges`, but returns the observers (for qparams or several methods' ranges).
 
     `also` maps tensor names (which must be among `tensor_names`) to extra observers updated
-    with the same arrays (per-channel means). `on_run(feed, outputs)` is called after each run
+    with the same arrays (per-channel means and ranges); one that fails on an array (a shape
+    without its axis) is dropped, with a log line. `on_run(feed, outputs)` is called after each run
     with the model's graph outputs (module docstring, 12).
     """
-    extra = dict(also or {})
+    extra = {name: list(sides) for name, sides in (also or {}).items()}
     make_observer(method, percentile, symmetric)  # validate before any work
     names = list(dict.fromkeys(tensor_names))
     inferred = infer_shapes(model)
@@ -813,14 +871,13 @@ def observe(
 
     def update(name: str, array: np.ndarray) -> None:
         observers[name].update(array)
-        side = extra.get(name)
-        if side is not None:
+        for side in list(extra.get(name, ())):
             try:
                 side.update(array)
             except (ValueError, np.exceptions.AxisError) as exc:
-                logger.info("calibration: no channel mean for %s: %s", name, exc)
-                side.sum, side.count = None, 0
-                del extra[name]
+                logger.info("calibration: no %s for %s: %s", type(side).__name__, name, exc)
+                side.reset()
+                extra[name].remove(side)
 
     for feed in feeds:
         for name in from_inputs:

@@ -221,6 +221,17 @@ def optimize(
             rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = None,
+    mask_input: Annotated[
+        str | None,
+        typer.Option(
+            "--mask-input",
+            metavar="INPUT|none",
+            help="An integer input whose zeros mark padded positions (shape [batch, seq]): "
+            "outputs at those positions are left out of every error figure. Default: an input "
+            "named attention_mask, if the model has one; 'none' counts every position.",
+            rich_help_panel="lossy stages (int8, fp16)",
+        ),
+    ] = None,
     calibration_provider: Annotated[
         str,
         typer.Option(
@@ -292,6 +303,7 @@ def optimize(
                 check_speed=not no_speed_check,
                 calibration_batch=calibration_batch,
                 metric=metric,
+                mask_input=mask_input,
                 progress=progress,
             )
         if bench:

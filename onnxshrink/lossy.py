@@ -52,7 +52,7 @@ from onnxshrink.budget import decline_fewest, rank
 from onnxshrink.calibration import DEFAULT_BATCH, CalibrationData, calibration_feeds
 from onnxshrink.errors import UsageError
 from onnxshrink.io import named_copy
-from onnxshrink.measure import OutputNoise, TaskMetric
+from onnxshrink.measure import OutputNoise, TaskMetric, mask_input
 from onnxshrink.parity import (
     Reference,
     check_parity,
@@ -71,7 +71,7 @@ from onnxshrink.sensitivity import (
 from onnxshrink.targets import TargetProfile, target_profile
 
 if TYPE_CHECKING:
-    from onnxshrink.quantize import QuantizeReport
+    from onnxshrink.rules.qdq import QuantizeReport
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class StageSettings:
     provider: str = "cpu"
     check_speed: bool = True
     progress: StagedProgress | None = None
+    #: the input masking padded positions: a name, "none", or None to find the convention's
+    mask_input: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ class PlannedStage:
         data = as_calibration_data(calibration, model, settings.calibration_batch)
         start = time.perf_counter()
         reference = ErrorReference.from_model(model, data, DEFAULT_SAMPLES)  # 3b
+        reference.mask = mask_input(model, settings.mask_input)
         timings["reference"] = time.perf_counter() - start
         plan = self.plan(model, profile, settings.exclude)
         budget = BudgetReport(max_error=settings.max_error)
@@ -353,7 +356,7 @@ class PlannedStage:
             timings=timings,
             samples=data.samples,
             batch=settings.calibration_batch,
-            notes=notes,
+            notes=notes + mask_notes(reference.mask),
             plan=chosen_plan,
         )
 
@@ -396,6 +399,16 @@ def speed_check(
             times[i].append((time.perf_counter() - start) * 1e3)
     medians = [float(np.median(t)) for t in times]
     return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
+
+
+def mask_notes(mask: str | None) -> list[str]:
+    """The note saying which positions the error figures leave out, if any."""
+    if mask is None:
+        return []
+    return [
+        f"positions where input {mask!r} is 0 (padding) are left out of the error figures "
+        "(--mask-input none counts them)"
+    ]
 
 
 def as_calibration_data(
@@ -451,21 +464,26 @@ def held_out_check(
     float_outputs: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     metric: TaskMetric | None = None,
+    mask: str | None = None,
 ) -> HeldOutCheck:
     """Judge a lossy stage's model against the original on `feeds` (module docstring, 5).
 
     `float_outputs` names the outputs that count in the error (default: all); the error is the
     budget's figure (`onnxshrink.measure`: per channel group, worst output). `metric` (a
-    user's task metric) is called on every batch and its mean reported. Never raises for ORT
+    user's task metric) is called on every batch and its mean reported. `mask` names the
+    input masking padded positions (`onnxshrink.measure`, 6). Never raises for ORT
     failures: the check is then unverified, with the reason; a failing metric raises
     UsageError.
     """
     noises: dict[str, OutputNoise] = {}
 
-    def observe(names: list[str], ref: list[np.ndarray], cand: list[np.ndarray]) -> None:
+    def observe(
+        feed: Feed, names: list[str], ref: list[np.ndarray], cand: list[np.ndarray]
+    ) -> None:
+        positions = feed.get(mask) if mask else None
         for name, r, c in zip(names, ref, cand, strict=True):
             if np.issubdtype(np.asarray(r).dtype, np.floating):
-                noises.setdefault(name, OutputNoise()).update(r, c)
+                noises.setdefault(name, OutputNoise()).update(r, c, positions)
         if metric is not None:
             metric.update(names, ref, cand)
 
@@ -486,10 +504,12 @@ def held_out_check(
     errors = []
     for o in parity.outputs:
         floating = (counted is None or o.name in counted) and o.name in noises
-        nsr = noises[o.name].value() if o.name in noises else _nsr(o.snr_db)
-        check.outputs.append(
-            OutputError(o.name, o.cosine, o.snr_db, nsr, o.argmax_agreement, floating)
-        )
+        noise = noises.get(o.name)
+        if noise is not None:  # the budget's figures: masked positions left out
+            cosine, snr, nsr = noise.cosine(), noise.snr_db(), noise.value()
+        else:
+            cosine, snr, nsr = o.cosine, o.snr_db, _nsr(o.snr_db)
+        check.outputs.append(OutputError(o.name, cosine, snr, nsr, o.argmax_agreement, floating))
         if floating:
             errors.append(nsr)
     check.error = max(errors) if errors else 0.0

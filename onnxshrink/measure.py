@@ -35,6 +35,13 @@ Everything is streamed: per slice two float64 sums, whatever the number of runs.
 5. What the tool cannot guess, a user states: `--metric module:function` (or
    `file.py:function`) is called with the float model's and the candidate's outputs of each
    held-out batch, and its mean is reported beside these figures (`TaskMetric`).
+6. Padding. A sequence model's outputs at padded positions are garbage its users never read
+   (a BERT encoder's `last_hidden_state` where `attention_mask` is 0), and a lossy stage may
+   move them a lot while every real position holds. So a position mask can be given: an
+   integer graph input whose shape is the leading dims of an output (`[batch, seq]`); only
+   positions where it is non-zero count for that output. `mask_input(model)` finds one: the
+   input named by the user, else an integer input named `attention_mask` (the convention of
+   Hugging Face exports, whatever the architecture), else none.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from onnxshrink.errors import UsageError, first_line
 
@@ -82,19 +90,30 @@ class OutputNoise:
     def __init__(self) -> None:
         self.noise = 0.0
         self.signal = 0.0
+        self.cross = 0.0  # sum f q, and sum q^2: the cosine of the kept positions
+        self.candidate = 0.0
         self.mismatch = False
         self.distribution = True
         self.runs = 0
         #: axis -> (noise per slice, signal per slice); None once the axis is dropped
         self.slices: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
 
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        """Fold one run's reference and candidate values of this output in."""
+    def update(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Fold one run's reference and candidate values of this output in.
+
+        `mask` (docstring, 6): where its leading dims match the output's, only the positions
+        where it is non-zero count.
+        """
         r = np.asarray(ref)
         c = np.asarray(cand)
         if r.shape != c.shape:
             self.mismatch = True
             return
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.ndim >= 1 and r.shape[: m.ndim] == m.shape:
+                keep = m != 0
+                r, c = r[keep], c[keep]  # [positions kept, trailing dims...]
         if r.dtype != np.float32:
             r = r.astype(np.float64)
         d = c.astype(r.dtype) - r
@@ -102,6 +121,9 @@ class OutputNoise:
         r2 = r * r
         self.noise += float(d2.sum(dtype=np.float64))
         self.signal += float(r2.sum(dtype=np.float64))
+        cand = c.astype(r.dtype)
+        self.cross += float(np.vdot(r.astype(np.float64), cand.astype(np.float64)))
+        self.candidate += float((cand * cand).sum(dtype=np.float64))
         if self.distribution and not looks_like_distribution(r):
             self.distribution = False
         axes = channel_axes(r.ndim)
@@ -118,6 +140,22 @@ class OutputNoise:
             others = tuple(i for i in range(r.ndim) if i != a)
             held[0][...] += d2.sum(axis=others, dtype=np.float64)
             held[1][...] += r2.sum(axis=others, dtype=np.float64)
+
+    def cosine(self) -> float:
+        """Cosine of everything seen (kept positions only), 1.0 when both are zero."""
+        if self.signal == 0.0 and self.candidate == 0.0:
+            return 1.0
+        if self.signal == 0.0 or self.candidate == 0.0:
+            return 0.0
+        return self.cross / math.sqrt(self.signal * self.candidate)
+
+    def snr_db(self) -> float:
+        """10 log10(sum f^2 / sum (q - f)^2) of everything seen; inf when identical."""
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
 
     def pooled(self) -> float:
         """sum (q - f)^2 / sum f^2 over everything seen."""
@@ -159,20 +197,53 @@ def model_error(
     reference: Sequence[Sequence[np.ndarray]],
     candidate: Sequence[Sequence[np.ndarray]],
     outputs: Sequence[int] | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> float:
     """The worst output's figure (module docstring, 4) over runs of both models.
 
     `reference[run][output]` and `candidate[run][output]`; `outputs` picks output indices
-    (default all).
+    (default all); `masks[run]` is that run's position mask (docstring, 6), or None.
     """
     if not reference:
         return 0.0
     indices = list(range(len(reference[0]))) if outputs is None else list(outputs)
     noises = [OutputNoise() for _ in indices]
-    for ref_run, cand_run in zip(reference, candidate, strict=True):
+    run_masks = list(masks) if masks is not None else [None] * len(reference)
+    for ref_run, cand_run, mask in zip(reference, candidate, run_masks, strict=True):
         for noise, o in zip(noises, indices, strict=True):
-            noise.update(ref_run[o], cand_run[o])
+            noise.update(ref_run[o], cand_run[o], mask)
     return max((n.value() for n in noises), default=0.0)
+
+
+#: the integer input taken as a position mask when the user names none (docstring, 6)
+CONVENTIONAL_MASK = "attention_mask"
+_INTEGER_TYPES = {
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.BOOL,
+}
+
+
+def mask_input(model: onnx.ModelProto, name: str | None = None) -> str | None:
+    """The graph input that masks padded positions (docstring, 6), or None.
+
+    `name`: the user's choice ("none" for no mask); UsageError when it is not an integer or
+    bool graph input of the model.
+    """
+    inputs = {v.name: v for v in model.graph.input}
+    if name is not None:
+        if name == "none":
+            return None
+        value = inputs.get(name)
+        if value is None or value.type.tensor_type.elem_type not in _INTEGER_TYPES:
+            raise UsageError(f"--mask-input {name!r}: not an integer input of the model")
+        return name
+    value = inputs.get(CONVENTIONAL_MASK)
+    if value is not None and value.type.tensor_type.elem_type in _INTEGER_TYPES:
+        return CONVENTIONAL_MASK
+    return None
 
 
 def _ratio(noise: float, signal: float) -> float:

@@ -4,7 +4,7 @@
 2. Rewrite with the lossless rules to a fixed point; check parity against the original (rtol
    bar), retrying with fewer weight rescalings when rounding breaks it.
 3. With `quantize=NAME` (a lossy stage of `onnxshrink.rules.LOSSY_STAGES`: "int8", "fp16"):
-   run the stage on the lossless model (int8 is `onnxshrink.int8.quantize_int8`:
+   run the stage on the lossless model (int8 is `onnxshrink.rules.int8.quantize_int8`:
    calibration, QDQ placement within the error budget), then judge the quantized model against
    the original on the parity inputs (held-out when the user gives them) with cosine, SNR,
    noise-to-signal ratio and argmax agreement. Over the budget there: a warning note, no
@@ -27,7 +27,6 @@ import onnx_graphsurgeon as gs
 
 from onnxshrink.calibration import DEFAULT_BATCH
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
-from onnxshrink.int8 import check_settings
 from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
 from onnxshrink.lossy import (
     HOW_TO_CALIBRATE,
@@ -40,6 +39,7 @@ from onnxshrink.lossy import (
     held_out_check,
 )
 from onnxshrink.measure import TaskMetric, load_metric
+from onnxshrink.measure import mask_input as find_mask_input
 from onnxshrink.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -50,6 +50,7 @@ from onnxshrink.parity import (
     generate_inputs,
 )
 from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
+from onnxshrink.rules.int8 import check_settings
 from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
 from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
 
@@ -310,6 +311,7 @@ def optimize(
     check_speed: bool = True,
     calibration_batch: int = DEFAULT_BATCH,
     metric: str | None = None,
+    mask_input: str | None = None,
     progress: StagedProgress | None = None,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
@@ -326,12 +328,14 @@ def optimize(
       `calibration_method` (minmax, percentile, entropy, mse), `target` (ort-cpu, tensorrt),
       `exclude` (regexes on node names / op types kept float), `max_error` (mean output
       noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
-      `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.int8`, 5),
+      `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.rules.int8`, 5),
       `calibration_batch` (samples per run where the batch dim is dynamic: every source, and
       `inputs`, is cut into runs of at most this many samples, so memory does not depend on
       how many samples a file holds), `metric` (`module:function` or `file.py:function`: a
       task metric called with the original's and the quantized model's outputs of each
-      held-out batch; its mean is reported with the held-out check).
+      held-out batch; its mean is reported with the held-out check), `mask_input` (the
+      input whose zeros mark padded positions left out of every error figure; default: an
+      integer input named `attention_mask`, "none" for no mask).
       `progress(stage, done, total)` reports calibration and sensitivity work.
     Raises ParityError when an output of the lossless model moves more than
     `atol + rtol * max|ref|` (see `onnxshrink.parity`), UsageError for bad settings or data;
@@ -358,6 +362,8 @@ def optimize(
     task_metric = load_metric(metric) if metric is not None else None
     source_path = Path(model) if isinstance(model, (str, Path)) else None
     original = load_model(Path(model)) if isinstance(model, (str, Path)) else model
+    if mask_input is not None:
+        find_mask_input(original, mask_input)  # a bad --mask-input fails before any work
     if output is not None:
         if source_path is not None and Path(output).resolve() == source_path.resolve():
             raise UsageError(
@@ -452,6 +458,7 @@ def optimize(
             provider=calibration_provider,
             check_speed=check_speed,
             progress=progress,
+            mask_input=mask_input,
         )
         quantization = stage.run(rewritten, calibration, settings)
         final = quantization.model
@@ -472,6 +479,7 @@ def optimize(
                 max_error,
                 progress,
                 task_metric,
+                find_mask_input(original, mask_input),
             )
             notes.extend(_held_out_notes(quantized_parity, max_error))
         else:
@@ -502,6 +510,7 @@ def _check_quantized(
     max_error: float,
     progress: StagedProgress | None,
     metric: TaskMetric | None = None,
+    mask: str | None = None,
 ) -> HeldOutCheck:
     """The quantized model against the original on the parity feeds (module docstring, 3)."""
     if inputs is None:
@@ -520,6 +529,7 @@ def _check_quantized(
         held_out=held_out,
         float_outputs=float_output_names(original),
         metric=metric,
+        mask=mask,
         progress=(lambda done, total: progress("held-out check", done, total))
         if progress is not None
         else None,

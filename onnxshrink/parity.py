@@ -925,7 +925,8 @@ def check_parity(
     progress: Progress | None = None,
     total: int | None = None,
     labels: tuple[str, str] = ("original", "optimized"),
-    observe: Callable[[list[str], list[np.ndarray], list[np.ndarray]], None] | None = None,
+    observe: Callable[[dict[str, np.ndarray], list[str], list[np.ndarray], list[np.ndarray]], None]
+    | None = None,
 ) -> ParityReport:
     """Run both models on every feed and compare each output; never raises for ORT failures.
 
@@ -934,8 +935,8 @@ def check_parity(
     which an output fails (the report then covers the feeds seen so far). `criteria` replaces
     `rtol`/`atol` with the full set of checks (module docstring); outputs are matched by name.
     `progress(done, total)` is called after each run (`total` 0 when unknown). `labels` name
-    the two models in the reasons (e.g. "reference", "candidate"). `observe(names, ref, cand)`
-    sees every run's outputs of both models (for figures of the caller's own).
+    the two models in the reasons (e.g. "reference", "candidate"). `observe(feed, names,
+    ref, cand)` sees every run's feed and outputs of both models (for figures of its own).
     """
     ref_label, cand_label = labels
     criteria = criteria if criteria is not None else Criteria(rtol=rtol, atol=atol)
@@ -991,7 +992,7 @@ def check_parity(
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
             stats[name].update(r, c)
         if observe is not None:
-            observe(names, ref_out, cand_out)
+            observe(feed, names, ref_out, cand_out)
         del ref_out, cand_out
         if progress is not None:
             progress(samples, max(total, samples))

@@ -14,7 +14,7 @@ parameters; the op-type histogram; rules applied (times, seconds), rules that de
 times); notes; the parity table; the benchmark table when a bench report is given; per-layer
 errors when given; with int8 quantization, its settings, counts, every layer kept float and
 why, the sensitivity ranking (bars in HTML) and the check of the int8 model against the original
-(`onnxshrink.int8`, read duck-typed too). The bench report comes from `onnxshrink.bench` and
+(`onnxshrink.rules.int8`, read duck-typed too). The bench report comes from `onnxshrink.bench` and
 is read duck-typed (attributes or mapping keys: `rows`, `skipped`, `environment`; row fields
 `model, provider, p50_ms, p90_ms, mean_ms, throughput, session_s, peak_mb, placement, ratio,
 runs`), so this module never imports it. Every user-controlled string (paths, node, output and layer names) is escaped.
@@ -366,7 +366,7 @@ def _layer_dict(layer: Any) -> dict[str, Any]:
 def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
     """Settings, counts, every layer's decision, the sensitivity ranking, the held-out check.
 
-    Read duck-typed from `onnxshrink.int8.Int8Result` and `HeldOutCheck` (attributes or keys).
+    Read duck-typed from `onnxshrink.rules.int8.Int8Result` and `HeldOutCheck` (attributes or keys).
     """
     if quant is None:
         return None

@@ -21,7 +21,7 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    channel, or a block) is taken from the values themselves, then 2 applies per group. Blocks
    run along `axis` (the reduction axis of a MatMul weight `[K, N]` is 0); a last, shorter
    block is padded for the statistics only. `floor` (one value per group) raises scales below
-   it: int8 case 3 of `onnxshrink.quantize` uses it to keep an int32 bias in range.
+   it: int8 case 3 of `onnxshrink.rules.qdq` uses it to keep an int32 bias in range.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class Scheme:
         return np.moveaxis(full, 0, axis)
 
 
-#: the int8 schemes of the static int8 stage (onnxshrink.quantize)
+#: the int8 schemes of the static int8 stage (onnxshrink.rules.qdq)
 INT8_WEIGHT = Scheme(8, signed=True, granularity="channel", symmetric=True, restricted=True)
 UINT8_ACTIVATION = Scheme(8, signed=False, granularity="tensor", symmetric=False)
 INT8_ACTIVATION = Scheme(8, signed=True, granularity="tensor", symmetric=True, restricted=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from onnxshrink import int8
 from onnxshrink.errors import UsageError
 from onnxshrink.passes import FunctionPass, Pass, Rule, RulePass
 from onnxshrink.rules import (
@@ -20,6 +19,7 @@ from onnxshrink.rules import (
     fold_conv_affine,
     gelu,
     hardswish,
+    int8,
     layernorm,
     matmul_add_to_gemm,
     merge_reshapes,

@@ -28,7 +28,7 @@ table before the Gather would dequantize all R rows on every inference.
    and any graph output see the same name, dtype and shape. New tensor and node names are
    unique in the model. The float table is dropped (nothing else read it, case 1).
 
-Unnamed nodes are named `<op>_<index>` first (as `onnxshrink.quantize` names them), so the
+Unnamed nodes are named `<op>_<index>` first (as `onnxshrink.rules.qdq` names them), so the
 names in the report are the names in the returned model.
 """
 
@@ -288,7 +288,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
 def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` where every node has a name unique in the model.
 
-    The same scheme as `onnxshrink.quantize` (`<op>_<index>`, suffixed on a clash), so that a
+    The same scheme as `onnxshrink.rules.qdq` (`<op>_<index>`, suffixed on a clash), so that a
     node gets the same name whichever of the two names it first.
     """
     work = onnx.ModelProto()

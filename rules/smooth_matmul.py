@@ -45,7 +45,7 @@ outliers).
    one vector of K). Ranges for the int8 activations must be calibrated on the smoothed
    model: the tensor quantized is the Mul's output (`SmoothReport.outputs`), not x.
 
-Unnamed nodes are named `<op>_<index>` first (as `onnxshrink.quantize` names them), so the
+Unnamed nodes are named `<op>_<index>` first (as `onnxshrink.rules.qdq` names them), so the
 MatMul names in the results are the names in the returned model.
 """
 
@@ -410,7 +410,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
 def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` where every node has a name unique in the model.
 
-    The same scheme as `onnxshrink.quantize` (`<op>_<index>`, suffixed on a clash), so that a
+    The same scheme as `onnxshrink.rules.qdq` (`<op>_<index>`, suffixed on a clash), so that a
     node gets the same name whichever of the two names it first.
     """
     work = onnx.ModelProto()

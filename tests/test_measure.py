@@ -117,3 +117,47 @@ def test_worst_output_counts() -> None:
     cand = [[good * 1.001, bad * 1.1]]
     assert model_error(ref, cand) == pytest.approx(0.01, rel=1e-6)
     assert model_error(ref, cand, outputs=[0]) == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_mask_leaves_padded_positions_out() -> None:
+    rng = np.random.default_rng(7)
+    ref = rng.normal(0, 1, (2, 6, 4)).astype(np.float32)
+    cand = ref + rng.normal(0, 0.01, ref.shape).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], np.int64)
+    cand[mask == 0] += 50.0  # padded positions: garbage the users never read
+    noise = OutputNoise()
+    noise.update(ref, cand, mask)
+    kept = mask != 0
+    assert noise.value() == pytest.approx(_pooled([ref[kept]], [cand[kept]]), rel=1e-6)
+    assert noise.value() < 1e-3 and noise.cosine() > 0.999
+    assert model_error([[ref]], [[cand]]) > 10  # unmasked, the padding dominates
+    assert model_error([[ref]], [[cand]], masks=[mask]) == pytest.approx(noise.value())
+    other = OutputNoise()
+    other.update(ref[:, :, 0], cand[:, :, 0], mask[:1])  # leading dims do not match: ignored
+    assert other.value() > 10
+
+
+def test_mask_input_finds_the_convention_or_the_users_choice() -> None:
+    from onnx import TensorProto, helper
+
+    from onnxshrink.errors import UsageError
+    from onnxshrink.measure import mask_input
+
+    def model(*inputs):
+        values = [helper.make_tensor_value_info(n, t, [1, 4]) for n, t in inputs]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+        node = helper.make_node("Identity", [inputs[0][0]], ["y"])
+        return helper.make_model(helper.make_graph([node], "g", values, [out]))
+
+    bert = model(("input_ids", TensorProto.INT64), ("attention_mask", TensorProto.INT64))
+    assert mask_input(bert) == "attention_mask"
+    assert mask_input(bert, "none") is None
+    assert mask_input(bert, "input_ids") == "input_ids"
+    with pytest.raises(UsageError, match="--mask-input 'nope'"):
+        mask_input(bert, "nope")
+    cnn = model(("x", TensorProto.FLOAT))
+    assert mask_input(cnn) is None
+    with pytest.raises(UsageError, match="not an integer input"):
+        mask_input(cnn, "x")
+    floating = model(("x", TensorProto.FLOAT), ("attention_mask", TensorProto.FLOAT))
+    assert mask_input(floating) is None

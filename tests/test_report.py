@@ -367,7 +367,7 @@ def int8_result(tmp_path_factory):
     """optimize(quantize="int8") on the tiny conv net: a sensitive layer, a depthwise one."""
     import numpy as np
 
-    from tests.test_int8 import _samples, build_net
+    from tests.rules.test_int8 import _samples, build_net
 
     calib = tmp_path_factory.mktemp("calib") / "calib.npz"
     np.savez(calib, x=_samples(1, 8))

@@ -130,7 +130,7 @@ def test_conv_net_all_fp16_has_casts_only_at_the_borders():
     before = _conv_net()
     saved = before.SerializeToString()
     names, declined = fp16_candidates(before)
-    # unnamed nodes are named as onnxshrink.quantize._named_copy names them
+    # unnamed nodes are named as onnxshrink.rules.qdq._named_copy names them
     assert names == [f"{op}_{i}" for i, op in enumerate(CONV_OPS)]
     assert declined == {}
     after, report = convert_float16(before, names)

@@ -53,7 +53,7 @@ def test_embedding_table_becomes_int8_rows():
     table = _table()
     model = make_model(EMBEDDING, {"table": table})
     after, report = quantize_gather_tables(model)
-    assert report.quantized == ["Gather_0"]  # unnamed: named as onnxshrink.quantize does
+    assert report.quantized == ["Gather_0"]  # unnamed: named as onnxshrink.rules.qdq does
     assert report.declined == {}
     assert histogram(after) == {"Gather": 2, "Cast": 1, "Mul": 1}
     onnx.checker.check_model(after, full_check=True)

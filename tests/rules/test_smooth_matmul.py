@@ -102,7 +102,7 @@ def _smoothed(model: onnx.ModelProto, alpha: float = 0.5, **kwargs):
 
 
 def test_smoothable_tensors_of_mlp():
-    # unnamed nodes are named <op>_<index>, as onnxshrink.quantize names them
+    # unnamed nodes are named <op>_<index>, as onnxshrink.rules.qdq names them
     assert smoothable_tensors(_mlp()) == {"n": ["MatMul_1"], "r": ["MatMul_3"]}
 
 

@@ -58,8 +58,8 @@ def test_rec_int8_reads_like_fp32_and_is_small() -> None:
     import numpy as np
 
     import onnxshrink
-    from onnxshrink.int8 import quantize_int8
     from onnxshrink.parity import ort_session
+    from onnxshrink.rules.int8 import quantize_int8
 
     name = "ppocr-v5-rec"
     source = model_path(name)

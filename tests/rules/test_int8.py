@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import onnxshrink
 from onnxshrink.cli import app
 from onnxshrink.errors import UsageError
-from onnxshrink.int8 import quantize_int8
 from onnxshrink.lossy import SPEED_RUNS, held_out_check
+from onnxshrink.rules.int8 import quantize_int8
 from tests.helpers import histogram, make_model
 
 # Two Convs, a depthwise Conv (kept float by rule) and a Gemm: large enough weights to quantize.
@@ -60,7 +60,7 @@ def _int8_compute_always(monkeypatch):
     """Keep int8 compute whatever the speed check measures: on these tiny models float compute
     is as fast, and the tests here are about int8 placement (the speed-aware choice has its own
     test, which sets the margin itself)."""
-    import onnxshrink.int8 as int8_module
+    import onnxshrink.rules.int8 as int8_module
 
     monkeypatch.setattr(int8_module, "SPEED_MARGIN", 0.99)
 
@@ -183,7 +183,10 @@ def test_optimize_int8_needs_calibration_data(tmp_path, net_files):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"quantize": "int4", "calibration_data": "random"}, "--quantize .int4.: expected one of int8"),
+        (
+            {"quantize": "int4", "calibration_data": "random"},
+            "--quantize .int4.: expected one of int8",
+        ),
         ({"quantize": "int8", "calibration_data": "random", "calibration_method": "x"}, "method"),
     ],
 )
@@ -294,7 +297,10 @@ def test_cli_int8_random_prints_warning(tmp_path, net_files):
     [
         (["--quantize", "int8"], "--calibration-data"),
         (["--quantize", "int8", "--calibration-data", "absent.npz"], "no such file"),
-        (["--quantize", "int3", "--calibration-data", "random"], "--quantize 'int3': expected one of"),
+        (
+            ["--quantize", "int3", "--calibration-data", "random"],
+            "--quantize 'int3': expected one of",
+        ),
         (
             ["--quantize", "int8", "--calibration-data", "random", "--calibration-method", "x"],
             "--calibration-method",
@@ -339,7 +345,7 @@ def _held_out_warnings(notes: list[str]) -> list[str]:
 
 
 def test_speed_aware_placement_keeps_int8_compute_only_when_faster(monkeypatch, net_files):
-    import onnxshrink.int8 as int8_module
+    import onnxshrink.rules.int8 as int8_module
 
     _, calib, _ = net_files
     # float compute must win by more than the margin to replace int8 compute: with a margin of
@@ -532,3 +538,55 @@ def test_cli_calibration_batch_and_metric(tmp_path, net_files):
     )  # fmt: skip
     assert bad.exit_code == 2 and "--metric 'nope'" in bad.output
     assert not (tmp_path / "b.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Transformers: smoothing and int8 embedding tables (module docstring 3a-3c)
+
+_OUTLIER_NET = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (int64[N,6] ids) => (float[N,6,8] y) {
+    e = Gather (table, ids)
+    h = MatMul (e, w1)
+    r = Relu (h)
+    y = MatMul (r, w2)
+}
+"""
+
+
+def _outlier_net() -> onnx.ModelProto:
+    """An embedding whose channel 0 is 60x the others (as a LayerNorm output's outliers), then
+    two MatMuls: the first one's per-tensor activation scale starves the other channels."""
+    rng = np.random.default_rng(3)
+    table = rng.normal(0, 1, (5000, 16)).astype(np.float32)
+    table[:, 0] *= 60.0
+    return make_model(
+        _OUTLIER_NET,
+        {
+            "table": table,
+            "w1": rng.normal(0, 0.3, (16, 32)).astype(np.float32),
+            "w2": rng.normal(0, 0.3, (32, 8)).astype(np.float32),
+        },
+    )
+
+
+def test_smoothing_is_chosen_when_it_lowers_the_error_and_tables_go_int8():
+    model = _outlier_net()
+    rng = np.random.default_rng(4)
+    feeds = [{"ids": rng.integers(0, 5000, (4, 6)).astype(np.int64)} for _ in range(8)]
+    plain = quantize_int8(model, feeds, max_error=1.0, check_speed=False, smoothing=False)
+    smoothed = quantize_int8(model, feeds, max_error=1.0, check_speed=False)
+    assert smoothed.budget.full_error < plain.budget.full_error / 2
+    assert any("activation smoothing" in n for n in smoothed.notes)
+    assert not any("activation smoothing" in n for n in plain.notes)
+    ops = histogram(smoothed.model)
+    assert ops["Mul"] >= 2  # the smoothing Mul and the table's row scales
+    # the 5000x16 table is stored int8 per row, read through Gather -> Cast -> Mul
+    tables = [t for t in smoothed.model.graph.initializer if t.dims == [5000, 16]]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8]
+    assert any("Gather table(s) stored int8" in n for n in smoothed.notes)
+    onnx.checker.check_model(smoothed.model, full_check=True)
+    # TensorRT keeps float tables (no weight-only storage there), smoothing still applies
+    trt = quantize_int8(model, feeds, max_error=1.0, target="tensorrt", check_speed=False)
+    assert not any(t.data_type == onnx.TensorProto.INT8 and t.dims == [5000, 16]
+                   for t in trt.model.graph.initializer)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Sensitivity ranking and the error budget on tiny models with one fragile layer."""
+"""int8 placement within the error budget (rules/int8.py, with the engine's search and error
+figure) on tiny models with one fragile layer."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ import pytest
 
 from onnxshrink.calibration import collect_ranges
 from onnxshrink.errors import UsageError
-from onnxshrink.quantize import activation_tensors
-from onnxshrink.sensitivity import (
-    layer_sensitivity,
-    output_error,
-    quantize_with_budget,
-)
+from onnxshrink.rules.int8 import layer_sensitivity, quantize_with_budget
+from onnxshrink.rules.qdq import activation_tensors
+from onnxshrink.sensitivity import output_error
 from tests.helpers import histogram, make_model, run
 
 _THREE_MATMULS = """
@@ -99,7 +97,7 @@ def test_ranking_error_is_the_numpy_figure() -> None:
     ranges = _ranges(model)
     feeds = _feeds(4)
     ranked = layer_sensitivity(model, ranges, feeds, samples=4)
-    from onnxshrink.quantize import quantize_qdq
+    from onnxshrink.rules.qdq import quantize_qdq
 
     top = ranked[0]
     single, _ = quantize_qdq(model, ranges, nodes={top.name})

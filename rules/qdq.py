@@ -203,7 +203,7 @@ def quantizable_nodes(
     """
     profile = target_profile(target)
     patterns = _compile(exclude)
-    work = _named_copy(model)
+    work = named_copy(model)
     _check_selection(work, nodes)
     return _candidates(work, patterns, nodes, min_weight_elements, profile)
 
@@ -234,7 +234,7 @@ def activation_tensors(
         if cand.op in profile.output_qdq_ops and cand.output:
             names[cand.output] = None
     if profile.residual_joins:  # case 5d, with every quantizable node counted as quantized
-        work = _named_copy(model)
+        work = named_copy(model)
         outputs = {c.output for c in candidates if c.quantizable and c.output}
         inputs = {c.activation for c in candidates if c.quantizable and c.activation}
         for _, _, tensor in _tensorrt_joins(work.graph, outputs, inputs):
@@ -251,7 +251,7 @@ def bias_correction_axes(
     weight-only; what `calibration.collect_statistics(mean_axes=...)` should average.
     """
     axes: dict[str, int] = {}
-    work = _named_copy(model)
+    work = named_copy(model)
     groups = {n.name: int(_attr(n, "group", 1)) for n in work.graph.node}
     trans_a = {n.name: int(_attr(n, "transA", 0)) for n in work.graph.node}
     for cand in quantizable_nodes(work, target, exclude=exclude):
@@ -272,7 +272,7 @@ def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     pays for an opset conversion. The conversion happens only when a node could be quantized
     or store int8 weights (it changes nothing otherwise).
     """
-    work = _named_copy(model)
+    work = named_copy(model)
     before = default_opset(work)
     if before < PER_CHANNEL_OPSET and any(
         c.quantizable or c.weight_only_ok
@@ -314,7 +314,7 @@ def quantize_qdq(
     profile = target_profile(target)
     patterns = _compile(exclude)
     params = _activation_params(ranges, profile)
-    work = _named_copy(model)
+    work = named_copy(model)
     _check_selection(work, nodes)
     report = QuantizeReport(target=target, opset_before=default_opset(work))
 
@@ -395,11 +395,6 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
     for node in graph.node:
         for sub in _subgraphs(node):
             yield from _all_graphs(sub)
-
-
-def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every node named (`onnxshrink.io.named_copy`)."""
-    return named_copy(model)
 
 
 def _check_selection(model: onnx.ModelProto, nodes: set[str] | None) -> None:

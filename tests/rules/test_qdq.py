@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxshrink.errors import UsageError
-from onnxshrink.quantize import (
+from onnxshrink.rules.qdq import (
     QuantizeReport,
     activation_tensors,
     bias_correction_axes,
