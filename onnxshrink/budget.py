@@ -20,6 +20,15 @@ knows nothing of what a unit is: int8 uses it now, fp16 too, and int4 and prunin
    be granted while the budget holds: everything first (one measurement when it passes),
    then bisection (about log2(n) more).
 
+4. Isolating (`isolate`). When many units are offered and the full candidate fails by far
+   (one unit breaks the model: an fp16 constant that overflows, a tensor int8 cannot hold),
+   measuring every unit alone costs N measurements. Group testing finds the culprits in
+   about 2 k log2(N): the units are split in two halves (in their order, so neighbours stay
+   together), each half is applied alone, and every half that fails on its own is split
+   again, down to single units. A failing group whose halves both pass alone (the failure
+   needs both) is returned whole. The caller declines what is returned and measures; when
+   that does not meet the budget, it falls back to the full ranking (1, 2).
+
 Every measurement is a `Step` (what was tried, its error), kept in order for the report.
 """
 
@@ -141,3 +150,31 @@ def grant_most(
     if best is None:
         return Search(0, None, 0.0, steps)
     return Search(lo, best[0], best[1], steps)
+
+
+def isolate(
+    units: Sequence[str],
+    fails_alone: Callable[[Sequence[str]], bool],
+) -> list[str]:
+    """The units that make a candidate fail, by group testing (docstring 4).
+
+    `fails_alone(group)` builds the candidate with only `group` applied and says whether it
+    misses the budget. The whole of `units` is taken to fail (the caller measured it).
+    """
+    found: list[str] = []
+
+    def split(group: Sequence[str]) -> None:
+        if len(group) == 1:
+            found.extend(group)
+            return
+        half = len(group) // 2
+        halves = [group[:half], group[half:]]
+        failing = [h for h in halves if fails_alone(h)]
+        if not failing:  # only the two together fail: keep the group whole
+            found.extend(group)
+            return
+        for h in failing:
+            split(h)
+
+    split(list(units))
+    return found

@@ -22,7 +22,10 @@ needs editing to add one.
    b. the float model's outputs on the first `sensitivity.DEFAULT_SAMPLES` calibration
       samples are the reference (`sensitivity.ErrorReference`);
    c. the full plan is materialized and measured (`onnxshrink.measure`'s figure: the worst
-      channel group's noise-to-signal ratio); over `max_error`, each unit is measured alone
+      channel group's noise-to-signal ratio); over `max_error`, a plan of more than
+      `ISOLATE_ABOVE` units is first searched for the few units that break it
+      (`budget.isolate`, group testing: about 2 k log2(N) measurements for k culprits), and
+      those are declined if that meets the budget; otherwise each unit is measured alone
       (`budget.rank`) and the fewest most sensitive units are declined
       (`budget.decline_fewest`) until the budget holds;
    d. the result: the model, the plan as materialized, every unit's decision, the budget's
@@ -48,7 +51,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import onnx
 
-from onnxshrink.budget import decline_fewest, rank
+from onnxshrink.budget import decline_fewest, isolate, rank
 from onnxshrink.calibration import DEFAULT_BATCH, CalibrationData, calibration_feeds
 from onnxshrink.errors import UsageError
 from onnxshrink.io import named_copy
@@ -80,6 +83,8 @@ StagedProgress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
 
 HOW_TO_CALIBRATE = "--calibration-data calib.npz | folder | loader.py[:fn] | random"
+#: a plan of more units than this that fails by far is first searched by group testing (3c)
+ISOLATE_ABOVE = 32
 #: timed runs per model in the speed check (module docstring, 6)
 SPEED_RUNS = 20
 
@@ -258,6 +263,37 @@ class PlannedStage:
     def materialize(self, model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, list[str]]:
         raise NotImplementedError
 
+    def _isolate(
+        self,
+        model: onnx.ModelProto,
+        plan: Plan,
+        measure: Callable[[onnx.ModelProto, str], float],
+        max_error: float,
+        budget: BudgetReport,
+    ) -> tuple[onnx.ModelProto, Plan, list[str]] | None:
+        """Module docstring 3c: the few units that break the full plan, found by group testing
+        (`budget.isolate`) and declined; None when declining them does not meet the budget."""
+
+        def fails_alone(group: Sequence[str]) -> bool:
+            keep = set(group)
+            alone = plan.declining({u: "not in the group" for u in plan.applied if u not in keep})
+            return measure(self.materialize(model, alone)[0], f"{len(group)} unit(s)") > max_error
+
+        culprits = isolate(list(plan.applied), fails_alone)
+        if len(culprits) > len(plan.applied) // 4:  # not a few culprits: rank them all
+            return None
+        declined = plan.declining(
+            {u: "isolated: the stage fails with it (group testing)" for u in culprits}
+        )
+        built, notes = self.materialize(model, declined)
+        error = measure(built, f"{len(culprits)} isolated unit(s) declined")
+        budget.steps.append((len(culprits), error))
+        if error > max_error:
+            return None
+        budget.final_error = error
+        budget.kept_float = {u: math.inf for u in culprits}
+        return built, declined, notes
+
     def run(
         self,
         model: onnx.ModelProto,
@@ -286,7 +322,12 @@ class PlannedStage:
         budget.full_error = budget.final_error = measure(full, f"{self.name}: every unit")
         budget.steps.append((0, budget.full_error))
         chosen, chosen_plan = full, plan
-        if budget.full_error > settings.max_error and plan.applied:
+        isolated = None
+        if budget.full_error > settings.max_error and len(plan.applied) > ISOLATE_ABOVE:
+            isolated = self._isolate(model, plan, measure, settings.max_error, budget)
+        if isolated is not None:
+            chosen, chosen_plan, notes = isolated
+        elif budget.full_error > settings.max_error and plan.applied:
             units = list(plan.applied)
             ranked = rank(
                 units,

@@ -65,3 +65,22 @@ def test_grant_most_longest_prefix() -> None:
     assert everything.k == 5 and len(everything.steps) == 1  # one measurement when all pass
     nothing = grant_most(items, build, error, 0.05)
     assert nothing.k == 0 and nothing.built is None
+
+
+def test_isolate_finds_the_culprits_in_few_measurements() -> None:
+    from onnxshrink.budget import isolate
+
+    units = [f"u{i}" for i in range(200)]
+    culprits = {"u17", "u150"}
+    calls = []
+
+    def fails_alone(group):
+        calls.append(len(group))
+        return bool(culprits & set(group))
+
+    assert sorted(isolate(units, fails_alone)) == sorted(culprits)
+    assert len(calls) <= 2 * 2 * 8  # about 2 k log2(N)
+    # a failure that needs two units together keeps their smallest common group whole
+    assert isolate(units[:8], lambda g: {"u0", "u1"} <= set(g)) == ["u0", "u1"]
+    straddling = isolate(units[:8], lambda g: {"u3", "u4"} <= set(g))
+    assert straddling == units[:8]  # split between the halves: the whole group
