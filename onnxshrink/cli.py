@@ -14,13 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxshrink import __version__
-from onnxshrink.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
+from onnxshrink.engine.optimize import ModelSummary, OptimizeResult
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.optimize import ModelSummary, OptimizeResult
-from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL
+from onnxshrink.quant.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
+from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
-from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
-from onnxshrink.targets import TARGETS as QUANTIZE_TARGETS
+from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -269,8 +269,8 @@ def optimize(
 
     Exit codes: 0 written; 1 parity failed or internal failure (nothing written); 2 bad input.
     """
-    from onnxshrink.optimize import optimize as run_optimize
-    from onnxshrink.shapes import parse_input_shapes
+    from onnxshrink.engine.optimize import optimize as run_optimize
+    from onnxshrink.engine.shapes import parse_input_shapes
 
     _setup_logging(verbose)
     target = output if output is not None else model.with_name(model.stem + ".opt.onnx")

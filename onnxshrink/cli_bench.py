@@ -148,9 +148,9 @@ def bench(
     from onnxshrink import cli
     from onnxshrink.bench import benchmark, parse_providers
     from onnxshrink.cli_parity import _progress
+    from onnxshrink.engine.io import write_text_atomic
+    from onnxshrink.engine.shapes import parse_input_shapes
     from onnxshrink.errors import OnnxShrinkError, UsageError
-    from onnxshrink.io import write_text_atomic
-    from onnxshrink.shapes import parse_input_shapes
 
     cli._setup_logging(verbose)
     json_to_stdout = json_path == "-"

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
+from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
 
 DEFAULT_SAMPLES = 4
 
@@ -269,16 +269,16 @@ class _Run:
         error_quantile: float,
         json_path: str | None,
     ):
+        from onnxshrink.engine.io import check_output_path, load_model
+        from onnxshrink.engine.shapes import parse_input_shapes
         from onnxshrink.errors import UsageError
-        from onnxshrink.io import check_output_path, load_model
-        from onnxshrink.parity import (
+        from onnxshrink.verify.parity import (
             InputBatches,
             criteria_from_specs,
             generate_inputs,
             model_inputs,
             parse_input_ranges,
         )
-        from onnxshrink.shapes import parse_input_shapes
 
         if json_path is not None and json_path != "-":
             check_output_path(json_path)
@@ -340,7 +340,7 @@ class _Run:
             }
 
     def check(self, console):
-        from onnxshrink.parity import check_parity
+        from onnxshrink.verify.parity import check_parity
 
         with _progress(console, "parity") as progress:
             return check_parity(
@@ -354,7 +354,7 @@ class _Run:
             )
 
     def localize(self, console, samples: int):
-        from onnxshrink.localize import localize
+        from onnxshrink.verify.localize import localize
 
         with _progress(console, "localizing") as progress:
             return localize(
@@ -366,7 +366,7 @@ class _Run:
         import onnxruntime
 
         from onnxshrink import __version__
-        from onnxshrink.parity import jsonable
+        from onnxshrink.verify.parity import jsonable
 
         document = {
             "command": "parity",
@@ -391,8 +391,8 @@ class _Run:
 
 
 def _write_atomic(dest: Path, text: str) -> None:
+    from onnxshrink.engine.io import write_text_atomic
     from onnxshrink.errors import UsageError
-    from onnxshrink.io import write_text_atomic
 
     try:
         write_text_atomic(dest, text)

@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from onnxshrink import charts
+from onnxshrink.engine.io import check_output_path, write_text_atomic
 from onnxshrink.errors import UsageError
-from onnxshrink.io import check_output_path, write_text_atomic
 
 if TYPE_CHECKING:  # onnxshrink.bench is only read duck-typed, never imported at run time
     from onnxshrink.bench import BenchReport
-    from onnxshrink.optimize import OptimizeResult
+    from onnxshrink.engine.optimize import OptimizeResult
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""The generic budget search (onnxshrink.budget) on made-up error functions."""
+"""The generic budget search (onnxshrink.quant.budget) on made-up error functions."""
 
 from __future__ import annotations
 
-from onnxshrink.budget import decline_fewest, grant_most, rank
+from onnxshrink.quant.budget import decline_fewest, grant_most, rank
 
 
 def _errors_by_count(per_unit: dict[str, float]):

@@ -18,7 +18,6 @@ import pytest
 import onnxshrink
 from onnxshrink import charts
 from onnxshrink.errors import UsageError
-from onnxshrink.parity import OutputParity
 from onnxshrink.report import (
     render_html,
     render_markdown,
@@ -27,6 +26,7 @@ from onnxshrink.report import (
     short_names,
     write_report,
 )
+from onnxshrink.verify.parity import OutputParity
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "<script>alert('x')</script>"
