@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import onnxshrink
-from onnxshrink import charts
 from onnxshrink.errors import UsageError
 from onnxshrink.report import (
+    charts,
     render_html,
     render_markdown,
     report_dict,

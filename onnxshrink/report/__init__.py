@@ -3,7 +3,7 @@
 `write_report(path, result, ...)` picks the format from the suffix:
 
 1. `.html` (or `.htm`): a single self-contained page (inline CSS, charts as base64 SVG `data:`
-   images from `onnxshrink.charts`, no script, nothing fetched from the network).
+   images from `onnxshrink.report.charts`, no script, nothing fetched from the network).
 2. `.md`: the same tables as GitHub-flavoured markdown; no charts (GitHub does not show `data:`
    images), a line says so.
 3. `.json`: every figure, numbers as numbers; non-finite floats become the strings "inf",
@@ -35,9 +35,9 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from onnxshrink import charts
 from onnxshrink.engine.io import check_output_path, write_text_atomic
 from onnxshrink.errors import UsageError
+from onnxshrink.report import charts
 
 if TYPE_CHECKING:  # onnxshrink.bench is only read duck-typed, never imported at run time
     from onnxshrink.bench import BenchReport
