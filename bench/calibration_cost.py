@@ -3,7 +3,7 @@
 Issue 4 asks that calibration (1) take at most 3x the time of plain fp32 inference over the same
 samples and (2) peak at most 1.2x the memory with 1024 samples that it needs with 64. This
 script measures both for the statistics pass `onnxshrink optimize --quantize int8` runs
-(`onnxshrink.calibration.collect_statistics` on the lossless model, every tensor
+(`onnxshrink.quant.calibration.collect_statistics` on the lossless model, every tensor
 `quantize.activation_tensors` names, per-channel means for bias correction):
 
 1. Time. In one process, over the same N feeds read from a folder of .npz files (as
@@ -49,7 +49,7 @@ def _lossless(name: str):
 
 
 def _statistics(model, folder: Path, method: str) -> int:
-    from onnxshrink.calibration import calibration_feeds, collect_statistics
+    from onnxshrink.quant.calibration import calibration_feeds, collect_statistics
     from onnxshrink.rules.qdq import activation_tensors, bias_correction_axes
 
     feeds = calibration_feeds(folder, model)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnx
 
-    from onnxshrink.parity import ort_session
+    from onnxshrink.verify.parity import ort_session
 
     model = _lossless(ns.model)
     lossless_path = ns.work / f"{ns.model}.lossless.onnx"
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         link = sub / f"{i:05d}.npz"
         if not link.exists():
             link.symlink_to(f)
-    from onnxshrink.calibration import calibration_feeds
+    from onnxshrink.quant.calibration import calibration_feeds
 
     feeds = calibration_feeds(sub, model)
     sess = ort_session(model)

@@ -5,8 +5,8 @@ Python API: `onnxshrink.optimize(path_or_model, output, ...)` returns an `Optimi
 
 from __future__ import annotations
 
+from onnxshrink.engine.optimize import ModelSummary, OptimizeResult, optimize, rewrite_model
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
-from onnxshrink.optimize import ModelSummary, OptimizeResult, optimize, rewrite_model
 
 __version__ = "0.1.0"
 

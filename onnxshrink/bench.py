@@ -63,16 +63,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from onnxshrink.engine.io import graph_protos, load_model
+from onnxshrink.engine.shapes import pin_input_shapes
 from onnxshrink.errors import UsageError, first_line
-from onnxshrink.io import graph_protos, load_model
-from onnxshrink.parity import (
+from onnxshrink.verify.parity import (
     DEFAULT_DYNAMIC_DIM,
     generate_inputs,
     load_inputs,
     model_inputs,
     npz_files,
 )
-from onnxshrink.shapes import pin_input_shapes
 
 if TYPE_CHECKING:  # imported lazily at run time: loading onnxruntime takes a while
     import onnxruntime as ort

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from onnxshrink.engine.passes import FunctionPass, Pass, Rule, RulePass
 from onnxshrink.errors import UsageError
-from onnxshrink.passes import FunctionPass, Pass, Rule, RulePass
 from onnxshrink.rules import (
     constant_folding,
     cse,
@@ -28,7 +28,7 @@ from onnxshrink.rules import (
 )
 
 if TYPE_CHECKING:
-    from onnxshrink.lossy import LossyStage
+    from onnxshrink.quant.lossy import LossyStage
 
 # Dead-layer removal. Order: constants become initializers first so that every later rule sees
 # weights as constants; no-ops go before folding so folding sees the real producers.
@@ -53,7 +53,7 @@ FUSION_RULES: list[Rule] = [
 ]
 
 
-# Lossy stages, by the name `optimize --quantize NAME` takes (`onnxshrink.lossy`). To add one,
+# Lossy stages, by the name `optimize --quantize NAME` takes (`onnxshrink.quant.lossy`). To add one,
 # write its module (a `PlannedStage` with `plan` and `materialize`, or a stage with its own
 # `run`) and list it here; the engine does not change. The order is the order of `--help`.
 LOSSY_STAGES: list[LossyStage] = [int8.STAGE, float16.STAGE]

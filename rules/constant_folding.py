@@ -49,7 +49,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     NONDETERMINISTIC_OPS,
     all_graphs,
     const_value,
@@ -63,7 +63,7 @@ from onnxshrink.graph import (
     optional_input,
     unique_name,
 )
-from onnxshrink.passes import RuleContext
+from onnxshrink.engine.passes import RuleContext
 from onnxshrink.rules.dead_code import may_share
 
 logger = logging.getLogger(__name__)

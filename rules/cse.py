@@ -26,7 +26,7 @@ from collections.abc import Hashable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     NONDETERMINISTIC_OPS,
     all_graphs,
     detach,
@@ -36,7 +36,7 @@ from onnxshrink.graph import (
     redirect_readers,
     replace_all_uses,
 )
-from onnxshrink.passes import RuleContext
+from onnxshrink.engine.passes import RuleContext
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxshrink.graph import all_graphs, is_default_domain, is_graph_output, node_owners
-from onnxshrink.passes import RuleContext
+from onnxshrink.engine.graph import all_graphs, is_default_domain, is_graph_output, node_owners
+from onnxshrink.engine.passes import RuleContext
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def may_share(tensor: gs.Tensor, nbytes: int, owners: dict[int, int]) -> bool:
 
     gs exports a constant into every graph that reads it, so a constant read from several
     graphs (say both branches of an If) is stored once per graph. `owners` comes from
-    `onnxshrink.graph.node_owners`.
+    `onnxshrink.engine.graph.node_owners`.
     """
     graphs = {owners.get(id(reader), -1) for reader in tensor.outputs}
     return len(graphs) <= 1 or nbytes <= MAX_SHARED_CONSTANT_BYTES

@@ -19,8 +19,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import all_graphs, redirect_readers
-from onnxshrink.passes import RuleContext
+from onnxshrink.engine.graph import all_graphs, redirect_readers
+from onnxshrink.engine.passes import RuleContext
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 The `--quantize fp16` stage (weights and compute in float16, the usual first step for CUDA and
 TensorRT). `fp16_candidates` says which nodes may run in float16 and why the others may not
-(the stage's plan); the engine's budget search (`onnxshrink.lossy.PlannedStage`) keeps the
+(the stage's plan); the engine's budget search (`onnxshrink.quant.lossy.PlannedStage`) keeps the
 nodes whose float16 error is largest in float32 until the error budget holds; `convert_float16`
 rewrites the model for the chosen subset (the materialization). `STAGE` is what
 `onnxshrink.rules.LOSSY_STAGES` lists: this module is the whole stage.
-Nodes are named as `onnxshrink.io.named_copy` names them (an unnamed node becomes
+Nodes are named as `onnxshrink.engine.io.named_copy` names them (an unnamed node becomes
 `<op_type>_<index>`), in both functions, so the names of one are valid for the other.
 
 1. Candidates. A main-graph node may run in float16 unless:
@@ -78,11 +78,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxshrink.engine.io import named_copy
+from onnxshrink.engine.shapes import default_opset, infer_shapes
 from onnxshrink.errors import UsageError
-from onnxshrink.io import named_copy
-from onnxshrink.lossy import Plan, PlannedStage
-from onnxshrink.shapes import default_opset, infer_shapes
-from onnxshrink.targets import TargetProfile
+from onnxshrink.quant.lossy import Plan, PlannedStage
+from onnxshrink.quant.targets import TargetProfile
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def fp16_candidates(
 ) -> tuple[list[str], dict[str, str]]:
     """The nodes that may compute in float16, in graph order, and the others with a reason.
 
-    Names are those of `onnxshrink.io.named_copy` (unnamed nodes: `<op_type>_<index>`);
+    Names are those of `onnxshrink.engine.io.named_copy` (unnamed nodes: `<op_type>_<index>`);
     the declined dict also lists nodes inside subgraphs. `exclude`: regexes, case 1b.
     """
     work = named_copy(model)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     const_value,
     detach,
     in_graph,
@@ -45,7 +45,7 @@ from onnxshrink.graph import (
     producer_of,
     replace_all_uses,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 from onnxshrink.rules.fold_conv_affine import (
     FLOAT_DTYPES,
     LINEAR_PRODUCERS,

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     const_value,
     detach,
     in_graph,
@@ -81,7 +81,7 @@ from onnxshrink.graph import (
     set_input,
     unique_name,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 

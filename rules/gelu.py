@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     detach,
     is_op,
     make_variable,
@@ -40,7 +40,7 @@ from onnxshrink.graph import (
     scalar_constant,
     unique_name,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 from onnxshrink.rules.hardswish import (
     ProductChain,
     close,

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     detach,
     is_graph_output,
     is_op,
@@ -57,7 +57,7 @@ from onnxshrink.graph import (
     sole_reader,
     unique_name,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ calibration, the error figure, the budget search and the checks are the engine's
       help, as on convolutional models): on all-MiniLM-L6-v2, alpha 0.7 took the held-out
       embedding cosine from 0.9935 to 0.998 at the same speed.
 4. Placement within the error budget: `quantize_with_budget` quantizes everything
-   eligible, and when the error figure (`onnxshrink.measure`) on the first calibration
+   eligible, and when the error figure (`onnxshrink.verify.measure`) on the first calibration
    samples exceeds `max_error`, keeps the most sensitive layers float until it holds.
 5. Speed-aware placement (`ort-cpu`, `check_speed`). int8 kernels pay off only where the
    arithmetic they save outweighs the Q/DQ conversions around them; on small tensors (a text
@@ -54,26 +54,26 @@ calibration, the error figure, the budget search and the checks are the engine's
    can disagree by (on the zoo's recognizers the two were within 1-4% and swapped places
    between runs of the bench).
    A warning note says when the result is still slower than the float model.
-6. The account (`onnxshrink.lossy.StageResult`): settings, feeds seen, the time of each
+6. The account (`onnxshrink.quant.lossy.StageResult`): settings, feeds seen, the time of each
    phase, the budget and QDQ reports, the speed check, and `layers`: every
    Conv/ConvTranspose/Gemm/MatMul with "int8" or "float" and why. `optimize` then judges the
-   result on held-out data (`onnxshrink.lossy.held_out_check`).
+   result on held-out data (`onnxshrink.quant.lossy.held_out_check`).
 
-Placement within the budget (step 4; `onnxshrink.budget` does the searching):
+Placement within the budget (step 4; `onnxshrink.quant.budget` does the searching):
 
-a. Ranking (`layer_sensitivity`, with `onnxshrink.budget.rank`). For each quantizable node
+a. Ranking (`layer_sensitivity`, with `onnxshrink.quant.budget.rank`). For each quantizable node
    (`qdq.quantizable_nodes` with no reason, and a calibrated range for its input), the model
    with that node alone quantized (`quantize_qdq(nodes={name})`) is measured: one ORT session
    per node. Sorted by error, largest first (ties by graph order).
 b. Budget (`quantize_with_budget`). Everything eligible is quantized and measured. When the
    error exceeds `max_error`, the k most sensitive nodes of the ranking stay float, with the
-   least k found by `onnxshrink.budget.decline_fewest` (galloping, then bisection; about
+   least k found by `onnxshrink.quant.budget.decline_fewest` (galloping, then bisection; about
    2 log2(N) sessions); when even k = N fails, nothing is quantized.
 c. Weight-only storage (not `tensorrt`; `qdq` case 6). Nodes float for structural reasons
    (no calibrated range, ...) store int8 weights in every step, so their rounding error is
    inside every measured figure. Of the k nodes kept float for sensitivity, those that can
    store int8 weights are sorted by weight size, largest first, and the longest prefix whose
-   int8 storage still meets the budget is found by `onnxshrink.budget.grant_most` (all of
+   int8 storage still meets the budget is found by `onnxshrink.quant.budget.grant_most` (all of
    them first: one session when it passes, about log2(k) more when not); the others stay
    entirely float. This is what makes the file small when the largest layer (often a
    classifier) is sensitive to activation quantization but not to weight rounding.
@@ -91,15 +91,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxshrink.budget import decline_fewest, grant_most, rank
-from onnxshrink.calibration import (
+from onnxshrink.errors import UsageError
+from onnxshrink.quant.budget import decline_fewest, grant_most, rank
+from onnxshrink.quant.calibration import (
     DEFAULT_BATCH,
     METHODS,
     CalibrationData,
     collect_statistics,
 )
-from onnxshrink.errors import UsageError
-from onnxshrink.lossy import (
+from onnxshrink.quant.lossy import (
     LayerDecision,
     SpeedCheck,
     StagedProgress,
@@ -110,8 +110,15 @@ from onnxshrink.lossy import (
     mask_notes,
     speed_check,
 )
-from onnxshrink.measure import mask_input as find_mask_input
-from onnxshrink.parity import declared_batches, split_feed
+from onnxshrink.quant.sensitivity import (
+    DEFAULT_MAX_ERROR,
+    DEFAULT_SAMPLES,
+    RANKING_SAMPLES,
+    BudgetReport,
+    ErrorReference,
+    LayerError,
+)
+from onnxshrink.quant.targets import target_profile
 from onnxshrink.rules.qdq import (
     QuantizeReport,
     activation_tensors,
@@ -122,15 +129,8 @@ from onnxshrink.rules.qdq import (
 )
 from onnxshrink.rules.quantize_gather import quantize_gather_tables
 from onnxshrink.rules.smooth_matmul import smooth_matmuls, smoothable_tensors
-from onnxshrink.sensitivity import (
-    DEFAULT_MAX_ERROR,
-    DEFAULT_SAMPLES,
-    RANKING_SAMPLES,
-    BudgetReport,
-    ErrorReference,
-    LayerError,
-)
-from onnxshrink.targets import target_profile
+from onnxshrink.verify.measure import mask_input as find_mask_input
+from onnxshrink.verify.parity import declared_batches, split_feed
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def quantize_int8(
     `calibration`: an .npz path, a folder of them, `loader.py[:function]`, `random`, a
     `CalibrationData`, or a list of feed dicts. `exclude`: regexes; a node stays float when one
     is found in its name or matches its op type. `max_error`: the mean output noise-to-signal
-    ratio allowed on calibration feeds (see `onnxshrink.sensitivity`). `progress(stage, done,
+    ratio allowed on calibration feeds (see `onnxshrink.quant.sensitivity`). `progress(stage, done,
     total)` reports the calibration pass and the sensitivity sessions. `check_speed` times the
     result against `model` on `ort-cpu` (module docstring, 5); `bias_correction` folds the
     mean shift of rounded weights into biases (module docstring, 3). Raises UsageError for bad
@@ -534,7 +534,7 @@ def quantize_int8(
 
 
 class Int8Stage:
-    """`--quantize int8` as a lossy stage (`onnxshrink.lossy`): `quantize_int8` with the
+    """`--quantize int8` as a lossy stage (`onnxshrink.quant.lossy`): `quantize_int8` with the
     user's settings."""
 
     name = "int8"

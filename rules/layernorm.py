@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     const_value,
     detach,
     is_op,
@@ -49,7 +49,7 @@ from onnxshrink.graph import (
     sole_reader,
     unique_name,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason
 
 logger = logging.getLogger(__name__)

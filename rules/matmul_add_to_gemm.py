@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     const_value,
     detach,
     first_dtype,
@@ -39,7 +39,7 @@ from onnxshrink.graph import (
     set_input,
     unique_name,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 from onnxshrink.rules.fold_conv_affine import FLOAT_DTYPES, folded_name
 
 logger = logging.getLogger(__name__)

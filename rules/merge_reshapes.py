@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     detach,
     input_or_attr,
     int_list,
@@ -45,7 +45,7 @@ from onnxshrink.graph import (
     tensor_dims,
     unique_name,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 from onnxshrink.rules.noop_elimination import reshape_is_noop
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     can_become_output,
     const_value,
     detach,
@@ -55,7 +55,7 @@ from onnxshrink.graph import (
     replace_all_uses,
     tensor_dims,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 

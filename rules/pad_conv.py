@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     const_value,
     detach,
     in_graph,
@@ -36,7 +36,7 @@ from onnxshrink.graph import (
     optional_input,
     producer_of,
 )
-from onnxshrink.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The result is a QDQ model in the standard ai.onnx domain: a runtime that knows i
 (ONNX Runtime's QDQ fusion into QLinearConv/QLinearMatMul/QGemm, TensorRT) fuses each
 `DQ -> op -> Q` group into one int8 kernel; any other runtime simply runs the float op on
 dequantized values. Ranges of the activations come from calibration (`collect_ranges` in
-`onnxshrink.calibration`); this module takes them as a plain dict `tensor -> (lo, hi)`.
+`onnxshrink.quant.calibration`); this module takes them as a plain dict `tensor -> (lo, hi)`.
 
 Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q - z) * s`.
 
@@ -26,7 +26,7 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    (`[C_in, C_out/g, k...]`), 1 for MatMul (`B[K, N]`), and for Gemm 0 when transB = 1
    (`B[N, K]`) else 1. Stored as an int8 initializer read by `DequantizeLinear(axis=...)`;
    per-channel DequantizeLinear needs opset 13, so a model below 13 is first converted with
-   `onnxshrink.shapes.convert_opset` (the report says so).
+   `onnxshrink.engine.shapes.convert_opset` (the report says so).
 3. Bias (Conv, ConvTranspose, and Gemm's C when it is 1-D of length N): int32 with
    `s_b,c = s_x * s_w,c`, `z = 0`, read by `DequantizeLinear(axis=0)`, so that the int32
    accumulator adds it directly. Only when the activation input is quantized. A channel whose
@@ -43,7 +43,7 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    a. The activation input of every quantized node reads DQ's output; readers that stay
       float keep reading the float tensor.
    b. `ort-cpu` also quantizes each quantized Conv/ConvTranspose/Gemm's output (the target
-      profile's `output_qdq_ops`; not MatMul's: `onnxshrink.targets`, 1) when its range is
+      profile's `output_qdq_ops`; not MatMul's: `onnxshrink.quant.targets`, 1) when its range is
       known, so that ORT can fuse `DQ -> Conv -> Q` into QLinearConv and the next layer reads
       int8 directly.
       Every reader of that output then reads DQ's output (a float reader beside Q would stop
@@ -99,16 +99,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxshrink.engine.io import named_copy
+from onnxshrink.engine.shapes import convert_opset, default_opset
 from onnxshrink.errors import UsageError
-from onnxshrink.io import named_copy
-from onnxshrink.schemes import INT8_WEIGHT
-from onnxshrink.shapes import convert_opset, default_opset
-from onnxshrink.targets import PROFILES, TargetProfile, target_profile
-from onnxshrink.targets import TARGETS as PROFILE_NAMES
+from onnxshrink.quant.schemes import INT8_WEIGHT
+from onnxshrink.quant.targets import PROFILES, TargetProfile, target_profile
+from onnxshrink.quant.targets import TARGETS as PROFILE_NAMES
 
 logger = logging.getLogger(__name__)
 
-#: quantization targets (onnxshrink.targets): activation scheme and where Q/DQ go (case 4, 5)
+#: quantization targets (onnxshrink.quant.targets): activation scheme and where Q/DQ go (case 4, 5)
 TARGETS = PROFILE_NAMES
 #: ops quantized with a constant weight at input 1 (case 1)
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -296,7 +296,7 @@ def quantize_qdq(
 ) -> tuple[onnx.ModelProto, QuantizeReport]:
     """Quantize a float model to QDQ int8 with calibrated activation ranges; `model` is kept.
 
-    - `ranges`: tensor name -> (lo, hi), as `onnxshrink.calibration.collect_ranges` returns;
+    - `ranges`: tensor name -> (lo, hi), as `onnxshrink.quant.calibration.collect_ranges` returns;
       tensors listed by `activation_tensors` should be present (a quantizable node whose input
       has no range stays float; an output without one gets no output Q/DQ).
     - `exclude`: regexes; a node stays float when one is found in its name (`re.search`) or

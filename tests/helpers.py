@@ -12,8 +12,8 @@ import onnx.parser
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from onnxshrink.optimize import rewrite_model
-from onnxshrink.passes import FunctionPass, Pass, PassStats, Rule, RuleContext, RulePass
+from onnxshrink.engine.optimize import rewrite_model
+from onnxshrink.engine.passes import FunctionPass, Pass, PassStats, Rule, RuleContext, RulePass
 
 #: a `graph, ctx -> modified` function, which `apply` wraps into a FunctionPass
 GraphFunction = Callable[[gs.Graph, RuleContext], bool]

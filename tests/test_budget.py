@@ -1,8 +1,8 @@
-"""The generic budget search (onnxshrink.budget) on made-up error functions."""
+"""The generic budget search (onnxshrink.quant.budget) on made-up error functions."""
 
 from __future__ import annotations
 
-from onnxshrink.budget import decline_fewest, grant_most, rank
+from onnxshrink.quant.budget import decline_fewest, grant_most, rank
 
 
 def _errors_by_count(per_unit: dict[str, float]):
@@ -68,7 +68,7 @@ def test_grant_most_longest_prefix() -> None:
 
 
 def test_isolate_finds_the_culprits_in_few_measurements() -> None:
-    from onnxshrink.budget import isolate
+    from onnxshrink.quant.budget import isolate
 
     units = [f"u{i}" for i in range(200)]
     culprits = {"u17", "u150"}

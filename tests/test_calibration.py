@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxshrink.calibration import (
+from onnxshrink.errors import UsageError
+from onnxshrink.quant.calibration import (
     HistogramObserver,
     MinMaxObserver,
     calibration_feeds,
@@ -17,7 +18,6 @@ from onnxshrink.calibration import (
     observe,
     qparams_for_range,
 )
-from onnxshrink.errors import UsageError
 from tests.helpers import make_model
 
 CONV_TEXT = """
@@ -168,7 +168,7 @@ def test_thresholds_directly_on_histograms() -> None:
 def test_mse_threshold_beats_neighbours_on_fake_quantization(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import onnxshrink.calibration as calibration_module
+    import onnxshrink.quant.calibration as calibration_module
 
     monkeypatch.setattr(calibration_module, "HIST_SAMPLE", 1 << 30)  # the math on every value
     data = heavy_tailed(1)
@@ -430,7 +430,7 @@ def test_loader_script_that_does_not_import(tmp_path) -> None:
 
 def test_random_source_warns(caplog) -> None:
     model = conv_model()
-    with caplog.at_level("WARNING", logger="onnxshrink.calibration"):
+    with caplog.at_level("WARNING", logger="onnxshrink.quant.calibration"):
         data = calibration_feeds("random", model, random_samples=3)
     assert data.synthetic and len(data) == 3
     assert "random" in caplog.text
@@ -461,7 +461,7 @@ def test_npz_missing_input_names_calibration_option(tmp_path) -> None:
 
 
 def test_collect_statistics_channel_means_match_numpy() -> None:
-    from onnxshrink.calibration import ChannelMeanObserver, collect_statistics
+    from onnxshrink.quant.calibration import ChannelMeanObserver, collect_statistics
 
     model = conv_model()
     feeds = [_feed(seed) for seed in range(4)]
@@ -494,7 +494,7 @@ def _arrays_by_running(
 ) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    from onnxshrink.io import with_outputs
+    from onnxshrink.engine.io import with_outputs
 
     sess = ort.InferenceSession(
         with_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"]
@@ -505,7 +505,7 @@ def _arrays_by_running(
 
 
 def test_large_tensors_are_histogrammed_on_a_sample_with_exact_min_max() -> None:
-    from onnxshrink.calibration import HIST_SAMPLE
+    from onnxshrink.quant.calibration import HIST_SAMPLE
 
     rng = np.random.default_rng(5)
     feeds = [rng.normal(0.0, 1.0, size=(4, 64, 32, 32)).astype(np.float32) for _ in range(8)]

@@ -13,7 +13,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from onnxshrink.cli import app
-from onnxshrink.cli_parity import _progress
+from onnxshrink.cli.common import progress_bar
 from tests.helpers import make_model
 from tests.test_localize import build_chain, perturbed
 
@@ -234,10 +234,10 @@ def test_help_explains_the_options():
 
 def test_progress_only_on_a_terminal():
     quiet = Console(file=io.StringIO())
-    with _progress(quiet, "parity") as callback:
+    with progress_bar(quiet, "parity") as callback:
         assert callback is None
     terminal = Console(file=io.StringIO(), force_terminal=True)
-    with _progress(terminal, "parity") as callback:
+    with progress_bar(terminal, "parity") as callback:
         callback(1, 2)
         callback(2, 2)
     assert "parity" in terminal.file.getvalue()

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import (
+from onnxshrink.engine.graph import (
     const_value,
     detach,
     is_default_domain,

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxshrink.engine.io import load_model, save_model
 from onnxshrink.errors import ModelLoadError, UsageError
-from onnxshrink.io import load_model, save_model
 
 
 def test_load_roundtrip(conv_bn_path, conv_bn_model):
@@ -104,7 +104,7 @@ def test_save_to_missing_folder_or_directory_fails_cleanly(tmp_path, conv_bn_mod
 
 
 def test_save_large_model_uses_external_data(tmp_path, conv_bn_model, monkeypatch):
-    import onnxshrink.io as io_module
+    import onnxshrink.engine.io as io_module
 
     monkeypatch.setattr(io_module, "_EXTERNAL_DATA_THRESHOLD", 100)
     conv_bn_model.graph.initializer.append(

@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 import onnxshrink
-from onnxshrink.localize import localize
-from onnxshrink.parity import generate_inputs
+from onnxshrink.verify.localize import localize
+from onnxshrink.verify.parity import generate_inputs
 from tests.helpers import make_model
 
 _CHAIN = """

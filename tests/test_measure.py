@@ -1,4 +1,4 @@
-"""The error figure of lossy stages (onnxshrink.measure): per channel group, worst output."""
+"""The error figure of lossy stages (onnxshrink.verify.measure): per channel group, worst output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from onnxshrink.measure import (
+from onnxshrink.verify.measure import (
     OutputNoise,
     channel_axes,
     grouped_nsr,
@@ -141,7 +141,7 @@ def test_mask_input_finds_the_convention_or_the_users_choice() -> None:
     from onnx import TensorProto, helper
 
     from onnxshrink.errors import UsageError
-    from onnxshrink.measure import mask_input
+    from onnxshrink.verify.measure import mask_input
 
     def model(*inputs):
         values = [helper.make_tensor_value_info(n, t, [1, 4]) for n, t in inputs]

@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 import onnxshrink
+from onnxshrink.engine.passes import FunctionPass
 from onnxshrink.errors import ParityError, UsageError
-from onnxshrink.passes import FunctionPass
 from tests.helpers import histogram, make_model
 
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from onnxshrink.errors import UsageError
-from onnxshrink.parity import (
+from onnxshrink.verify.parity import (
     DEFAULT_RTOL,
     InputBatches,
     OutputStats,
@@ -104,7 +104,7 @@ def test_load_inputs_from_file_and_folder(tmp_path):
 
 
 def test_reference_outputs_are_computed_once_per_feed(conv_bn_model, monkeypatch):
-    from onnxshrink.parity import Reference
+    from onnxshrink.verify.parity import Reference
 
     feeds = [generate_inputs(conv_bn_model, seed=s) for s in range(3)]
     reference = Reference(conv_bn_model)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxshrink.passes import FunctionPass, PassError, PassManager, PassStats, RuleContext, RulePass
+from onnxshrink.engine.passes import (
+    FunctionPass,
+    PassError,
+    PassManager,
+    PassStats,
+    RuleContext,
+    RulePass,
+)
 from onnxshrink.rules import lossless_passes
 from onnxshrink.rules.noop_elimination import RULES as NOOP_RULES
 from tests.helpers import apply, histogram, make_model

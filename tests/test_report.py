@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 import onnxshrink
-from onnxshrink import charts
 from onnxshrink.errors import UsageError
-from onnxshrink.parity import OutputParity
 from onnxshrink.report import (
+    charts,
     render_html,
     render_markdown,
     report_dict,
@@ -27,6 +26,7 @@ from onnxshrink.report import (
     short_names,
     write_report,
 )
+from onnxshrink.verify.parity import OutputParity
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "<script>alert('x')</script>"

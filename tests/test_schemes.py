@@ -1,4 +1,4 @@
-"""Quantization schemes (onnxshrink.schemes): ranges to qparams, values to integers."""
+"""Quantization schemes (onnxshrink.quant.schemes): ranges to qparams, values to integers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from onnxshrink.errors import UsageError
-from onnxshrink.schemes import INT8_ACTIVATION, INT8_WEIGHT, UINT8_ACTIVATION, Scheme
+from onnxshrink.quant.schemes import INT8_ACTIVATION, INT8_WEIGHT, UINT8_ACTIVATION, Scheme
 
 
 def test_integer_ranges_and_types() -> None:

@@ -1,11 +1,11 @@
-"""Target profiles (onnxshrink.targets): one place for what each runtime takes."""
+"""Target profiles (onnxshrink.quant.targets): one place for what each runtime takes."""
 
 from __future__ import annotations
 
 import pytest
 
 from onnxshrink.errors import UsageError
-from onnxshrink.targets import PROFILES, TARGETS, target_profile
+from onnxshrink.quant.targets import PROFILES, TARGETS, target_profile
 
 
 def test_profiles_hold_the_runtime_rules() -> None:

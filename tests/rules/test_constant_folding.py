@@ -7,7 +7,7 @@ import onnx
 import onnx.parser
 import onnx_graphsurgeon as gs
 
-from onnxshrink.passes import PassStats, RuleContext
+from onnxshrink.engine.passes import PassStats, RuleContext
 from onnxshrink.rules.constant_folding import fold_constants
 from onnxshrink.rules.dead_code import constants_to_initializers
 from tests.helpers import apply, assert_rewritten, histogram, make_model, run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxshrink.passes import PassStats, RuleContext
+from onnxshrink.engine.passes import PassStats, RuleContext
 from onnxshrink.rules.cse import eliminate_common_subexpressions as cse
 from tests.helpers import apply, assert_rewritten, assert_unchanged, histogram, make_model
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.passes import PassStats, RuleContext
+from onnxshrink.engine.passes import PassStats, RuleContext
 from onnxshrink.rules.dead_code import constants_to_initializers, remove_dead_code
 from tests.helpers import apply, assert_rewritten, histogram, make_model, run
 

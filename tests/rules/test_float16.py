@@ -439,7 +439,7 @@ g (float[2] x) => (float[2] y, int64[2] n) {
 
 
 # --------------------------------------------------------------------------------------------
-# The stage: plan + materialization under the engine's budget search (onnxshrink.lossy)
+# The stage: plan + materialization under the engine's budget search (onnxshrink.quant.lossy)
 
 
 def _stage_feeds(model: onnx.ModelProto, n: int = 8) -> list[dict[str, np.ndarray]]:
@@ -447,7 +447,7 @@ def _stage_feeds(model: onnx.ModelProto, n: int = 8) -> list[dict[str, np.ndarra
 
 
 def test_stage_converts_everything_within_a_loose_budget():
-    from onnxshrink.lossy import StageSettings
+    from onnxshrink.quant.lossy import StageSettings
     from onnxshrink.rules import LOSSY_STAGES, lossy_stage
     from onnxshrink.rules.float16 import STAGE
 
@@ -462,7 +462,7 @@ def test_stage_converts_everything_within_a_loose_budget():
 
 
 def test_stage_keeps_the_most_sensitive_nodes_float32_under_a_tight_budget():
-    from onnxshrink.lossy import StageSettings
+    from onnxshrink.quant.lossy import StageSettings
     from onnxshrink.rules.float16 import STAGE
 
     model = _conv_net()

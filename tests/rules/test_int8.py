@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import onnxshrink
 from onnxshrink.cli import app
 from onnxshrink.errors import UsageError
-from onnxshrink.lossy import SPEED_RUNS, held_out_check
+from onnxshrink.quant.lossy import SPEED_RUNS, held_out_check
 from onnxshrink.rules.int8 import quantize_int8
 from tests.helpers import histogram, make_model
 
@@ -115,7 +115,7 @@ def test_quantize_int8_writes_qdq_that_ort_loads(net_files):
     assert result.feeds == 8 and not result.synthetic and result.calibration == str(calib)
     assert result.method == "percentile" and result.target == "ort-cpu"
     # the budget's figure is the written model's error on the calibration samples, re-measured
-    from onnxshrink.measure import model_error
+    from onnxshrink.verify.measure import model_error
 
     float_session = ort.InferenceSession(
         model.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -426,8 +426,8 @@ def build_dynamic_net() -> onnx.ModelProto:
 def test_calibration_npz_runs_in_batches_and_float_model_runs_once(tmp_path, monkeypatch) -> None:
     """64 samples in one .npz for a dynamic-batch model: 8 runs of 8, never one run of 64, and
     the budget's reference comes from the statistics pass (the float model is not run again)."""
-    import onnxshrink.calibration as calibration_module
-    from onnxshrink.sensitivity import ErrorReference
+    import onnxshrink.quant.calibration as calibration_module
+    from onnxshrink.quant.sensitivity import ErrorReference
 
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=_samples(1, 64))
@@ -483,7 +483,7 @@ def test_held_out_check_reports_a_task_metric(tmp_path):
         "def broken(ref, cand):\n"
         "    raise RuntimeError('no labels here')\n"
     )
-    from onnxshrink.measure import load_metric
+    from onnxshrink.verify.measure import load_metric
 
     model = build_net()
     feeds = [{"x": x[None]} for x in _samples(5, 6)]

@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxshrink.calibration import collect_ranges
 from onnxshrink.errors import UsageError
+from onnxshrink.quant.calibration import collect_ranges
+from onnxshrink.quant.sensitivity import output_error
 from onnxshrink.rules.int8 import layer_sensitivity, quantize_with_budget
 from onnxshrink.rules.qdq import activation_tensors
-from onnxshrink.sensitivity import output_error
 from tests.helpers import histogram, make_model, run
 
 _THREE_MATMULS = """

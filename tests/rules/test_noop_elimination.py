@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxshrink.passes import PassStats, RuleContext
+from onnxshrink.engine.passes import PassStats, RuleContext
 from onnxshrink.rules.noop_elimination import RULES, RemoveInferenceDropout, reshape_is_noop
 from tests.helpers import apply, assert_rewritten, assert_unchanged, histogram, make_model
 

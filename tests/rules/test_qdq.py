@@ -541,7 +541,7 @@ def test_weight_only_storage_for_matmul_kept_float() -> None:
 def test_weight_only_conv_needs_a_share_of_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    import onnxshrink.targets as targets_module
+    import onnxshrink.quant.targets as targets_module
 
     model = _conv_relu_conv()
     _, report, _ = _calibrated(model, nodes={"Conv_0"})

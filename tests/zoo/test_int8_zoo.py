@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from models import data
 from onnxshrink.cli import app
-from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
 from tests.zoo.conftest import model_path, sha256_of
 
 pytestmark = pytest.mark.zoo
@@ -58,8 +58,8 @@ def test_rec_int8_reads_like_fp32_and_is_small() -> None:
     import numpy as np
 
     import onnxshrink
-    from onnxshrink.parity import ort_session
     from onnxshrink.rules.int8 import quantize_int8
+    from onnxshrink.verify.parity import ort_session
 
     name = "ppocr-v5-rec"
     source = model_path(name)
@@ -121,7 +121,7 @@ def _mixed_scale_detector(source) -> onnx.ModelProto:
 
 def test_budget_catches_a_quantization_that_ruins_the_small_part_of_an_output():
     """Issue 8: box-scale and score-scale values in one output; scores ruined, boxes intact."""
-    from onnxshrink.sensitivity import ErrorReference
+    from onnxshrink.quant.sensitivity import ErrorReference
 
     source = model_path("ppocr-v4-det")
     mixed = _mixed_scale_detector(source)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from models import data
 from onnxshrink.cli import app
-from onnxshrink.localize import localize
+from onnxshrink.verify.localize import localize
 from tests.zoo.conftest import model_path
 
 pytestmark = pytest.mark.zoo

@@ -18,11 +18,11 @@ needs editing to add one.
    N samples along axis 0, a folder, a loader script, `random`, a list of feed dicts), cut
    into runs of at most `calibration_batch` samples and streamed.
 3. The generic run (`PlannedStage.run`):
-   a. the model's nodes are named once (`onnxshrink.io.named_copy`), so plans name units;
+   a. the model's nodes are named once (`onnxshrink.engine.io.named_copy`), so plans name units;
    b. the float model's outputs on the first `sensitivity.DEFAULT_SAMPLES` calibration
       samples are the reference (`sensitivity.ErrorReference`);
-   c. the full plan is materialized and measured (`onnxshrink.measure`'s figure: the worst
-      channel group's noise-to-signal ratio); over `max_error`, a plan of more than
+   c. the full plan is materialized and measured (`onnxshrink.verify.measure`'s figure: the
+      worst channel group's noise-to-signal ratio); over `max_error`, a plan of more than
       `ISOLATE_ABOVE` units is first searched for the few units that break it
       (`budget.isolate`, group testing: about 2 k log2(N) measurements for k culprits), and
       those are declined if that meets the budget; otherwise each unit is measured alone
@@ -30,7 +30,7 @@ needs editing to add one.
       (`budget.decline_fewest`) until the budget holds;
    d. the result: the model, the plan as materialized, every unit's decision, the budget's
       figures and the time each phase took.
-4. The target profile (`onnxshrink.targets`) says what the runtime accepts; stages read it
+4. The target profile (`onnxshrink.quant.targets`) says what the runtime accepts; stages read it
    instead of comparing target names.
 5. `held_out_check` judges any stage's model against the original on held-out feeds, with
    the budget's figure per output, cosine, SNR, argmax agreement and a user's task metric.
@@ -51,19 +51,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import onnx
 
-from onnxshrink.budget import decline_fewest, isolate, rank
-from onnxshrink.calibration import DEFAULT_BATCH, CalibrationData, calibration_feeds
+from onnxshrink.engine.io import named_copy
 from onnxshrink.errors import UsageError
-from onnxshrink.io import named_copy
-from onnxshrink.measure import OutputNoise, TaskMetric, mask_input
-from onnxshrink.parity import (
-    Reference,
-    check_parity,
-    declared_batches,
-    feed_samples,
-    split_feed,
-)
-from onnxshrink.sensitivity import (
+from onnxshrink.quant.budget import decline_fewest, isolate, rank
+from onnxshrink.quant.calibration import DEFAULT_BATCH, CalibrationData, calibration_feeds
+from onnxshrink.quant.sensitivity import (
     DEFAULT_MAX_ERROR,
     DEFAULT_SAMPLES,
     RANKING_SAMPLES,
@@ -71,7 +63,15 @@ from onnxshrink.sensitivity import (
     ErrorReference,
     LayerError,
 )
-from onnxshrink.targets import TargetProfile, target_profile
+from onnxshrink.quant.targets import TargetProfile, target_profile
+from onnxshrink.verify.measure import OutputNoise, TaskMetric, mask_input
+from onnxshrink.verify.parity import (
+    Reference,
+    check_parity,
+    declared_batches,
+    feed_samples,
+    split_feed,
+)
 
 if TYPE_CHECKING:
     from onnxshrink.rules.qdq import QuantizeReport
@@ -157,7 +157,7 @@ class OutputError:
 @dataclass
 class HeldOutCheck:
     """`held_out_check`'s result. `error` is the budget's figure: the worst float output's
-    per-group NSR (`onnxshrink.measure`).
+    per-group NSR (`onnxshrink.verify.measure`).
 
     `held_out` is False when the feeds were generated or are the calibration data itself;
     `source` says where they came from. `verified` is False when a model could not run (then
@@ -510,9 +510,9 @@ def held_out_check(
     """Judge a lossy stage's model against the original on `feeds` (module docstring, 5).
 
     `float_outputs` names the outputs that count in the error (default: all); the error is the
-    budget's figure (`onnxshrink.measure`: per channel group, worst output). `metric` (a
+    budget's figure (`onnxshrink.verify.measure`: per channel group, worst output). `metric` (a
     user's task metric) is called on every batch and its mean reported. `mask` names the
-    input masking padded positions (`onnxshrink.measure`, 6). Never raises for ORT
+    input masking padded positions (`onnxshrink.verify.measure`, 6). Never raises for ORT
     failures: the check is then unverified, with the reason; a failing metric raises
     UsageError.
     """

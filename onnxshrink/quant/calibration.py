@@ -9,8 +9,8 @@ Data sources (`calibration_feeds`):
 
 1. An `.npz` file with one array per model input, axis 0 the sample axis, split into runs of
    at most `max_batch` samples (`DEFAULT_BATCH`, 8; the model's fixed batch when it declares
-   one: `onnxshrink.parity.plan_batches`) and streamed: each run's rows are read from the file
-   when it comes, so memory holds one run whatever the file holds.
+   one: `onnxshrink.verify.parity.plan_batches`) and streamed: each run's rows are read from the
+   file when it comes, so memory holds one run whatever the file holds.
 2. A folder of such files, read one file at a time.
 3. A data-loader script, `loader.py` or `loader.py:function` (as Polygraphy's
    `--data-loader-script`): the function (default `load_data`) returns an iterable of feed
@@ -78,7 +78,7 @@ Collecting (`collect_ranges`):
     sum per channel and a count, updated from the same arrays in the same pass (what bias
     correction needs: `onnxshrink.rules.qdq`, case 7).
 12. With `on_run`, the session also fetches the model's own graph outputs, and hands each feed
-    and its outputs to the hook: the error budget (`onnxshrink.sensitivity.ErrorReference`)
+    and its outputs to the hook: the error budget (`onnxshrink.quant.sensitivity.ErrorReference`)
     keeps the first few as its reference instead of running the float model a second time.
 13. `channel_ranges` keeps, per tensor asked, the min and max of every channel of the last
     axis (`ChannelRangeObserver`): what activation smoothing needs (`onnxshrink.rules.int8`), and
@@ -100,17 +100,17 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxshrink.engine.io import with_outputs
+from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import UsageError, first_line
-from onnxshrink.io import with_outputs
-from onnxshrink.parity import (
+from onnxshrink.quant.schemes import Scheme
+from onnxshrink.verify.parity import (
     InputBatches,
     declared_batches,
     generate_inputs,
     model_inputs,
     split_feed,
 )
-from onnxshrink.schemes import Scheme
-from onnxshrink.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -487,7 +487,7 @@ def qparams_for_range(
 ) -> tuple[float, int]:
     """(scale, zero_point) covering [lo, hi] (widened to hold 0) on a uint8/int8 grid.
 
-    The algebra is `onnxshrink.schemes.Scheme.qparams` (module docstring, 7-9).
+    The algebra is `onnxshrink.quant.schemes.Scheme.qparams` (module docstring, 7-9).
     """
     if dtype not in ("uint8", "int8"):
         raise UsageError(f"quantized type {dtype!r}: expected uint8 or int8")

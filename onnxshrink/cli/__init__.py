@@ -1,9 +1,14 @@
-"""The `onnxshrink` command line. The CLI owns the terminal: rich tables, one-line errors."""
+"""The `onnxshrink` command line. The CLI owns the terminal: rich tables, one-line errors.
+
+This module holds the typer `app`, `main` (the console script) and the `optimize` and `rules`
+commands; `parity` and `bench` live in their own modules and register themselves on `app`.
+What the commands share (consoles, failures, progress bars, the benchmark table) is in
+`onnxshrink.cli.common`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import sys
 from pathlib import Path
@@ -14,13 +19,22 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxshrink import __version__
-from onnxshrink.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
+from onnxshrink.cli.common import (
+    err,
+    fail,
+    fmt,
+    out,
+    print_bench_report,
+    progress_bar,
+    setup_logging,
+)
+from onnxshrink.engine.optimize import ModelSummary, OptimizeResult
 from onnxshrink.errors import OnnxShrinkError
-from onnxshrink.optimize import ModelSummary, OptimizeResult
-from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_RTOL
+from onnxshrink.quant.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
+from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
-from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
-from onnxshrink.targets import TARGETS as QUANTIZE_TARGETS
+from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -29,9 +43,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     no_args_is_help=True,
 )
-# Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables read better wider.
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _version(value: bool) -> None:
@@ -269,10 +280,10 @@ def optimize(
 
     Exit codes: 0 written; 1 parity failed or internal failure (nothing written); 2 bad input.
     """
-    from onnxshrink.optimize import optimize as run_optimize
-    from onnxshrink.shapes import parse_input_shapes
+    from onnxshrink.engine.optimize import optimize as run_optimize
+    from onnxshrink.engine.shapes import parse_input_shapes
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     target = output if output is not None else model.with_name(model.stem + ".opt.onnx")
     bench_report = None
     try:
@@ -308,9 +319,8 @@ def optimize(
             )
         if bench:
             from onnxshrink.bench import benchmark, parse_providers
-            from onnxshrink.cli_parity import _progress
 
-            with _progress(err, "benchmarking") as progress:
+            with progress_bar(err, "benchmarking") as progress:
                 bench_report = benchmark(
                     [str(model), str(result.output_path)],
                     parse_providers(bench_provider),
@@ -320,18 +330,16 @@ def optimize(
                     progress=progress,
                 )
     except OnnxShrinkError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
         if verbose:
             raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
+        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
     _print_result(model, result, verbose)
     if result.quantization is not None:
         _print_quantization(result)
     if bench_report is not None:
-        from onnxshrink.cli_bench import _print_report
-
-        _print_report(out, bench_report)
+        print_bench_report(out, bench_report)
         for provider_name, reason in bench_report.skipped:
             err.print(
                 f"[yellow]bench skipped {provider_name}:[/yellow] {reason}",
@@ -353,16 +361,16 @@ def optimize(
                 bench=bench_report,
             )
         except OnnxShrinkError as exc:
-            _fail(str(exc), exc.exit_code)
+            fail(str(exc), exc.exit_code)
         out.print(f"report: {written}")
 
 
 def _register_commands() -> None:
     # Commands that live in their own modules; each adds itself to `app`.
-    from onnxshrink import cli_bench, cli_parity
+    from onnxshrink.cli import bench, parity
 
-    cli_parity.register(app)
-    cli_bench.register(app)
+    parity.register(app)
+    bench.register(app)
 
 
 _register_commands()
@@ -557,8 +565,6 @@ KEPT_ROWS = 25
 def _print_quantization(result: OptimizeResult) -> None:
     """The lossy stage's section: settings, counts, layers kept float and why, the held-out
     check."""
-    from onnxshrink.cli_parity import _fmt
-
     q = result.quantization
     assert q is not None  # the caller checks
     budget = q.budget
@@ -638,7 +644,7 @@ def _print_quantization(result: OptimizeResult) -> None:
         + (
             ""
             if check.metric is None
-            else f"; --metric {check.metric}: {_fmt(check.metric_value, '.4g')}"
+            else f"; --metric {check.metric}: {fmt(check.metric_value, '.4g')}"
         ),
         highlight=False,
     )
@@ -652,33 +658,12 @@ def _print_quantization(result: OptimizeResult) -> None:
         agree = "-" if o.argmax_agreement is None else f"{o.argmax_agreement * 100:.1f}%"
         table.add_row(
             o.name,
-            _fmt(o.cosine, ".6f"),
-            _fmt(o.snr_db, ".1f"),
-            _fmt(o.nsr, ".2e"),
+            fmt(o.cosine, ".6f"),
+            fmt(o.snr_db, ".1f"),
+            fmt(o.nsr, ".2e"),
             agree,
         )
     out.print(table)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # onnx-graphsurgeon logs its own warnings through its own logger; keep them for -v.
-    if not verbose:
-        try:
-            import onnx_graphsurgeon as gs
-
-            gs.logger.severity = gs.logger.ERROR
-        except Exception:
-            pass
-
-
-def _fail(message: str, code: int) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def main() -> None:

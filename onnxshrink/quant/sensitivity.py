@@ -1,7 +1,7 @@
 """The error budget of lossy stages: the error figure, its reference outputs, the default budget.
 
 Error figure. For a candidate model q and the float model f, run on the same feeds (the feeds
-holding the first `samples` calibration samples), the error is `onnxshrink.measure`'s: the
+holding the first `samples` calibration samples), the error is `onnxshrink.verify.measure`'s: the
 noise-to-signal ratio `sum (q - f)^2 / sum f^2` of each output, judged per channel group so
 that a small-valued part of an output (class scores beside box coordinates) counts as much as
 a large one, and the worst float output's figure. It is scale-free and, for an output of one
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from onnxshrink.rules.qdq import QuantizeReport
 
 from onnxshrink.errors import UsageError, first_line
-from onnxshrink.measure import model_error
-from onnxshrink.parity import declared_batches, feed_samples, model_inputs, ort_session
+from onnxshrink.verify.measure import model_error
+from onnxshrink.verify.parity import declared_batches, feed_samples, model_inputs, ort_session
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ErrorReference:
         self.feeds: list[Feed] = []
         self.outputs: list[list[np.ndarray]] = []
         self.counts: list[int] = []  # samples per feed
-        #: the graph input masking padded positions (`onnxshrink.measure`, 6), or None
+        #: the graph input masking padded positions (`onnxshrink.verify.measure`, 6), or None
         self.mask: str | None = None
 
     @property
@@ -179,7 +179,7 @@ def output_error(
     candidate: Sequence[Sequence[np.ndarray]],
     outputs: Sequence[int] | None = None,
 ) -> float:
-    """The budget's error figure: `onnxshrink.measure.model_error` (module docstring)."""
+    """The budget's error figure: `onnxshrink.verify.measure.model_error` (module docstring)."""
     return model_error(reference, candidate, outputs)
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.console import Console, JustifyMethod
 from rich.markup import escape
-from rich.table import Table
 
-if TYPE_CHECKING:
-    from onnxshrink.bench import BenchReport
+from onnxshrink.cli.common import err, fail, out, print_bench_report, progress_bar, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -145,14 +142,12 @@ def bench(
     Exit codes: 0 when at least one provider ran; 1 when nothing ran (every provider skipped,
     every model failed); 2 bad input (missing model, bad --provider, --input-shape, --inputs).
     """
-    from onnxshrink import cli
     from onnxshrink.bench import benchmark, parse_providers
-    from onnxshrink.cli_parity import _progress
+    from onnxshrink.engine.io import write_text_atomic
+    from onnxshrink.engine.shapes import parse_input_shapes
     from onnxshrink.errors import OnnxShrinkError, UsageError
-    from onnxshrink.io import write_text_atomic
-    from onnxshrink.shapes import parse_input_shapes
 
-    cli._setup_logging(verbose)
+    setup_logging(verbose)
     json_to_stdout = json_path == "-"
     try:
         providers = parse_providers(provider or ["cpu"])
@@ -161,7 +156,7 @@ def bench(
             parent = Path(json_path).parent
             if not parent.is_dir():
                 raise UsageError(f"--json {json_path}: folder {parent} does not exist")
-        with _progress(cli.err, "benchmarking", not json_to_stdout) as progress:
+        with progress_bar(err, "benchmarking", not json_to_stdout) as progress:
             report = benchmark(
                 [str(m) for m in models],
                 providers,
@@ -179,109 +174,32 @@ def bench(
                 seed=seed,
             )
     except OnnxShrinkError as exc:
-        cli._fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
         if verbose:
             raise
-        cli._fail(
-            f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1
-        )
+        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
 
     if json_to_stdout:
         # Plain text, not rich: nothing wrapped or coloured, so it parses.
         typer.echo(report.to_json())
     else:
-        _print_report(cli.out, report)
+        print_bench_report(out, report)
         if json_path:
             try:
                 write_text_atomic(Path(json_path), report.to_json() + "\n")
             except OSError as exc:
-                cli._fail(f"--json {json_path}: cannot write ({exc.strerror or exc})", 2)
+                fail(f"--json {json_path}: cannot write ({exc.strerror or exc})", 2)
     for provider_name, reason in report.skipped:
-        cli.err.print(
+        err.print(
             f"[yellow]skipped {provider_name}:[/yellow] {escape(reason)}",
             highlight=False,
             soft_wrap=True,
         )
     if json_to_stdout:
         for warning in report.warnings:
-            cli.err.print(
+            err.print(
                 f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
             )
     if not report.rows:
-        cli._fail("nothing ran: every requested provider or model was skipped (see above)", 1)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _ms(value: float) -> str:
-    return f"{value:.3f}" if value < 10 else f"{value:.2f}"
-
-
-def _placement(shares: dict[str, float]) -> str:
-    if not shares:
-        return "?"
-    return ", ".join(f"{p.removesuffix('ExecutionProvider')} {s:.0%}" for p, s in shares.items())
-
-
-def _print_report(console, report: BenchReport) -> None:
-    env = report.environment
-    threads = env.threads if env.threads is not None else "ORT default"
-    header = (
-        f"[bold]onnxshrink bench[/bold]: ONNX Runtime {env.onnxruntime}, {env.cpu_count} CPUs, "
-        f"intra-op threads {threads}"
-        + (f", GPU {env.gpu}" if env.gpu else "")
-        + f"; {report.warmup} warmup + {report.runs} timed interleaved rounds"
-        + (", IOBinding" if report.iobinding else "")
-    )
-    console.print(header, highlight=False, soft_wrap=True)
-    if not report.rows:
-        return
-    table = Table(show_header=True, header_style="bold")
-    # Model paths are what the reader needs whole; let the placement column wrap instead.
-    width = min(max(len(r.model) for r in report.rows), 60)
-    table.add_column("model", min_width=width, overflow="fold")
-    columns: tuple[tuple[str, JustifyMethod], ...] = (
-        ("provider", "left"),
-        ("p50 ms", "right"),
-        ("p90 ms", "right"),
-        ("mean ms", "right"),
-        ("samples/s", "right"),
-        ("session s", "right"),
-        ("peak MB", "right"),
-        ("vs first", "right"),
-    )
-    for title, justify in columns:
-        table.add_column(title, justify=justify)
-    table.add_column("placement", overflow="fold")
-    for r in report.rows:
-        table.add_row(
-            r.model,
-            r.provider,
-            _ms(r.p50_ms),
-            _ms(r.p90_ms),
-            _ms(r.mean_ms),
-            f"{r.throughput:.1f}",
-            f"{r.session_s:.2f}",
-            _fmt(r.peak_mb, ".1f"),
-            _fmt(r.ratio, ".3f"),
-            _placement(r.placement),
-        )
-    # Off a terminal (logs, pipes) print the table whole rather than crop it at 120 columns.
-    if console.is_terminal:
-        console.print(table)
-    else:
-        Console(file=console.file, width=200).print(table)
-    gpu_rows = [r for r in report.rows if r.provider != "cpu"]
-    notes = ["peak MB: resident memory growth over session creation and the first run"]
-    if gpu_rows:
-        notes.append(
-            "on GPU rows, device memory growth (" + (gpu_rows[0].peak_source or "n/a") + ")"
-        )
-    console.print("; ".join(notes), style="dim", highlight=False)
-    for warning in report.warnings:
-        console.print(
-            f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
-        )
+        fail("nothing ran: every requested provider or model was skipped (see above)", 1)

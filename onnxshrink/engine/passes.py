@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import onnx_graphsurgeon as gs
 
-from onnxshrink.graph import all_graphs, forget_names, is_default_domain
+from onnxshrink.engine.graph import all_graphs, forget_names, is_default_domain
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A lossy stage offers units (layers it could quantize, convert or prune), a `build` function
 that makes the candidate model with some units declined (kept as they were), and an `error`
-function that measures a candidate (`onnxshrink.sensitivity.ErrorReference.error`). The search
+function that measures a candidate (`onnxshrink.quant.sensitivity.ErrorReference.error`). The search
 knows nothing of what a unit is: int8 uses it now, fp16 too, and int4 and pruning next.
 
 1. Ranking (`rank`). Each unit applied alone (every other unit declined) is measured; units are

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from onnxshrink.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
+from onnxshrink.cli.common import err, fail, fmt, out, progress_bar, setup_logging
+from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
 
 DEFAULT_SAMPLES = 4
 
@@ -197,10 +196,9 @@ def parity(
     ] = False,
 ) -> None:
     """Compare CAND's outputs with REF's; localize the error on failure (help text: HELP)."""
-    from onnxshrink.cli import _fail, _setup_logging, err, out
     from onnxshrink.errors import OnnxShrinkError
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     console = err if json_path == "-" else out
     try:
         run = _Run(
@@ -226,16 +224,16 @@ def parity(
         if wanted and report.verified:
             loc = run.localize(err, localize_samples)
     except OnnxShrinkError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
         if verbose:
             raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
+        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
     if not report.verified:
         bad_input = (report.reason or "").startswith(("the reference model fails", "no inputs"))
         if json_path is not None and not bad_input:
             run.write_json(report, None, top)
-        _fail(f"parity not verified: {report.reason}", 2 if bad_input else 1)
+        fail(f"parity not verified: {report.reason}", 2 if bad_input else 1)
     _print_report(console, run, report)
     if loc is not None:
         _print_localization(console, loc, top)
@@ -243,7 +241,7 @@ def parity(
         try:
             run.write_json(report, loc, top)
         except OnnxShrinkError as exc:
-            _fail(str(exc), exc.exit_code)
+            fail(str(exc), exc.exit_code)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -269,16 +267,16 @@ class _Run:
         error_quantile: float,
         json_path: str | None,
     ):
+        from onnxshrink.engine.io import check_output_path, load_model
+        from onnxshrink.engine.shapes import parse_input_shapes
         from onnxshrink.errors import UsageError
-        from onnxshrink.io import check_output_path, load_model
-        from onnxshrink.parity import (
+        from onnxshrink.verify.parity import (
             InputBatches,
             criteria_from_specs,
             generate_inputs,
             model_inputs,
             parse_input_ranges,
         )
-        from onnxshrink.shapes import parse_input_shapes
 
         if json_path is not None and json_path != "-":
             check_output_path(json_path)
@@ -340,9 +338,9 @@ class _Run:
             }
 
     def check(self, console):
-        from onnxshrink.parity import check_parity
+        from onnxshrink.verify.parity import check_parity
 
-        with _progress(console, "parity") as progress:
+        with progress_bar(console, "parity") as progress:
             return check_parity(
                 self.reference_path,
                 self.candidate_path,
@@ -354,9 +352,9 @@ class _Run:
             )
 
     def localize(self, console, samples: int):
-        from onnxshrink.localize import localize
+        from onnxshrink.verify.localize import localize
 
-        with _progress(console, "localizing") as progress:
+        with progress_bar(console, "localizing") as progress:
             return localize(
                 self.reference, self.candidate, self._feeds(), samples, progress=progress
             )
@@ -366,7 +364,7 @@ class _Run:
         import onnxruntime
 
         from onnxshrink import __version__
-        from onnxshrink.parity import jsonable
+        from onnxshrink.verify.parity import jsonable
 
         document = {
             "command": "parity",
@@ -391,50 +389,13 @@ class _Run:
 
 
 def _write_atomic(dest: Path, text: str) -> None:
+    from onnxshrink.engine.io import write_text_atomic
     from onnxshrink.errors import UsageError
-    from onnxshrink.io import write_text_atomic
 
     try:
         write_text_atomic(dest, text)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot write JSON ({exc.strerror or exc})") from None
-
-
-@contextmanager
-def _progress(console, label: str, enabled: bool = True):
-    """A progress callback drawn as a rich bar on a terminal; None otherwise (or when disabled).
-
-    Every command's progress bar (parity, localize, bench, optimize --bench) comes from here.
-    """
-    if not (enabled and console.is_terminal):
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        f"[progress.description]{label}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        yield update
-
-
-def _fmt(value: float | None, spec: str = ".2e") -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return format(value, spec)
 
 
 def _print_report(console, run: _Run, report) -> None:
@@ -473,15 +434,15 @@ def _print_report(console, run: _Run, report) -> None:
     for o in report.outputs:
         row = [
             o.name,
-            _fmt(o.max_abs),
-            _fmt(o.mean_abs),
-            _fmt(o.max_rel),
-            _fmt(o.cosine, ".6f"),
-            _fmt(o.snr_db, ".1f"),
+            fmt(o.max_abs),
+            fmt(o.mean_abs),
+            fmt(o.max_rel),
+            fmt(o.cosine, ".6f"),
+            fmt(o.snr_db, ".1f"),
             "-" if o.argmax_agreement is None else f"{100 * o.argmax_agreement:.2f}%",
         ]
         if stat != "max":
-            row.append(_fmt(o.error_stat_value))
+            row.append(fmt(o.error_stat_value))
         row.append("[green]ok[/green]" if o.ok else "[red]FAIL[/red]")
         table.add_row(*row)
     console.print(table)
@@ -520,9 +481,9 @@ def _print_localization(console, loc, top: int) -> None:
             n.op_type,
             n.node,
             output,
-            _fmt(n.error),
-            _fmt(n.input_error),
-            _fmt(n.added),
+            fmt(n.error),
+            fmt(n.input_error),
+            fmt(n.added),
         )
     console.print(table)
     if loc.rematched:

@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.io import graph_protos, with_outputs
-from onnxshrink.parity import Progress, jsonable, ort_session, relative_error
+from onnxshrink.engine.io import graph_protos, with_outputs
+from onnxshrink.verify.parity import Progress, jsonable, ort_session, relative_error
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from onnxshrink.errors import UsageError
-from onnxshrink.schemes import INT8_ACTIVATION, INT8_WEIGHT, UINT8_ACTIVATION, Scheme
+from onnxshrink.quant.schemes import INT8_ACTIVATION, INT8_WEIGHT, UINT8_ACTIVATION, Scheme
 
 
 @dataclass(frozen=True)

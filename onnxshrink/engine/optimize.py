@@ -25,10 +25,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxshrink.calibration import DEFAULT_BATCH
+from onnxshrink.engine.io import check_output_path, graph_protos, load_model, save_model
+from onnxshrink.engine.passes import Pass, PassManager, PassResult, PassStats, RuleContext
+from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
 from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
-from onnxshrink.io import check_output_path, graph_protos, load_model, save_model
-from onnxshrink.lossy import (
+from onnxshrink.quant.calibration import DEFAULT_BATCH
+from onnxshrink.quant.lossy import (
     HOW_TO_CALIBRATE,
     HeldOutCheck,
     StagedProgress,
@@ -38,9 +40,11 @@ from onnxshrink.lossy import (
     float_output_names,
     held_out_check,
 )
-from onnxshrink.measure import TaskMetric, load_metric
-from onnxshrink.measure import mask_input as find_mask_input
-from onnxshrink.parity import (
+from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.rules.int8 import check_settings
+from onnxshrink.verify.measure import TaskMetric, load_metric
+from onnxshrink.verify.measure import mask_input as find_mask_input
+from onnxshrink.verify.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
     InputBatches,
@@ -49,10 +53,6 @@ from onnxshrink.parity import (
     check_parity,
     generate_inputs,
 )
-from onnxshrink.passes import Pass, PassManager, PassResult, PassStats, RuleContext
-from onnxshrink.rules.int8 import check_settings
-from onnxshrink.sensitivity import DEFAULT_MAX_ERROR
-from onnxshrink.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def optimize(
       integer input named `attention_mask`, "none" for no mask).
       `progress(stage, done, total)` reports calibration and sensitivity work.
     Raises ParityError when an output of the lossless model moves more than
-    `atol + rtol * max|ref|` (see `onnxshrink.parity`), UsageError for bad settings or data;
+    `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data;
     nothing is written then.
     """
     start = time.perf_counter()

@@ -1,0 +1,160 @@
+"""What the CLI's commands share: the consoles, one-line failures, logging, progress bars,
+number formatting, and the benchmark table (printed by `bench` and by `optimize --bench`).
+
+The command modules (`onnxshrink.cli`, `onnxshrink.cli.parity`, `onnxshrink.cli.bench`) import
+from here and never from each other, except that `onnxshrink.cli` registers the other two on
+its `app`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console, JustifyMethod
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from onnxshrink.bench import BenchReport
+
+# Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables read better wider.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log to stderr: warnings, or everything with -v (onnx-graphsurgeon's warnings only then)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # onnx-graphsurgeon logs its own warnings through its own logger; keep them for -v.
+    if not verbose:
+        try:
+            import onnx_graphsurgeon as gs
+
+            gs.logger.severity = gs.logger.ERROR
+        except Exception:
+            pass
+
+
+def fail(message: str, code: int) -> None:
+    """Print `error: message` on stderr and exit with `code` (raises typer.Exit)."""
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def progress_bar(console, label: str, enabled: bool = True):
+    """A progress callback drawn as a rich bar on a terminal; None otherwise (or when disabled).
+
+    Every command's progress bar (parity, localize, bench, optimize --bench) comes from here.
+    """
+    if not (enabled and console.is_terminal):
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        f"[progress.description]{label}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+def fmt(value: float | None, spec: str = ".2e") -> str:
+    """`value` formatted with `spec`; "-" for None, "nan", "inf" and "-inf" as such."""
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return format(value, spec)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.2f}"
+
+
+def _placement(shares: dict[str, float]) -> str:
+    if not shares:
+        return "?"
+    return ", ".join(f"{p.removesuffix('ExecutionProvider')} {s:.0%}" for p, s in shares.items())
+
+
+def print_bench_report(console, report: BenchReport) -> None:
+    """The benchmark table, its notes and warnings, as `onnxshrink bench` prints them."""
+    env = report.environment
+    threads = env.threads if env.threads is not None else "ORT default"
+    header = (
+        f"[bold]onnxshrink bench[/bold]: ONNX Runtime {env.onnxruntime}, {env.cpu_count} CPUs, "
+        f"intra-op threads {threads}"
+        + (f", GPU {env.gpu}" if env.gpu else "")
+        + f"; {report.warmup} warmup + {report.runs} timed interleaved rounds"
+        + (", IOBinding" if report.iobinding else "")
+    )
+    console.print(header, highlight=False, soft_wrap=True)
+    if not report.rows:
+        return
+    table = Table(show_header=True, header_style="bold")
+    # Model paths are what the reader needs whole; let the placement column wrap instead.
+    width = min(max(len(r.model) for r in report.rows), 60)
+    table.add_column("model", min_width=width, overflow="fold")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("provider", "left"),
+        ("p50 ms", "right"),
+        ("p90 ms", "right"),
+        ("mean ms", "right"),
+        ("samples/s", "right"),
+        ("session s", "right"),
+        ("peak MB", "right"),
+        ("vs first", "right"),
+    )
+    for title, justify in columns:
+        table.add_column(title, justify=justify)
+    table.add_column("placement", overflow="fold")
+    for r in report.rows:
+        table.add_row(
+            r.model,
+            r.provider,
+            _ms(r.p50_ms),
+            _ms(r.p90_ms),
+            _ms(r.mean_ms),
+            f"{r.throughput:.1f}",
+            f"{r.session_s:.2f}",
+            fmt(r.peak_mb, ".1f"),
+            fmt(r.ratio, ".3f"),
+            _placement(r.placement),
+        )
+    # Off a terminal (logs, pipes) print the table whole rather than crop it at 120 columns.
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(file=console.file, width=200).print(table)
+    gpu_rows = [r for r in report.rows if r.provider != "cpu"]
+    notes = ["peak MB: resident memory growth over session creation and the first run"]
+    if gpu_rows:
+        notes.append(
+            "on GPU rows, device memory growth (" + (gpu_rows[0].peak_source or "n/a") + ")"
+        )
+    console.print("; ".join(notes), style="dim", highlight=False)
+    for warning in report.warnings:
+        console.print(
+            f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
+        )
