@@ -101,6 +101,7 @@ from onnxshrink.quant.calibration import (
 )
 from onnxshrink.quant.lossy import (
     LayerDecision,
+    Plan,
     SpeedCheck,
     StagedProgress,
     StageResult,
@@ -118,7 +119,7 @@ from onnxshrink.quant.sensitivity import (
     ErrorReference,
     LayerError,
 )
-from onnxshrink.quant.targets import target_profile
+from onnxshrink.quant.targets import TargetProfile, target_profile
 from onnxshrink.rules.qdq import (
     QuantizeReport,
     activation_tensors,
@@ -530,7 +531,17 @@ def quantize_int8(
         seconds=seconds,
         quantize=report,
         speed=speed,
+        plan=_plan_of(report, profile),
     )
+
+
+def _plan_of(report: QuantizeReport, profile: TargetProfile) -> Plan:
+    """The materialized QDQ layout as a `Plan`: what each layer got, and why the rest not."""
+    weights = profile.weight.describe()
+    applied = {name: f"int8 compute ({weights} weights)" for name in report.quantized}
+    applied.update((name, f"{weights} weights, float compute") for name in report.weight_only)
+    declined = {n: r for n, r in report.kept_float.items() if n not in applied}
+    return Plan("int8", profile.name, applied, declined)
 
 
 class Int8Stage:

@@ -110,6 +110,11 @@ def test_quantize_int8_writes_qdq_that_ort_loads(net_files):
     assert len(result.layers) == LAYERS
     assert {layer.op for layer in result.layers} == {"Conv", "Gemm"}
     assert len(result.quantized) == 3
+    # the plan as materialized: every layer applied or declined with its reason
+    assert result.plan is not None
+    assert set(result.plan.applied) == {layer.name for layer in result.quantized}
+    assert all("int8" in what for what in result.plan.applied.values())
+    assert set(result.plan.declined) == {layer.name for layer in result.kept_float}
     (depthwise,) = result.kept_float
     assert depthwise.precision == "float" and "depthwise" in depthwise.reason
     assert result.feeds == 8 and not result.synthetic and result.calibration == str(calib)
