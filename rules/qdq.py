@@ -43,8 +43,9 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
    a. The activation input of every quantized node reads DQ's output; readers that stay
       float keep reading the float tensor.
    b. `ort-cpu` also quantizes each quantized Conv/ConvTranspose/Gemm's output (the target
-      profile's `output_qdq_ops`; not MatMul's: `onnxshrink.quant.targets`, 1) when its range is
-      known, so that ORT can fuse `DQ -> Conv -> Q` into QLinearConv and the next layer reads
+      profile's `output_qdq_ops`), and a MatMul's only where ORT would otherwise turn it into a
+      float Gemm (`_output_qdq`: a static input shape and a bias Add after it;
+      `onnxshrink.quant.targets`, 1), when its range is known, so that ORT can fuse `DQ -> Conv -> Q` into QLinearConv and the next layer reads
       int8 directly.
       Every reader of that output then reads DQ's output (a float reader beside Q would stop
       the fusion). `tensorrt` places Q/DQ on inputs only (TensorRT propagates them).
@@ -100,7 +101,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.engine.io import named_copy
-from onnxshrink.engine.shapes import convert_opset, default_opset
+from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.schemes import INT8_WEIGHT
 from onnxshrink.quant.targets import PROFILES, TargetProfile, target_profile
@@ -226,12 +227,13 @@ def activation_tensors(
     candidates = quantizable_nodes(
         model, target, exclude=exclude, nodes=nodes, min_weight_elements=min_weight_elements
     )
+    output_pairs = _output_qdq(model.graph, candidates, profile)
     for cand in candidates:
         if not cand.quantizable:
             continue
         activation, _ = cand.tensors()
         names[activation] = None
-        if cand.op in profile.output_qdq_ops and cand.output:
+        if cand.output and cand.name in output_pairs:
             names[cand.output] = None
     if profile.residual_joins:  # case 5d, with every quantizable node counted as quantized
         work = named_copy(model)
@@ -272,7 +274,7 @@ def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     pays for an opset conversion. The conversion happens only when a node could be quantized
     or store int8 weights (it changes nothing otherwise).
     """
-    work = named_copy(model)
+    work = infer_shapes(named_copy(model))  # value_info, for case 5b's static shapes
     before = default_opset(work)
     if before < PER_CHANNEL_OPSET and any(
         c.quantizable or c.weight_only_ok
@@ -405,6 +407,48 @@ def _check_selection(model: onnx.ModelProto, nodes: set[str] | None) -> None:
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UsageError(f"nodes not in the model: {shown}")
+
+
+def _output_qdq(
+    graph: onnx.GraphProto, candidates: Sequence[QuantCandidate], profile: TargetProfile
+) -> set[str]:
+    """Case 5b: the quantizable nodes whose output gets a Q/DQ pair on this target.
+
+    The profile's `output_qdq_ops`, and with `static_matmul_output_qdq` a MatMul whose input
+    has a fully known shape and whose output is read by one Add of a constant: ONNX Runtime
+    fuses that pair into a float Gemm (MatMulAddFusion) before its QDQ fusions see the MatMul,
+    so without an output Q the layer would run in float on a dequantized weight; with one it
+    is a QLinearMatMul. With a dynamic shape the pair stays, and ORT computes DQ -> MatMul as
+    MatMulIntegerToFloat, more accurately than through an output Q.
+    """
+    chosen = {c.name for c in candidates if c.quantizable and c.op in profile.output_qdq_ops}
+    if not profile.static_matmul_output_qdq:
+        return chosen
+    shapes = {v.name: v for v in (*graph.input, *graph.value_info)}
+    constants = {t.name for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for cand in candidates:
+        if not (cand.quantizable and cand.op == "MatMul" and cand.activation and cand.output):
+            continue
+        info = shapes.get(cand.activation)
+        dims = info.type.tensor_type.shape.dim if info is not None else []
+        static = (
+            info is not None
+            and info.type.tensor_type.HasField("shape")
+            and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims)
+        )
+        after = readers.get(cand.output, [])
+        bias_add = (
+            len(after) == 1
+            and after[0].op_type == "Add"
+            and any(i in constants for i in after[0].input if i != cand.output)
+        )
+        if static and bias_add:
+            chosen.add(cand.name)
+    return chosen
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -660,13 +704,14 @@ def _insert_qdq(
     pairs: dict[str, None] = {}
     for cand in quantized:
         pairs[cand.tensors()[0]] = None
-    if profile.output_qdq_ops:
+    output_pairs = _output_qdq(graph, quantized, profile)
+    if output_pairs:
         readers_of: dict[str, int] = {}
         for node in graph.node:
             for name in node.input:
                 readers_of[name] = readers_of.get(name, 0) + 1
         for cand in quantized:
-            if cand.op not in profile.output_qdq_ops:
+            if cand.name not in output_pairs:
                 continue
             if cand.output in params and readers_of.get(cand.output, 0) > 0:
                 pairs[cand.output] = None

@@ -15,6 +15,7 @@ def test_profiles_hold_the_runtime_rules() -> None:
     assert trt.activation.signed and trt.activation.symmetric and trt.symmetric_activations
     assert cpu.weight.granularity == "channel" and cpu.weight.qmin == -127
     assert "MatMul" not in cpu.output_qdq_ops and "Conv" in cpu.output_qdq_ops
+    assert cpu.static_matmul_output_qdq and not trt.static_matmul_output_qdq
     assert trt.residual_joins and not cpu.residual_joins and not trt.weight_only
     assert not cuda.int8_compute and cuda.float_compute_reason
     assert cpu.speed_check and not trt.speed_check

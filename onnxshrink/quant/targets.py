@@ -10,7 +10,11 @@ faster in int8 than in float. Adding a runtime is adding a profile here.
    QLinearConv and the next layer reads int8), but not on MatMul outputs: ORT fuses a MatMul
    with a quantized input and a float output into MatMulIntegerToFloat, and an output Q there
    costs accuracy for no speed (measured on all-MiniLM-L6-v2: held-out embedding cosine
-   0.9526 with output Q against 0.9935 without, latency 0.56x against 0.55x of fp32).
+   0.9526 with output Q against 0.9935 without, latency 0.56x against 0.55x of fp32). The
+   exception is a MatMul with a static input shape and a bias Add after it: ORT fuses that
+   pair into a float Gemm first (MatMulAddFusion), so there the output Q/DQ stays and the
+   layer is a QLinearMatMul (without it, PP-OCRv5's recognizer with pinned shapes ran its 9
+   attention and MLP MatMuls in float on dequantized weights, slower than fp32's).
    Depthwise convolutions stay float (int8 kernels do not beat float ones there); a Conv
    stores int8 weights with float compute only when it holds at least 1% of the model's
    weights (a dequantized Conv weight loses ORT's NCHWc kernels). int8 compute is timed
@@ -47,6 +51,8 @@ class TargetProfile:
     output_qdq_ops: tuple[str, ...]
     #: Q/DQ on residual Add inputs and pooling inputs next to quantized layers (case 3)
     residual_joins: bool
+    #: a MatMul with a static input shape and a bias Add after it gets output Q/DQ too (case 1)
+    static_matmul_output_qdq: bool
     #: layers kept float store int8 weights by default (case 1, 2)
     weight_only: bool
     #: a Conv stores int8 weights only above this share of the model's weights (None: any)
@@ -71,6 +77,7 @@ PROFILES: dict[str, TargetProfile] = {
         weight=INT8_WEIGHT,
         int8_compute=True,
         output_qdq_ops=("Conv", "ConvTranspose", "Gemm"),
+        static_matmul_output_qdq=True,
         residual_joins=False,
         weight_only=True,
         conv_weight_only_share=0.01,
@@ -83,6 +90,7 @@ PROFILES: dict[str, TargetProfile] = {
         weight=INT8_WEIGHT,
         int8_compute=False,
         output_qdq_ops=(),
+        static_matmul_output_qdq=False,
         residual_joins=False,
         weight_only=True,
         conv_weight_only_share=None,
@@ -98,6 +106,7 @@ PROFILES: dict[str, TargetProfile] = {
         weight=INT8_WEIGHT,
         int8_compute=True,
         output_qdq_ops=(),
+        static_matmul_output_qdq=False,
         residual_joins=True,
         weight_only=False,
         conv_weight_only_share=None,

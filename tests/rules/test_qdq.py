@@ -222,8 +222,9 @@ def test_conv_relu_conv_quantized_and_fused_by_ort(tmp_path: Path) -> None:
 
 def test_matmul_add_per_column_weights(tmp_path: Path) -> None:
     model = _matmul_add()
-    # a MatMul's output gets no Q/DQ on ort-cpu (targets, 1): MatMulIntegerToFloat
-    assert activation_tensors(model) == ["x"]
+    # static input shape and a bias Add: ORT would fuse MatMul + Add into a float Gemm, so the
+    # output gets Q/DQ too and the layer is a QLinearMatMul (qdq case 5b, targets 1)
+    assert activation_tensors(model) == ["x", "m"]
     assert activation_tensors(model, "tensorrt") == ["x"]
     quantized, report, ranges = _calibrated(model)
     _assert_interface(model, quantized)
@@ -232,20 +233,21 @@ def test_matmul_add_per_column_weights(tmp_path: Path) -> None:
     w = numpy_helper.to_array(model.graph.initializer[0])
     np.testing.assert_allclose(inits["w_scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
     assert _dq_attr_axis(_producer(quantized, "w_dequantized")) == 1
-    # the Add reads the float MatMul output, the float bias stays
-    assert _node(quantized, "Add_1").input[0] == "m"
+    assert _node(quantized, "Add_1").input[0] == "m_dequantized"
     assert inits["b"].dtype == np.float32
     assert _relative_error(model, quantized) < 0.03
-    assert histogram(quantized)["QuantizeLinear"] == 1
-    assert _ort_optimized_ops(quantized, tmp_path)["QLinearMatMul"] == 0
-    # with a dynamic batch ORT keeps the MatMul and computes it in int8 with a float output
+    assert histogram(quantized)["QuantizeLinear"] == 2
+    assert _ort_optimized_ops(quantized, tmp_path)["QLinearMatMul"] == 1
+    # with a dynamic batch ORT keeps the MatMul: no output Q, computed as MatMulIntegerToFloat
     dynamic = make_model(
         _MATMUL_ADD.replace("float[4,10,32] x", "float[N,10,32] x").replace(
             "float[4,10,48] y", "float[N,10,48] y"
         ),
         {t.name: numpy_helper.to_array(t) for t in model.graph.initializer},
     )
+    assert activation_tensors(dynamic) == ["x"]
     quantized, _ = quantize_qdq(dynamic, ranges)
+    assert _node(quantized, "Add_1").input[0] == "m"
     ops = _ort_optimized_ops(quantized, tmp_path)
     assert ops["MatMulIntegerToFloat"] == 1 and ops["QLinearMatMul"] == 0, dict(ops)
 
