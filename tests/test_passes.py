@@ -1,15 +1,22 @@
-"""The pass manager reaches a fixed point, reports modification honestly, names failing passes."""
+"""The pass manager reaches a fixed point, reports modification honestly, names failing passes;
+rules hand check's plan to rewrite."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 import pytest
 
+from onnxshrink.engine.graph import detach, is_op, only_consumer, producer_of, replace_all_uses
 from onnxshrink.engine.passes import (
+    Decline,
     FunctionPass,
     PassError,
     PassManager,
     PassStats,
+    Rule,
     RuleContext,
     RulePass,
 )
@@ -84,3 +91,99 @@ def test_failing_pass_is_named_with_its_predecessors():
 def test_default_pipeline_names_are_unique():
     names = [p.name for p in lossless_passes()]
     assert len(names) == len(set(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule contract: check hands its plan to rewrite.
+
+_DOUBLE_NEG = """
+<ir_version: 8, opset_import: ["" : 13]>
+agraph (float[2,3] x) => (float[2,3] y) {
+    a = Neg (x)
+    b = Neg (a)
+    y = Relu (b)
+}
+"""
+
+
+@dataclass
+class _NegPair:
+    outer: gs.Node
+    inner: gs.Node
+
+
+@dataclass
+class _NegPairPlan:
+    outer: gs.Node
+    source: gs.Tensor  # what the readers of the outer Neg read instead
+
+
+class _CancelDoubleNeg(Rule[_NegPair, _NegPairPlan]):
+    """Neg(Neg(x)) -> x, recording every plan check hands out and every plan rewrite gets."""
+
+    name = "cancel-double-neg"
+    op_types = ("Neg",)
+
+    def __init__(self) -> None:
+        # test bookkeeping only: real rules keep no state on the instance
+        self.checked: list[_NegPairPlan | Decline] = []
+        self.rewritten: list[_NegPairPlan] = []
+
+    def match(self, node: gs.Node, ctx: RuleContext) -> _NegPair | None:
+        inner = producer_of(node.inputs[0])
+        return _NegPair(node, inner) if is_op(inner, "Neg") else None
+
+    def check(self, match: _NegPair, ctx: RuleContext) -> _NegPairPlan | Decline:
+        verdict: _NegPairPlan | Decline = (
+            _NegPairPlan(match.outer, match.inner.inputs[0])
+            if only_consumer(ctx.graph, match.inner.outputs[0], match.outer)
+            else Decline("inner Neg has other readers")
+        )
+        self.checked.append(verdict)
+        return verdict
+
+    def rewrite(self, plan: _NegPairPlan, ctx: RuleContext) -> None:
+        self.rewritten.append(plan)
+        out = plan.outer.outputs[0]
+        detach(plan.outer)
+        replace_all_uses(ctx.graph, out, plan.source)
+
+
+if TYPE_CHECKING:
+    # Static half of the contract, checked by mypy (`make lint`), never run: each line is an
+    # error mypy must report, and warn_unused_ignores fails the lint if it stops reporting it.
+
+    class _MisusesItsPlan(_CancelDoubleNeg):
+        def check(self, match: _NegPair, ctx: RuleContext) -> _NegPairPlan | Decline:
+            return match  # type: ignore[return-value]  # a match is not the plan
+
+        def rewrite(self, plan: _NegPairPlan, ctx: RuleContext) -> None:
+            _ = plan.inner  # type: ignore[attr-defined]  # rewrite sees only what check planned
+
+    class _RewritesTheMatch(_CancelDoubleNeg):
+        def rewrite(self, plan: _NegPair, ctx: RuleContext) -> None:  # type: ignore[override]
+            pass
+
+    def _check_returns_plan_or_decline(match: _NegPair, ctx: RuleContext) -> None:
+        verdict = _CancelDoubleNeg().check(match, ctx)
+        _ = verdict.source  # type: ignore[union-attr]  # a Decline until isinstance says otherwise
+        if not isinstance(verdict, Decline):
+            _ = verdict.source.name  # narrowed to the plan: fine
+
+
+def test_rewrite_gets_the_plan_check_returned():
+    rule = _CancelDoubleNeg()
+    out, stats = apply(make_model(_DOUBLE_NEG), rule)
+    assert histogram(out) == {"Relu": 1}
+    assert stats.applied["cancel-double-neg"] == 1
+    assert len(rule.checked) == 1 and len(rule.rewritten) == 1
+    assert rule.rewritten[0] is rule.checked[0]  # the same object: nothing recomputed
+
+
+def test_declined_plan_never_reaches_rewrite():
+    model = make_model(_DOUBLE_NEG.replace("=> (float[2,3] y)", "=> (float[2,3] y, float[2,3] a)"))
+    rule = _CancelDoubleNeg()
+    _, stats = apply(model, rule)
+    assert rule.rewritten == []
+    assert [type(v) for v in rule.checked] == [Decline]
+    assert stats.declined == {("cancel-double-neg", "inner Neg has other readers"): 1}

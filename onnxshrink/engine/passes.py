@@ -1,14 +1,18 @@
 """The pass and rule machinery.
 
 A *pass* takes a graph and returns `PassResult(graph, modified)`. A *rule* is a local rewrite
-in three parts, after onnxscript's rewriter:
+in three parts, after onnxscript's rewriter, typed `Rule[MatchT, PlanT]`:
 
-1. `match(node, ctx)`: the pattern, anchored at a node whose op is in `rule.op_types`; returns a
-   match object (any value holding the matched nodes and tensors) or None. Matching never
-   mutates the graph.
-2. `check(match, ctx)`: preconditions; returns None to proceed or a short reason to decline
-   ("weight is not a constant initializer"). Declines are logged at DEBUG and counted.
-3. `rewrite(match, ctx)`: performs the replacement on the graph.
+1. `match(node, ctx) -> MatchT | None`: the pattern, anchored at a node whose op is in
+   `rule.op_types`; returns a match object (a dataclass holding the matched nodes and
+   tensors) or None. Matching never mutates the graph, and its state lives in the match
+   object, never on the rule instance (one instance serves every graph).
+2. `check(match, ctx) -> PlanT | Decline`: preconditions; returns the plan the rewrite
+   executes (everything check computed on the way: folded weights, resolved shapes; the match
+   itself when there is nothing more) or `Decline(reason)` ("weight is not a constant
+   initializer").
+3. `rewrite(plan, ctx)`: performs the replacement on the graph from the plan alone; it does
+   not recompute what check computed.
 
 `RulePass` applies an ordered list of rules to a graph and all its subgraphs. `PassManager`
 repeats a sequence of passes until none modifies the graph (a fixed point) or a step limit is
@@ -22,13 +26,16 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import onnx_graphsurgeon as gs
 
 from onnxshrink.engine.graph import all_graphs, forget_names, is_default_domain
 
 logger = logging.getLogger(__name__)
+
+MatchT = TypeVar("MatchT")
+PlanT = TypeVar("PlanT")
 
 
 @dataclass
@@ -67,31 +74,47 @@ class Pass(Protocol):
     def __call__(self, graph: gs.Graph, ctx: RuleContext) -> PassResult: ...
 
 
-class Rule:
-    """Base class for a pattern/check/rewrite rule; subclasses set `name` and `op_types`."""
+@dataclass(frozen=True)
+class Decline:
+    """What `Rule.check` returns to refuse a match: the reason, shown by `optimize -v`."""
+
+    reason: str
+
+
+def plan_or_decline(reason: str | None, plan: PlanT) -> PlanT | Decline:
+    """`plan` when `reason` is None, else `Decline(reason)`: for checks that chain reasons."""
+    return plan if reason is None else Decline(reason)
+
+
+class Rule(Generic[MatchT, PlanT]):
+    """Base class for a pattern/check/rewrite rule; subclasses set `name` and `op_types`.
+
+    Subclass as `Rule[MyMatch, MyPlan]` (both dataclasses; `Rule[MyMatch, MyMatch]` when the
+    check adds nothing to the match) so that mypy checks what `rewrite` reads from its plan.
+    """
 
     name: str = "rule"
     op_types: tuple[str, ...] = ()
     #: lowest default-domain opset at which the rewrite's output ops exist
     min_opset: int = 1
 
-    def match(self, node: gs.Node, ctx: RuleContext) -> Any | None:
+    def match(self, node: gs.Node, ctx: RuleContext) -> MatchT | None:
         """Return a match object when the pattern anchored at `node` is present."""
         raise NotImplementedError
 
-    def check(self, match: Any, ctx: RuleContext) -> str | None:
-        """Return None when the rewrite is legal, else the reason it is not."""
-        return None
+    def check(self, match: MatchT, ctx: RuleContext) -> PlanT | Decline:
+        """Return the plan `rewrite` executes when the rewrite is legal, else `Decline(reason)`."""
+        raise NotImplementedError
 
-    def rewrite(self, match: Any, ctx: RuleContext) -> None:
-        """Replace the matched pattern in `ctx.graph`."""
+    def rewrite(self, plan: PlanT, ctx: RuleContext) -> None:
+        """Replace the matched pattern in `ctx.graph` as `plan` (from `check`) says."""
         raise NotImplementedError
 
 
 class RulePass:
     """Apply `rules`, in order, to every node of a graph and of its subgraphs."""
 
-    def __init__(self, name: str, rules: Sequence[Rule]):
+    def __init__(self, name: str, rules: Sequence[Rule[Any, Any]]):
         self.name = name
         self.rules = list(rules)
 
@@ -113,7 +136,7 @@ class RulePass:
         return PassResult(graph, modified)
 
     @staticmethod
-    def _apply(rule: Rule, graph: gs.Graph, ctx: RuleContext) -> bool:
+    def _apply(rule: Rule[Any, Any], graph: gs.Graph, ctx: RuleContext) -> bool:
         modified = False
         for node in list(graph.nodes):
             if node.op not in rule.op_types or not node.outputs or not is_default_domain(node):
@@ -121,12 +144,12 @@ class RulePass:
             match = rule.match(node, ctx)
             if match is None:
                 continue
-            reason = rule.check(match, ctx)
-            if reason is not None:
-                ctx.stats.declined[(rule.name, reason)] += 1
-                logger.debug("%s declined at %s: %s", rule.name, node.name, reason)
+            verdict = rule.check(match, ctx)
+            if isinstance(verdict, Decline):
+                ctx.stats.declined[(rule.name, verdict.reason)] += 1
+                logger.debug("%s declined at %s: %s", rule.name, node.name, verdict.reason)
                 continue
-            rule.rewrite(match, ctx)
+            rule.rewrite(verdict, ctx)
             ctx.stats.applied[rule.name] += 1
             modified = True
         return modified
