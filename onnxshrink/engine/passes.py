@@ -14,6 +14,10 @@ in three parts, after onnxscript's rewriter, typed `Rule[MatchT, PlanT]`:
 3. `rewrite(plan, ctx)`: performs the replacement on the graph from the plan alone; it does
    not recompute what check computed.
 
+A decline is counted once per match site, the rule's anchor node, however many fixed-point
+sweeps meet it again; when the rule applies at that site later (another rule removed the
+obstacle) the decline is withdrawn (`PassStats.decline`, `PassStats.resolve`).
+
 `RulePass` applies an ordered list of rules to a graph and all its subgraphs. `PassManager`
 repeats a sequence of passes until none modifies the graph (a fixed point) or a step limit is
 reached; when a pass raises, the error names it and the passes that ran before it.
@@ -46,13 +50,48 @@ class PassResult:
     modified: bool
 
 
+#: the site of a decline that concerns a whole rule, not one match (e.g. the opset is too low)
+WHOLE_MODEL = "*"
+
+
 @dataclass
 class PassStats:
-    """Per-rule bookkeeping that ends up in the optimize report."""
+    """Per-rule bookkeeping that ends up in the optimize report.
+
+    `declined` counts distinct match sites by (rule, reason): a site that declines on every
+    fixed-point sweep counts once (with its latest reason), and not at all once the rule
+    applied there. Record declines through `decline`, so that `declined` stays in step with
+    the sites behind it.
+    """
 
     applied: Counter[str] = field(default_factory=Counter)
     declined: Counter[tuple[str, str]] = field(default_factory=Counter)
     seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    #: (rule, site) -> the reason that site is counted under in `declined`
+    decline_sites: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def decline(self, rule: str, site: str, reason: str) -> bool:
+        """Count `rule` declining at `site` once; True when this is news (new site or reason)."""
+        key = (rule, site)
+        previous = self.decline_sites.get(key)
+        if previous == reason:
+            return False
+        if previous is not None:
+            self._uncount(rule, previous)
+        self.decline_sites[key] = reason
+        self.declined[(rule, reason)] += 1
+        return True
+
+    def resolve(self, rule: str, site: str) -> None:
+        """`rule` applied at `site` after all: an earlier decline there no longer counts."""
+        previous = self.decline_sites.pop((rule, site), None)
+        if previous is not None:
+            self._uncount(rule, previous)
+
+    def _uncount(self, rule: str, reason: str) -> None:
+        self.declined[(rule, reason)] -= 1
+        if self.declined[(rule, reason)] <= 0:
+            del self.declined[(rule, reason)]
 
 
 @dataclass
@@ -111,6 +150,15 @@ class Rule(Generic[MatchT, PlanT]):
         raise NotImplementedError
 
 
+def match_site(graph: gs.Graph, node: gs.Node) -> str:
+    """The identity of a match anchored at `node`, stable across sweeps and graph re-imports.
+
+    Node names (or, for unnamed nodes, the first output's name, unique in SSA form) survive
+    the shape-inference pass's export and re-import, where node objects do not.
+    """
+    return f"{graph.name}/{node.name or node.outputs[0].name}"
+
+
 class RulePass:
     """Apply `rules`, in order, to every node of a graph and of its subgraphs."""
 
@@ -128,7 +176,7 @@ class RulePass:
                     continue
                 if rule.min_opset > ctx.opset:
                     reason = f"needs opset {rule.min_opset}, model has {ctx.opset} (see --opset)"
-                    ctx.stats.declined[(rule.name, reason)] += 1
+                    ctx.stats.decline(rule.name, WHOLE_MODEL, reason)
                     continue
                 start = time.perf_counter()
                 modified |= self._apply(rule, sub, sub_ctx)
@@ -144,12 +192,14 @@ class RulePass:
             match = rule.match(node, ctx)
             if match is None:
                 continue
+            site = match_site(graph, node)
             verdict = rule.check(match, ctx)
             if isinstance(verdict, Decline):
-                ctx.stats.declined[(rule.name, verdict.reason)] += 1
-                logger.debug("%s declined at %s: %s", rule.name, node.name, verdict.reason)
+                if ctx.stats.decline(rule.name, site, verdict.reason):
+                    logger.debug("%s declined at %s: %s", rule.name, site, verdict.reason)
                 continue
             rule.rewrite(verdict, ctx)
+            ctx.stats.resolve(rule.name, site)
             ctx.stats.applied[rule.name] += 1
             modified = True
         return modified
