@@ -12,8 +12,10 @@ import pytest
 from onnxshrink.engine.graph import detach, is_op, only_consumer, producer_of, replace_all_uses
 from onnxshrink.engine.optimize import rewrite_model
 from onnxshrink.engine.passes import (
+    BrokenPassError,
     Decline,
     FunctionPass,
+    PassCheckFailed,
     PassError,
     PassManager,
     PassStats,
@@ -21,6 +23,7 @@ from onnxshrink.engine.passes import (
     RuleContext,
     RulePass,
 )
+from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.rules import lossless_passes
 from onnxshrink.rules.dead_code import remove_dead_code
 from onnxshrink.rules.noop_elimination import RULES as NOOP_RULES
@@ -88,6 +91,34 @@ def test_failing_pass_is_named_with_its_predecessors():
         PassError, match=r"pass 'boom' failed \(ValueError: bad rewrite\); passes before it: first"
     ):
         manager(graph, _ctx(graph))
+
+
+def test_check_between_runs_after_changing_passes_and_names_the_broken_one():
+    graph = gs.import_onnx(make_model(_CHAIN))
+    seen: list[str] = []
+
+    def check(g: gs.Graph, name: str) -> None:
+        seen.append(name)
+        if name == "breaks":
+            raise PassCheckFailed("outputs moved", kind="parity")
+
+    manager = PassManager(
+        [
+            FunctionPass("idle", lambda g, c: False),
+            FunctionPass("changes", lambda g, c: True),
+            FunctionPass("breaks", lambda g, c: True),
+        ],
+        check_between=check,
+    )
+    with pytest.raises(BrokenPassError) as caught:
+        manager(graph, _ctx(graph))
+    assert seen == ["changes", "breaks"]  # never after a pass that changed nothing
+    assert str(caught.value) == (
+        "pass 'breaks' (sweep 1) broke the model: outputs moved; applied in it: breaks x1; "
+        "passes before it: idle, changes"
+    )
+    assert (caught.value.pass_name, caught.value.kind) == ("breaks", "parity")
+    assert isinstance(caught.value, OnnxShrinkError)  # the CLI prints one line, exit 1
 
 
 def test_default_pipeline_names_are_unique():

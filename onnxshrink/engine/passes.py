@@ -20,7 +20,10 @@ obstacle) the decline is withdrawn (`PassStats.decline`, `PassStats.resolve`).
 
 `RulePass` applies an ordered list of rules to a graph and all its subgraphs. `PassManager`
 repeats a sequence of passes until none modifies the graph (a fixed point) or a step limit is
-reached; when a pass raises, the error names it and the passes that ran before it.
+reached; when a pass raises, the error names it and the passes that ran before it. An optional
+`check_between(graph, pass_name)` hook runs after every pass that modified the graph; when it
+raises `PassCheckFailed`, the manager raises `BrokenPassError` naming that pass, the rules it
+applied, and the passes before it (`optimize --debug-verify` uses it).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import onnx_graphsurgeon as gs
 
 from onnxshrink.engine.graph import all_graphs, forget_names, is_default_domain
+from onnxshrink.errors import OnnxShrinkError
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +229,40 @@ class PassError(RuntimeError):
     """A pass raised; the message names it and the passes that ran before it."""
 
 
+class PassCheckFailed(Exception):
+    """Raised by a `check_between` hook: the graph after the pass is broken; the message says how.
+
+    `kind` names the check that failed ("checker", "parity").
+    """
+
+    def __init__(self, message: str, kind: str = "check"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class BrokenPassError(PassError, OnnxShrinkError):
+    """A check between passes found the model broken; names the pass, its rules, the passes before.
+
+    `kind` is the check that failed (`PassCheckFailed.kind`); `rules` counts what the broken
+    pass applied (its rules, or its own name for a function pass).
+    """
+
+    def __init__(self, message: str, pass_name: str, kind: str, rules: Counter[str]):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.kind = kind
+        self.rules = rules
+
+
+_NAMED_BEFORE = 5  # how many earlier passes an error names
+
+
 class PassManager:
-    """Run passes in sequence until a fixed point or `max_steps` sweeps."""
+    """Run passes in sequence until a fixed point or `max_steps` sweeps.
+
+    `check_between(graph, pass_name)`, when given, runs after every pass that modified the
+    graph (after cleanup and toposort); it raises `PassCheckFailed` when the graph is broken.
+    """
 
     def __init__(
         self,
@@ -244,15 +280,15 @@ class PassManager:
         for step in range(self.max_steps):
             sweep_modified = False
             for p in self.passes:
+                # what this pass applies, for naming it when the check after it fails
+                applied_before = Counter(ctx.stats.applied) if self.check_between else Counter()
                 try:
                     result = p(graph, ctx)
                 except Exception as exc:
-                    before = ", ".join(history[-5:]) or "none"
                     raise PassError(
                         f"pass {p.name!r} failed ({type(exc).__name__}: {exc}); "
-                        f"passes before it: {before}"
+                        f"passes before it: {_named(history)}"
                     ) from exc
-                history.append(p.name)
                 graph = result.graph
                 ctx.graph = ctx.root = graph
                 if result.modified:
@@ -260,7 +296,9 @@ class PassManager:
                     for sub in all_graphs(graph):
                         forget_names(sub)
                     if self.check_between is not None:
-                        self.check_between(graph, p.name)
+                        rules = ctx.stats.applied - applied_before
+                        self._check(graph, p.name, step, rules, history)
+                history.append(p.name)
                 sweep_modified |= result.modified
             any_modified |= sweep_modified
             if not sweep_modified:
@@ -269,3 +307,27 @@ class PassManager:
         else:
             logger.info("stopped after %d sweeps without reaching a fixed point", self.max_steps)
         return PassResult(graph, any_modified)
+
+    def _check(
+        self, graph: gs.Graph, name: str, step: int, rules: Counter[str], history: list[str]
+    ) -> None:
+        assert self.check_between is not None
+        try:
+            self.check_between(graph, name)
+        except PassCheckFailed as exc:
+            applied = ", ".join(f"{rule} x{n}" for rule, n in sorted(rules.items())) or "none"
+            raise BrokenPassError(
+                f"pass {name!r} (sweep {step + 1}) broke the model: {exc}; applied in it: "
+                f"{applied}; passes before it: {_named(history)}",
+                name,
+                exc.kind,
+                rules,
+            ) from exc
+
+
+def _named(history: list[str]) -> str:
+    """The last passes of `history`, for an error message."""
+    if not history:
+        return "none"
+    named = ", ".join(history[-_NAMED_BEFORE:])
+    return named if len(history) <= _NAMED_BEFORE else f"..., {named}"
