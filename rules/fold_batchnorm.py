@@ -45,7 +45,7 @@ from onnxshrink.engine.graph import (
     producer_of,
     replace_all_uses,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext
 from onnxshrink.rules.fold_conv_affine import (
     FLOAT_DTYPES,
     LINEAR_PRODUCERS,
@@ -67,8 +67,9 @@ class _BatchNormMatch:
 
 @dataclass
 class _Plan:
-    producer: LinearProducer
-    scale: np.ndarray
+    bn: gs.Node
+    producer: LinearProducer  # its weights and bias, read once by check
+    scale: np.ndarray  # float64, per output channel
     shift: np.ndarray
 
 
@@ -108,7 +109,7 @@ def batchnorm_affine(bn: gs.Node, opset: int) -> tuple[np.ndarray, np.ndarray] |
     return scale, shift
 
 
-class FoldBatchNorm(Rule):
+class FoldBatchNorm(Rule[_BatchNormMatch, _Plan]):
     """BatchNormalization after Conv/ConvTranspose/Gemm/2-D MatMul folds into its weights."""
 
     name = "fold-batchnorm"
@@ -119,44 +120,38 @@ class FoldBatchNorm(Rule):
             return None
         return _BatchNormMatch(node, producer_of(node.inputs[0]))
 
-    def _plan(self, m: _BatchNormMatch, ctx: RuleContext) -> _Plan | str:
+    def check(self, m: _BatchNormMatch, ctx: RuleContext) -> _Plan | Decline:
         producer = m.producer
         if not is_op(producer, *LINEAR_PRODUCERS):
             source = "a graph input or constant" if producer is None else producer.op
-            return f"standalone BatchNormalization: input comes from {source}"
+            return Decline(f"standalone BatchNormalization: input comes from {source}")
         if _statistics_outputs_used(ctx.graph, m.bn):
-            return "BatchNormalization statistics outputs are used"
+            return Decline("BatchNormalization statistics outputs are used")
         x = m.bn.inputs[0]
         if not only_consumer(ctx.graph, x, m.bn):
-            return f"{producer.op} output has other readers or is a graph output"
+            return Decline(f"{producer.op} output has other readers or is a graph output")
         if not in_graph(ctx.graph, producer):
-            return f"{producer.op} is in another graph scope"
+            return Decline(f"{producer.op} is in another graph scope")
         affine = batchnorm_affine(m.bn, ctx.opset)
         if isinstance(affine, str):
-            return affine
+            return Decline(affine)
         lp = linear_producer(producer, ctx.opset)
         if isinstance(lp, str):
-            return lp
+            return Decline(lp)
         scale, shift = affine
         if not scale_folds_allowed(ctx):
-            return SCALE_FOLDS_OFF
+            return Decline(SCALE_FOLDS_OFF)
         if scale.shape != (lp.channels,):
-            return (
+            return Decline(
                 f"BatchNormalization has {scale.shape[0]} channels, {producer.op} has {lp.channels}"
             )
-        return _Plan(lp, scale, shift)
+        return _Plan(m.bn, lp, scale, shift)
 
-    def check(self, m: _BatchNormMatch, ctx: RuleContext) -> str | None:
-        plan = self._plan(m, ctx)
-        return plan if isinstance(plan, str) else None
-
-    def rewrite(self, m: _BatchNormMatch, ctx: RuleContext) -> None:
-        plan = self._plan(m, ctx)
-        assert isinstance(plan, _Plan)
+    def rewrite(self, plan: _Plan, ctx: RuleContext) -> None:
         fold_output_affine(ctx.graph, plan.producer, plan.scale, plan.shift)
-        out = m.bn.outputs[0]
-        x = m.bn.inputs[0]
-        detach(m.bn)
+        out = plan.bn.outputs[0]
+        x = plan.bn.inputs[0]
+        detach(plan.bn)
         replace_all_uses(ctx.graph, out, x)
 
 

@@ -81,7 +81,7 @@ from onnxshrink.engine.graph import (
     set_input,
     unique_name,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,15 @@ class _OutputMatch:
     producer: gs.Node
 
 
-class FoldAffineIntoProducer(Rule):
+@dataclass
+class _OutputPlan:
+    step: AffineStep
+    producer: LinearProducer  # its weights and bias, read once by check
+    scale: np.ndarray  # float64, per output channel
+    shift: np.ndarray
+
+
+class FoldAffineIntoProducer(Rule[_OutputMatch, _OutputPlan]):
     """Conv/ConvTranspose/Gemm/2-D MatMul followed by Mul/Add/Sub/Div by a per-channel constant (case 1)."""
 
     name = "fold-affine-into-producer"
@@ -347,37 +355,28 @@ class FoldAffineIntoProducer(Rule):
             return None
         return _OutputMatch(step, producer)
 
-    def _plan(
-        self, m: _OutputMatch, ctx: RuleContext
-    ) -> tuple[LinearProducer, np.ndarray, np.ndarray] | str:
+    def check(self, m: _OutputMatch, ctx: RuleContext) -> _OutputPlan | Decline:
         if not only_consumer(ctx.graph, m.step.x, m.step.node):
-            return f"{m.producer.op} output has other readers or is a graph output"
+            return Decline(f"{m.producer.op} output has other readers or is a graph output")
         if not in_graph(ctx.graph, m.producer):
-            return f"{m.producer.op} is in another graph scope"
+            return Decline(f"{m.producer.op} is in another graph scope")
         lp = linear_producer(m.producer, ctx.opset)
         if isinstance(lp, str):
-            return lp
+            return Decline(lp)
         if not _float_equal_dtype(m.step.const, lp.weight):
-            return f"{m.step.node.op} constant dtype differs from the weight dtype"
+            return Decline(f"{m.step.node.op} constant dtype differs from the weight dtype")
         vectors = step_vectors(m.step, lp.rank, lp.channels)
         if isinstance(vectors, str):
-            return vectors
+            return Decline(vectors)
         if np.any(vectors[0] != 1) and not scale_folds_allowed(ctx, output_side=True):
-            return SCALE_FOLDS_OFF
-        return lp, vectors[0], vectors[1]
+            return Decline(SCALE_FOLDS_OFF)
+        return _OutputPlan(m.step, lp, vectors[0], vectors[1])
 
-    def check(self, m: _OutputMatch, ctx: RuleContext) -> str | None:
-        plan = self._plan(m, ctx)
-        return plan if isinstance(plan, str) else None
-
-    def rewrite(self, m: _OutputMatch, ctx: RuleContext) -> None:
-        plan = self._plan(m, ctx)
-        assert not isinstance(plan, str)
-        lp, scale, shift = plan
-        fold_output_affine(ctx.graph, lp, scale, shift)
-        out = m.step.node.outputs[0]
-        detach(m.step.node)
-        replace_all_uses(ctx.graph, out, m.step.x)
+    def rewrite(self, plan: _OutputPlan, ctx: RuleContext) -> None:
+        fold_output_affine(ctx.graph, plan.producer, plan.scale, plan.shift)
+        out = plan.step.node.outputs[0]
+        detach(plan.step.node)
+        replace_all_uses(ctx.graph, out, plan.step.x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +391,19 @@ class _InputMatch:
 
 
 @dataclass
+class _ReadingConv:
+    """A Conv that reads the affine's output, with its constant weight and bias as check read them."""
+
+    node: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray | None
+    bias_tensor: gs.Tensor | None
+
+
+@dataclass
 class _InputPlan:
     steps: list[AffineStep]  # the ops that go (a prefix of the match's, nearest first)
+    convs: list[_ReadingConv]
     scale: np.ndarray  # per input channel, into W
     shift: np.ndarray  # per input channel, into b
     residual_shift: np.ndarray | None  # case 2b: t / s, kept as an Add before the Convs
@@ -410,7 +420,7 @@ def _conv_pads_nothing(conv: gs.Node, weight: np.ndarray) -> bool:
     return auto_pad == "NOTSET" and not any(conv.attrs.get("pads", []))
 
 
-class FoldAffineIntoConv(Rule):
+class FoldAffineIntoConv(Rule[_InputMatch, _InputPlan]):
     """Mul/Add/Sub/Div by per-channel constants whose readers are all non-padding Convs (case 2)."""
 
     name = "fold-affine-into-conv"
@@ -440,65 +450,70 @@ class FoldAffineIntoConv(Rule):
             steps.append(prev_step)
         return _InputMatch(steps, list(y.outputs))
 
-    def _plan(self, m: _InputMatch, ctx: RuleContext) -> _InputPlan | str:
+    def check(self, m: _InputMatch, ctx: RuleContext) -> _InputPlan | Decline:
         y = m.steps[0].node.outputs[0]
         if is_graph_output(ctx.graph, y):
-            return "affine output is a graph output"
-        weights = []
+            return Decline("affine output is a graph output")
+        convs: list[_ReadingConv] = []
         pads = False
         for conv in m.convs:
             if not in_graph(ctx.graph, conv):
-                return "a reading Conv is in another graph scope"
+                return Decline("a reading Conv is in another graph scope")
             if any(t is y for t in conv.inputs[1:]):
-                return "affine output is also a Conv weight or bias"
+                return Decline("affine output is also a Conv weight or bias")
             w = const_value(conv.inputs[1])
             if w is None:
-                return "Conv weight is not a constant"
+                return Decline("Conv weight is not a constant")
             w = np.asarray(w)
             if w.dtype not in FLOAT_DTYPES or w.ndim < 3:
-                return "Conv weight is not a floating-point tensor of rank >= 3"
+                return Decline("Conv weight is not a floating-point tensor of rank >= 3")
             bias_tensor = optional_input(conv, 2)
-            if bias_tensor is not None and const_value(bias_tensor) is None:
-                return "Conv bias is not a constant"
+            bias = None
+            if bias_tensor is not None:
+                bias = const_value(bias_tensor)
+                if bias is None:
+                    return Decline("Conv bias is not a constant")
+                bias = np.asarray(bias)
             pads |= not _conv_pads_nothing(conv, w)
-            weights.append(w)
-        rank = weights[0].ndim
-        channels = weights[0].shape[1] * int(m.convs[0].attrs.get("group", 1))
-        for conv, w in zip(m.convs, weights, strict=True):
-            group = int(conv.attrs.get("group", 1))
+            convs.append(_ReadingConv(conv, w, bias, bias_tensor))
+        first = convs[0].weight
+        rank = first.ndim
+        channels = first.shape[1] * int(m.convs[0].attrs.get("group", 1))
+        for reading in convs:
+            w, group = reading.weight, int(reading.node.attrs.get("group", 1))
             if w.ndim != rank or w.shape[1] * group != channels:
-                return "reading Convs disagree on input channels"
+                return Decline("reading Convs disagree on input channels")
             if w.shape[0] % group:
-                return "Conv output channels not divisible by group"
+                return Decline("Conv output channels not divisible by group")
         # Take the longest chain (from the Convs upwards) whose constants qualify.
         usable: list[tuple[AffineStep, np.ndarray, np.ndarray]] = []
         reason = None
         for step in m.steps:
-            reason = self._step_reason(step, weights[0], rank, channels)
+            reason = self._step_reason(step, first, rank, channels)
             vectors = step_vectors(step, rank, channels) if reason is None else reason
             if isinstance(vectors, str):
                 reason = vectors
                 break
             usable.append((step, vectors[0], vectors[1]))
         if not usable:
-            return reason or "no foldable affine"
+            return Decline(reason or "no foldable affine")
         scale, shift = np.ones(channels), np.zeros(channels)
         for _, s, t in reversed(usable):  # farthest op first: (x*s1+t1)*s2+t2
             scale, shift = scale * s, shift * s + t
         steps = [u[0] for u in usable]
         if np.any(scale != 1) and not scale_folds_allowed(ctx):
-            return SCALE_FOLDS_OFF
+            return Decline(SCALE_FOLDS_OFF)
         if not pads or not np.any(shift):
-            return _InputPlan(steps, scale, shift, None)
+            return _InputPlan(steps, convs, scale, shift, None)
         # Case 2b: keep the shift in front of the padding as one Add of t/s.
         if len(steps) < 2 or not np.any(scale != 1):
-            return "Conv pads its input (padding zeros are not mapped by the shift)"
+            return Decline("Conv pads its input (padding zeros are not mapped by the shift)")
         if np.any(scale == 0):
-            return "Conv pads its input and the affine scale has zeros"
-        residual = (shift / scale).astype(weights[0].dtype)
+            return Decline("Conv pads its input and the affine scale has zeros")
+        residual = (shift / scale).astype(first.dtype)
         if not np.all(np.isfinite(residual)):
-            return "Conv pads its input and shift / scale overflows"
-        return _InputPlan(steps, scale, np.zeros(channels), residual)
+            return Decline("Conv pads its input and shift / scale overflows")
+        return _InputPlan(steps, convs, scale, np.zeros(channels), residual)
 
     @staticmethod
     def _step_reason(step: AffineStep, weight: np.ndarray, rank: int, channels: int) -> str | None:
@@ -515,13 +530,7 @@ class FoldAffineIntoConv(Rule):
             return "affine input channel count unknown or broadcast by the constant"
         return None
 
-    def check(self, m: _InputMatch, ctx: RuleContext) -> str | None:
-        plan = self._plan(m, ctx)
-        return plan if isinstance(plan, str) else None
-
-    def rewrite(self, m: _InputMatch, ctx: RuleContext) -> None:
-        plan = self._plan(m, ctx)
-        assert isinstance(plan, _InputPlan)
+    def rewrite(self, plan: _InputPlan, ctx: RuleContext) -> None:
         source = plan.steps[-1].x
         if plan.residual_shift is not None:
             anchor = plan.steps[0].node
@@ -537,17 +546,17 @@ class FoldAffineIntoConv(Rule):
                 gs.Node("Add", name=name, inputs=[source, shift], outputs=[shifted])
             )
             source = shifted
-        for conv in m.convs:
+        for conv in plan.convs:
             self._fold_into_conv(ctx.graph, conv, plan.scale, plan.shift)
-            conv.inputs[0] = source
+            conv.node.inputs[0] = source
         for step in plan.steps:
             detach(step.node)
 
     @staticmethod
     def _fold_into_conv(
-        graph: gs.Graph, conv: gs.Node, scale: np.ndarray, shift: np.ndarray
+        graph: gs.Graph, reading: _ReadingConv, scale: np.ndarray, shift: np.ndarray
     ) -> None:
-        w = np.asarray(const_value(conv.inputs[1]))
+        conv, w = reading.node, reading.weight
         dtype = w.dtype
         group = int(conv.attrs.get("group", 1))
         cout, cin_g = w.shape[0], w.shape[1]
@@ -558,13 +567,9 @@ class FoldAffineIntoConv(Rule):
 
         w64 = w.astype(np.float64)
         new_w = w64 * per_row(scale).reshape((cout, cin_g) + (1,) * (w.ndim - 2))
-        bias_tensor = optional_input(conv, 2)
+        bias_tensor = reading.bias_tensor
         bias_hint = bias_tensor.name if bias_tensor is not None else f"{conv.inputs[1].name}_bias"
-        bias = (
-            np.zeros(cout)
-            if bias_tensor is None
-            else np.asarray(const_value(bias_tensor)).astype(np.float64)
-        )
+        bias = np.zeros(cout) if reading.bias is None else reading.bias.astype(np.float64)
         new_b = bias + (w64.reshape(cout, cin_g, -1).sum(axis=2) * per_row(shift)).sum(axis=1)
         conv.inputs[1] = make_constant(graph, folded_name(conv.inputs[1].name), new_w.astype(dtype))
         if bias_tensor is None and not np.any(new_b):

@@ -40,7 +40,7 @@ from onnxshrink.engine.graph import (
     scalar_constant,
     unique_name,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext, plan_or_decline
 from onnxshrink.rules.hardswish import (
     ProductChain,
     close,
@@ -188,7 +188,7 @@ class _GeluMatch:
     inner: list[gs.Tensor]
 
 
-class FuseGelu(Rule):
+class FuseGelu(Rule[_GeluMatch, _GeluMatch]):
     """Cases 1-6: decomposed erf or tanh GELU -> Gelu."""
 
     name = "fuse-gelu"
@@ -226,24 +226,27 @@ class FuseGelu(Rule):
             return _GeluMatch(approximate, argument, one[0], one[1], chain, nodes, inner)
         return None
 
-    def check(self, match: _GeluMatch, ctx: RuleContext) -> str | None:
-        """Constants, readers, dtype, opset, then that no constant lifts the rank."""
+    def check(self, match: _GeluMatch, ctx: RuleContext) -> _GeluMatch | Decline:
+        """Constants, readers, dtype, opset, then that no constant lifts the rank.
+
+        The match is the plan: the rewrite needs nothing the checks compute.
+        """
         coefficients = match.argument.coefficients
         if match.approximate == "none":
             if not close(coefficients.get(1, 0.0), _INV_SQRT2, _LOOSE):
-                return "Erf argument is not x/sqrt(2)"
+                return Decline("Erf argument is not x/sqrt(2)")
         elif (
             set(coefficients) != {1, 3}
             or not close(coefficients[1], _SQRT_2_OVER_PI, _LOOSE)
             or not close(coefficients[3] / coefficients[1], _CUBIC, _LOOSE)
         ):
-            return "Tanh argument is not sqrt(2/pi)*(x + 0.044715*x^3)"
+            return Decline("Tanh argument is not sqrt(2/pi)*(x + 0.044715*x^3)")
         if not close(match.one, 1.0, _TIGHT):
-            return "the constant added to Erf/Tanh is not 1"
+            return Decline("the constant added to Erf/Tanh is not 1")
         if not close(match.chain.scale, 0.5, _TIGHT):
-            return "the product's constants do not multiply to 0.5"
+            return Decline("the product's constants do not multiply to 0.5")
         x = match.argument.x
-        return (
+        reason = (
             escaping_reason(ctx.graph, match.inner, match.nodes)  # case 6
             or float_dtype_reason(x, match.chain.end)
             or (f"Gelu needs opset {_MIN_OPSET}" if ctx.opset < _MIN_OPSET else None)
@@ -251,6 +254,7 @@ class FuseGelu(Rule):
                 max(match.argument.const_rank, match.chain.const_rank, match.one_rank), x
             )
         )
+        return plan_or_decline(reason, match)
 
     def rewrite(self, match: _GeluMatch, ctx: RuleContext) -> None:
         """One Gelu node replaces the pattern."""

@@ -57,7 +57,7 @@ from onnxshrink.engine.graph import (
     sole_reader,
     unique_name,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext, plan_or_decline
 
 logger = logging.getLogger(__name__)
 
@@ -337,9 +337,18 @@ class _HardSigmoidMatch:
     nodes: list[gs.Node]
     inner: list[gs.Tensor]
     const_rank: int
+    escaping: str | None  # why `inner` cannot disappear with `nodes` (match ranks by it)
 
 
-class FuseHardSigmoid(Rule):
+@dataclass
+class _HardSigmoidPlan:
+    """The match, and the op that replaces it (case 4)."""
+
+    match: _HardSigmoidMatch
+    hardswish: bool  # True: HardSwish(x); False: HardSigmoid(x) [then Mul by the factor]
+
+
+class FuseHardSigmoid(Rule[_HardSigmoidMatch, _HardSigmoidPlan]):
     """Cases 1-4: a scaled clip of an affine input becomes HardSigmoid (or HardSwish)."""
 
     name = "fuse-hard-sigmoid"
@@ -376,6 +385,7 @@ class FuseHardSigmoid(Rule):
                     nodes=nodes,
                     inner=inner,
                     const_rank=max(clip.const_rank, affine_rank, chain.const_rank),
+                    escaping=escaping_reason(ctx.graph, inner, nodes),
                 )
             )
         if not candidates:
@@ -383,7 +393,7 @@ class FuseHardSigmoid(Rule):
         # Prefer a chain that can be rewritten, and among those one that takes in the x factor
         # (a whole hardswish in one step), then one without a factor (a plain hard sigmoid);
         # when none can be rewritten, the first one says why in check().
-        clean = [m for m in candidates if escaping_reason(ctx.graph, m.inner, m.nodes) is None]
+        clean = [m for m in candidates if m.escaping is None]
         for wanted in (
             lambda m: m.chain.factor is m.x,
             lambda m: m.chain.factor is None,
@@ -394,21 +404,31 @@ class FuseHardSigmoid(Rule):
                 return found
         return candidates[0]
 
-    def check(self, match: _HardSigmoidMatch, ctx: RuleContext) -> str | None:
+    def check(self, match: _HardSigmoidMatch, ctx: RuleContext) -> _HardSigmoidPlan | Decline:
         """Intermediates must die with the pattern; float input; no rank change."""
-        return (
-            escaping_reason(ctx.graph, match.inner, match.nodes)
+        reason = (
+            match.escaping
             or float_dtype_reason(match.x, match.chain.end)
             or rank_reason(match.const_rank, match.x, match.chain.factor)
         )
+        if reason is not None:
+            return Decline(reason)
+        x, factor = match.x, match.chain.factor
+        # `factor is not None` first: `factor is x` alone makes mypy narrow x to Optional
+        hardswish = (
+            factor is not None
+            and factor is x
+            and _hardswish_constants(match.alpha, match.beta)
+            and ctx.opset >= 14
+        )
+        return _HardSigmoidPlan(match, hardswish)
 
-    def rewrite(self, match: _HardSigmoidMatch, ctx: RuleContext) -> None:
+    def rewrite(self, plan: _HardSigmoidPlan, ctx: RuleContext) -> None:
         """Case 4: HardSigmoid, Mul(y, HardSigmoid) or HardSwish in place of the chain's end."""
+        match = plan.match
         graph, x, end, factor = ctx.graph, match.x, match.chain.end, match.chain.factor
         out = make_variable(graph, f"{end.name}_fused", like=end)
-        standard = _hardswish_constants(match.alpha, match.beta)
-        # `factor is not None` first: `factor is x` alone makes mypy narrow x to Optional
-        if factor is not None and factor is x and standard and ctx.opset >= 14:
+        if plan.hardswish:
             graph.nodes.append(
                 gs.Node(
                     "HardSwish",
@@ -453,7 +473,7 @@ class _HardSwishMatch:
     mul: gs.Node
 
 
-class FuseHardSwish(Rule):
+class FuseHardSwish(Rule[_HardSwishMatch, _HardSwishMatch]):
     """Case 5: Mul(x, HardSigmoid(x, 1/6, 1/2)) becomes HardSwish(x)."""
 
     name = "fuse-hard-swish"
@@ -474,9 +494,10 @@ class FuseHardSwish(Rule):
                     return _HardSwishMatch(x, node, reader)
         return None
 
-    def check(self, match: _HardSwishMatch, ctx: RuleContext) -> str | None:
+    def check(self, match: _HardSwishMatch, ctx: RuleContext) -> _HardSwishMatch | Decline:
         """The HardSigmoid output must be read by the Mul alone."""
-        return escaping_reason(ctx.graph, match.hard_sigmoid.outputs, [match.mul])
+        reason = escaping_reason(ctx.graph, match.hard_sigmoid.outputs, [match.mul])
+        return plan_or_decline(reason, match)
 
     def rewrite(self, match: _HardSwishMatch, ctx: RuleContext) -> None:
         """One HardSwish node replaces the pair."""

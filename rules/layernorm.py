@@ -49,7 +49,7 @@ from onnxshrink.engine.graph import (
     sole_reader,
     unique_name,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext
 from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason
 
 logger = logging.getLogger(__name__)
@@ -146,9 +146,21 @@ class _LayerNormMatch:
     beta: np.ndarray | None
     nodes: list[gs.Node]
     inner: list[gs.Tensor]
+    k: int | None  # the mean's axes are the trailing k axes of x (None: they are not)
+    axes_reason: str | None  # why the mean's axes are unusable, when they are
 
 
-class FuseLayerNorm(Rule):
+@dataclass
+class _LayerNormPlan:
+    """What check established: the normalized axes count, their static dims, epsilon."""
+
+    match: _LayerNormMatch
+    k: int  # the trailing k axes of x are normalized (axis = -k)
+    shape: tuple[int, ...]  # their static dims, the shape of scale and bias
+    epsilon: float
+
+
+class FuseLayerNorm(Rule[_LayerNormMatch, _LayerNormPlan]):
     """Cases 1-6: ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div [Mul Add] -> LayerNormalization."""
 
     name = "fuse-layernorm"
@@ -223,7 +235,7 @@ class FuseLayerNorm(Rule):
             return None
         nodes = [mean_node, sub, square, var_node, add, sqrt, *norm_nodes]
         end = norm_nodes[-1].outputs[0]
-        axes, _ = _reduce_axes(mean_node)
+        axes, axes_reason = _reduce_axes(mean_node)
         k = (
             _trailing_count(axes, len(x.shape) if x.shape is not None else None)
             if axes is not None
@@ -245,55 +257,62 @@ class FuseLayerNorm(Rule):
             end = only.outputs[0]
         inner = [t for n in nodes for t in n.outputs if t is not end]
         return _LayerNormMatch(
-            x, mean_node, var_node, square, sqrt, eps, end, gamma, beta, nodes, inner
+            x,
+            mean_node,
+            var_node,
+            square,
+            sqrt,
+            eps,
+            end,
+            gamma,
+            beta,
+            nodes,
+            inner,
+            k,
+            axes_reason,
         )
 
-    def check(self, match: _LayerNormMatch, ctx: RuleContext) -> str | None:
+    def check(self, match: _LayerNormMatch, ctx: RuleContext) -> _LayerNormPlan | Decline:
         """Axes, exponents, eps, readers, dtype, opset, then a static normalized shape."""
-        mean_axes, reason = _reduce_axes(match.mean_node)
-        if mean_axes is None:
-            return reason
+        if match.axes_reason is not None:
+            return Decline(match.axes_reason)
         var_axes, reason = _reduce_axes(match.var_node)
         if var_axes is None:
-            return reason
+            return Decline(reason or "ReduceMean axes unknown")
         rank = len(match.x.shape) if match.x.shape is not None else None
-        k = _trailing_count(mean_axes, rank)
+        k = match.k
         if k is None:
-            return "ReduceMean axes are not the trailing axes"
+            return Decline("ReduceMean axes are not the trailing axes")
         if _trailing_count(var_axes, rank) != k:  # the trailing k axes are one set
-            return "the two ReduceMeans reduce different axes"
+            return Decline("the two ReduceMeans reduce different axes")
         if match.square.op == "Pow":
             exponent = scalar_constant(match.square.inputs[1])
             if exponent is None or exponent[0] != 2.0:
-                return "square exponent is not 2"
+                return Decline("square exponent is not 2")
         if match.sqrt.op == "Pow":
             exponent = scalar_constant(match.sqrt.inputs[1])
             if exponent is None or exponent[0] != 0.5:
-                return "square-root exponent is not 0.5"
-        if scalar_constant(match.eps) is None:
-            return "epsilon is not a scalar constant"
+                return Decline("square-root exponent is not 0.5")
+        eps = scalar_constant(match.eps)
+        if eps is None:
+            return Decline("epsilon is not a scalar constant")
         reason = escaping_reason(ctx.graph, match.inner, match.nodes)  # case 5
         if reason is not None:
-            return reason
+            return Decline(reason)
         reason = float_dtype_reason(match.x, match.end)
         if reason is not None:
-            return reason
+            return Decline(reason)
         if ctx.opset < _MIN_OPSET:
-            return f"LayerNormalization needs opset {_MIN_OPSET}"  # case 6
-        if not _normalized_shape(match.x, k):
-            return "normalized dims of the input are not static (pin input shapes)"
-        return None
+            return Decline(f"LayerNormalization needs opset {_MIN_OPSET}")  # case 6
+        shape = _normalized_shape(match.x, k)
+        if not shape:
+            return Decline("normalized dims of the input are not static (pin input shapes)")
+        return _LayerNormPlan(match, k, shape, eps[0])
 
-    def rewrite(self, match: _LayerNormMatch, ctx: RuleContext) -> None:
+    def rewrite(self, plan: _LayerNormPlan, ctx: RuleContext) -> None:
         """One LayerNormalization with materialized scale (and bias) replaces the pattern."""
+        match, shape = plan.match, plan.shape
         graph, x = ctx.graph, match.x
-        # check() accepted the match: the axes, k, the normalized shape and epsilon are known
-        mean_axes, _ = _reduce_axes(match.mean_node)
-        assert mean_axes is not None
-        k = _trailing_count(mean_axes, len(x.shape))
-        assert k is not None
-        shape = _normalized_shape(x, k)
-        assert shape is not None
         dtype = np.dtype(x.dtype if x.dtype is not None else match.end.dtype)
         gamma = np.ones(shape) if match.gamma is None else match.gamma.astype(np.float64)
         scale = make_constant(
@@ -303,14 +322,12 @@ class FuseLayerNorm(Rule):
         if match.beta is not None:
             beta = np.broadcast_to(match.beta.astype(np.float64), shape).astype(dtype)
             inputs.append(make_constant(graph, f"{x.name}_ln_bias", beta))
-        eps = scalar_constant(match.eps)
-        assert eps is not None
         out = make_variable(graph, f"{match.end.name}_fused", like=match.end)
         graph.nodes.append(
             gs.Node(
                 "LayerNormalization",
                 name=unique_name(graph, f"{x.name}_layernorm"),
-                attrs={"axis": -k, "epsilon": float(eps[0])},
+                attrs={"axis": -plan.k, "epsilon": plan.epsilon},
                 inputs=inputs,
                 outputs=[out],
             )

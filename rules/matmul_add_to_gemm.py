@@ -39,7 +39,7 @@ from onnxshrink.engine.graph import (
     set_input,
     unique_name,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext, plan_or_decline
 from onnxshrink.rules.fold_conv_affine import FLOAT_DTYPES, folded_name
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,14 @@ class _BiasAddMatch:
     add: gs.Node
     product: gs.Node  # the MatMul or Gemm
     bias: gs.Tensor  # the constant operand of the Add
+
+
+@dataclass
+class _GemmBiasPlan:
+    add: gs.Node
+    gemm: gs.Node
+    c: gs.Tensor | None  # the Gemm's C input, if any
+    new_c: np.ndarray  # beta * C + D, in the Gemm's dtype
 
 
 def bias_broadcast_reason(bias: np.ndarray, m: object, n: object) -> str | None:
@@ -85,7 +93,7 @@ def _common_reason(m: _BiasAddMatch, ctx: RuleContext) -> str | None:
     return None
 
 
-class MatMulAddToGemm(Rule):
+class MatMulAddToGemm(Rule[_BiasAddMatch, _BiasAddMatch]):
     """MatMul(A, B) + constant C with 2-D A and B becomes Gemm(A, B, C) (case 1)."""
 
     name = "matmul-add-to-gemm"
@@ -95,21 +103,22 @@ class MatMulAddToGemm(Rule):
     def match(self, node: gs.Node, ctx: RuleContext) -> _BiasAddMatch | None:
         return _match_bias_add(node, ("MatMul",))
 
-    def check(self, m: _BiasAddMatch, ctx: RuleContext) -> str | None:
+    def check(self, m: _BiasAddMatch, ctx: RuleContext) -> _BiasAddMatch | Decline:
         reason = _common_reason(m, ctx)
         if reason is not None:
-            return reason
+            return Decline(reason)
         a, b = m.product.inputs
         a_dims, b_dims = known_shape(a), known_shape(b)
         if a_dims is None or len(a_dims) != 2:
-            return "MatMul input A is not known to be 2-D (batched MatMul stays)"
+            return Decline("MatMul input A is not known to be 2-D (batched MatMul stays)")
         if b_dims is None or len(b_dims) != 2:
-            return "MatMul input B is not known to be 2-D"
+            return Decline("MatMul input B is not known to be 2-D")
         bias = np.asarray(const_value(m.bias))
         dtype = first_dtype(b, a)
         if dtype not in FLOAT_DTYPES or bias.dtype != dtype:
-            return f"dtype {dtype} / bias {bias.dtype} is not a matching float type"
-        return bias_broadcast_reason(bias, a_dims[0], b_dims[1])
+            return Decline(f"dtype {dtype} / bias {bias.dtype} is not a matching float type")
+        # the bias tensor itself becomes C: nothing computed here is needed again
+        return plan_or_decline(bias_broadcast_reason(bias, a_dims[0], b_dims[1]), m)
 
     def rewrite(self, m: _BiasAddMatch, ctx: RuleContext) -> None:
         a, b = m.product.inputs
@@ -120,7 +129,7 @@ class MatMulAddToGemm(Rule):
         ctx.graph.nodes.append(gs.Node("Gemm", name=name, inputs=[a, b, m.bias], outputs=[out]))
 
 
-class GemmAddFold(Rule):
+class GemmAddFold(Rule[_BiasAddMatch, _GemmBiasPlan]):
     """Gemm(A, B, C) + constant D becomes Gemm(A, B, beta * C + D) (case 2)."""
 
     name = "gemm-add-fold"
@@ -130,35 +139,35 @@ class GemmAddFold(Rule):
     def match(self, node: gs.Node, ctx: RuleContext) -> _BiasAddMatch | None:
         return _match_bias_add(node, ("Gemm",))
 
-    def _new_bias(self, m: _BiasAddMatch, ctx: RuleContext) -> np.ndarray | str:
+    def check(self, m: _BiasAddMatch, ctx: RuleContext) -> _GemmBiasPlan | Decline:
         reason = _common_reason(m, ctx)
         if reason is not None:
-            return reason
+            return Decline(reason)
         gemm = m.product
         if len(gemm.inputs) < 2:
-            return "Gemm has fewer than 2 inputs"
+            return Decline("Gemm has fewer than 2 inputs")
         c_tensor = optional_input(gemm, 2)
         c = None
         if c_tensor is not None:
             c = const_value(c_tensor)
             if c is None:
-                return "Gemm C is not a constant"
+                return Decline("Gemm C is not a constant")
             c = np.asarray(c)
         d = np.asarray(const_value(m.bias))
         dtype = c.dtype if c is not None else first_dtype(gemm.inputs[1], gemm.inputs[0])
         if dtype not in FLOAT_DTYPES or d.dtype != dtype:
-            return f"dtype {dtype} / bias {d.dtype} is not a matching float type"
+            return Decline(f"dtype {dtype} / bias {d.dtype} is not a matching float type")
         m_dim, n_dim = self._output_dims(gemm)
         reason = bias_broadcast_reason(d, m_dim, n_dim)
         if reason is not None:
-            return reason
+            return Decline(reason)
         beta = float(gemm.attrs.get("beta", 1.0))
         new_c = (
             d.astype(np.float64)
             if c is None
             else beta * c.astype(np.float64) + d.astype(np.float64)
         )
-        return new_c.astype(dtype)
+        return _GemmBiasPlan(m.add, gemm, c_tensor, new_c.astype(dtype))
 
     @staticmethod
     def _output_dims(gemm: gs.Node) -> tuple[object, object]:
@@ -173,20 +182,13 @@ class GemmAddFold(Rule):
             n_dim = b_dims[0] if gemm.attrs.get("transB", 0) else b_dims[1]
         return m_dim, n_dim
 
-    def check(self, m: _BiasAddMatch, ctx: RuleContext) -> str | None:
-        plan = self._new_bias(m, ctx)
-        return plan if isinstance(plan, str) else None
-
-    def rewrite(self, m: _BiasAddMatch, ctx: RuleContext) -> None:
-        new_c = self._new_bias(m, ctx)
-        assert not isinstance(new_c, str)
-        gemm = m.product
-        c_tensor = optional_input(gemm, 2)
-        hint = c_tensor.name if c_tensor is not None else f"{gemm.inputs[1].name}_bias"
-        set_input(gemm, 2, make_constant(ctx.graph, folded_name(hint), new_c))
+    def rewrite(self, plan: _GemmBiasPlan, ctx: RuleContext) -> None:
+        gemm = plan.gemm
+        hint = plan.c.name if plan.c is not None else f"{gemm.inputs[1].name}_bias"
+        set_input(gemm, 2, make_constant(ctx.graph, folded_name(hint), plan.new_c))
         gemm.attrs["beta"] = 1.0
-        out = m.add.outputs[0]
-        detach(m.add)
+        out = plan.add.outputs[0]
+        detach(plan.add)
         replace_all_uses(ctx.graph, out, gemm.outputs[0])
 
 

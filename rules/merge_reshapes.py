@@ -45,7 +45,7 @@ from onnxshrink.engine.graph import (
     tensor_dims,
     unique_name,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext
 from onnxshrink.rules.noop_elimination import reshape_is_noop
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _perm_of(node: gs.Node) -> list[int] | None:
     return None if dims is None else list(reversed(range(len(dims))))
 
 
-class ComposeTransposes(Rule):
+class ComposeTransposes(Rule[_TransposePair, _TransposePair]):
     """Case 1: two Transposes in a row become one with the composed permutation."""
 
     name = "compose-transposes"
@@ -97,11 +97,11 @@ class ComposeTransposes(Rule):
             return None
         return _TransposePair(first, node, [p1[k] for k in p2])
 
-    def check(self, match: _TransposePair, ctx: RuleContext) -> str | None:
+    def check(self, match: _TransposePair, ctx: RuleContext) -> _TransposePair | Decline:
         identity = match.perm == list(range(len(match.perm)))
         if not identity and not only_consumer(ctx.graph, match.first.outputs[0], match.second):
-            return "first Transpose has other readers"
-        return None
+            return Decline("first Transpose has other readers")
+        return match
 
     def rewrite(self, match: _TransposePair, ctx: RuleContext) -> None:
         match.second.inputs[0] = match.first.inputs[0]
@@ -116,10 +116,17 @@ class ComposeTransposes(Rule):
 class _ReshapeOfReshape:
     inner: gs.Node
     outer: gs.Node
-    shape: list[int] | None  # the new constant shape, or None to keep the outer's shape input
+    shape: list[int] | None  # the outer's constant shape, None when computed
 
 
-class CollapseReshapes(Rule):
+@dataclass
+class _CollapsePlan:
+    inner: gs.Node
+    outer: gs.Node
+    new_shape: list[int] | None  # a constant shape to write (0s resolved), None: keep the input
+
+
+class CollapseReshapes(Rule[_ReshapeOfReshape, _CollapsePlan]):
     """Case 2: `Reshape(R(x), s)` -> `Reshape(x, s)` for R a reshape-like op."""
 
     name = "collapse-reshapes"
@@ -134,31 +141,29 @@ class CollapseReshapes(Rule):
             return None
         return _ReshapeOfReshape(inner, node, int_list(node.inputs[1]))
 
-    def check(self, match: _ReshapeOfReshape, ctx: RuleContext) -> str | None:
+    def check(self, match: _ReshapeOfReshape, ctx: RuleContext) -> _CollapsePlan | Decline:
         allowzero = bool(match.outer.attrs.get("allowzero", 0))
         if match.shape is None and not allowzero:
-            return "computed shape may copy dims of the inner output"
+            return Decline("computed shape may copy dims of the inner output")
         target = match.shape
         if match.shape is not None and not allowzero:
             target = _resolve_copies(match.shape, tensor_dims(match.outer.inputs[0]))
             if target is None:
-                return "shape copies a dynamic dim of the inner output"
+                return Decline("shape copies a dynamic dim of the inner output")
         if not only_consumer(ctx.graph, match.inner.outputs[0], match.outer):
             dims = tensor_dims(match.inner.inputs[0])
             if target is None or dims is None or not reshape_is_noop(dims, target, allowzero):
-                return "inner op has other readers"
-        return None
+                return Decline("inner op has other readers")
+        # A 0 copied a dim of the inner output, which goes: write the resolved shape instead.
+        copies = match.shape is not None and 0 in match.shape and not allowzero
+        return _CollapsePlan(match.inner, match.outer, target if copies else None)
 
-    def rewrite(self, match: _ReshapeOfReshape, ctx: RuleContext) -> None:
-        match.outer.inputs[0] = match.inner.inputs[0]
-        if (
-            match.shape is not None
-            and 0 in match.shape
-            and not match.outer.attrs.get("allowzero", 0)
-        ):
-            resolved = _resolve_copies(match.shape, tensor_dims(match.inner.outputs[0]))
-            name = f"{match.outer.name or match.outer.outputs[0].name}_shape"
-            match.outer.inputs[1] = make_constant(ctx.graph, name, np.array(resolved, np.int64))
+    def rewrite(self, plan: _CollapsePlan, ctx: RuleContext) -> None:
+        plan.outer.inputs[0] = plan.inner.inputs[0]
+        if plan.new_shape is not None:
+            name = f"{plan.outer.name or plan.outer.outputs[0].name}_shape"
+            shape = np.array(plan.new_shape, np.int64)
+            plan.outer.inputs[1] = make_constant(ctx.graph, name, shape)
 
 
 def _resolve_copies(shape: list[int], middle: list[int | None] | None) -> list[int] | None:
@@ -191,6 +196,12 @@ class _Chain:
     kind: str  # "identity", "Squeeze", "Unsqueeze" or "Reshape"
     axes: list[int] = field(default_factory=list)
     shape: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _ChainPlan:
+    chain: _Chain
+    first_dies: bool  # the second op is the first's only reader: both go
 
 
 def _axes(node: gs.Node, ctx: RuleContext) -> tuple[bool, list[int] | None]:
@@ -280,7 +291,7 @@ def _labels_target(labels: list, dims: list[int | None], source: gs.Tensor) -> l
     return target
 
 
-class MergeSqueezeUnsqueeze(Rule):
+class MergeSqueezeUnsqueeze(Rule[_Chain, _ChainPlan]):
     """Cases 3 and 4: two reshape-like ops in a row become one op, or none."""
 
     name = "merge-squeeze-unsqueeze"
@@ -329,27 +340,26 @@ class MergeSqueezeUnsqueeze(Rule):
         target = _labels_target(labels, out_dims, source)
         return None if target is None else _Chain(first, second, "Reshape", shape=target)
 
-    def check(self, match: _Chain, ctx: RuleContext) -> str | None:
-        if match.kind != "identity" and not only_consumer(
-            ctx.graph, match.first.outputs[0], match.second
-        ):
-            return "first op has other readers"
+    def check(self, match: _Chain, ctx: RuleContext) -> _ChainPlan | Decline:
+        first_dies = only_consumer(ctx.graph, match.first.outputs[0], match.second)
+        if match.kind != "identity" and not first_dies:
+            return Decline("first op has other readers")
         if (
             match.kind == "identity"
             and is_graph_output(ctx.graph, match.second.outputs[0])
             and outer_scope_source(ctx.graph, match.first.inputs[0])
         ):
-            return "body output read from the outer scope"
-        return None
+            return Decline("body output read from the outer scope")
+        return _ChainPlan(match, first_dies)
 
-    def rewrite(self, match: _Chain, ctx: RuleContext) -> None:
-        graph = ctx.graph
+    def rewrite(self, plan: _ChainPlan, ctx: RuleContext) -> None:
+        graph, match = ctx.graph, plan.chain
         source = match.first.inputs[0]
         out = match.second.outputs[0]
         if match.kind == "identity":
             # The first op dies with the second when nothing else reads it; detaching it now
             # lets replace_all_uses hand a graph output name to `source`'s producer.
-            if only_consumer(graph, match.first.outputs[0], match.second):
+            if plan.first_dies:
                 detach(match.first)
             detach(match.second)
             replace_all_uses(graph, out, source)

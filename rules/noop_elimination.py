@@ -55,7 +55,7 @@ from onnxshrink.engine.graph import (
     replace_all_uses,
     tensor_dims,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,20 @@ class Bypass:
     result: gs.Tensor
 
 
-class _BypassRule(Rule):
+@dataclass
+class BypassPlan:
+    """How the bypass keeps a graph output's name, as check found it."""
+
+    bypass: Bypass
+    #: `result` is a graph output that the source's producer can write itself (no Identity)
+    producer_takes_output: bool
+
+
+class _BypassRule(Rule[Bypass, BypassPlan]):
     """Base for the no-op rules: subclasses say whether a node is a no-op (`is_noop`)."""
+
+    #: decline rather than leave an Identity to keep an output name (the Identity rule only)
+    avoids_leftover_identity: bool = False
 
     def is_noop(self, node: gs.Node, ctx: RuleContext) -> bool:
         raise NotImplementedError
@@ -106,24 +118,25 @@ class _BypassRule(Rule):
             return None
         return Bypass(node, self.source_of(node), node.outputs[0])
 
-    def check(self, match: Bypass, ctx: RuleContext) -> str | None:
+    def check(self, match: Bypass, ctx: RuleContext) -> BypassPlan | Decline:
         for extra in match.node.outputs[1:]:
             if not extra.is_empty() and (extra.outputs or is_graph_output(ctx.graph, extra)):
-                return "a second output is used"
+                return Decline("a second output is used")
+        takes_output = False
         if is_graph_output(ctx.graph, match.result):
             if outer_scope_source(ctx.graph, match.source):
-                return "body output read from the outer scope"
-            if self.keeps_identity(match, ctx):
-                return "graph output fed by a graph input, constant or shared tensor"
-        return None
+                return Decline("body output read from the outer scope")
+            # the no-op itself is about to go, so it does not count as a reader of the source
+            takes_output = can_become_output(ctx.graph, match.source, ignoring=match.node)
+            if self.avoids_leftover_identity and not takes_output:
+                # Bypassing would need an Identity to keep the output's name (module docstring).
+                return Decline("graph output fed by a graph input, constant or shared tensor")
+        return BypassPlan(match, takes_output)
 
-    def keeps_identity(self, match: Bypass, ctx: RuleContext) -> bool:
-        """Only the Identity rule must decline when bypassing would leave an Identity."""
-        return False
-
-    def rewrite(self, match: Bypass, ctx: RuleContext) -> None:
+    def rewrite(self, plan: BypassPlan, ctx: RuleContext) -> None:
+        match = plan.bypass
         detach(match.node)  # first: the no-op must not count as a reader of the source
-        if is_graph_output(ctx.graph, match.result) and can_become_output(ctx.graph, match.source):
+        if plan.producer_takes_output:
             # The source's producer writes the output tensor itself; readers of the output
             # (also readers of the source now) keep reading it.
             producer = producer_of(match.source)
@@ -140,12 +153,10 @@ class RemoveIdentity(_BypassRule):
     name = "remove-identity"
     op_types = ("Identity",)
 
+    avoids_leftover_identity = True
+
     def is_noop(self, node: gs.Node, ctx: RuleContext) -> bool:
         return True
-
-    def keeps_identity(self, match: Bypass, ctx: RuleContext) -> bool:
-        # Bypassing would need an Identity to keep the output's name (see the module docstring).
-        return not can_become_output(ctx.graph, match.source, ignoring=match.node)
 
 
 class RemoveInferenceDropout(_BypassRule):

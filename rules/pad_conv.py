@@ -36,7 +36,7 @@ from onnxshrink.engine.graph import (
     optional_input,
     producer_of,
 )
-from onnxshrink.engine.passes import Rule, RuleContext
+from onnxshrink.engine.passes import Decline, Rule, RuleContext
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ logger = logging.getLogger(__name__)
 class _PadConvMatch:
     pad: gs.Node
     conv: gs.Node
+
+
+@dataclass
+class _PadConvPlan:
+    pad: gs.Node
+    conv: gs.Node
+    pads: list[int]  # the Conv's new pads, [x1_begin, ..., x1_end, ...]
 
 
 def _text(value: object) -> str:
@@ -99,7 +106,7 @@ def _conv_rank(conv: gs.Node) -> int | None:
     return len(shape) if shape is not None else None
 
 
-class PadIntoConv(Rule):
+class PadIntoConv(Rule[_PadConvMatch, _PadConvPlan]):
     """Zero constant Pad on spatial axes followed by a Conv becomes the Conv's own padding."""
 
     name = "pad-into-conv"
@@ -113,29 +120,29 @@ class PadIntoConv(Rule):
             return None
         return _PadConvMatch(pad, node)
 
-    def _new_pads(self, m: _PadConvMatch, ctx: RuleContext) -> list[int] | str:
+    def check(self, m: _PadConvMatch, ctx: RuleContext) -> _PadConvPlan | Decline:
         pad, conv = m.pad, m.conv
         x = conv.inputs[0]
         if not only_consumer(ctx.graph, x, conv) or any(t is x for t in conv.inputs[1:]):
-            return "Pad output has other readers or is a graph output"
+            return Decline("Pad output has other readers or is a graph output")
         if not in_graph(ctx.graph, pad):
-            return "Pad is in another graph scope"
+            return Decline("Pad is in another graph scope")
         auto_pad = _text(conv.attrs.get("auto_pad", "NOTSET"))
         if auto_pad not in ("NOTSET", "VALID"):
-            return f"Conv auto_pad is {auto_pad}"
+            return Decline(f"Conv auto_pad is {auto_pad}")
         rank = _conv_rank(conv)
         pads = pad_amounts(pad, ctx.opset, rank)
         if isinstance(pads, str):
-            return pads
+            return Decline(pads)
         if len(pads) % 2:
-            return "Pad pads have odd length"
+            return Decline("Pad pads have odd length")
         rank = rank if rank is not None else len(pads) // 2
         if len(pads) != 2 * rank or rank < 3:
-            return f"Pad pads do not match the Conv input rank {rank}"
+            return Decline(f"Pad pads do not match the Conv input rank {rank}")
         if any(p < 0 for p in pads):
-            return "Pad crops (negative pads)"
+            return Decline("Pad crops (negative pads)")
         if pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
-            return "Pad pads the batch or channel axis"
+            return Decline("Pad pads the batch or channel axis")
         spatial = rank - 2
         conv_pads = (
             [0] * (2 * spatial)
@@ -143,22 +150,16 @@ class PadIntoConv(Rule):
             else list(conv.attrs.get("pads", [0] * (2 * spatial)))
         )
         if len(conv_pads) != 2 * spatial:
-            return "Conv pads do not match its rank"
+            return Decline("Conv pads do not match its rank")
         begins = [int(conv_pads[i]) + pads[2 + i] for i in range(spatial)]
         ends = [int(conv_pads[spatial + i]) + pads[rank + 2 + i] for i in range(spatial)]
-        return begins + ends
+        return _PadConvPlan(pad, conv, begins + ends)
 
-    def check(self, m: _PadConvMatch, ctx: RuleContext) -> str | None:
-        plan = self._new_pads(m, ctx)
-        return plan if isinstance(plan, str) else None
-
-    def rewrite(self, m: _PadConvMatch, ctx: RuleContext) -> None:
-        new_pads = self._new_pads(m, ctx)
-        assert not isinstance(new_pads, str)
-        m.conv.attrs["pads"] = new_pads
-        m.conv.attrs.pop("auto_pad", None)
-        m.conv.inputs[0] = m.pad.inputs[0]
-        detach(m.pad)
+    def rewrite(self, plan: _PadConvPlan, ctx: RuleContext) -> None:
+        plan.conv.attrs["pads"] = plan.pads
+        plan.conv.attrs.pop("auto_pad", None)
+        plan.conv.inputs[0] = plan.pad.inputs[0]
+        detach(plan.pad)
 
 
 RULES: list[Rule] = [PadIntoConv()]

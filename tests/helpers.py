@@ -62,6 +62,15 @@ def apply(
     return rewrite_model(model, passes)
 
 
+def scale_weights(graph: gs.Graph, ctx: RuleContext) -> bool:
+    """A deliberately wrong pass for `debug_verify` tests: scales every float32 initializer by
+    1.1 and reports the change (True), as an honest but broken pass would."""
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.values.dtype == np.float32:
+            tensor.values = tensor.values * np.float32(1.1)
+    return True
+
+
 def histogram(model: onnx.ModelProto, recurse: bool = False) -> Counter[str]:
     """Op-type counts of the main graph (and subgraphs when `recurse`)."""
     counts: Counter[str] = Counter()

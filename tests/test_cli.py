@@ -138,3 +138,31 @@ def test_optimize_help_documents_int8():
                    "--exclude", "--max-error", "--calibration-provider", "--no-speed-check"):  # fmt: skip
         assert option in result.output
     assert "20 dB" in result.output
+
+
+def test_debug_verify_broken_pass_gets_one_line_and_exit_1(tmp_path, conv_bn_path, monkeypatch):
+    import onnxshrink.rules
+    from onnxshrink.engine.passes import FunctionPass
+    from tests.helpers import scale_weights
+
+    out = tmp_path / "o.onnx"
+    good = _run("optimize", str(conv_bn_path), "-o", str(out), "--debug-verify")
+    assert good.exit_code == 0, good.output
+    out.unlink()
+    default = onnxshrink.rules.lossless_passes
+    monkeypatch.setattr(
+        onnxshrink.rules,
+        "lossless_passes",
+        lambda: [*default(), FunctionPass("scale-weights", scale_weights)],
+    )
+    result = _run("optimize", str(conv_bn_path), "-o", str(out), "--debug-verify")
+    assert result.exit_code == 1, result.output
+    assert result.output.count("error:") == 1
+    assert "pass 'scale-weights' (sweep 1) broke the model" in result.output
+    assert "internal error" not in result.output
+    assert not out.exists()
+
+
+def test_debug_verify_is_documented_in_help():
+    result = _run("optimize", "--help")
+    assert "--debug-verify" in result.output

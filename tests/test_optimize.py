@@ -11,7 +11,7 @@ import pytest
 import onnxshrink
 from onnxshrink.engine.passes import FunctionPass
 from onnxshrink.errors import ParityError, UsageError
-from tests.helpers import histogram, make_model
+from tests.helpers import histogram, make_model, scale_weights
 
 
 def _sha(path) -> str:
@@ -173,4 +173,107 @@ def test_input_with_default_stays_an_overridable_input():
     w = rng.normal(size=(3, 2, 1, 1)).astype(np.float32)
     np.testing.assert_allclose(
         run(out, {"x": x, "w": w})[0], run(model, {"x": x, "w": w})[0], rtol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# debug_verify: the checker and parity after every pass that changed the graph
+
+
+def _wrong_weight_shape(graph, ctx) -> bool:
+    """A pass that gives the Conv a weight of the wrong input channels (checker: fine)."""
+    import onnx_graphsurgeon as gs
+
+    for node in graph.nodes:
+        if node.op == "Conv":
+            node.inputs[1] = gs.Constant("w_bad", np.ones((4, 5, 3, 3), np.float32))
+            return True
+    return False
+
+
+def _unknown_op(graph, ctx) -> bool:
+    """A pass that leaves an op no opset defines (onnx.checker rejects the model)."""
+    for node in graph.nodes:
+        if node.op == "Conv":
+            node.op = "Konv"
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "name, fn, kind, what",
+    [
+        ("scale-weights", scale_weights, "parity", "outputs moved past the tolerance"),
+        ("unknown-op", _unknown_op, "checker", "onnx.checker: "),
+        ("wrong-shape", _wrong_weight_shape, "parity", "the post-pass model fails where"),
+    ],
+)
+def test_debug_verify_names_the_pass_that_broke_the_model(
+    tmp_path, conv_bn_path, name, fn, kind, what
+):
+    from onnxshrink.engine.passes import BrokenPassError
+    from onnxshrink.rules import lossless_passes
+
+    out = tmp_path / "out.onnx"
+    passes = [*lossless_passes(), FunctionPass(name, fn)]
+    with pytest.raises(BrokenPassError) as caught:
+        onnxshrink.optimize(conv_bn_path, out, passes=passes, debug_verify=True)
+    message = str(caught.value)
+    assert message.startswith(f"pass '{name}' (sweep 1) broke the model: {what}")
+    assert f"applied in it: {name} x1" in message
+    assert message.endswith(
+        "passes before it: ..., cleanup, constant-folding, fusion, cse, "
+        "dedup-initializers; nothing written"
+    )
+    assert caught.value.pass_name == name and caught.value.kind == kind
+    assert not out.exists()
+
+
+def test_debug_verify_passes_a_good_pipeline_and_checks_each_changing_pass(
+    tmp_path, conv_bn_path, monkeypatch
+):
+    from onnxshrink.engine import optimize as engine
+
+    checked = []
+    original_call = engine.StepVerifier.__call__
+
+    def spy(self, graph, pass_name):
+        checked.append(pass_name)
+        original_call(self, graph, pass_name)
+
+    monkeypatch.setattr(engine.StepVerifier, "__call__", spy)
+    plain = onnxshrink.optimize(conv_bn_path)
+    result = onnxshrink.optimize(conv_bn_path, tmp_path / "out.onnx", debug_verify=True)
+    assert result.parity.passed and (tmp_path / "out.onnx").exists()
+    assert histogram(result.model) == histogram(plain.model) == {"Conv": 1}
+    # Constant node -> initializer, Identity removed (cleanup), BN folded (fusion).
+    assert {"constants-to-initializers", "cleanup", "fusion"} <= set(checked)
+    assert "shape-inference" not in checked  # it never reports a change
+
+
+def test_debug_verify_parity_failure_from_weight_rescaling_retries_like_the_final_check():
+    # With a zero tolerance the Gemm+Mul fold's rounding fails the per-pass check: the engine
+    # retries without output-side scale folds, as it does when the final check fails.
+    result = onnxshrink.optimize(_gemm_mul_model(), rtol=0.0, atol=0.0, debug_verify=True)
+    assert histogram(result.model) == {"Gemm": 1, "Mul": 1}
+    assert result.parity.passed
+    assert "turned off" in result.notes[0] and "pass 'fusion': outputs moved" in result.notes[0]
+
+
+def test_debug_verify_without_a_runnable_model_checks_with_the_checker_only():
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13, "com.example" : 1]>
+        agraph (float[2,3] x) => (float[2,3] y) {
+            a = Identity (x)
+            b = com.example.Mystery (a)
+            y = Relu (b)
+        }
+        """
+    )
+    result = onnxshrink.optimize(model, debug_verify=True)
+    assert ("com.example", "Mystery") in [(n.domain, n.op_type) for n in result.model.graph.node]
+    assert any(
+        n.startswith("--debug-verify checked each pass with onnx.checker only")
+        for n in result.notes
     )

@@ -116,6 +116,17 @@ def optimize(
             "--verify/--no-verify", help="Compare outputs with the original before writing."
         ),
     ] = True,
+    debug_verify: Annotated[
+        bool,
+        typer.Option(
+            "--debug-verify",
+            help="Check the model after every pass that changed it: onnx.checker, then parity "
+            "with the model just before that pass (ONNX Runtime CPU, --samples generated "
+            "inputs, --rtol/--atol). Stops at the first pass that breaks the model and names "
+            "it, what it applied and the passes before it (exit 1, nothing written). Slow: "
+            "for finding the pass behind a parity failure.",
+        ),
+    ] = False,
     samples: Annotated[
         int, typer.Option("--samples", min=1, help="Generated input samples for parity.")
     ] = 2,
@@ -278,7 +289,8 @@ def optimize(
     --max-error. The int8 model is then compared with the original on --inputs (use held-out
     samples, not the calibration data): cosine, SNR, noise-to-signal ratio, argmax agreement.
 
-    Exit codes: 0 written; 1 parity failed or internal failure (nothing written); 2 bad input.
+    Exit codes: 0 written; 1 parity failed, --debug-verify caught a broken pass, or internal
+    failure (nothing written); 2 bad input.
     """
     from onnxshrink.engine.optimize import optimize as run_optimize
     from onnxshrink.engine.shapes import parse_input_shapes
@@ -316,6 +328,7 @@ def optimize(
                 metric=metric,
                 mask_input=mask_input,
                 progress=progress,
+                debug_verify=debug_verify,
             )
         if bench:
             from onnxshrink.bench import benchmark, parse_providers

@@ -3,6 +3,12 @@
 1. Load the model (never modified); pin input shapes and raise the opset when asked.
 2. Rewrite with the lossless rules to a fixed point; check parity against the original (rtol
    bar), retrying with fewer weight rescalings when rounding breaks it.
+   With `debug_verify=True` every pass that changed the graph is checked on the spot
+   (`StepVerifier`): onnx.checker, then parity on generated inputs against the model just
+   before that pass, with the same rtol/atol. A failure raises `BrokenPassError` naming the
+   pass, what it applied and the passes before it; nothing is written. A parity failure in a
+   pass that rescaled weights (BatchNorm and Mul folds) first goes to the retries above, as
+   the final check's would.
 3. With `quantize=NAME` (a lossy stage of `onnxshrink.rules.LOSSY_STAGES`: "int8", "fp16"):
    run the stage on the lossless model (int8 is `onnxshrink.rules.int8.quantize_int8`:
    calibration, QDQ placement within the error budget), then judge the quantized model against
@@ -17,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +33,17 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 
 from onnxshrink.engine.io import check_output_path, graph_protos, load_model, save_model
-from onnxshrink.engine.passes import Pass, PassManager, PassResult, PassStats, RuleContext
+from onnxshrink.engine.passes import (
+    BrokenPassError,
+    Pass,
+    PassCheckFailed,
+    PassManager,
+    PassResult,
+    PassStats,
+    RuleContext,
+)
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
-from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError
+from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError, first_line
 from onnxshrink.quant.calibration import DEFAULT_BATCH
 from onnxshrink.quant.lossy import (
     HOW_TO_CALIBRATE,
@@ -258,17 +272,88 @@ def _constant_bytes(tensor: gs.Constant) -> int:
     return int(getattr(values, "nbytes", 0))
 
 
+@dataclass
+class StepCheck:
+    """The feeds and tolerance `debug_verify` checks each pass's result with (docstring, 2)."""
+
+    feeds: list[dict[str, np.ndarray]]
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    #: set when the parity half could not run (the starting model fails on the feeds, say)
+    unverified: str | None = None
+
+
+# How the two models of a per-pass parity check are named in its reasons.
+_BEFORE, _AFTER = "pre-pass", "post-pass"
+
+
+class StepVerifier:
+    """The `check_between` hook of `debug_verify`: checker and parity after a pass.
+
+    `before` is the model the first pass starts from; `finish` turns the live graph into the
+    model that would be written. Each check compares with the model after the previous
+    modifying pass. When the starting model cannot be run on the feeds (custom ops, say), the
+    parity half is skipped with a warning (`check.unverified` says why) and only the checker
+    runs.
+    """
+
+    def __init__(
+        self,
+        before: onnx.ModelProto,
+        finish: Callable[[gs.Graph], onnx.ModelProto],
+        check: StepCheck,
+    ):
+        self.reference = Reference(before)
+        self.finish = finish
+        self.check = check
+
+    def __call__(self, graph: gs.Graph, pass_name: str) -> None:
+        model = self.finish(graph)
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise PassCheckFailed(f"onnx.checker: {first_line(exc)}", kind="checker") from None
+        if self.check.unverified is None:
+            report = check_parity(
+                self.reference,
+                model,
+                self.check.feeds,
+                rtol=self.check.rtol,
+                atol=self.check.atol,
+                labels=(_BEFORE, _AFTER),
+            )
+            reason = report.reason or ""
+            if not report.verified and not reason.startswith(
+                f"ONNX Runtime cannot load the {_AFTER} model"
+            ):
+                logger.warning("debug-verify: parity between passes not checked: %s", reason)
+                self.check.unverified = reason
+            elif not report.passed:
+                bad = [f"{o.name}: {o.reason}" for o in report.outputs if not o.ok]
+                raise PassCheckFailed(
+                    "outputs moved past the tolerance against the model before it "
+                    f"({'; '.join(bad)})"
+                    if bad
+                    else reason,  # it cannot be loaded or run, or its outputs differ in name
+                    kind="parity",
+                )
+        self.reference = Reference(model)
+
+
 def rewrite_model(
     model: onnx.ModelProto,
     passes: Sequence[Pass] | None = None,
     max_steps: int = 10,
     options: dict | None = None,
+    step_check: StepCheck | None = None,
 ) -> tuple[onnx.ModelProto, PassStats]:
     """Apply `passes` (default: the lossless pipeline) to a fixed point; return a new model.
 
     `model` itself is not modified. Metadata (producer, metadata_props, ir_version, functions)
     is carried over. A graph input that also has an initializer (IR >= 4: a default the caller
     may override) stays an input with its default, and no rule treats it as a constant.
+    With `step_check`, every pass that changes the graph is verified on the spot
+    (`StepVerifier`); a failure raises `BrokenPassError`.
     """
     from onnxshrink.rules import lossless_passes
 
@@ -286,13 +371,19 @@ def rewrite_model(
     graph = gs.import_onnx(source)
     stats = PassStats()
     ctx = RuleContext(graph, graph, default_opset(model), stats, dict(options or {}))
-    manager = PassManager([_shape_inference_pass(), *passes], max_steps=max_steps)
+
+    def finish(graph: gs.Graph) -> onnx.ModelProto:
+        out = export_graph(graph)
+        out.graph.initializer.extend(overridable.values())
+        _carry_metadata(model, out)
+        return out
+
+    verifier = StepVerifier(model, finish, step_check) if step_check is not None else None
+    manager = PassManager(
+        [_shape_inference_pass(), *passes], max_steps=max_steps, check_between=verifier
+    )
     result = manager(graph, ctx)
-    out_graph = result.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = export_graph(out_graph)
-    out.graph.initializer.extend(overridable.values())
-    _carry_metadata(model, out)
-    return out, stats
+    return finish(result.graph.cleanup(remove_unused_graph_inputs=False).toposort()), stats
 
 
 def _overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -356,6 +447,7 @@ def optimize(
     metric: str | None = None,
     mask_input: str | None = None,
     progress: StagedProgress | None = None,
+    debug_verify: bool = False,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
 
@@ -380,7 +472,11 @@ def optimize(
       input whose zeros mark padded positions left out of every error figure; default: an
       integer input named `attention_mask`, "none" for no mask).
       `progress(stage, done, total)` reports calibration and sensitivity work.
-    Raises ParityError when an output of the lossless model moves more than
+    - `debug_verify`: check the model after every pass that changed it (module docstring, 2:
+      onnx.checker, and parity with the model before that pass on `samples` generated feeds,
+      with `rtol`/`atol`); slow, for finding the pass that breaks a model.
+    Raises BrokenPassError (`onnxshrink.engine.passes`) naming the pass when `debug_verify`
+    catches one, ParityError when an output of the lossless model moves more than
     `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data;
     nothing is written then.
     """
@@ -445,11 +541,31 @@ def optimize(
             return batches
         return inputs
 
+    step_check = None
+    if debug_verify:
+        generated = [generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples)]
+        step_check = StepCheck(generated, rtol=rtol, atol=atol)
+
     parity = None
     failures: list[str] = []
     reference = Reference(original)  # one session and one run per feed, whatever the retries
     for tier, options in enumerate(_TIERS):
-        rewritten, stats = rewrite_model(work, passes, options=options)
+        last_tier = tier + 1 == len(_TIERS)
+        try:
+            rewritten, stats = rewrite_model(work, passes, options=options, step_check=step_check)
+        except BrokenPassError as exc:
+            # Rounding from weight rescaling is what the tiers are for (see _TIERS).
+            if (
+                exc.kind == "parity"
+                and not last_tier
+                and any(exc.rules.get(r) for r in _SCALE_FOLD_RULES)
+            ):
+                failures.append(f"pass {exc.pass_name!r}: {exc.__cause__}")
+                logger.info("debug-verify: %s; retrying without weight rescaling", exc)
+                continue
+            raise BrokenPassError(
+                f"{exc}; nothing written", exc.pass_name, exc.kind, exc.rules
+            ) from exc.__cause__
         try:
             onnx.checker.check_model(rewritten)
         except Exception as exc:
@@ -457,8 +573,8 @@ def optimize(
                 f"internal error: the rewritten model is invalid ({exc}); nothing written"
             ) from None
         if not verify:
+            notes.extend(_tier_notes(failures, options))
             break
-        last_tier = tier + 1 == len(_TIERS)
         parity = check_parity(
             reference, rewritten, feeds(), rtol=rtol, atol=atol, stop_on_failure=not last_tier
         )
@@ -466,16 +582,7 @@ def optimize(
             notes.append(f"parity not verified: {parity.reason}")
             break
         if parity.passed:
-            if failures:
-                what = (
-                    "Mul folds into the weights of the layer before them were"
-                    if options.get("fold_output_scales") is False
-                    else "all weight rescaling (BatchNorm and Mul folds) was"
-                )
-                notes.append(
-                    f"{what} turned off: with them, {failures[0]} (float32 rounding accumulated "
-                    "over the folded layers); a larger --rtol keeps them"
-                )
+            notes.extend(_tier_notes(failures, options))
             break
         bad = [o for o in parity.outputs if not o.ok]
         failures.append(
@@ -489,6 +596,10 @@ def optimize(
             )
         logger.info("parity failed (%s); retrying without weight rescaling", failures[-1])
 
+    if step_check is not None and step_check.unverified is not None:
+        notes.append(
+            f"--debug-verify checked each pass with onnx.checker only: {step_check.unverified}"
+        )
     final = rewritten
     quantization = quantized_parity = None
     if stage is not None and calibration is not None:
@@ -541,6 +652,21 @@ def optimize(
         quantization=quantization,
         quantized_parity=quantized_parity,
     )
+
+
+def _tier_notes(failures: list[str], options: dict[str, object]) -> list[str]:
+    """The note saying which weight rescalings a retry turned off, and why; none without one."""
+    if not failures:
+        return []
+    what = (
+        "Mul folds into the weights of the layer before them were"
+        if options.get("fold_output_scales") is False
+        else "all weight rescaling (BatchNorm and Mul folds) was"
+    )
+    return [
+        f"{what} turned off: with them, {failures[0]} (float32 rounding accumulated "
+        "over the folded layers); a larger --rtol keeps them"
+    ]
 
 
 def _check_quantized(
