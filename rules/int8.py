@@ -416,7 +416,7 @@ def quantize_int8(
 
     `calibration`: an .npz path, a folder of them, `loader.py[:function]`, `random`, a
     `CalibrationData`, or a list of feed dicts. `exclude`: regexes; a node stays float when one
-    is found in its name or matches its op type. `max_error`: the mean output noise-to-signal
+    is found in its name or matches its op type. `max_error`: the output noise-to-signal
     ratio allowed on calibration feeds (see `onnxshrink.quant.sensitivity`). `progress(stage, done,
     total)` reports the calibration pass and the sensitivity sessions. `check_speed` times the
     result against `model` on `ort-cpu` (module docstring, 5); `bias_correction` folds the

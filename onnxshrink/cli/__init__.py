@@ -171,9 +171,10 @@ def optimize(
         typer.Option(
             "--calibration-data",
             metavar="SPEC",
-            help="Samples for int8 calibration: an .npz with one array per model input (axis 0 "
-            "the batch), a folder of .npz files, a loader script loader.py[:function] yielding "
-            "feed dicts, or 'random' (synthetic; poor ranges, flagged in the output).",
+            help="Samples for calibration and the error budget: an .npz with one array per "
+            "model input (N samples along axis 0), a folder of .npz files, a loader script "
+            "loader.py[:function] yielding feed dicts, or 'random' (synthetic; poor ranges, "
+            "flagged in the output).",
             rich_help_panel="lossy stages (int8, fp16)",
         ),
     ] = None,
@@ -223,9 +224,11 @@ def optimize(
         float,
         typer.Option(
             "--max-error",
-            help="Error budget: the mean output noise-to-signal ratio, sum (q-f)^2 / sum f^2, "
-            "allowed on calibration samples; the most sensitive layers stay float until it "
-            f"holds (measured on up to 32 calibration samples). The default "
+            help="Error budget: the noise-to-signal ratio sum (q-f)^2 / sum f^2 allowed on "
+            "calibration samples, per output channel group (so a small-valued part of an "
+            "output counts as much as a large one), worst output; padded positions left out "
+            "(--mask-input). The most sensitive layers stay float until it holds (measured "
+            f"on up to 32 calibration samples). The default "
             f"{DEFAULT_MAX_ERROR:g} is {-10 * math.log10(DEFAULT_MAX_ERROR):.0f} dB SNR; lower it "
             "for more accuracy (more layers float: slower, larger), raise it for speed.",
             rich_help_panel="lossy stages (int8, fp16)",

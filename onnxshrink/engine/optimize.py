@@ -458,10 +458,12 @@ def optimize(
       `samples` generated feeds. With quantization these are the held-out data the quantized
       model is judged on: never pass the calibration samples.
     - `opset`: raise the model's ai.onnx opset first (lets newer fused ops be used).
-    - `quantize="int8"`: then quantize (module docstring, 3) with `calibration_data` (an .npz,
-      a folder of them, `loader.py[:function]`, `random`, or a list of feed dicts; required),
-      `calibration_method` (minmax, percentile, entropy, mse), `target` (ort-cpu, tensorrt),
-      `exclude` (regexes on node names / op types kept float), `max_error` (mean output
+    - `quantize="int8"` or `"fp16"` (a name in `onnxshrink.rules.LOSSY_STAGES`): then run that
+      lossy stage (module docstring, 3) with `calibration_data` (an .npz, a folder of them,
+      `loader.py[:function]`, `random`, or a list of feed dicts; required),
+      `calibration_method` (minmax, percentile, entropy, mse), `target` (ort-cpu, ort-cuda,
+      tensorrt),
+      `exclude` (regexes on node names / op types kept float), `max_error` (output
       noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
       `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.rules.int8`, 5),
       `calibration_batch` (samples per run where the batch dim is dynamic: every source, and

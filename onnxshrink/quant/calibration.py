@@ -134,7 +134,8 @@ _HIST_BLOCK = 1 << 16
 #: a tensor with more than twice this many elements is histogrammed on a sample (docstring 6)
 HIST_SAMPLE = 1 << 15
 _HOW_TO = (
-    "pass --calibration-data with an .npz file (one array per model input, axis 0 the batch), "
+    "pass --calibration-data with an .npz file (one array per model input, N samples along "
+    "axis 0), "
     "a folder of .npz files, a loader script loader.py[:function] returning feed dicts, or "
     "'random' (synthetic inputs; poor ranges)"
 )

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 Feed = dict[str, np.ndarray]
 
-#: Default error budget (mean output noise-to-signal ratio, SNR 20 dB; docstring 4). Chosen
+#: Default error budget (output noise-to-signal ratio, SNR 20 dB; docstring 2). Chosen
 #: once on the zoo, not per model: percentile ranges from 64 calibration feeds, ranking on 16
 #: and the budget on 32 of them, task metrics on the held-out split (bench/quantize_zoo.py's
 #: data; /tmp sweeps with `quantize_int8(max_error=B)`), budget B -> layers kept float, metric:
@@ -51,7 +51,7 @@ Feed = dict[str, np.ndarray]
 #: their CER against fp32's own decoding falls (1.29% -> 0.49% -> 0.51%); the metric moves by
 #: about +-0.4 pt there whatever the budget.
 DEFAULT_MAX_ERROR = 0.01
-#: calibration feeds the budget is measured on, and how many of them the ranking uses
+#: calibration samples the budget is measured on, and how many of them the ranking uses
 DEFAULT_SAMPLES = 32
 RANKING_SAMPLES = 16
 
