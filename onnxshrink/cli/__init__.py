@@ -203,8 +203,8 @@ def optimize(
         typer.Option(
             "--target",
             metavar="|".join(QUANTIZE_TARGETS),
-            help="The runtime the int8 layout is for: ort-cpu (uint8 activations, Q/DQ on "
-            "inputs and outputs for ORT's QLinear kernels), tensorrt (symmetric int8, Q/DQ on "
+            help="The runtime the lossy layout is for: ort-cpu (uint8 activations, Q/DQ on "
+            "layer inputs and on Conv/Gemm outputs for ORT's int8 kernels), tensorrt (symmetric int8, Q/DQ on "
             "inputs, residual Adds and pooling), or ort-cuda (ORT's CUDA EP has no int8 "
             "convolution kernels: weights stored int8, compute in float).",
             rich_help_panel="lossy stages (int8, fp16)",
@@ -251,7 +251,7 @@ def optimize(
         typer.Option(
             "--mask-input",
             metavar="INPUT|none",
-            help="An integer input whose zeros mark padded positions (shape [batch, seq]): "
+            help="An integer input whose zeros mark padded positions (shape \\[batch, seq]): "
             "outputs at those positions are left out of every error figure. Default: an input "
             "named attention_mask, if the model has one; 'none' counts every position.",
             rich_help_panel="lossy stages (int8, fp16)",
