@@ -71,14 +71,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.engine.io import named_copy
+from onnxshrink.engine.io import graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import default_opset, infer_shapes
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.lossy import Plan, PlannedStage
@@ -215,7 +216,7 @@ def fp16_candidates(
     the declined dict also lists nodes inside subgraphs. `exclude`: regexes, case 1b.
     """
     work = named_copy(model)
-    plans, declined = _plan(work, _compile(exclude), _main_dtypes(work))
+    plans, declined = _plan(work, compile_excludes(exclude), _main_dtypes(work))
     return list(plans), declined
 
 
@@ -232,7 +233,7 @@ def convert_float16(
     dtypes = _main_dtypes(work)
     plans, declined = _plan(work, [], dtypes)
     selected = set(nodes)
-    known = {n.name for g in _all_graphs(work.graph) for n in g.node}
+    known = {n.name for g in graph_protos(work.graph) for n in g.node}
     unknown = sorted(selected - known)
     if unknown:
         raise UsageError(f"nodes not in the model: {_shown(unknown)}")
@@ -271,8 +272,8 @@ def _plan(
             declined[node.name] = decision
         else:
             plans[node.name] = decision
-        for sub in _subgraphs(node):
-            for graph in _all_graphs(sub):
+        for sub in node_subgraphs(node):
+            for graph in graph_protos(sub):
                 for inner in graph.node:  # case 1a
                     declined[inner.name] = "inside a subgraph (only the main graph is converted)"
     return plans, declined
@@ -282,9 +283,9 @@ def _decide(
     node: onnx.NodeProto, opset: int, dtypes: dict[str, int], patterns: list[re.Pattern[str]]
 ) -> _NodePlan | str:
     """The node's plan, or why it stays float32."""
-    for pattern in patterns:  # case 1b
-        if pattern.search(node.name) or pattern.fullmatch(node.op_type):
-            return f"excluded by {pattern.pattern!r}"
+    excluded = excluded_by(node, patterns)  # case 1b
+    if excluded:
+        return excluded
     if node.domain not in _DEFAULT_DOMAINS:  # case 1c
         return f"not a default-domain op (domain {node.domain!r})"
     if node.op_type == "Constant":  # data, not compute
@@ -446,7 +447,7 @@ class _Conversion:
             if plan is not None:
                 for pos in plan.outputs:
                     self.half_outputs[node.output[pos]] = (index, pos)
-            for sub in _subgraphs(node):  # bodies read outer tensors by name, in float32
+            for sub in node_subgraphs(node):  # bodies read outer tensors by name, in float32
                 for name in _names_read(sub):
                     if self.dtypes.get(name) == _FLOAT:
                         self.needs_float.add(name)
@@ -649,28 +650,14 @@ def _attr_int(node: onnx.NodeProto, name: str) -> int | None:
     return None
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        yield from attr.graphs
-
-
-def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            yield from _all_graphs(sub)
-
-
 def _names_read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name read anywhere in `graph` and its own subgraphs."""
-    return {name for g in _all_graphs(graph) for node in g.node for name in node.input if name}
+    return {name for g in graph_protos(graph) for node in g.node for name in node.input if name}
 
 
 def _used_names(model: onnx.ModelProto) -> set[str]:
     used: set[str] = set()
-    for graph in _all_graphs(model.graph):
+    for graph in graph_protos(model.graph):
         used.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
         used.update(init.name for init in graph.initializer)
         for node in graph.node:
@@ -678,16 +665,6 @@ def _used_names(model: onnx.ModelProto) -> set[str]:
             used.update(node.input)
             used.update(node.output)
     return used
-
-
-def _compile(exclude: Iterable[str]) -> list[re.Pattern[str]]:
-    patterns = []
-    for text in exclude:
-        try:
-            patterns.append(re.compile(text))
-        except re.error as exc:
-            raise UsageError(f"exclude {text!r} is not a valid regex: {exc}") from None
-    return patterns
 
 
 def _shown(items: Sequence[str]) -> str:

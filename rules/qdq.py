@@ -93,14 +93,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import named_copy
+from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.schemes import INT8_WEIGHT
@@ -203,7 +204,7 @@ def quantizable_nodes(
     `quantize_qdq` gives them in its output. Ranges are not consulted here (case 1f).
     """
     profile = target_profile(target)
-    patterns = _compile(exclude)
+    patterns = compile_excludes(exclude)
     work = named_copy(model)
     _check_selection(work, nodes)
     return _candidates(work, patterns, nodes, min_weight_elements, profile)
@@ -314,7 +315,7 @@ def quantize_qdq(
     The model is converted to opset 13 first when it is older (case 2).
     """
     profile = target_profile(target)
-    patterns = _compile(exclude)
+    patterns = compile_excludes(exclude)
     params = _activation_params(ranges, profile)
     work = named_copy(model)
     _check_selection(work, nodes)
@@ -371,38 +372,14 @@ def quantize_qdq(
 # ---------------------------------------------------------------------------------------------
 
 
-def _compile(exclude: Iterable[str]) -> list[re.Pattern[str]]:
-    patterns = []
-    for text in exclude:
-        try:
-            patterns.append(re.compile(text))
-        except re.error as exc:
-            raise UsageError(f"--exclude {text!r} is not a valid regex: {exc}") from None
-    return patterns
-
-
 def _is_default_domain(node: onnx.NodeProto) -> bool:
     return node.domain in _DEFAULT_DOMAINS
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        yield from attr.graphs
-
-
-def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            yield from _all_graphs(sub)
 
 
 def _check_selection(model: onnx.ModelProto, nodes: set[str] | None) -> None:
     if nodes is None:
         return
-    known = {n.name for g in _all_graphs(model.graph) for n in g.node}
+    known = {n.name for g in graph_protos(model.graph) for n in g.node}
     unknown = sorted(set(nodes) - known)
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -501,9 +478,9 @@ def _candidates(
 
         if in_subgraph:  # case 1d
             return keep("inside a subgraph (only the main graph is quantized)")
-        for pattern in patterns:
-            if pattern.search(node.name) or pattern.fullmatch(node.op_type):
-                return keep(f"excluded by {pattern.pattern!r}")
+        excluded = excluded_by(node, patterns)
+        if excluded:
+            return keep(excluded)
         if activation is None or weight is None:
             return keep("missing input")
         if activation in initializers:
@@ -540,7 +517,7 @@ def _candidates(
         for node in g.node:
             if node.op_type in QUANTIZABLE_OPS and _is_default_domain(node):
                 out.append(decide(node, in_subgraph))
-            for sub in _subgraphs(node):
+            for sub in node_subgraphs(node):
                 walk(sub, True)
 
     walk(graph, False)
@@ -653,27 +630,6 @@ def quantize_bias(b: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Names:
-    """Unique tensor and node names across the whole model (subgraphs see outer names)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-        for g in _all_graphs(model.graph):
-            self.used.update(t.name for t in g.initializer)
-            self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
-            for node in g.node:
-                self.used.add(node.name)
-                self.used.update(node.input)
-                self.used.update(node.output)
-
-    def new(self, hint: str) -> str:
-        name, i = hint, 1
-        while name in self.used:
-            name, i = f"{hint}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
 def _insert_qdq(
     model: onnx.ModelProto,
     quantized: list[QuantCandidate],
@@ -684,7 +640,7 @@ def _insert_qdq(
     input_means: Mapping[str, np.ndarray],
 ) -> None:
     graph = model.graph
-    names = _Names(model)
+    names = NameAllocator(model)
     initializers = {t.name: t for t in graph.initializer}
     by_name = {c.name: c for c in quantized}
     weight_only_names = {c.name: c for c in weights_only}
@@ -985,7 +941,7 @@ def _drop_unread_initializers(model: onnx.ModelProto, replaced: set[str]) -> Non
     """Remove the float weights/biases in `replaced` that no node (of any scope) reads now."""
     graph = model.graph
     read = {o.name for o in graph.output} | {v.name for v in graph.input}
-    for g in _all_graphs(graph):
+    for g in graph_protos(graph):
         for node in g.node:
             read.update(node.input)
     keep = [t for t in graph.initializer if t.name in read or t.name not in replaced]

@@ -35,7 +35,6 @@ names in the report are the names in the returned model.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -43,7 +42,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.errors import UsageError
+from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.protos import compile_excludes, excluded_by, splice_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def quantize_gather_tables(
     other Gather, why it was left alone. `exclude`: regexes; a Gather is kept float when one is
     found in its name or matches its op type exactly. An invalid regex raises UsageError.
     """
-    patterns = _compile(exclude)
-    work = _named_copy(model)
+    patterns = compile_excludes(exclude)
+    work = named_copy(model)
     graph = work.graph
     report = GatherReport()
 
@@ -94,7 +94,7 @@ def quantize_gather_tables(
     for index, node in enumerate(graph.node):
         if node.op_type != "Gather":
             continue
-        reason = _excluded(node, patterns)
+        reason = excluded_by(node, patterns)
         if reason is None and opset < MIN_OPSET:
             reason = f"opset {opset} < {MIN_OPSET} (Mul broadcasting)"  # case 2
         if reason is None:
@@ -105,7 +105,9 @@ def quantize_gather_tables(
                 matches.append(match)
                 continue
         report.declined[node.name] = reason
-    for sub in _subgraphs_of(graph):  # case 2: only the main graph is rewritten
+    for sub in (
+        g for n in graph.node for g in node_subgraphs(n)
+    ):  # case 2: only the main graph is rewritten
         for node in _all_nodes(sub):
             if node.op_type == "Gather":
                 report.declined[node.name] = "inside a subgraph (only the main graph is rewritten)"
@@ -134,23 +136,6 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # Matching (case 1, 2)
 # ---------------------------------------------------------------------------------------------
-
-
-def _compile(exclude: Iterable[str]) -> list[re.Pattern[str]]:
-    patterns = []
-    for text in exclude:
-        try:
-            patterns.append(re.compile(text))
-        except re.error as exc:
-            raise UsageError(f"exclude {text!r} is not a valid regex: {exc}") from None
-    return patterns
-
-
-def _excluded(node: onnx.NodeProto, patterns: Sequence[re.Pattern[str]]) -> str | None:
-    for pattern in patterns:
-        if pattern.search(node.name) or pattern.fullmatch(node.op_type):
-            return f"excluded by {pattern.pattern!r}"
-    return None
 
 
 def _match(
@@ -193,7 +178,7 @@ def _match(
 
 def _rewrite(model: onnx.ModelProto, matches: list[_TableMatch], report: GatherReport) -> None:
     graph = model.graph
-    names = _Names(model)
+    names = NameAllocator(model)
     after: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[str] = set()
     new_inits: list[onnx.TensorProto] = []
@@ -230,19 +215,7 @@ def _rewrite(model: onnx.ModelProto, matches: list[_TableMatch], report: GatherR
         report.bytes_after += int(q.nbytes + scale.nbytes)
         logger.debug("int8 rows for %s (%s %s)", node.name, table_name, list(m.table.dims))
 
-    nodes: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
-        nodes.append(node)
-        nodes.extend(after.get(index, ()))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    keep = [t for t in graph.initializer if t.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(keep + new_inits)
-    # a value_info of the dropped float table would describe a tensor that no longer exists
-    stale = [v for v in graph.value_info if v.name in dropped]
-    for value in stale:
-        graph.value_info.remove(value)
+    splice_nodes(graph, after, new_inits, dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,67 +237,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def _subgraphs_of(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    """The direct subgraphs of `graph`'s nodes (If branches, Loop/Scan bodies)."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield attr.g
-            yield from attr.graphs
-
-
-def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    yield graph
-    for sub in _subgraphs_of(graph):
-        yield from _all_graphs(sub)
-
-
 def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     """Every node of `graph` and of its subgraphs, at any depth."""
-    for g in _all_graphs(graph):
+    for g in graph_protos(graph):
         yield from g.node
-
-
-def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` where every node has a name unique in the model.
-
-    The same scheme as `onnxshrink.rules.qdq` (`<op>_<index>`, suffixed on a clash), so that a
-    node gets the same name whichever of the two names it first.
-    """
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    graphs = list(_all_graphs(work.graph))
-    used = {n.name for g in graphs for n in g.node if n.name}
-    for graph in graphs:
-        for index, node in enumerate(graph.node):
-            if node.name:
-                continue
-            name = f"{node.op_type}_{index}"
-            suffix = 1
-            while name in used:
-                name = f"{node.op_type}_{index}_{suffix}"
-                suffix += 1
-            node.name = name
-            used.add(name)
-    return work
-
-
-class _Names:
-    """Unique tensor and node names across the whole model (subgraphs see outer names)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-        for g in _all_graphs(model.graph):
-            self.used.update(t.name for t in g.initializer)
-            self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
-            for node in g.node:
-                self.used.add(node.name)
-                self.used.update(node.input)
-                self.used.update(node.output)
-
-    def new(self, hint: str) -> str:
-        name, i = hint, 1
-        while name in self.used:
-            name, i = f"{hint}_{i}", i + 1
-        self.used.add(name)
-        return name

@@ -60,6 +60,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.protos import splice_nodes
 from onnxshrink.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def smoothable_tensors(
     Tensors in graph order; unnamed nodes are named as in the model `smooth_matmuls` returns.
     `keep_other_readers`: as in `smooth_matmuls` (case 1b).
     """
-    smoothable, _ = _analyse(_named_copy(model), keep_other_readers)
+    smoothable, _ = _analyse(named_copy(model), keep_other_readers)
     return {x: [node.name for node in readers] for x, readers in smoothable.items()}
 
 
@@ -171,7 +173,7 @@ def smooth_matmuls(
     """
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
         raise UsageError(f"smoothing alpha must be in [0, 1], not {alpha!r}")
-    work = _named_copy(model)
+    work = named_copy(model)
     graph = work.graph
     report = SmoothReport(alpha=float(alpha))
     smoothable, declined = _analyse(work, keep_other_readers)
@@ -247,7 +249,7 @@ def _analyse(
         for name in dict.fromkeys(node.input):
             if name:
                 readers.setdefault(name, []).append((node, True))
-    for sub in _subgraphs_of(graph):
+    for sub in (g for n in graph.node for g in node_subgraphs(n)):
         for node in _all_nodes(sub):
             for name in dict.fromkeys(node.input):
                 if name:
@@ -330,7 +332,7 @@ def _tensor_reason(
 
 def _rewrite(model: onnx.ModelProto, plans: list[_SmoothPlan], report: SmoothReport) -> None:
     graph = model.graph
-    names = _Names(model)
+    names = NameAllocator(model)
     producer_index = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     value_info = {v.name: v for v in graph.value_info}
     after: dict[int, list[onnx.NodeProto]] = {}
@@ -368,18 +370,7 @@ def _rewrite(model: onnx.ModelProto, plans: list[_SmoothPlan], report: SmoothRep
             plan.scales.max(),
         )
 
-    nodes: list[onnx.NodeProto] = list(after.get(-1, ()))
-    for index, node in enumerate(graph.node):
-        nodes.append(node)
-        nodes.extend(after.get(index, ()))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    keep = [t for t in graph.initializer if t.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(keep + new_inits)
-    stale = [v for v in graph.value_info if v.name in dropped]
-    for value in stale:
-        graph.value_info.remove(value)
+    splice_nodes(graph, after, new_inits, dropped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,66 +378,7 @@ def _rewrite(model: onnx.ModelProto, plans: list[_SmoothPlan], report: SmoothRep
 # ---------------------------------------------------------------------------------------------
 
 
-def _subgraphs_of(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield attr.g
-            yield from attr.graphs
-
-
-def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    yield graph
-    for sub in _subgraphs_of(graph):
-        yield from _all_graphs(sub)
-
-
 def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
     """Every node of `graph` and of its subgraphs, at any depth."""
-    for g in _all_graphs(graph):
+    for g in graph_protos(graph):
         yield from g.node
-
-
-def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` where every node has a name unique in the model.
-
-    The same scheme as `onnxshrink.rules.qdq` (`<op>_<index>`, suffixed on a clash), so that a
-    node gets the same name whichever of the two names it first.
-    """
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    graphs = list(_all_graphs(work.graph))
-    used = {n.name for g in graphs for n in g.node if n.name}
-    for graph in graphs:
-        for index, node in enumerate(graph.node):
-            if node.name:
-                continue
-            name = f"{node.op_type}_{index}"
-            suffix = 1
-            while name in used:
-                name = f"{node.op_type}_{index}_{suffix}"
-                suffix += 1
-            node.name = name
-            used.add(name)
-    return work
-
-
-class _Names:
-    """Unique tensor and node names across the whole model (subgraphs see outer names)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-        for g in _all_graphs(model.graph):
-            self.used.update(t.name for t in g.initializer)
-            self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
-            for node in g.node:
-                self.used.add(node.name)
-                self.used.update(node.input)
-                self.used.update(node.output)
-
-    def new(self, hint: str) -> str:
-        name, i = hint, 1
-        while name in self.used:
-            name, i = f"{hint}_{i}", i + 1
-        self.used.add(name)
-        return name

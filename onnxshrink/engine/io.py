@@ -44,6 +44,15 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
+def node_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The subgraphs a node holds in its attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """`graph` and every subgraph nested in it (If branches, Loop/Scan bodies), outermost first."""
     yield graph
@@ -188,6 +197,32 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = name
             used.add(name)
     return work
+
+
+class NameAllocator:
+    """Fresh tensor and node names, unique across the whole model (subgraphs see outer names).
+
+    Rewrites that add nodes and tensors (Q/DQ pairs, Casts, smoothing Muls) take their names
+    from one allocator per model: `new(hint)` returns `hint`, or `hint_1`, `hint_2`, ... when
+    the name is taken.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.used: set[str] = set()
+        for g in graph_protos(model.graph):
+            self.used.update(t.name for t in g.initializer)
+            self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
+            for node in g.node:
+                self.used.add(node.name)
+                self.used.update(node.input)
+                self.used.update(node.output)
+
+    def new(self, hint: str) -> str:
+        name, i = hint, 1
+        while name in self.used:
+            name, i = f"{hint}_{i}", i + 1
+        self.used.add(name)
+        return name
 
 
 def with_outputs(
