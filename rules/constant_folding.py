@@ -64,7 +64,7 @@ from onnxshrink.engine.graph import (
     unique_name,
 )
 from onnxshrink.engine.passes import RuleContext
-from onnxshrink.rules.dead_code import may_share
+from onnxshrink.engine.patterns import may_share
 
 logger = logging.getLogger(__name__)
 

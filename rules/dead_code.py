@@ -11,8 +11,9 @@ Two passes, both exact (the model computes the same values, bit for bit):
        attribute references (inside functions) are left alone.
     2. A Constant whose output is an output of its graph keeps its node: an initializer that
        is also a graph output is not portable across runtimes.
-    3. A constant read by nodes of several graphs (outer graph and If/Loop bodies) is exported
-       once per graph that reads it, so a large one keeps its node to avoid copying its bytes.
+    3. A large constant read by nodes of several graphs (outer graph and If/Loop bodies) keeps
+       its node, so that its bytes are not copied into each graph (`may_share`, case 5 of
+       `onnxshrink.engine.patterns`).
     4. Subgraphs are visited too (every Constant of every If/Loop/Scan body).
 
 `remove_dead_code`
@@ -35,11 +36,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxshrink.engine.graph import all_graphs, is_default_domain, is_graph_output, node_owners
 from onnxshrink.engine.passes import RuleContext
+from onnxshrink.engine.patterns import may_share
 
 logger = logging.getLogger(__name__)
-
-#: a constant read from several graphs is copied into each; only small ones are converted (case 3)
-MAX_SHARED_CONSTANT_BYTES = 256
 
 _CONSTANT_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
 
@@ -84,17 +83,6 @@ def constant_node_value(node: gs.Node) -> np.ndarray | LazyValues | None:
     if name in ("value_float", "value_floats"):
         return np.asarray(value, dtype=np.float32)
     return np.asarray(value, dtype=np.int64)
-
-
-def may_share(tensor: gs.Tensor, nbytes: int, owners: dict[int, int]) -> bool:
-    """Case 3: True when `tensor` may be an initializer without copying many bytes.
-
-    gs exports a constant into every graph that reads it, so a constant read from several
-    graphs (say both branches of an If) is stored once per graph. `owners` comes from
-    `onnxshrink.engine.graph.node_owners`.
-    """
-    graphs = {owners.get(id(reader), -1) for reader in tensor.outputs}
-    return len(graphs) <= 1 or nbytes <= MAX_SHARED_CONSTANT_BYTES
 
 
 def remove_dead_code(graph: gs.Graph, ctx: RuleContext) -> bool:

@@ -11,7 +11,8 @@ When y = W (*) x + b comes from a layer with constant weights, the map moves int
     b' = (b - mean) * gamma / sqrt(var + eps) + beta
 
 The weight layouts (Conv [Cout, Cin/g, k...], ConvTranspose [Cin, Cout/g, k...] with groups,
-Gemm with transB and C) are handled by `fold_conv_affine.fold_output_affine`.
+Gemm with transB and C) are handled by `onnxshrink.engine.affine.fold_output_affine`, which
+`fold-affine-into-producer` shares.
 
 1. Producer is Conv or ConvTranspose: weights and bias rewritten in place (bias added if absent).
 2. Producer is Gemm: B scaled along its output columns, `C' = beta * C * s + t`, `beta' = 1`.
@@ -24,7 +25,8 @@ Gemm with transB and C) are handled by `fold_conv_affine.fold_output_affine`.
    `var + eps <= 0`, a producer output that has other readers or is a graph output, a producer in
    another graph scope, non-constant weights, and a standalone BN whose input is not one of the
    producers above (it stays a BatchNormalization).
-5. With the engine's `fold_scales` option off (see `fold_conv_affine`, case 5) BN is not folded.
+5. With the engine's `fold_scales` option off (see `onnxshrink.engine.affine`, case 3) BN is not
+   folded.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.engine.affine import (
+    FLOAT_DTYPES,
+    LINEAR_PRODUCERS,
+    SCALE_FOLDS_OFF,
+    LinearProducer,
+    fold_output_affine,
+    linear_producer,
+    scale_folds_allowed,
+)
 from onnxshrink.engine.graph import (
     const_value,
     detach,
@@ -46,15 +57,6 @@ from onnxshrink.engine.graph import (
     replace_all_uses,
 )
 from onnxshrink.engine.passes import Decline, Rule, RuleContext
-from onnxshrink.rules.fold_conv_affine import (
-    FLOAT_DTYPES,
-    LINEAR_PRODUCERS,
-    SCALE_FOLDS_OFF,
-    LinearProducer,
-    fold_output_affine,
-    linear_producer,
-    scale_folds_allowed,
-)
 
 logger = logging.getLogger(__name__)
 

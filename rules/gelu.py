@@ -41,7 +41,7 @@ from onnxshrink.engine.graph import (
     unique_name,
 )
 from onnxshrink.engine.passes import Decline, Rule, RuleContext, plan_or_decline
-from onnxshrink.rules.hardswish import (
+from onnxshrink.engine.patterns import (
     ProductChain,
     close,
     escaping_reason,

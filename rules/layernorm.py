@@ -50,7 +50,7 @@ from onnxshrink.engine.graph import (
     unique_name,
 )
 from onnxshrink.engine.passes import Decline, Rule, RuleContext
-from onnxshrink.rules.hardswish import escaping_reason, float_dtype_reason
+from onnxshrink.engine.patterns import escaping_reason, float_dtype_reason
 
 logger = logging.getLogger(__name__)
 

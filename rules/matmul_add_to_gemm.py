@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxshrink.engine.affine import FLOAT_DTYPES, folded_name
 from onnxshrink.engine.graph import (
     const_value,
     detach,
@@ -40,7 +41,6 @@ from onnxshrink.engine.graph import (
     unique_name,
 )
 from onnxshrink.engine.passes import Decline, Rule, RuleContext, plan_or_decline
-from onnxshrink.rules.fold_conv_affine import FLOAT_DTYPES, folded_name
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from onnxshrink.engine.graph import (
     unique_name,
 )
 from onnxshrink.engine.passes import Decline, Rule, RuleContext
-from onnxshrink.rules.noop_elimination import reshape_is_noop
+from onnxshrink.engine.patterns import reshape_is_noop
 
 logger = logging.getLogger(__name__)
 

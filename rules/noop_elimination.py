@@ -7,9 +7,8 @@ readers of `y` at `x` and detaches the node. Cases, referred to by number in the
 2. `Dropout(x)` at inference: opset < 7 with `is_test=1`; opsets 7-11 always; opset >= 12 with
    no `training_mode` input or a constant False one. Only when the mask output is unused.
 3. `Cast(x, to=T)` with `x` already of type T; `CastLike(x, t)` with `t` of `x`'s type.
-4. `Reshape(x, s)` where `s` resolves to `x`'s own shape: every entry equals the input dim, or
-   is 0 (copy, `allowzero=0`), with at most one -1 (which then can only be the remaining dim).
-   `Flatten(x, axis=1)` of a rank-2 `x`.
+4. `Reshape(x, s)` where `s` resolves to `x`'s own shape (`reshape_is_noop`, case 4 of
+   `onnxshrink.engine.patterns`). `Flatten(x, axis=1)` of a rank-2 `x`.
 5. `Transpose(x, perm)` with `perm == [0, 1, ..., r-1]` (no perm: rank <= 1).
 6. `Pad(x, pads)` with all pads zero (any mode).
 7. `Expand(x, s)` where broadcasting `x` against `s` cannot grow it: `len(s) <= rank(x)` and
@@ -56,6 +55,7 @@ from onnxshrink.engine.graph import (
     tensor_dims,
 )
 from onnxshrink.engine.passes import Decline, Rule, RuleContext
+from onnxshrink.engine.patterns import reshape_is_noop
 
 logger = logging.getLogger(__name__)
 
@@ -207,23 +207,6 @@ class RemoveSameShapeReshape(_BypassRule):
         if target is None:
             return False
         return reshape_is_noop(dims, target, bool(node.attrs.get("allowzero", 0)))
-
-
-def reshape_is_noop(dims: list[int | None], target: list[int], allowzero: bool) -> bool:
-    """True when Reshape(x, target) returns x's own shape (dims: None where symbolic)."""
-    if len(target) != len(dims):
-        return False
-    inferred = 0
-    for dim, entry in zip(dims, target, strict=True):
-        if entry == 0 and not allowzero:
-            continue  # copies the input dim
-        if entry == -1:
-            inferred += 1
-            continue
-        if dim is None or dim != entry:
-            return False
-    # With every other entry equal to its input dim, a single -1 can only infer the last one.
-    return inferred <= 1
 
 
 class RemoveIdentityTranspose(_BypassRule):

@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxshrink.engine.passes import PassStats, RuleContext
-from onnxshrink.rules.noop_elimination import RULES, RemoveInferenceDropout, reshape_is_noop
+from onnxshrink.rules.noop_elimination import RULES, RemoveInferenceDropout
 from tests.helpers import apply, assert_rewritten, assert_unchanged, histogram, make_model
 
 I64_MAX = 9223372036854775807
@@ -167,13 +167,6 @@ NEGATIVE = {
 def test_not_a_noop_is_kept(case):
     body, opset, inits = case
     _kept(body, opset, **inits)
-
-
-def test_reshape_zero_is_a_copy_only_without_allowzero():
-    assert reshape_is_noop([2, 3, 4], [2, 0, 4], allowzero=False)
-    assert not reshape_is_noop([2, 3, 4], [2, 0, 4], allowzero=True)
-    assert reshape_is_noop([None, 3, 4], [0, -1, 4], allowzero=False)
-    assert not reshape_is_noop([None, None, 4], [-1, -1, 4], allowzero=False)
 
 
 def test_neutral_constant_that_broadcasts_x_is_kept():
