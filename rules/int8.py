@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -98,7 +97,6 @@ from onnxshrink.errors import UsageError
 from onnxshrink.quant.budget import decline_fewest, grant_most, rank
 from onnxshrink.quant.calibration import (
     DEFAULT_BATCH,
-    METHODS,
     CalibrationData,
     collect_statistics,
 )
@@ -111,6 +109,7 @@ from onnxshrink.quant.lossy import (
     StageSettings,
     _Counted,
     as_calibration_data,
+    check_settings,
     mask_notes,
     speed_check,
 )
@@ -141,7 +140,6 @@ logger = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 Progress = Callable[[int, int], None]
 
-PROVIDERS = ("cpu", "cuda")
 #: smoothing strengths tried (module docstring, 3c): 0 is none, 1 moves all the range to weights
 SMOOTHING_ALPHAS = (0.5, 0.7, 0.85)
 #: smoothing is tried only when a channel is this many times its tensor's median channel (3c)
@@ -150,31 +148,6 @@ SMOOTHING_OUTLIER = 8.0
 #: the slowdown against the float model warned about
 SPEED_MARGIN = 0.10
 SPEED_WARN_RATIO = 1.03
-
-
-def check_settings(
-    *,
-    method: str = "percentile",
-    target: str = "ort-cpu",
-    exclude: Sequence[str] = (),
-    max_error: float = DEFAULT_MAX_ERROR,
-    provider: str = "cpu",
-) -> None:
-    """Raise UsageError (one line) for a bad method, target, regex, budget or provider."""
-    if method not in METHODS:
-        raise UsageError(f"--calibration-method {method!r}: expected one of {', '.join(METHODS)}")
-    target_profile(target)  # UsageError for an unknown target
-    if provider not in PROVIDERS:
-        raise UsageError(
-            f"--calibration-provider {provider!r}: expected one of {', '.join(PROVIDERS)}"
-        )
-    for text in exclude:
-        try:
-            re.compile(text)
-        except re.error as exc:
-            raise UsageError(f"--exclude {text!r} is not a valid regex: {exc}") from None
-    if not (isinstance(max_error, (int, float)) and math.isfinite(max_error) and max_error >= 0):
-        raise UsageError(f"--max-error {max_error}: must be a finite number >= 0")
 
 
 def eligible_nodes(

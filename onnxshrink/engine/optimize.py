@@ -52,11 +52,11 @@ from onnxshrink.quant.lossy import (
     StageResult,
     StageSettings,
     as_calibration_data,
+    check_settings,
     float_output_names,
     held_out_check,
 )
 from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
-from onnxshrink.rules.int8 import check_settings
 from onnxshrink.verify.measure import TaskMetric, load_metric
 from onnxshrink.verify.measure import mask_input as find_mask_input
 from onnxshrink.verify.parity import (

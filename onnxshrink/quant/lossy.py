@@ -52,9 +52,15 @@ import numpy as np
 import onnx
 
 from onnxshrink.engine.io import named_copy
+from onnxshrink.engine.protos import compile_excludes
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.budget import decline_fewest, isolate, rank
-from onnxshrink.quant.calibration import DEFAULT_BATCH, CalibrationData, calibration_feeds
+from onnxshrink.quant.calibration import (
+    DEFAULT_BATCH,
+    METHODS,
+    CalibrationData,
+    calibration_feeds,
+)
 from onnxshrink.quant.sensitivity import (
     DEFAULT_MAX_ERROR,
     DEFAULT_SAMPLES,
@@ -83,6 +89,8 @@ StagedProgress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
 
 HOW_TO_CALIBRATE = "--calibration-data calib.npz | folder | loader.py[:fn] | random"
+#: ONNX Runtime providers the calibration pass may run on
+PROVIDERS = ("cpu", "cuda")
 #: a plan of more units than this that fails by far is first searched by group testing (3c)
 ISOLATE_ABOVE = 32
 #: timed runs per model in the speed check (module docstring, 6)
@@ -440,6 +448,28 @@ def speed_check(
             times[i].append((time.perf_counter() - start) * 1e3)
     medians = [float(np.median(t)) for t in times]
     return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
+
+
+def check_settings(
+    *,
+    method: str = "percentile",
+    target: str = "ort-cpu",
+    exclude: Sequence[str] = (),
+    max_error: float = DEFAULT_MAX_ERROR,
+    provider: str = "cpu",
+) -> None:
+    """Raise UsageError (one line) for a bad calibration method, target, `--exclude` regex,
+    budget or calibration provider: what `optimize` checks before any work."""
+    if method not in METHODS:
+        raise UsageError(f"--calibration-method {method!r}: expected one of {', '.join(METHODS)}")
+    target_profile(target)  # UsageError for an unknown target
+    if provider not in PROVIDERS:
+        raise UsageError(
+            f"--calibration-provider {provider!r}: expected one of {', '.join(PROVIDERS)}"
+        )
+    compile_excludes(exclude)
+    if not (isinstance(max_error, (int, float)) and math.isfinite(max_error) and max_error >= 0):
+        raise UsageError(f"--max-error {max_error}: must be a finite number >= 0")
 
 
 def mask_notes(mask: str | None) -> list[str]:
