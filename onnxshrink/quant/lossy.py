@@ -403,7 +403,7 @@ class PlannedStage:
             budget=budget,
             layers=layers,
             timings=timings,
-            samples=data.samples,
+            samples=sum(reference.counts),  # the samples measured: the reference's
             batch=settings.calibration_batch,
             notes=notes + mask_notes(reference.mask),
             plan=chosen_plan,

@@ -457,6 +457,7 @@ def test_stage_converts_everything_within_a_loose_budget():
     assert result.stage == "fp16" and result.budget.within_budget
     assert [layer.precision for layer in result.quantized] == ["float16"] * len(CONV_OPS)
     assert result.kept_float == [] and result.budget.sessions == 1  # no ranking needed
+    assert result.samples == 8 and result.feeds == 8  # eight one-sample feeds measured
     assert result.plan is not None and len(result.plan.applied) == len(CONV_OPS)
     _check(model, result.model, {**Counter(CONV_OPS), "Cast": 2})
 
