@@ -118,3 +118,22 @@ def test_save_large_model_uses_external_data(tmp_path, conv_bn_model, monkeypatc
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(big), np.arange(4096, dtype=np.float32)
     )
+
+
+def test_output_path_that_is_not_a_regular_file_is_refused(tmp_path, conv_bn_model):
+    """Issue 9, 1: a FIFO (or device node) at -o must not be replaced by a regular file."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="not a regular file"):
+        save_model(conv_bn_model, fifo)
+    assert fifo.is_fifo()
+    dangling = tmp_path / "dangling.onnx"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.onnx")
+    with pytest.raises(UsageError, match="broken symlink"):
+        save_model(conv_bn_model, dangling)
+    target = tmp_path / "real.onnx"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    save_model(conv_bn_model, link)  # a symlink to a regular file is fine
+    assert onnx.load(str(link)).graph.node

@@ -277,3 +277,57 @@ def test_debug_verify_without_a_runnable_model_checks_with_the_checker_only():
         n.startswith("--debug-verify checked each pass with onnx.checker only")
         for n in result.notes
     )
+
+
+def _unloadable_shift(graph, ctx):
+    """A deliberately bad 'rule': a channel shift of the wrong width after a Conv, which
+    ORT's shape inference rejects when it loads the model while onnx.checker (no shape
+    inference) accepts it, as in the issue's depthwise case."""
+    import onnx_graphsurgeon as gs
+
+    if any(name.endswith("_bad_shift") for name in graph.tensors()):
+        return False  # once per graph
+    for node in graph.nodes:
+        if node.op == "Conv":
+            out = node.outputs[0]
+            channels = node.inputs[1].values.shape[0]
+            bad = np.zeros((1, channels + 1, 1, 1), np.float32)
+            shift = gs.Constant(f"{out.name}_bad_shift", bad)
+            moved = gs.Variable(f"{out.name}_before_shift", dtype=out.dtype)
+            node.outputs[0] = moved
+            graph.nodes.append(gs.Node("Add", inputs=[moved, shift], outputs=[out]))
+            graph.toposort()
+            return True
+    return False
+
+
+def test_result_that_ort_cannot_load_is_a_failed_rewrite(tmp_path, conv_bn_path):
+    """Issue 9, 2: never write a result less loadable than its input."""
+    from onnxshrink.rules import lossless_passes
+
+    out = tmp_path / "out.onnx"
+    passes = [*lossless_passes(), FunctionPass("bad-shift", _unloadable_shift)]
+    with pytest.raises(ParityError, match="cannot be loaded by ONNX Runtime.*nothing written"):
+        onnxshrink.optimize(conv_bn_path, out, passes=passes)
+    assert not out.exists()
+
+
+def test_inputs_that_do_not_fit_the_model_are_bad_input(tmp_path, conv_bn_path):
+    """Issue 9, 3: wrong dtype, rank or dims, and an empty file, are exit-2 errors."""
+    import onnx as onnx_module
+
+    x = onnx_module.load(str(conv_bn_path)).graph.input[0]
+    dims = [d.dim_value or 1 for d in x.type.tensor_type.shape.dim]
+    cases = {
+        "dtype": np.zeros(dims, np.float64),
+        "rank": np.zeros(dims[1:], np.float32),
+        "dims": np.zeros([*dims[:-1], dims[-1] + 5], np.float32),
+        "empty": np.zeros([0, *dims[1:]], np.float32),
+    }
+    for name, array in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **{x.name: array})
+        out = tmp_path / f"{name}.onnx"
+        with pytest.raises(UsageError, match=r"--inputs .*(fails on the inputs|0 samples)"):
+            onnxshrink.optimize(conv_bn_path, out, inputs=path)
+        assert not out.exists(), name

@@ -107,10 +107,18 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Fail early, with one line, when `path` cannot receive an output file."""
+    """Fail early, with one line, when `path` cannot receive an output file.
+
+    Something that exists at `path` and is not a regular file (or a symlink to one) is refused:
+    the atomic write renames a new file over it, which would replace a device node or a FIFO
+    (`-o /dev/null` run as root) with a regular file.
+    """
     dest = Path(path)
     if dest.is_dir():
         raise UsageError(f"{dest}: output path is a directory")
+    if (dest.exists() or dest.is_symlink()) and not dest.is_file():
+        kind = "a broken symlink" if not dest.exists() else "not a regular file"
+        raise UsageError(f"{dest}: output path exists and is {kind}; choose a file path")
     folder = dest.parent
     if not folder.is_dir():
         raise UsageError(f"{dest}: output folder {folder} does not exist")

@@ -266,6 +266,12 @@ def _shape_inference_pass() -> Pass:
     return _Infer()
 
 
+# check_parity's reasons for an unverified check that optimize acts on (issue 9, 2 and 3)
+_UNLOADABLE = "ONNX Runtime cannot load the optimized model"
+_ORIGINAL_FAILS = "the original model fails on the inputs"
+_NO_INPUTS = "no inputs to compare on"
+
+
 def _constant_bytes(tensor: gs.Constant) -> int:
     """Bytes of a constant's values, without loading lazily imported ones."""
     values = tensor._values  # LazyValues knows its size without loading the data
@@ -581,7 +587,25 @@ def optimize(
             reference, rewritten, feeds(), rtol=rtol, atol=atol, stop_on_failure=not last_tier
         )
         if not parity.verified:
-            notes.append(f"parity not verified: {parity.reason}")
+            reason = parity.reason or "not verified"
+            if reason.startswith(_UNLOADABLE):
+                # issue 9, 2: a result less loadable than its input is a failed rewrite
+                failures.append(reason)
+                if not last_tier:
+                    logger.info("%s; retrying without weight rescaling", reason)
+                    continue
+                raise ParityError(
+                    "the optimized model cannot be loaded by ONNX Runtime, which loads the "
+                    f"original: {'; then '.join(failures)}; nothing written"
+                )
+            if inputs is not None and (
+                reason.startswith(_ORIGINAL_FAILS) or reason == _NO_INPUTS
+            ):  # issue 9, 3: the user's --inputs do not fit the model
+                where = inputs if isinstance(inputs, (str, Path)) else "the given inputs"
+                raise UsageError(
+                    f"--inputs {where}: {reason.replace('; pass --input-shape or --inputs', '')}"
+                )
+            notes.append(f"parity not verified: {reason}")
             break
         if parity.passed:
             notes.extend(_tier_notes(failures, options))

@@ -718,8 +718,8 @@ def plan_batches(
         size = batch
     else:
         size = min(total, max_batch) if max_batch else total
-    if total == 0:
-        return None
+    if total == 0:  # an empty file would pass every check without running anything
+        raise UsageError(f"{where}: 0 samples along axis 0; give at least one")
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
