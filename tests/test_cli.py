@@ -166,3 +166,31 @@ def test_debug_verify_broken_pass_gets_one_line_and_exit_1(tmp_path, conv_bn_pat
 def test_debug_verify_is_documented_in_help():
     result = _run("optimize", "--help")
     assert "--debug-verify" in result.output
+
+
+def test_markup_like_names_and_paths_print_as_they_are(tmp_path):
+    """Issue 9, 6: `[/x]` in a tensor name or a path is the user's text, not rich markup."""
+    import onnx
+
+    from tests.helpers import make_model
+
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[2,4] x) => (float[2,4] "logits[/0]") {
+            t = Identity (x)
+            "logits[/0]" = Relu (t)
+        }
+        """
+    )
+    folder = tmp_path / "run[/x]"  # the folder "run[" and in it "x]"
+    folder.mkdir(parents=True)
+    src, dst = folder / "m[b].onnx", folder / "o[i].onnx"
+    onnx.save(model, str(src))
+    result = _run("optimize", str(src), "-o", str(dst))
+    assert result.exit_code == 0, result.output
+    assert "logits[/0]" in result.output and "run[/x]/m[b].onnx" in result.output
+    assert dst.exists()
+    parity = _run("parity", str(src), str(dst))
+    assert parity.exit_code == 0, parity.output
+    assert "logits[/0]" in parity.output and "Traceback" not in parity.output

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from onnxshrink import __version__
 from onnxshrink.cli.common import (
@@ -27,6 +28,7 @@ from onnxshrink.cli.common import (
     print_bench_report,
     progress_bar,
     setup_logging,
+    styled,
 )
 from onnxshrink.engine.optimize import ModelSummary, OptimizeResult
 from onnxshrink.errors import OnnxShrinkError
@@ -358,7 +360,7 @@ def optimize(
         print_bench_report(out, bench_report)
         for provider_name, reason in bench_report.skipped:
             err.print(
-                f"[yellow]bench skipped {provider_name}:[/yellow] {reason}",
+                styled((f"bench skipped {provider_name}:", "yellow"), f" {reason}"),
                 highlight=False,
                 soft_wrap=True,
             )
@@ -437,7 +439,9 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
     b: ModelSummary = result.before
     a: ModelSummary = result.after
     where = str(result.output_path) if result.output_path else "(not written)"
-    out.print(f"[bold]onnxshrink optimize[/bold] {model} -> {where}  ({result.seconds:.2f} s)")
+    out.print(
+        styled(("onnxshrink optimize", "bold"), f" {model} -> {where}  ({result.seconds:.2f} s)")
+    )
 
     summary = Table(show_header=True, header_style="bold")
     summary.add_column("")
@@ -499,14 +503,16 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
 
     for note in result.notes:
         if note.startswith("warning: "):
-            out.print(f"[yellow]warning:[/yellow] {note[len('warning: ') :]}", highlight=False)
+            out.print(
+                styled(("warning:", "yellow"), f" {note[len('warning: ') :]}"), highlight=False
+            )
         elif not note.startswith("parity not verified"):
-            out.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            out.print(styled(("note:", "yellow"), f" {note}"), highlight=False)
     parity = result.parity
     if parity is None:
-        out.print("[yellow]parity not checked (--no-verify)[/yellow]")
+        out.print("parity not checked (--no-verify)", style="yellow")
     elif not parity.verified:
-        out.print(f"[yellow]parity not verified: {parity.reason}[/yellow]")
+        out.print(f"parity not verified: {parity.reason}", style="yellow", highlight=False)
     else:
         stage = (
             f" (lossless stage, before {result.quantization.stage})"
@@ -527,7 +533,7 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
                 o.name,
                 f"{o.max_abs:.2e}",
                 f"{o.max_rel:.2e}",
-                "[green]ok[/green]" if o.ok else "[red]FAIL[/red]",
+                Text("ok", style="green") if o.ok else Text("FAIL", style="red"),
             )
         out.print(table)
 
@@ -555,7 +561,7 @@ def _optimize_progress(console: Console, name: str, quantizing: bool):
 
     with Progress(
         SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -588,8 +594,10 @@ def _print_quantization(result: OptimizeResult) -> None:
     seen = f"{q.samples} sample(s) in {q.feeds} run(s)" if q.samples else f"{q.feeds} run(s)"
     method = f", calibration method {q.method}" if q.method else ""
     out.print(
-        f"[bold]{q.stage} quantization[/bold]: target {q.target}{method}, {seen} of at most {q.batch} "
-        f"from {q.calibration}",
+        styled(
+            (f"{q.stage} quantization", "bold"),
+            f": target {q.target}{method}, {seen} of at most {q.batch} from {q.calibration}",
+        ),
         highlight=False,
     )
     if q.timings:
@@ -599,8 +607,9 @@ def _print_quantization(result: OptimizeResult) -> None:
         )
     if q.synthetic:
         out.print(
-            "[yellow]warning: calibrated on random inputs; ranges do not come from real data. "
-            "Pass real samples with --calibration-data.[/yellow]",
+            "warning: calibrated on random inputs; ranges do not come from real data. "
+            "Pass real samples with --calibration-data.",
+            style="yellow",
             highlight=False,
         )
     if q.quantize is not None:  # int8
@@ -629,7 +638,7 @@ def _print_quantization(result: OptimizeResult) -> None:
         out.print(table)
         if len(kept) > KEPT_ROWS:
             out.print(f"... and {len(kept) - KEPT_ROWS} more (all in --report)", highlight=False)
-    verdict = "within" if budget.within_budget else "[red]over[/red]"
+    verdict = "within" if budget.within_budget else "OVER"
     out.print(
         f"error on calibration samples (output noise-to-signal, worst channel group): full "
         f"{q.stage} {budget.full_error:.3g} -> final {budget.final_error:.3g}, {verdict} the budget "
@@ -653,7 +662,7 @@ def _print_quantization(result: OptimizeResult) -> None:
     check = result.quantized_parity
     if check is None or not check.verified:
         return
-    what = "held-out" if check.held_out else "[yellow]not held-out[/yellow]"
+    what = "held-out" if check.held_out else "NOT held-out"
     out.print(
         f"{q.stage} vs original on {check.source} ({what}, {check.samples} run(s)): "
         f"noise-to-signal {check.error:.3g} (worst channel group)"

@@ -7,9 +7,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
-from onnxshrink.cli.common import err, fail, out, print_bench_report, progress_bar, setup_logging
+from onnxshrink.cli.common import (
+    err,
+    fail,
+    out,
+    print_bench_report,
+    progress_bar,
+    setup_logging,
+    styled,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -192,14 +199,14 @@ def bench(
                 fail(f"--json {json_path}: cannot write ({exc.strerror or exc})", 2)
     for provider_name, reason in report.skipped:
         err.print(
-            f"[yellow]skipped {provider_name}:[/yellow] {escape(reason)}",
+            styled((f"skipped {provider_name}:", "yellow"), f" {reason}"),
             highlight=False,
             soft_wrap=True,
         )
     if json_to_stdout:
         for warning in report.warnings:
             err.print(
-                f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
+                styled(("warning:", "yellow"), f" {warning}"), highlight=False, soft_wrap=True
             )
     if not report.rows:
         fail("nothing ran: every requested provider or model was skipped (see above)", 1)

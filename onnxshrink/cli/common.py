@@ -16,15 +16,23 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console, JustifyMethod
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from onnxshrink.bench import BenchReport
 
 # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables read better wider.
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+# Markup off: model paths, tensor and layer names are the user's and may hold "[/x]", which
+# rich would read as a closing tag (a MarkupError after the output was written). Styles are
+# given as `style=` or through `styled`.
+out = Console(width=None if sys.stdout.isatty() else 120, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, markup=False)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """A line of plain strings and (text, style) pairs; no string is read as markup."""
+    return Text.assemble(*parts)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -46,7 +54,7 @@ def setup_logging(verbose: bool) -> None:
 
 def fail(message: str, code: int) -> None:
     """Print `error: message` on stderr and exit with `code` (raises typer.Exit)."""
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(styled(("error:", "red"), f" {message}"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -59,10 +67,16 @@ def progress_bar(console, label: str, enabled: bool = True):
     if not (enabled and console.is_terminal):
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(
-        f"[progress.description]{label}",
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -102,12 +116,13 @@ def print_bench_report(console, report: BenchReport) -> None:
     """The benchmark table, its notes and warnings, as `onnxshrink bench` prints them."""
     env = report.environment
     threads = env.threads if env.threads is not None else "ORT default"
-    header = (
-        f"[bold]onnxshrink bench[/bold]: ONNX Runtime {env.onnxruntime}, {env.cpu_count} CPUs, "
+    header = styled(
+        ("onnxshrink bench", "bold"),
+        f": ONNX Runtime {env.onnxruntime}, {env.cpu_count} CPUs, "
         f"intra-op threads {threads}"
         + (f", GPU {env.gpu}" if env.gpu else "")
         + f"; {report.warmup} warmup + {report.runs} timed interleaved rounds"
-        + (", IOBinding" if report.iobinding else "")
+        + (", IOBinding" if report.iobinding else ""),
     )
     console.print(header, highlight=False, soft_wrap=True)
     if not report.rows:
@@ -146,7 +161,7 @@ def print_bench_report(console, report: BenchReport) -> None:
     if console.is_terminal:
         console.print(table)
     else:
-        Console(file=console.file, width=200).print(table)
+        Console(file=console.file, width=200, markup=False).print(table)
     gpu_rows = [r for r in report.rows if r.provider != "cpu"]
     notes = ["peak MB: resident memory growth over session creation and the first run"]
     if gpu_rows:
@@ -156,5 +171,5 @@ def print_bench_report(console, report: BenchReport) -> None:
     console.print("; ".join(notes), style="dim", highlight=False)
     for warning in report.warnings:
         console.print(
-            f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True
+            styled(("warning:", "yellow"), f" {warning}"), highlight=False, soft_wrap=True
         )

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
-from onnxshrink.cli.common import err, fail, fmt, out, progress_bar, setup_logging
+from onnxshrink.cli.common import err, fail, fmt, out, progress_bar, setup_logging, styled
 from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
 
 DEFAULT_SAMPLES = 4
@@ -407,9 +408,12 @@ def _print_report(console, run: _Run, report) -> None:
     where = "generated inputs" if source == "generated" else source
     cosine = f", min cosine {criteria.min_cosine:g}" if criteria.min_cosine is not None else ""
     console.print(
-        f"[bold]onnxshrink parity[/bold] {run.reference_path} vs {run.candidate_path}: "
-        f"ONNX Runtime CPU, {report.samples} run(s) on {where}; pass when {stat} |err| <= "
-        f"atol + rtol * max|ref| (rtol {criteria.rtol:g}, atol {criteria.atol:g}{cosine})",
+        styled(
+            ("onnxshrink parity", "bold"),
+            f" {run.reference_path} vs {run.candidate_path}: "
+            f"ONNX Runtime CPU, {report.samples} run(s) on {where}; pass when {stat} |err| <= "
+            f"atol + rtol * max|ref| (rtol {criteria.rtol:g}, atol {criteria.atol:g}{cosine})",
+        ),
         highlight=False,
     )
     if criteria.overrides:
@@ -422,7 +426,7 @@ def _print_report(console, run: _Run, report) -> None:
             highlight=False,
         )
     if not report.outputs:
-        console.print(f"[red]FAIL[/red]: {report.reason}", highlight=False)
+        console.print(styled(("FAIL", "red"), f": {report.reason}"), highlight=False)
         return
     table = Table(show_header=True, header_style="bold")
     table.add_column("output", overflow="fold")
@@ -443,19 +447,19 @@ def _print_report(console, run: _Run, report) -> None:
         ]
         if stat != "max":
             row.append(fmt(o.error_stat_value))
-        row.append("[green]ok[/green]" if o.ok else "[red]FAIL[/red]")
+        row.append(Text("ok", style="green") if o.ok else Text("FAIL", style="red"))
         table.add_row(*row)
     console.print(table)
     for o in report.outputs:
         if not o.ok:
-            console.print(f"[red]FAIL[/red] {o.name}: {o.reason}", highlight=False)
+            console.print(styled(("FAIL", "red"), f" {o.name}: {o.reason}"), highlight=False)
 
 
 def _print_localization(console, loc, top: int) -> None:
     from rich.table import Table
 
     if loc.reason:
-        console.print(f"[yellow]localization:[/yellow] {loc.reason}", highlight=False)
+        console.print(styled(("localization:", "yellow"), f" {loc.reason}"), highlight=False)
     if not loc.nodes:
         return
     not_compared = sum(loc.skipped.values())
