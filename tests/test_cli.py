@@ -194,3 +194,28 @@ def test_markup_like_names_and_paths_print_as_they_are(tmp_path):
     parity = _run("parity", str(src), str(dst))
     assert parity.exit_code == 0, parity.output
     assert "logits[/0]" in parity.output and "Traceback" not in parity.output
+
+
+def test_minor_bad_inputs_are_one_line_exit_2(tmp_path, conv_bn_path):
+    """Issue 9, 9: an int64-overflowing --input-shape, an object-array .npz, a newline in a
+    file name: one line, exit 2; and outputs get the umask's permissions, not 0600."""
+    import os
+
+    huge = _run("optimize", str(conv_bn_path), "-o", str(tmp_path / "h.onnx"),
+                "--input-shape", f"x:{2**63},3,8,8")  # fmt: skip
+    assert huge.exit_code == 2 and "int64" in huge.output
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x=np.array([{"a": 1}], dtype=object))
+    obj = _run(
+        "optimize", str(conv_bn_path), "-o", str(tmp_path / "o.onnx"), "--inputs", str(objects)
+    )
+    assert obj.exit_code == 2 and "Python objects" in obj.output
+    newline = _run("optimize", str(tmp_path / "two\nlines.onnx"))
+    assert newline.exit_code == 2 and newline.output.count("\n") == 1, newline.output
+    out = tmp_path / "perm.onnx"
+    old = os.umask(0o022)
+    try:
+        assert _run("optimize", str(conv_bn_path), "-o", str(out)).exit_code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -53,8 +53,13 @@ def setup_logging(verbose: bool) -> None:
 
 
 def fail(message: str, code: int) -> None:
-    """Print `error: message` on stderr and exit with `code` (raises typer.Exit)."""
-    err.print(styled(("error:", "red"), f" {message}"), highlight=False, soft_wrap=True)
+    """Print `error: message` on stderr, one line, and exit with `code` (raises typer.Exit).
+
+    Newlines in the message (a file name holding one, a library's multi-line error) are shown
+    as `\\n`, so a CI log gets exactly one line.
+    """
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    err.print(styled(("error:", "red"), f" {one_line}"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -155,6 +155,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
             os.replace(tmp_data, folder / data_name)
         else:
             onnx.save_model(model, str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # the usual permissions, as cp gives, not mkstemp's 0600
         os.replace(tmp, dest)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot write output ({exc.strerror or exc})") from None
@@ -253,6 +254,13 @@ def with_outputs(
         copy.graph.output.append(value)
         have.add(name)
     return copy
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(dest: str | os.PathLike[str], text: str) -> Path:

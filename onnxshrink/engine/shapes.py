@@ -30,6 +30,8 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
             raise UsageError(f"bad --input-shape {spec!r}: dims must be integers") from None
         if any(v <= 0 for v in values):
             raise UsageError(f"bad --input-shape {spec!r}: dims must be positive")
+        if any(v >= 2**63 for v in values):
+            raise UsageError(f"bad --input-shape {spec!r}: a dim does not fit in int64")
         shapes[name] = values
     return shapes
 

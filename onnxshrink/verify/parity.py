@@ -629,8 +629,10 @@ def npz_files(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Array shapes of an .npz from the headers alone (no data read)."""
+    """Array shapes of an .npz from the headers alone (no data read); UsageError for a file
+    that is not one, or holds object arrays (loading them needs pickle, which is never used)."""
     shapes: dict[str, tuple[int, ...]] = {}
+    objects: list[str] = []
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -643,9 +645,17 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                         if version == (1, 0)
                         else np.lib.format.read_array_header_2_0(f)
                     )
-                shapes[info.filename[: -len(".npy")]] = tuple(header[0])
+                name = info.filename[: -len(".npy")]
+                if header[2].hasobject:  # would need pickle to load: never done for inputs
+                    objects.append(name)
+                shapes[name] = tuple(header[0])
     except Exception as exc:
         raise UsageError(f"--inputs {path}: not a readable .npz file ({exc})") from None
+    if objects:
+        raise UsageError(
+            f"--inputs {path}: array(s) {', '.join(objects)} hold Python objects; "
+            "give numeric arrays (np.savez of numpy arrays of numbers)"
+        )
     return shapes
 
 
