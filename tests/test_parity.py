@@ -457,3 +457,17 @@ def test_argmax_agreement_only_for_class_like_outputs():
     # A detector's [1, 1, H, W] map: its last axis is the width, not classes.
     heatmap = rng.random((1, 1, 8, 8)).astype(np.float32)
     assert compare_outputs("m", heatmap, heatmap.copy(), rtol=1e-4).argmax_agreement is None
+
+
+def test_string_outputs_are_compared_exactly():
+    """Issue 9, 10: string outputs must not be cast to float (was an internal error)."""
+    from onnxshrink.verify.parity import OutputStats
+
+    same = OutputStats("s", 1e-4, 1e-6)
+    words = np.array(["a", "bc"], dtype=object)
+    same.update(words, words.copy())
+    assert same.result().ok
+    other = OutputStats("s", 1e-4, 1e-6)
+    other.update(words, np.array(["a", "bd"], dtype=object))
+    result = other.result()
+    assert not result.ok and "must match exactly" in (result.reason or "")
