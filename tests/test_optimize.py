@@ -80,11 +80,15 @@ def test_custom_domain_op_passes_through_unverified(tmp_path):
         }
         """
     )
-    result = onnxshrink.optimize(model, tmp_path / "out.onnx")
+    # by default an unverifiable result is not written (issue 9, 10): exit 0 means verified
+    with pytest.raises(ParityError, match="could not be verified.*--allow-unverified"):
+        onnxshrink.optimize(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    result = onnxshrink.optimize(model, tmp_path / "out.onnx", allow_unverified=True)
     ops = [(n.domain, n.op_type) for n in result.model.graph.node]
     assert ("com.example", "Mystery") in ops
     assert not result.parity.verified
-    assert "could not" in result.notes[0] or "not verified" in result.notes[0]
+    assert "not verified" in result.notes[0] and "--allow-unverified" in result.notes[0]
     assert (tmp_path / "out.onnx").exists()
 
 
@@ -271,7 +275,7 @@ def test_debug_verify_without_a_runnable_model_checks_with_the_checker_only():
         }
         """
     )
-    result = onnxshrink.optimize(model, debug_verify=True)
+    result = onnxshrink.optimize(model, debug_verify=True, allow_unverified=True)
     assert ("com.example", "Mystery") in [(n.domain, n.op_type) for n in result.model.graph.node]
     assert any(
         n.startswith("--debug-verify checked each pass with onnx.checker only")

@@ -118,6 +118,15 @@ def optimize(
             "--verify/--no-verify", help="Compare outputs with the original before writing."
         ),
     ] = True,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unverified",
+            help="Write the result even when the parity check cannot run (ONNX Runtime cannot "
+            "run the original, e.g. custom ops); the output says so. Without it that is exit 1 "
+            "and nothing is written, so that exit 0 always means verified.",
+        ),
+    ] = False,
     debug_verify: Annotated[
         bool,
         typer.Option(
@@ -332,6 +341,7 @@ def optimize(
                 calibration_batch=calibration_batch,
                 metric=metric,
                 mask_input=mask_input,
+                allow_unverified=allow_unverified,
                 progress=progress,
                 debug_verify=debug_verify,
             )

@@ -454,6 +454,7 @@ def optimize(
     mask_input: str | None = None,
     progress: StagedProgress | None = None,
     debug_verify: bool = False,
+    allow_unverified: bool = False,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
 
@@ -464,6 +465,9 @@ def optimize(
       `samples` generated feeds. With quantization these are the held-out data the quantized
       model is judged on: never pass the calibration samples.
     - `opset`: raise the model's ai.onnx opset first (lets newer fused ops be used).
+    - `allow_unverified`: write the result even when parity could not be checked (ONNX Runtime
+      cannot run the original: custom ops, say), with a note; by default that is a ParityError
+      and nothing is written, since a caller reads success as "verified".
     - `quantize="int8"` or `"fp16"` (a name in `onnxshrink.rules.LOSSY_STAGES`): then run that
       lossy stage (module docstring, 3) with `calibration_data` (an .npz, a folder of them,
       `loader.py[:function]`, `random`, or a list of feed dicts; required),
@@ -605,7 +609,12 @@ def optimize(
                 raise UsageError(
                     f"--inputs {where}: {reason.replace('; pass --input-shape or --inputs', '')}"
                 )
-            notes.append(f"parity not verified: {reason}")
+            if not allow_unverified:  # issue 9, 10: CI reads exit 0 as verified
+                raise ParityError(
+                    f"parity could not be verified: {reason}; nothing written "
+                    "(--allow-unverified writes it anyway, --no-verify skips the check)"
+                )
+            notes.append(f"parity not verified: {reason} (written: --allow-unverified)")
             break
         if parity.passed:
             notes.extend(_tier_notes(failures, options))
