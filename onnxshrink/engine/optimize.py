@@ -698,6 +698,8 @@ def _tier_notes(failures: list[str], options: dict[str, object]) -> list[str]:
         if options.get("fold_output_scales") is False
         else "all weight rescaling (BatchNorm and Mul folds) was"
     )
+    if failures[0].startswith(_UNLOADABLE):  # issue 9, 2: not a rounding matter
+        return [f"{what} turned off: with them, {failures[0]}"]
     return [
         f"{what} turned off: with them, {failures[0]} (float32 rounding accumulated "
         "over the folded layers); a larger --rtol keeps them"
