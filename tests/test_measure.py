@@ -125,7 +125,7 @@ def test_mask_leaves_padded_positions_out() -> None:
     cand = ref + rng.normal(0, 0.01, ref.shape).astype(np.float32)
     mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], np.int64)
     cand[mask == 0] += 50.0  # padded positions: garbage the users never read
-    noise = OutputNoise()
+    noise = OutputNoise(cosine=True)
     noise.update(ref, cand, mask)
     kept = mask != 0
     assert noise.value() == pytest.approx(_pooled([ref[kept]], [cand[kept]]), rel=1e-6)

@@ -24,6 +24,7 @@ from onnxshrink.cli.common import (
     err,
     fail,
     fmt,
+    one_line_errors,
     out,
     print_bench_report,
     progress_bar,
@@ -312,7 +313,7 @@ def optimize(
     setup_logging(verbose)
     target = output if output is not None else model.with_name(model.stem + ".opt.onnx")
     bench_report = None
-    try:
+    with one_line_errors(verbose):
         shapes = parse_input_shapes(input_shape)
         if report is not None:
             from onnxshrink.report import report_format
@@ -357,12 +358,6 @@ def optimize(
                     runs=bench_runs,
                     progress=progress,
                 )
-    except OnnxShrinkError as exc:
-        fail(str(exc), exc.exit_code)
-    except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
-        if verbose:
-            raise
-        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
     _print_result(model, result, verbose)
     if result.quantization is not None:
         _print_quantization(result)

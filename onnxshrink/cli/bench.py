@@ -11,6 +11,7 @@ import typer
 from onnxshrink.cli.common import (
     err,
     fail,
+    one_line_errors,
     out,
     print_bench_report,
     progress_bar,
@@ -152,11 +153,11 @@ def bench(
     from onnxshrink.bench import benchmark, parse_providers
     from onnxshrink.engine.io import write_text_atomic
     from onnxshrink.engine.shapes import parse_input_shapes
-    from onnxshrink.errors import OnnxShrinkError, UsageError
+    from onnxshrink.errors import UsageError
 
     setup_logging(verbose)
     json_to_stdout = json_path == "-"
-    try:
+    with one_line_errors(verbose):
         providers = parse_providers(provider or ["cpu"])
         shapes = parse_input_shapes(input_shape)
         if json_path and not json_to_stdout:
@@ -180,12 +181,6 @@ def bench(
                 trt_cache=trt_cache,
                 seed=seed,
             )
-    except OnnxShrinkError as exc:
-        fail(str(exc), exc.exit_code)
-    except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
-        if verbose:
-            raise
-        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
 
     if json_to_stdout:
         # Plain text, not rich: nothing wrapped or coloured, so it parses.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ import typer
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
+
+from onnxshrink.errors import OnnxShrinkError
 
 if TYPE_CHECKING:
     from onnxshrink.bench import BenchReport
@@ -50,6 +53,23 @@ def setup_logging(verbose: bool) -> None:
             gs.logger.severity = gs.logger.ERROR
         except Exception:
             pass
+
+
+@contextmanager
+def one_line_errors(verbose: bool) -> Iterator[None]:
+    """Every command's error contract: an OnnxShrinkError is its one line and exit code; any
+    other exception is a bug of ours, one "internal error" line and exit 1 (the traceback
+    only with -v)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except OnnxShrinkError as exc:
+        fail(str(exc), exc.exit_code)
+    except Exception as exc:
+        if verbose:
+            raise
+        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
 
 
 def fail(message: str, code: int) -> None:

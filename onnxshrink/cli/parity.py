@@ -12,7 +12,16 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from onnxshrink.cli.common import err, fail, fmt, out, progress_bar, setup_logging, styled
+from onnxshrink.cli.common import (
+    err,
+    fail,
+    fmt,
+    one_line_errors,
+    out,
+    progress_bar,
+    setup_logging,
+    styled,
+)
 from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
 
 DEFAULT_SAMPLES = 4
@@ -201,7 +210,7 @@ def parity(
 
     setup_logging(verbose)
     console = err if json_path == "-" else out
-    try:
+    with one_line_errors(verbose):
         run = _Run(
             reference,
             candidate,
@@ -224,12 +233,6 @@ def parity(
         wanted = localize if localize is not None else failed
         if wanted and report.verified:
             loc = run.localize(err, localize_samples)
-    except OnnxShrinkError as exc:
-        fail(str(exc), exc.exit_code)
-    except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
-        if verbose:
-            raise
-        fail(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)", 1)
     if not report.verified:
         bad_input = (report.reason or "").startswith(("the reference model fails", "no inputs"))
         if json_path is not None and not bad_input:

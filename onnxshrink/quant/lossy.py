@@ -319,6 +319,7 @@ class PlannedStage:
         reference.mask = mask_input(model, settings.mask_input)
         timings["reference"] = time.perf_counter() - start
         plan = self.plan(model, profile, settings.exclude)
+        ops = {n.name: n.op_type for n in model.graph.node}
         budget = BudgetReport(max_error=settings.max_error)
         start = time.perf_counter()
 
@@ -344,7 +345,6 @@ class PlannedStage:
                 None if progress is None else (lambda d, t: progress("sensitivity", d, t)),
             )
             errors = dict(ranked)
-            ops = {n.name: n.op_type for n in model.graph.node}
             budget.ranking = [LayerError(u, ops.get(u, ""), e) for u, e in ranked]
 
             def declined(units: Sequence[str]) -> Plan:
@@ -384,7 +384,6 @@ class PlannedStage:
             budget.sessions,
             timings["sensitivity"],
         )
-        ops = {n.name: n.op_type for n in model.graph.node}
         alone = {e.name: e.error for e in budget.ranking}
         layers = [
             LayerDecision(u, ops.get(u, ""), self.precision, None, alone.get(u))
@@ -554,7 +553,7 @@ def held_out_check(
         positions = feed.get(mask) if mask else None
         for name, r, c in zip(names, ref, cand, strict=True):
             if np.issubdtype(np.asarray(r).dtype, np.floating):
-                noises.setdefault(name, OutputNoise()).update(r, c, positions)
+                noises.setdefault(name, OutputNoise(cosine=True)).update(r, c, positions)
         if metric is not None:
             metric.update(names, ref, cand)
 

@@ -85,9 +85,14 @@ def looks_like_distribution(ref: np.ndarray) -> bool:
 
 
 class OutputNoise:
-    """Streaming noise and signal of one output (module docstring), `update` per run."""
+    """Streaming noise and signal of one output (module docstring), `update` per run.
 
-    def __init__(self) -> None:
+    With `cosine`, it also sums what `cosine()` needs (the held-out report); the budget's
+    sessions leave it off, since it costs two float64 copies of every output.
+    """
+
+    def __init__(self, cosine: bool = False) -> None:
+        self.with_cosine = cosine
         self.noise = 0.0
         self.signal = 0.0
         self.cross = 0.0  # sum f q, and sum q^2: the cosine of the kept positions
@@ -121,9 +126,10 @@ class OutputNoise:
         r2 = r * r
         self.noise += float(d2.sum(dtype=np.float64))
         self.signal += float(r2.sum(dtype=np.float64))
-        cand = c.astype(r.dtype)
-        self.cross += float(np.vdot(r.astype(np.float64), cand.astype(np.float64)))
-        self.candidate += float((cand * cand).sum(dtype=np.float64))
+        if self.with_cosine:
+            cand = c.astype(r.dtype)
+            self.cross += float(np.vdot(r.astype(np.float64), cand.astype(np.float64)))
+            self.candidate += float((cand * cand).sum(dtype=np.float64))
         if self.distribution and not looks_like_distribution(r):
             self.distribution = False
         axes = channel_axes(r.ndim)
@@ -142,7 +148,10 @@ class OutputNoise:
             held[1][...] += r2.sum(axis=others, dtype=np.float64)
 
     def cosine(self) -> float:
-        """Cosine of everything seen (kept positions only), 1.0 when both are zero."""
+        """Cosine of everything seen (kept positions only), 1.0 when both are zero; needs
+        `cosine=True`."""
+        if not self.with_cosine:
+            raise ValueError("OutputNoise(cosine=True) keeps what the cosine needs")
         if self.signal == 0.0 and self.candidate == 0.0:
             return 1.0
         if self.signal == 0.0 or self.candidate == 0.0:
