@@ -100,7 +100,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.io import NameAllocator, graph_protos, named, named_copy, node_subgraphs
 from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
 from onnxshrink.errors import UsageError
@@ -205,7 +205,7 @@ def quantizable_nodes(
     """
     profile = target_profile(target)
     patterns = compile_excludes(exclude)
-    work = named_copy(model)
+    work = named(model)  # read only
     _check_selection(work, nodes)
     return _candidates(work, patterns, nodes, min_weight_elements, profile)
 
@@ -237,7 +237,7 @@ def activation_tensors(
         if cand.output and cand.name in output_pairs:
             names[cand.output] = None
     if profile.residual_joins:  # case 5d, with every quantizable node counted as quantized
-        work = named_copy(model)
+        work = named(model)  # read only
         outputs = {c.output for c in candidates if c.quantizable and c.output}
         inputs = {c.activation for c in candidates if c.quantizable and c.activation}
         for _, _, tensor in _tensorrt_joins(work.graph, outputs, inputs):
@@ -254,7 +254,7 @@ def bias_correction_axes(
     weight-only; what `calibration.collect_statistics(mean_axes=...)` should average.
     """
     axes: dict[str, int] = {}
-    work = named_copy(model)
+    work = named(model)  # read only
     groups = {n.name: int(_attr(n, "group", 1)) for n in work.graph.node}
     trans_a = {n.name: int(_attr(n, "transA", 0)) for n in work.graph.node}
     for cand in quantizable_nodes(work, target, exclude=exclude):
@@ -714,7 +714,10 @@ def _insert_qdq(
         report.dequantize_linear += 1
 
     weight_dq: dict[tuple, tuple[str, np.ndarray, onnx.NodeProto]] = {}
-    weight_error: dict[tuple, np.ndarray] = {}  # dequantized - float, float64
+    # (int8 weight, scale, its axis) of each rounded weight: the rounding error (dequantized -
+    # float) is computed when case 7 asks for it, not kept for every weight (float64: twice
+    # the model's weights in memory)
+    weight_rounding: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
     bias_dq: dict[tuple[str, bytes], tuple[str, onnx.NodeProto]] = {}
 
     cand_of = {c.name: c for c in quantized}
@@ -753,9 +756,10 @@ def _insert_qdq(
     ) -> tuple[str, np.ndarray, onnx.NodeProto]:
         key = (cand.weight, axis) if floor is None else (cand.weight, axis, floor.tobytes())
         if key not in weight_dq:
-            w = numpy_helper.to_array(initializers[cand.weight])
             q, scale = (
-                natural_rounding(cand, axis) if floor is None else quantize_weight(w, axis, floor)
+                natural_rounding(cand, axis)
+                if floor is None
+                else quantize_weight(numpy_helper.to_array(initializers[cand.weight]), axis, floor)
             )
             q_name = const(f"{cand.weight}_quantized", q)
             s_name = const(f"{cand.weight}_scale", scale)
@@ -769,9 +773,7 @@ def _insert_qdq(
                 axis=axis,
             )
             weight_dq[key] = (out, scale, node)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            weight_error[key] = q.astype(np.float64) * scale.reshape(shape) - w
+            weight_rounding[key] = (q, scale, axis)
             report.dequantize_linear += 1
         return weight_dq[key]
 
@@ -780,12 +782,16 @@ def _insert_qdq(
     ) -> np.ndarray | None:
         """Case 7: the node's bias minus the mean output shift of its rounded weight, or None.
 
-        `key` names the rounded weight in `weight_error` (the one `weight_node` made)."""
+        `key` names the rounded weight in `weight_rounding` (the one `weight_node` made)."""
         mean = input_means.get(cand.tensors()[0])
         if mean is None:
             return None
         mean = np.asarray(mean, dtype=np.float64)
-        error = weight_error[key]
+        q, scale, q_axis = weight_rounding[key]
+        shape = [1] * q.ndim
+        shape[q_axis] = -1
+        w = numpy_helper.to_array(initializers[cand.weight])
+        error = q.astype(np.float64) * scale.reshape(shape) - w
         if node.op_type == "Conv":
             if int(_attr(node, "group", 1)) != 1 or error.shape[1] != mean.shape[0]:
                 return None

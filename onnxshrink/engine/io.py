@@ -486,16 +486,49 @@ def with_outputs(
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
+    _add_outputs(copy, names, elem_types)
+    return copy
+
+
+@contextmanager
+def outputs_added(
+    model: onnx.ModelProto, names: Iterable[str], elem_types: dict[str, int] | None = None
+) -> Iterator[onnx.ModelProto]:
+    """`model` itself with the tensors `names` added as graph outputs, for the `with` block.
+
+    What `with_outputs` gives without copying the model (a large model's weights): make the
+    session inside the block; the outputs are taken off again when it ends.
+    """
+    count = len(model.graph.output)
+    _add_outputs(model, names, elem_types)
+    try:
+        yield model
+    finally:
+        del model.graph.output[count:]
+
+
+def _add_outputs(
+    model: onnx.ModelProto, names: Iterable[str], elem_types: dict[str, int] | None
+) -> None:
+    have = {o.name for o in model.graph.output}
     for name in names:
         if name in have:
             continue
-        value = onnx.ValueInfoProto(name=name)
+        value = model.graph.output.add(name=name)
         if elem_types and name in elem_types:
             value.type.tensor_type.elem_type = elem_types[name]
-        copy.graph.output.append(value)
         have.add(name)
-    return copy
+
+
+def named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when every node (subgraphs too) has a name, else `named_copy(model)`.
+
+    For callers that only read: a model named once (as lossy stages do first) is not copied
+    again on every call, which for a large model is a copy of all its weights.
+    """
+    if all(n.name for g in graph_protos(model.graph) for n in g.node):
+        return model
+    return named_copy(model)
 
 
 def _umask() -> int:

@@ -99,7 +99,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import inference_session, with_outputs
+from onnxshrink.engine.io import inference_session, outputs_added
 from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import UsageError, first_line
 from onnxshrink.quant.schemes import Scheme
@@ -936,11 +936,11 @@ def _calibration_session(
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    copy = with_outputs(model, outputs, types)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        return inference_session(copy, options, providers)
+        with outputs_added(model, outputs, types) as observed:
+            return inference_session(observed, options, providers)
     except Exception as exc:
         raise UsageError(
             f"calibration: ONNX Runtime cannot load the model: {first_line(exc)}"
