@@ -952,7 +952,12 @@ def click_captchas(
         arr = _degrade(resized, rng, (0.5, 3.0)).astype(np.uint8)
         canvas[: arr.shape[0], : arr.shape[1]] = arr
         pages.append(canvas[:, :, ::-1].transpose(2, 0, 1).astype(np.float32))
-        all_boxes.append([tuple(int(v * ratio) for v in box) for box in boxes])
+        all_boxes.append(
+            [
+                (int(x0 * ratio), int(y0 * ratio), int(x1 * ratio), int(y1 * ratio))
+                for x0, y0, x1, y1 in boxes
+            ]
+        )
     return np.stack(pages), all_boxes
 
 
@@ -1165,7 +1170,7 @@ def _sample_files(rng: np.random.Generator, words: list[str]) -> list[tuple[str,
     buf = io.StringIO()
     csv.writer(buf).writerows([["name", "count", "value"], *rows])
     record = {
-        w: {"id": int(rng.integers(1e6)), "tags": [sentence(1), sentence(1)], "ok": True}
+        w: {"id": int(rng.integers(1_000_000)), "tags": [sentence(1), sentence(1)], "ok": True}
         for w in rng.choice(words, size=12, replace=False).tolist()
     }
     html = "<!DOCTYPE html>\n<html><head><title>" + sentence(3) + "</title></head><body>\n"
