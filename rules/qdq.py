@@ -100,7 +100,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named, named_copy, node_subgraphs
+from onnxshrink.engine.io import (
+    SESSION_FILE_BYTES,
+    NameAllocator,
+    graph_protos,
+    model_bytes,
+    name_nodes,
+    named,
+    named_copy,
+    node_subgraphs,
+    skeleton,
+    tensor_bytes,
+)
 from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
 from onnxshrink.errors import UsageError
@@ -270,12 +281,16 @@ def bias_correction_axes(
 def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of `model` with every node named and opset >= 13 (case 2), and its old opset.
 
+    A large model (over `SESSION_FILE_BYTES`) is named and given shapes in place instead.
+
     What `quantize_qdq` does to every model it is given, done once: a caller that builds many
     candidates from one model (the budget search) prepares it first, so that no candidate
     pays for an opset conversion. The conversion happens only when a node could be quantized
     or store int8 weights (it changes nothing otherwise).
     """
-    work = infer_shapes(named_copy(model))  # value_info, for case 5b's static shapes
+    # value_info, for case 5b's static shapes; a large model is named in place, not copied
+    large = model_bytes(model) > SESSION_FILE_BYTES
+    work = infer_shapes(name_nodes(model) if large else named_copy(model))
     before = default_opset(work)
     if before < PER_CHANNEL_OPSET and any(
         c.quantizable or c.weight_only_ok
@@ -317,7 +332,16 @@ def quantize_qdq(
     profile = target_profile(target)
     patterns = compile_excludes(exclude)
     params = _activation_params(ranges, profile)
-    work = named_copy(model)
+    # A large model already at opset 13 (as `prepare_model` leaves it) is not copied whole:
+    # the new model starts as a skeleton, quantized weights come from `model`, and only the
+    # float weights that stay are copied in at the end (`_fill_stubs`). Each budget candidate
+    # would otherwise hold a copy of every float weight it replaces.
+    source = None
+    if model_bytes(model) > SESSION_FILE_BYTES and default_opset(model) >= PER_CHANNEL_OPSET:
+        source = named(model)
+        work = skeleton(source)
+    else:
+        work = named_copy(model)
     _check_selection(work, nodes)
     report = QuantizeReport(target=target, opset_before=default_opset(work))
 
@@ -356,7 +380,11 @@ def quantize_qdq(
     report.weight_only = [c.name for c in weights_only]
     if report.quantized or weights_only:
         quantized = [c for c in candidates if c.quantizable]
-        _insert_qdq(work, quantized, weights_only, params, profile, report, input_means or {})
+        _insert_qdq(
+            work, quantized, weights_only, params, profile, report, input_means or {}, source
+        )
+    if source is not None:
+        _fill_stubs(work, source)
     logger.info(
         "quantized %d node(s), kept %d float, inserted %d Q and %d DQ",
         len(report.quantized),
@@ -638,10 +666,12 @@ def _insert_qdq(
     profile: TargetProfile,
     report: QuantizeReport,
     input_means: Mapping[str, np.ndarray],
+    source: onnx.ModelProto | None = None,
 ) -> None:
     graph = model.graph
     names = NameAllocator(model)
-    initializers = {t.name: t for t in graph.initializer}
+    # weights are read from `source` when `model` is its skeleton (see quantize_qdq)
+    initializers = {t.name: t for t in (source or model).graph.initializer}
     by_name = {c.name: c for c in quantized}
     weight_only_names = {c.name: c for c in weights_only}
     new_inits: list[onnx.TensorProto] = []
@@ -941,6 +971,15 @@ def _insert_qdq(
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     _drop_unread_initializers(model, replaced)
+
+
+def _fill_stubs(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give the initializers `skeleton` left without data their bytes from `source`."""
+    full = {t.name: t for t in source.graph.initializer}
+    for tensor in model.graph.initializer:
+        original = full.get(tensor.name)
+        if original is not None and tensor_bytes(tensor) != tensor_bytes(original):
+            tensor.CopyFrom(original)
 
 
 def _drop_unread_initializers(model: onnx.ModelProto, replaced: set[str]) -> None:

@@ -234,3 +234,32 @@ def _always_scaling(rewrite):
         return model, stats
 
     return wrapped
+
+
+def test_large_model_int8_path_matches_the_normal_one(tmp_path, monkeypatch):
+    """--quantize int8 on the large-model path (prepared in place, candidates built from a
+    skeleton with only the kept float weights copied in) writes the same model."""
+    source = tmp_path / "in.onnx"
+    onnx.save_model(_mlp(width=96), str(source))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((16, 96)).astype(np.float32))
+    settings = {"quantize": "int8", "calibration_data": calib, "check_speed": False}
+    normal = optimize(source, tmp_path / "normal.onnx", **settings)
+    monkeypatch.setattr(io_module, "SESSION_FILE_BYTES", 100)
+    import onnxshrink.rules.qdq as qdq_module
+
+    monkeypatch.setattr(qdq_module, "SESSION_FILE_BYTES", 100)
+    monkeypatch.setattr(optimize_module, "SESSION_FILE_BYTES", 100)
+    skeletons = []
+    real_skeleton = qdq_module.skeleton
+    monkeypatch.setattr(qdq_module, "skeleton", lambda m: skeletons.append(1) or real_skeleton(m))
+    large = optimize(source, tmp_path / "large.onnx", **settings)
+    assert skeletons  # the candidates were built from skeletons
+    assert sorted(n.op_type for n in large.model.graph.node) == sorted(
+        n.op_type for n in normal.model.graph.node
+    )
+    assert "DequantizeLinear" in {n.op_type for n in large.model.graph.node}
+    a, b = _weights(normal.model), _weights(large.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])

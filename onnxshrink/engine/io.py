@@ -278,7 +278,7 @@ def skeleton(
         if field.name != "initializer":
             _copy_field(out.graph, field, value)
     for tensor in model.graph.initializer:
-        if tensor.data_type == onnx.TensorProto.STRING or tensor.ByteSize() <= threshold:
+        if tensor.data_type == onnx.TensorProto.STRING or tensor_bytes(tensor) <= threshold:
             out.graph.initializer.append(tensor)
             continue
         stub = out.graph.initializer.add()
@@ -335,18 +335,41 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """The model's serialized size, also past protobuf's 2 GB limit (summed per part there)."""
-    try:
-        return model.ByteSize()
-    except Exception:  # EncodeError over 2 GB
-        pass
+    """The model's serialized size, from its tensors' dims where they hold raw bytes.
+
+    Never `model.ByteSize()` on a large model: protobuf (upb) computes it by encoding the
+    whole message, which for 2 GB of weights takes seconds and doubles the memory held (and
+    fails past 2 GB). Exact for models under `SESSION_FILE_BYTES`; above, within a few bytes
+    per tensor.
+    """
     total = 0
-    for graph in [model.graph]:
-        total += sum(t.ByteSize() for t in graph.initializer)
-        total += sum(n.ByteSize() for n in graph.node)
+    for graph in graph_protos(model.graph):
+        total += sum(tensor_bytes(t) for t in graph.initializer)
+        total += sum(n.ByteSize() for n in graph.node if n.op_type != "Constant")
+        total += sum(
+            tensor_bytes(a.t)
+            for n in graph.node
+            if n.op_type == "Constant"
+            for a in n.attribute
+            if a.type == onnx.AttributeProto.TENSOR
+        )
         total += sum(v.ByteSize() for v in (*graph.input, *graph.output, *graph.value_info))
     total += sum(f.ByteSize() for f in model.functions)
-    return total
+    return model.ByteSize() if total < SESSION_FILE_BYTES else total  # small: exact, cheap
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's serialized size, from its dims when it holds raw bytes (no encoding)."""
+    if tensor.HasField("raw_data"):
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:  # a type numpy lacks: let protobuf size it
+            return tensor.ByteSize()
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        return count * itemsize + len(tensor.name) + 16
+    return tensor.ByteSize()
 
 
 def _data_file_name(dest: Path, avoid: Iterable[Path]) -> str:
@@ -434,6 +457,12 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    return name_nodes(work)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name every unnamed node of `model` in place, as `named_copy` does; returns `model`."""
+    work = model
     graphs = list(graph_protos(work.graph))
     used = {n.name for g in graphs for n in g.node if n.name}
     for graph in graphs:
