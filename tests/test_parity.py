@@ -364,6 +364,22 @@ def test_plan_batches_rules():
         plan_batches({"x": (6, 3)}, fixed2, batch=3)
 
 
+def test_an_empty_axis_0_is_one_run_only_where_the_model_declares_it():
+    """Case 5 of plan_batches: a model that takes string[0] (ONNX's StringSplit node test on
+    an empty tensor) gets its empty array as one run; elsewhere 0 samples are refused, and a
+    declared 0 beside real samples counts as a dynamic dim."""
+    model = make_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+g (float[0,3] x, float[?,3] d) => (float[0,3] y, float[?,3] e) { y = Neg(x)  e = Neg(d) }"""
+    )
+    declared = declared_batches(model)
+    assert declared == {"x": (2, 0), "d": (2, None)}
+    assert plan_batches({"x": (0, 3)}, declared) is None
+    with pytest.raises(UsageError, match="0 samples"):
+        plan_batches({"d": (0, 3)}, declared)
+    assert plan_batches({"x": (4, 3)}, declared, max_batch=3) == [(0, 3), (3, 4)]
+
+
 def test_input_batches_split_files_along_axis_0(tmp_path):
     model = make_model(
         """

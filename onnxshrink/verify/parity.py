@@ -671,7 +671,7 @@ def _declared_batch(value: onnx.ValueInfoProto) -> tuple[int, int | None]:
         return 0, None
     first = dims[0]
     return len(dims), (
-        first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else None
+        first.dim_value if first.HasField("dim_value") and first.dim_value >= 0 else None
     )
 
 
@@ -700,6 +700,9 @@ def plan_batches(
        128 batches of 8, not as one batch of 1024.
     4. A fixed batch size must divide N; with `batch` or `max_batch` the last run may be
        smaller.
+    5. N = 0 is refused (nothing would run), unless the model declares that axis as 0 long:
+       an empty tensor is then exactly what it takes, and the file is its one run. A declared
+       0 with N > 0 counts as no fixed size (some exporters write 0 for a dynamic dim).
     """
     lengths = {n: shapes[n][0] for n in batched_arrays(shapes, declared)}
     if not lengths:
@@ -713,6 +716,9 @@ def plan_batches(
         return None
     total = next(iter(lengths.values()))
     fixed = {d for d in (declared.get(n, (-1, None))[1] for n in lengths) if d is not None}
+    if total == 0 and fixed == {0}:
+        return None  # case 5: the model takes an empty axis 0
+    fixed.discard(0)
     if len(fixed) > 1:
         raise UsageError(
             f"{where}: the model's inputs declare different fixed batch sizes ({sorted(fixed)})"
