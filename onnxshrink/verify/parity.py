@@ -307,10 +307,24 @@ class OutputStats:
             self.reasons.append(reason)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        """Add one run's output of the reference and the candidate."""
+        """Add one run's output of the reference and the candidate.
+
+        A sequence output (a list of tensors, which may differ in shape) is compared element
+        by element; the figures pool its elements."""
+        self.runs += 1
+        self._add(ref, cand)
+
+    def _add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if isinstance(ref, list) or isinstance(cand, list):
+            if not (isinstance(ref, list) and isinstance(cand, list)) or len(ref) != len(cand):
+                self._fail("shape", "a sequence output differs in length from the reference's")
+                self.max_abs = self.max_rel = math.inf
+                return
+            for r, c in zip(ref, cand, strict=True):
+                self._add(r, c)
+            return
         ref = np.asarray(ref)
         cand = np.asarray(cand)
-        self.runs += 1
         if ref.shape != cand.shape:
             self._fail(
                 "shape", f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}"
@@ -924,11 +938,18 @@ class Reference:
         if index in self._cache:
             return self._cache[index]
         outputs = self.session.run(None, feed)
-        size = sum(np.asarray(o).nbytes for o in outputs)
+        size = sum(_nbytes(o) for o in outputs)
         if self._cached + size <= self.cache_bytes:
             self._cache[index] = outputs
             self._cached += size
         return outputs
+
+
+def _nbytes(output: Any) -> int:
+    """Bytes of one output: a tensor, a sequence of them (a list) or an empty optional."""
+    if isinstance(output, list):
+        return sum(_nbytes(o) for o in output)
+    return 0 if output is None else int(np.asarray(output).nbytes)
 
 
 def check_parity(
