@@ -52,6 +52,9 @@
    Prints a table of counts, then one line per test that is neither exact, unchanged nor
    skipped; `--json PATH` writes every test's record. Exit status 1 when any test is not
    clean, else 0.
+
+Measured on all 1,765 (2 shared cores, 17 min 41 s): 344 exact, 1,157 unchanged, 19
+as-original, 78 original-fails, 167 skipped, nothing else (bench/README.md has the details).
 """
 
 from __future__ import annotations
