@@ -1,6 +1,6 @@
 """Constant folding: compute at rewrite time what does not depend on the model's inputs.
 
-Three steps per graph (the main graph and every If/Loop/Scan body):
+Five steps per graph (the main graph and every If/Loop/Scan body):
 
 1. Shape values. Integer tensors of rank <= 1 (shape computations) are evaluated *partially*:
    each entry is a known int, the runtime value of one axis of one tensor (`_Dim`), or
@@ -32,12 +32,26 @@ Three steps per graph (the main graph and every If/Loop/Scan body):
    Ifs, because it does not pass the exclusion callback down to subgraphs itself; a subgraph
    is given the model's IR version for the call (gs would export it with onnx's newest, which
    ONNX Runtime may not read).
+4. If nodes with a constant condition (one that step 3 made constant on an earlier round, or
+   that was constant already) are replaced by the branch they take: its nodes move into the
+   If's graph and its outputs take the If's output tensors (names kept), through an Identity
+   where a branch output is an outer tensor or a constant. Moved tensors whose names another
+   graph of the model also uses are renamed (sibling scopes may reuse names; one scope may
+   not). This is not only a saving: ONNX Runtime inlines such an If when it loads the model,
+   and the branch's values then meet their readers' shape inference unhidden (case 5).
+5. Range bounds. Range's start, limit and delta are scalars by the spec, but ONNX Runtime's
+   kernel takes any one-element tensor, and its shape inference only checks the rank when it
+   can read the values (a constant). A bound that step 1, 3 or 4 turned into a constant of
+   shape [1] (ONNX's own AffineGrid function takes its sizes out of a shape tensor with
+   Split, as [1]) would make a model ORT loaded fail to load; it is replaced by a scalar
+   constant of the same value, which also lets step 3 fold the Range.
 
 Constant nodes keep their nodes where `constants_to_initializers` left them (graph outputs,
 large constants shared across graphs). For the same reasons a folded value that is a graph
 output, or a large one read from several graphs (gs would store it once per graph), is
 produced by a new Constant node in the graph of the node it replaces. The pass reports a
-change only when a node's output was actually replaced by a constant or a Reshape target was.
+change only when a node's output was actually replaced by a constant, a Reshape target or a
+Range bound was, or an If was inlined.
 """
 
 from __future__ import annotations
@@ -56,6 +70,7 @@ from onnxshrink.engine.graph import (
     NONDETERMINISTIC_OPS,
     all_graphs,
     const_value,
+    forget_names,
     has_subgraphs,
     input_or_attr,
     int_list,
@@ -64,6 +79,9 @@ from onnxshrink.engine.graph import (
     make_constant,
     node_owners,
     optional_input,
+    producer_of,
+    redirect_readers,
+    subgraphs_of,
     unique_name,
 )
 from onnxshrink.engine.passes import RuleContext
@@ -109,13 +127,15 @@ _INT_TYPES = {
 def fold_constants(graph: gs.Graph, ctx: RuleContext) -> bool:
     """Fold shape computations and constant subexpressions in `graph` and its subgraphs.
 
-    Returns True only when the graph changed (a tensor became constant or a Reshape target
-    was simplified); a folded value that is a graph output is produced by a Constant node.
+    Returns True only when the graph changed (a tensor became constant, a Reshape target or a
+    Range bound was simplified, an If was inlined); a folded value that is a graph output is
+    produced by a Constant node.
     """
-    changes = 0
+    changes = _inline_constant_ifs(graph)
     graphs = list(all_graphs(graph))
     for sub in graphs:
         changes += _fold_shape_values(sub, ctx.opset)
+    changes += _scalar_range_bounds(graphs)
     constant_nodes = [
         (n, n.outputs[0]) for sub in graphs for n in sub.nodes if n.op == "Constant" and n.outputs
     ]
@@ -125,6 +145,7 @@ def fold_constants(graph: gs.Graph, ctx: RuleContext) -> bool:
         folded += _fold_with_gs(sub, graph.ir_version, budget)
     changes += len(folded)
     _restore_constant_nodes(constant_nodes)
+    changes += _scalar_range_bounds(graphs)  # bounds step 3 has just made constant
     owners = node_owners(graphs)
     for sub, tensor in folded:
         if not may_share(tensor, _nbytes(tensor) or 0, owners):
@@ -590,6 +611,113 @@ def _predicted_nbytes(node: gs.Node) -> int | None:
     except (ValueError, TypeError, ZeroDivisionError, OverflowError):
         return None
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 4: If nodes with a constant condition
+
+
+def _inline_constant_ifs(root: gs.Graph, graph: gs.Graph | None = None) -> int:
+    """Case 4 on `graph` (default `root`) and the subgraphs it keeps; returns the Ifs inlined."""
+    graph = root if graph is None else graph
+    inlined = 0
+    index = 0
+    while index < len(graph.nodes):
+        node = graph.nodes[index]
+        branch = _taken_branch(node)
+        if branch is not None:
+            _rename_clashing_locals(root, branch)
+            _inline_branch(graph, index, node, branch)
+            inlined += 1
+            continue  # the branch's own nodes now start at `index`: nested Ifs come next
+        for sub in subgraphs_of(node):
+            inlined += _inline_constant_ifs(root, sub)
+        index += 1
+    return inlined
+
+
+def _taken_branch(node: gs.Node) -> gs.Graph | None:
+    """The branch an If with a constant condition takes; None for any other node."""
+    if node.op != "If" or not is_default_domain(node) or not node.inputs:
+        return None
+    condition = const_value(node.inputs[0])
+    if condition is None or condition.size != 1:
+        return None
+    branch = node.attrs.get("then_branch" if bool(condition.reshape(-1)[0]) else "else_branch")
+    if (
+        not isinstance(branch, gs.Graph)
+        or branch.inputs
+        or len(branch.outputs) != len(node.outputs)
+    ):
+        return None
+    return branch
+
+
+def _rename_clashing_locals(root: gs.Graph, branch: gs.Graph) -> None:
+    """Rename the branch's own tensors whose names other tensors of the model also have."""
+    inside = {id(g) for g in all_graphs(branch)}
+    used: dict[str, set[int]] = {}
+    for g in all_graphs(root):
+        if id(g) not in inside:
+            for name, tensor in g.tensors().items():
+                used.setdefault(name, set()).add(id(tensor))
+    own = branch.tensors()
+    taken = set(used) | set(own)
+    for name, tensor in own.items():
+        if name and name in used and id(tensor) not in used[name]:
+            fresh, i = f"{name}_inlined", 1
+            while fresh in taken:
+                fresh, i = f"{name}_inlined_{i}", i + 1
+            tensor.name = fresh
+            taken.add(fresh)
+
+
+def _inline_branch(graph: gs.Graph, index: int, node: gs.Node, branch: gs.Graph) -> None:
+    """Replace the If `node` (at `index` of `graph`) by the nodes of `branch`."""
+    outputs = list(node.outputs)
+    node.inputs.clear()
+    node.outputs.clear()
+    del graph.nodes[index]
+    moved = list(branch.nodes)
+    graph.nodes[index:index] = moved
+    forget_names(graph)
+    produced = {id(t) for n in moved for t in n.outputs}
+    written: dict[int, gs.Tensor] = {}  # branch output -> the If output its producer now writes
+    for out, value in zip(outputs, branch.outputs, strict=True):
+        if id(value) in produced and id(value) not in written:
+            redirect_readers(value, out)
+            producer = producer_of(value)
+            assert producer is not None  # in `produced`
+            producer.outputs[next(i for i, t in enumerate(producer.outputs) if t is value)] = out
+            if out.dtype is None:
+                out.dtype, out.shape = value.dtype, value.shape
+            written[id(value)] = out
+        else:  # an outer tensor, a constant, or a value given to two outputs
+            source = written.get(id(value), value)
+            name = unique_name(graph, f"{out.name}_inlined")
+            graph.nodes.insert(
+                index, gs.Node("Identity", name=name, inputs=[source], outputs=[out])
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Case 5: Range bounds
+
+
+def _scalar_range_bounds(graphs: list[gs.Graph]) -> int:
+    """Case 5: constant one-element Range bounds of rank 1 become scalars; returns how many."""
+    changes = 0
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op != "Range" or not is_default_domain(node):
+                continue
+            for i, bound in enumerate(node.inputs[:3]):
+                value = const_value(bound)
+                if value is None or value.ndim == 0 or value.size != 1:
+                    continue
+                node.inputs[i] = make_constant(graph, f"{bound.name}_scalar", value.reshape(()))
+                changes += 1
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from onnxshrink.engine.graph import (
     detach,
     is_default_domain,
     is_op,
+    make_constant,
     only_consumer,
     replace_all_uses,
     sole_reader,
@@ -76,3 +77,13 @@ def test_readers_and_unique_names():
     assert unique_name(graph, "a") == "a_1"
     assert unique_name(graph, "a") == "a_2"
     assert unique_name(graph, "fresh") == "fresh"
+
+
+def test_make_constant_keeps_a_scalar_a_scalar():
+    """np.ascontiguousarray gives a 0-d array one dim; a rule's scalar must stay rank 0 (a
+    [1] constant changes broadcast ranks, and Range's shape inference refuses it)."""
+    graph = _graph()
+    scalar = make_constant(graph, "s", np.array(3, np.int64))
+    assert scalar.values.shape == () and int(scalar.values) == 3
+    column = make_constant(graph, "c", np.ones((4, 2), np.float32)[:, :1])  # not contiguous
+    assert column.values.shape == (4, 1) and column.values.flags.c_contiguous

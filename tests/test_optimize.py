@@ -335,3 +335,36 @@ def test_inputs_that_do_not_fit_the_model_are_bad_input(tmp_path, conv_bn_path):
         with pytest.raises(UsageError, match=r"--inputs .*(fails on the inputs|0 samples)"):
             onnxshrink.optimize(conv_bn_path, out, inputs=path)
         assert not out.exists(), name
+
+
+def test_optional_values_and_type_attributes_survive_the_rewrite():
+    """onnx-graphsurgeon can neither export an optional-typed value (it fails on the element
+    TypeProto it keeps as the dtype) nor import a TypeProto attribute (the `type` of an empty
+    Optional, without which the node is invalid): both are kept around it (the test_if_opt
+    node test)."""
+    text = """<ir_version: 8, opset_import: ["" : 16]>
+g (bool cond, float[3] x) => (optional(seq(float[3])) out, float[3] y) {
+    y = Neg(x)
+    out = If(cond) <
+        then_branch = t () => (optional(seq(float[3])) empty) {
+            empty = Optional<type = seq(float[3])>()
+        },
+        else_branch = e () => (optional(seq(float[3])) full) {
+            s = SequenceConstruct(y)
+            full = Optional(s)
+        }
+    >
+}"""
+    before = onnx.parser.parse_model(text)
+    feeds = [{"cond": np.array(c), "x": np.ones(3, np.float32)} for c in (True, False)]
+    result = onnxshrink.optimize(before, inputs=feeds)
+    after = result.model
+    onnx.checker.check_model(after, full_check=True)
+    assert result.parity.verified and result.parity.passed
+    assert histogram(after, recurse=True) == histogram(before, recurse=True)
+    if_node = after.graph.node[-1]
+    else_branch, then_branch = (a.g for a in sorted(if_node.attribute, key=lambda a: a.name))
+    assert after.graph.output[0].type == before.graph.output[0].type
+    assert else_branch.output[0].type == before.graph.output[0].type
+    empty = next(n for n in then_branch.node if n.op_type == "Optional")
+    assert [a.type for a in empty.attribute] == [onnx.AttributeProto.TYPE_PROTO]

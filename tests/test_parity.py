@@ -364,6 +364,22 @@ def test_plan_batches_rules():
         plan_batches({"x": (6, 3)}, fixed2, batch=3)
 
 
+def test_an_empty_axis_0_is_one_run_only_where_the_model_declares_it():
+    """Case 5 of plan_batches: a model that takes string[0] (ONNX's StringSplit node test on
+    an empty tensor) gets its empty array as one run; elsewhere 0 samples are refused, and a
+    declared 0 beside real samples counts as a dynamic dim."""
+    model = make_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+g (float[0,3] x, float[?,3] d) => (float[0,3] y, float[?,3] e) { y = Neg(x)  e = Neg(d) }"""
+    )
+    declared = declared_batches(model)
+    assert declared == {"x": (2, 0), "d": (2, None)}
+    assert plan_batches({"x": (0, 3)}, declared) is None
+    with pytest.raises(UsageError, match="0 samples"):
+        plan_batches({"d": (0, 3)}, declared)
+    assert plan_batches({"x": (4, 3)}, declared, max_batch=3) == [(0, 3), (3, 4)]
+
+
 def test_input_batches_split_files_along_axis_0(tmp_path):
     model = make_model(
         """
@@ -471,3 +487,24 @@ def test_string_outputs_are_compared_exactly():
     other.update(words, np.array(["a", "bd"], dtype=object))
     result = other.result()
     assert not result.ok and "must match exactly" in (result.reason or "")
+
+
+def test_sequence_outputs_of_tensors_that_differ_in_shape():
+    """Issue 9, 10: SplitToSequence gives a list of tensors of different shapes; numpy cannot
+    stack them, which read as "the original fails on the inputs" (exit 2)."""
+    model = make_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+g (float[3,6] x, int64[2] split) => (seq(float[3,?]) parts) {
+    parts = SplitToSequence<axis = 1>(x, split)
+}"""
+    )
+    feed = {"x": np.arange(18, dtype=np.float32).reshape(3, 6), "split": np.array([2, 4])}
+    report = check_parity(model, model, [feed])
+    assert report.verified and report.passed, report.reason
+    assert report.outputs[0].max_abs == 0.0
+    stats = OutputStats("parts")
+    stats.update([np.zeros((3, 2)), np.ones((3, 4))], [np.zeros((3, 2)), np.ones((3, 3))])
+    assert not stats.result().ok
+    shorter = OutputStats("parts")
+    shorter.update([np.zeros(2), np.ones(4)], [np.zeros(2)])
+    assert not shorter.result().ok and shorter.result().max_abs == float("inf")

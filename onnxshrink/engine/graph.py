@@ -415,8 +415,12 @@ def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
 
 
 def make_constant(graph: gs.Graph, name_hint: str, values: np.ndarray) -> gs.Constant:
-    """A new initializer tensor with a name unique in `graph`."""
-    return gs.Constant(unique_name(graph, name_hint), np.ascontiguousarray(values))
+    """A new initializer tensor with a name unique in `graph`; a scalar stays a scalar."""
+    values = np.asarray(values)
+    # np.ascontiguousarray alone returns at least one dim: a scalar would become shape [1]
+    return gs.Constant(
+        unique_name(graph, name_hint), np.ascontiguousarray(values).reshape(values.shape)
+    )
 
 
 def make_variable(graph: gs.Graph, name_hint: str, like: gs.Tensor | None = None) -> gs.Variable:

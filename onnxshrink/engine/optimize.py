@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxshrink.engine.graph import all_graphs
 from onnxshrink.engine.io import (
     SESSION_FILE_BYTES,
     check_output_path,
@@ -165,8 +166,8 @@ _SCALE_FOLD_RULES = ("fold-batchnorm", "fold-affine-into-producer", "fold-affine
 EXPORT_DIRECT_BYTES = 1 << 20
 
 
-def export_graph(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
-    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`).
+def _export(graph: gs.Graph, consume: bool) -> onnx.ModelProto:
+    """gs.export_onnx, with the large constants of the main graph exported apart.
 
     Large constants of the main graph are left out of gs's export (typed stand-ins take their
     place) and appended to the exported graph one by one: gs builds every initializer in a
@@ -183,9 +184,7 @@ def export_graph(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
         and (isinstance(t._values, LazyValues) or t.values.dtype.kind in "fiub")
     ]
     if not direct:
-        model = gs.export_onnx(graph, do_type_check=False)
-        _hoist_shared_initializers(model.graph)
-        return model
+        return gs.export_onnx(graph, do_type_check=False)
     if consume:
         gc.collect()  # copies of the graph made by earlier passes may still share its arrays
     light = graph.copy()
@@ -210,8 +209,43 @@ def export_graph(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
         init.name = tensor.name
         if consume:
             tensor._values = LazyValues(init)
+    return model
+
+
+def export_graph(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
+    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`),
+    optional-typed values kept (see `_hide_optional_types`) and large constants exported one
+    at a time (see `_export`; `consume` for a graph's last export)."""
+    hidden = _hide_optional_types(graph)
+    try:
+        model = _export(graph, consume)
+    finally:
+        for tensor, dtype, _ in hidden:
+            tensor.dtype = dtype
+    types = {tensor.name: proto for tensor, _, proto in hidden}
+    for g in graph_protos(model.graph):
+        for value in [*g.input, *g.output, *g.value_info]:
+            if value.name in types and not value.HasField("type"):
+                value.type.CopyFrom(types[value.name])
     _hoist_shared_initializers(model.graph)
     return model
+
+
+def _hide_optional_types(graph: gs.Graph) -> list[tuple[gs.Tensor, object, onnx.TypeProto]]:
+    """Clear the dtype of optional-typed tensors, which gs imports but cannot export: it keeps
+    the optional's element TypeProto as the dtype (and `Graph.copy` loses the `type` that
+    says so), then fails on it. Returns (tensor, dtype, type) for `export_graph` to put back
+    on both sides. An If branch that returns an Optional is how ONNX models an optional
+    output (the `test_if_opt` node test)."""
+    hidden: list[tuple[gs.Tensor, object, onnx.TypeProto]] = []
+    for g in all_graphs(graph):
+        for tensor in g.tensors().values():
+            if isinstance(tensor.dtype, onnx.TypeProto):  # only optionals import this way
+                proto = onnx.TypeProto()
+                proto.optional_type.elem_type.CopyFrom(tensor.dtype)
+                hidden.append((tensor, tensor.dtype, proto))
+                tensor.dtype = None
+    return hidden
 
 
 def _hoist_shared_initializers(root: onnx.GraphProto) -> int:
@@ -433,6 +467,7 @@ def rewrite_model(
         source.graph.initializer.extend(kept)
     # No inference here: the manager's first pass is shape inference.
     graph = gs.import_onnx(source)
+    _restore_type_attributes(source.graph, graph)
     stats = PassStats()
     ctx = RuleContext(graph, graph, default_opset(model), stats, dict(options or {}))
 
@@ -449,6 +484,19 @@ def rewrite_model(
     result = manager(graph, ctx)
     final = result.graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return finish(final, consume=True), stats
+
+
+def _restore_type_attributes(proto: onnx.GraphProto, graph: gs.Graph) -> None:
+    """Put back the TypeProto attributes gs skips on import (Optional's `type`: without it an
+    empty Optional is invalid), as values gs exports again; gs keeps the nodes in order."""
+    for onnx_node, node in zip(proto.node, graph.nodes, strict=True):
+        for attr in onnx_node.attribute:
+            if attr.type == onnx.AttributeProto.TYPE_PROTO and attr.name not in node.attrs:
+                node.attrs[attr.name] = attr.tp
+            elif attr.type == onnx.AttributeProto.GRAPH and isinstance(
+                node.attrs.get(attr.name), gs.Graph
+            ):
+                _restore_type_attributes(attr.g, node.attrs[attr.name])
 
 
 def _overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -308,10 +308,24 @@ class OutputStats:
             self.reasons.append(reason)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        """Add one run's output of the reference and the candidate."""
+        """Add one run's output of the reference and the candidate.
+
+        A sequence output (a list of tensors, which may differ in shape) is compared element
+        by element; the figures pool its elements."""
+        self.runs += 1
+        self._add(ref, cand)
+
+    def _add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if isinstance(ref, list) or isinstance(cand, list):
+            if not (isinstance(ref, list) and isinstance(cand, list)) or len(ref) != len(cand):
+                self._fail("shape", "a sequence output differs in length from the reference's")
+                self.max_abs = self.max_rel = math.inf
+                return
+            for r, c in zip(ref, cand, strict=True):
+                self._add(r, c)
+            return
         ref = np.asarray(ref)
         cand = np.asarray(cand)
-        self.runs += 1
         if ref.shape != cand.shape:
             self._fail(
                 "shape", f"shape {list(cand.shape)} differs from the reference's {list(ref.shape)}"
@@ -668,7 +682,7 @@ def _declared_batch(value: onnx.ValueInfoProto) -> tuple[int, int | None]:
         return 0, None
     first = dims[0]
     return len(dims), (
-        first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else None
+        first.dim_value if first.HasField("dim_value") and first.dim_value >= 0 else None
     )
 
 
@@ -697,6 +711,9 @@ def plan_batches(
        128 batches of 8, not as one batch of 1024.
     4. A fixed batch size must divide N; with `batch` or `max_batch` the last run may be
        smaller.
+    5. N = 0 is refused (nothing would run), unless the model declares that axis as 0 long:
+       an empty tensor is then exactly what it takes, and the file is its one run. A declared
+       0 with N > 0 counts as no fixed size (some exporters write 0 for a dynamic dim).
     """
     lengths = {n: shapes[n][0] for n in batched_arrays(shapes, declared)}
     if not lengths:
@@ -710,6 +727,9 @@ def plan_batches(
         return None
     total = next(iter(lengths.values()))
     fixed = {d for d in (declared.get(n, (-1, None))[1] for n in lengths) if d is not None}
+    if total == 0 and fixed == {0}:
+        return None  # case 5: the model takes an empty axis 0
+    fixed.discard(0)
     if len(fixed) > 1:
         raise UsageError(
             f"{where}: the model's inputs declare different fixed batch sizes ({sorted(fixed)})"
@@ -941,11 +961,18 @@ class Reference:
         if index in self._cache:
             return self._cache[index]
         outputs = self.session.run(None, feed)
-        size = sum(np.asarray(o).nbytes for o in outputs)
+        size = sum(_nbytes(o) for o in outputs)
         if self._cached + size <= self.cache_bytes:
             self._cache[index] = outputs
             self._cached += size
         return outputs
+
+
+def _nbytes(output: Any) -> int:
+    """Bytes of one output: a tensor, a sequence of them (a list) or an empty optional."""
+    if isinstance(output, list):
+        return sum(_nbytes(o) for o in output)
+    return 0 if output is None else int(np.asarray(output).nbytes)
 
 
 def check_parity(

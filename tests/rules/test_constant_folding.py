@@ -365,3 +365,124 @@ g (bool cond, float[2,3] x) => (int64[2] y) {
         feeds = {"cond": np.array(cond), "x": np.zeros((2, 3), np.float32)}
         np.testing.assert_array_equal(run(after, feeds)[0], run(before, feeds)[0])
     onnx.checker.check_model(after, full_check=True)
+
+
+# --- case 4: If with a constant condition; case 5: Range bounds ---------------------------
+
+
+def _ort_loads(model: onnx.ModelProto) -> None:
+    """ORT with its default graph optimizations, which inline an If with a constant condition."""
+    import onnxruntime as ort
+
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# The pattern of ONNX's own AffineGrid function: the If picks [1]-shaped dims out of a size
+# tensor, and Range reads one of them as its limit. ORT's Range kernel takes a one-element
+# tensor; its shape inference only insists on a scalar when it can read the value. ORT does
+# not fold Size of a graph input itself, so it loads the original.
+RANGE_OF_IF = """<ir_version: 10, opset_import: ["" : 18]>
+g (int64[3] size) => (int64[?] y, int64[?] w) {
+    rank = Size(size)
+    three = Constant<value = int64 {3}>()
+    cond = Equal(rank, three)
+    d, w = If(cond) <
+        then_branch = then_g () => (d_then, w_then) {
+            d_then = Identity(one_1d)
+            n_then, w_then, c_then = Split<num_outputs = 3>(size)
+        },
+        else_branch = else_g () => (d_else, w_else) {
+            d_else = Identity(two_1d)
+            w_else = Identity(two_1d)
+        }
+    >
+    zero = Constant<value = int64 {0}>()
+    one = Constant<value = int64 {1}>()
+    y = Range(zero, d, one)
+    wd = Concat<axis = 0>(w, d)
+}"""
+
+
+def test_if_with_a_constant_condition_is_inlined_and_range_bounds_become_scalars():
+    """Case 4 and 5: folding makes the condition constant; without inlining, ORT inlines it
+    at load and Range's shape inference then sees the constant [1] bound and fails."""
+    before = make_model(
+        RANGE_OF_IF.replace(", int64[?] w)", ", int64[?] wd)"),
+        {"one_1d": _i64(1), "two_1d": _i64(2)},
+    )
+    _ort_loads(before)
+    after, stats = apply(before, PASSES)
+    assert stats.applied["fold_constants"] >= 1
+    _ort_loads(after)
+    assert_rewritten(
+        before, after, {"Split": 1, "Concat": 1, "Constant": 1}, feeds={"size": _i64(4, 6, 8)}
+    )
+
+
+def test_constant_one_element_range_bound_becomes_a_scalar():
+    """Case 5: Unsqueeze(Size(x)) folds to a [1] constant; Range needs a scalar to load."""
+    text = """<ir_version: 10, opset_import: ["" : 18]>
+g (float[2,5] x) => (int64[?] y) {
+    s = Size(x)
+    n = Unsqueeze(s, axes)
+    zero = Constant<value = int64 {0}>()
+    one = Constant<value = int64 {1}>()
+    y = Range(zero, n, one)
+}"""
+    before = make_model(text, {"axes": _i64(0)})
+    _ort_loads(before)
+    after, _ = apply(before, PASSES)
+    _ort_loads(after)
+    assert_rewritten(before, after, {"Constant": 1})
+    folded = onnx.numpy_helper.to_array(after.graph.node[0].attribute[0].t)
+    assert folded.tolist() == list(range(10))
+
+
+def test_if_with_a_runtime_condition_is_kept():
+    """Case 4, negative: a condition that depends on the inputs keeps the If."""
+    text = """<ir_version: 10, opset_import: ["" : 18]>
+g (bool cond, float[3] x) => (float[3] y) {
+    y = If(cond) <
+        then_branch = then_g () => (float[3] t) { t = Neg(x) },
+        else_branch = else_g () => (float[3] e) { e = Abs(x) }
+    >
+}"""
+    before = make_model(text)
+    after, stats = apply(before, PASSES)
+    assert not stats.applied["fold_constants"]
+    assert histogram(after, recurse=True) == histogram(before, recurse=True)
+    onnx.checker.check_model(after, full_check=True)
+    for cond in (True, False):
+        feeds = {"cond": np.array(cond), "x": np.array([1.0, -2.0, 3.0], np.float32)}
+        np.testing.assert_array_equal(run(after, feeds)[0], run(before, feeds)[0])
+
+
+def test_inlined_branch_keeps_output_names_and_renames_clashing_locals():
+    """Case 4: the taken branch's tensors move into the outer graph; a local name that another
+    If's branch also uses is renamed, and a branch output that is an outer tensor or a
+    constant still reaches the If's output, whose name (a graph output) is kept."""
+    text = """<ir_version: 10, opset_import: ["" : 18]>
+g (bool c, float[3] x) => (float[3] y, float[3] z, float[3] k) {
+    t = Constant<value = bool {1}>()
+    y = If(t) <
+        then_branch = a () => (float[3] a_out) { tmp = Neg(x)  a_out = Mul(tmp, tmp) },
+        else_branch = b () => (float[3] b_out) { b_out = Abs(x) }
+    >
+    z = If(c) <
+        then_branch = c1 () => (float[3] c_out) { tmp = Sin(x)  c_out = Add(tmp, x) },
+        else_branch = c2 () => (float[3] d_out) { d_out = Identity(x) }
+    >
+    k = If(t) <
+        then_branch = e () => (float[3] e_out) { e_out = Identity(x) },
+        else_branch = f () => (float[3] f_out) { f_out = Identity(x) }
+    >
+}"""
+    before = make_model(text)
+    after, _ = apply(before, PASSES)
+    assert histogram(after) == {"Neg": 1, "Mul": 1, "If": 1, "Identity": 1}
+    names = [o for n in after.graph.node for o in n.output]
+    assert "tmp" not in names  # the second If's branch still defines tmp
+    _ort_loads(after)
+    for cond in (True, False):
+        feeds = {"c": np.array(cond), "x": np.array([1.0, -2.0, 3.0], np.float32)}
+        assert_rewritten(before, after, histogram(after), feeds=feeds)
