@@ -219,3 +219,24 @@ def test_minor_bad_inputs_are_one_line_exit_2(tmp_path, conv_bn_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: setattr(t, "data_type", 99), "unknown data type 99"),
+        (lambda t: setattr(t, "raw_data", t.raw_data + b"\0" * 4), "holds 20 bytes of raw_data"),
+    ],
+)
+def test_bad_tensor_data_is_exit_2_not_an_internal_error(tmp_path, conv_bn_model, corrupt, message):
+    """Issue 9, 9: an unknown data type, or initializer data longer than its dims say."""
+    import onnx
+
+    corrupt(conv_bn_model.graph.initializer[0])
+    path = tmp_path / "bad.onnx"
+    onnx.save_model(conv_bn_model, str(path))
+    result = _run("optimize", str(path), "-o", str(tmp_path / "o.onnx"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "'gamma'" in result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()

@@ -9,6 +9,7 @@ partial file; models over 2 GB are written with external data automatically.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -27,12 +28,23 @@ _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data that lies outside `base_dir` (after symlinks) or is missing.
+
+    Every tensor counts (`_all_tensors`), not only those onnx itself loads: onnx before 1.21
+    followed a symlink out of the folder, and a reference it leaves unread (a sparse tensor)
+    would be read by whatever loads the model next.
+    """
     base = base_dir.resolve()
     for tensor in _all_tensors(model):
         if not uses_external_data(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
-        target = (base / location).resolve()
+        try:
+            location = ExternalDataInfo(tensor).location
+            target = (base / location).resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # bad offset, NUL byte, loop
+            raise ModelLoadError(
+                f"external data of tensor {tensor.name!r} is malformed ({first_line(exc)})"
+            ) from None
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelLoadError(
                 f"external data location {location!r} of tensor {tensor.name!r} points outside "
@@ -66,13 +78,148 @@ def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and Constant-node tensors of the main graph and every subgraph."""
-    for graph in graph_protos(model.graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
+    """Every tensor the model holds, wherever it is.
+
+    Initializers and sparse initializers (values and indices) of the main graph, of every
+    subgraph and of the training-info graphs; tensors in node attributes (TENSOR, TENSORS,
+    SPARSE_TENSOR, SPARSE_TENSORS), in those graphs and in function bodies; and functions'
+    attribute defaults. Attribute fields are read by presence, not by the declared attribute
+    type, as onnx's own external-data loader reads them.
+    """
+    graphs = [model.graph]
+    for info in model.training_info:
+        graphs += [info.initialization, info.algorithm]
+    for graph in graphs:
+        yield from _graph_tensors(graph)
+    for function in model.functions:
+        yield from _attribute_tensors(function.attribute_proto)
+        for node in function.node:
+            yield from _attribute_tensors(node.attribute)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _attribute_tensors(node.attribute)
+
+
+def _attribute_tensors(attributes: Iterable[onnx.AttributeProto]) -> Iterator[onnx.TensorProto]:
+    for attr in attributes:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for s in [*sparse, *attr.sparse_tensors]:
+            yield from (s.values, s.indices)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub)
+
+
+# Sub-byte element types: bits per element as packed in raw_data (the others: numpy itemsize).
+_PACKED_BITS = {
+    name: bits
+    for bits, names in (
+        (2, ("UINT2", "INT2")),
+        (4, ("UINT4", "INT4", "FLOAT4E2M1")),
+        (6, ("FLOAT6E2M3", "FLOAT6E3M2")),
+    )
+    for name in names
+}
+# The typed field that holds each type's values when raw_data is not used, and how many values
+# one element takes there; types missing here (sub-byte, float8) are only checked in raw_data.
+_VALUE_FIELDS = {
+    "FLOAT": ("float_data", 1),
+    "COMPLEX64": ("float_data", 2),
+    "DOUBLE": ("double_data", 1),
+    "COMPLEX128": ("double_data", 2),
+    "INT64": ("int64_data", 1),
+    "UINT32": ("uint64_data", 1),
+    "UINT64": ("uint64_data", 1),
+    "STRING": ("string_data", 1),
+    **{
+        name: ("int32_data", 1)
+        for name in ("INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16")
+    },
+}
+_DATA_FIELDS = (
+    "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+    "uint64_data",
+)  # fmt: skip
+
+
+def _check_tensor_data(model: onnx.ModelProto) -> None:
+    """Refuse a tensor whose data does not match its declared type and dims, with one line.
+
+    Every tensor of `_all_tensors`, after external data is read: its data type must be one
+    onnx knows, its dims non-negative, and its data exactly as long as type and dims say
+    (raw_data in bytes, packed for sub-byte types; a typed field in values). onnx.checker
+    lets through raw_data longer than the dims need and unknown types, which later fail deep
+    inside a rule or ONNX Runtime. raw_data's length is read without keeping a copy.
+    """
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for tensor in _all_tensors(model):
+        if tensor.ByteSize() == 0:  # an unset sub-message (a sparse tensor's missing part)
+            continue
+        name = tensor.name or "(unnamed)"
+        if uses_external_data(tensor):
+            raise ModelLoadError(
+                f"tensor {name!r} keeps external data where onnx does not read it (a sparse "
+                "tensor, a function's attribute default or a training graph); not supported"
+            )
+        if tensor.data_type not in known:
+            raise ModelLoadError(f"tensor {name!r} has unknown data type {tensor.data_type}")
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"tensor {name!r} has a negative dim: {list(tensor.dims)}")
+        if tensor.HasField("segment"):
+            continue  # one segment of a tensor split across protos: no whole size to check
+        type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
+        count = math.prod(tensor.dims)
+        fields = [f for f in _DATA_FIELDS if f != "raw_data" and len(getattr(tensor, f))]
+        if tensor.HasField("raw_data"):
+            fields.append("raw_data")
+        if len(fields) > 1:
+            raise ModelLoadError(
+                f"tensor {name!r} holds data in more than one field ({', '.join(fields)})"
+            )
+        if not fields:
+            if count:
+                raise ModelLoadError(
+                    f"tensor {name!r} holds no data for its {count} element(s) of dims "
+                    f"{list(tensor.dims)}"
+                )
+            continue
+        field = fields[0]
+        if field == "raw_data":
+            if type_name == "STRING":
+                raise ModelLoadError(f"tensor {name!r}: a string tensor cannot use raw_data")
+            bits = _PACKED_BITS.get(type_name)
+            if bits is None:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                bits = 8 * itemsize
+            need = -(-count * bits // 8)
+            have = len(tensor.raw_data)
+            unit = "bytes"
+        else:
+            expected = _VALUE_FIELDS.get(type_name)
+            if expected is None:
+                continue  # sub-byte and float8 types: packing in int32_data varies by version
+            if expected[0] != field:
+                raise ModelLoadError(
+                    f"tensor {name!r} of type {type_name} holds its data in {field}; "
+                    f"{type_name} data goes in raw_data or {expected[0]}"
+                )
+            need = count * expected[1]
+            have = len(getattr(tensor, field))
+            unit = "values"
+        if have != need:
+            raise ModelLoadError(
+                f"tensor {name!r} holds {have} {unit} of {field} where its type {type_name} "
+                f"and dims {list(tensor.dims)} need {need}"
+            )
 
 
 def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
@@ -98,6 +245,10 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot read external data ({first_line(exc)})") from None
+    try:
+        _check_tensor_data(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{p}: {exc}") from None
     if check:
         try:
             onnx.checker.check_model(model)
