@@ -240,3 +240,31 @@ def test_bad_tensor_data_is_exit_2_not_an_internal_error(tmp_path, conv_bn_model
     assert message in result.output and "'gamma'" in result.output
     assert result.output.count("\n") == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_parity_run_past_the_time_limit_is_one_line_exit_1(tmp_path):
+    """Issue 9, 7: a Loop with trip count INT64_MAX no longer hangs optimize or parity."""
+    import onnx
+
+    from tests.helpers import endless_loop_model
+
+    path = tmp_path / "loop.onnx"
+    onnx.save_model(endless_loop_model(), str(path))
+    out = tmp_path / "o.onnx"
+    result = _run("optimize", str(path), "-o", str(out), "--time-limit", "0.5")
+    assert result.exit_code == 1, result.output
+    assert (
+        "exceeded the time limit of 0.5 s" in result.output and "nothing written" in result.output
+    )
+    assert result.output.count("\n") == 1
+    assert not out.exists()
+    parity = _run("parity", str(path), str(path), "--time-limit", "0.5", "--samples", "1")
+    assert parity.exit_code == 1, parity.output
+    assert "exceeded the time limit of 0.5 s (the reference model" in parity.output
+    assert parity.output.count("\n") == 1
+
+
+def test_time_limit_is_documented_in_help():
+    for command in ("optimize", "parity"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert "--time-limit" in result.output

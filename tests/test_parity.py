@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxshrink.errors import UsageError
+from onnxshrink.errors import TimeLimitError, UsageError
 from onnxshrink.verify.parity import (
     DEFAULT_RTOL,
     InputBatches,
@@ -18,12 +18,14 @@ from onnxshrink.verify.parity import (
     feed_samples,
     generate_inputs,
     load_inputs,
+    ort_session,
     parse_input_ranges,
     plan_batches,
     relative_error,
+    run_with_limit,
     split_feed,
 )
-from tests.helpers import make_model
+from tests.helpers import endless_loop_model, make_model
 
 
 def test_compare_outputs_matches_numpy():
@@ -111,10 +113,10 @@ def test_reference_outputs_are_computed_once_per_feed(conv_bn_model, monkeypatch
     calls = []
     original_run = Reference.run
 
-    def counting_run(self, index, feed):
+    def counting_run(self, index, feed, *limit):
         if index not in self._cache:
             calls.append(index)
-        return original_run(self, index, feed)
+        return original_run(self, index, feed, *limit)
 
     monkeypatch.setattr(Reference, "run", counting_run)
     for _ in range(2):
@@ -471,3 +473,30 @@ def test_string_outputs_are_compared_exactly():
     other.update(words, np.array(["a", "bd"], dtype=object))
     result = other.result()
     assert not result.ok and "must match exactly" in (result.reason or "")
+
+
+# Issue 9, 7: a run that never ends (a Loop of INT64_MAX iterations) is stopped at the limit.
+
+
+def test_endless_run_is_stopped_at_the_time_limit():
+    import time
+
+    model = endless_loop_model()
+    feeds = [{"x": np.ones(2, np.float32)}]
+    start = time.perf_counter()
+    with pytest.raises(TimeLimitError, match=r"time limit of 0\.5 s \(the original model"):
+        check_parity(model, model, feeds, time_limit=0.5)
+    assert time.perf_counter() - start < 30
+
+
+def test_time_limit_leaves_runs_that_finish_alone(conv_bn_model):
+    feeds = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
+    for limit in (None, 0, 30.0):
+        assert check_parity(conv_bn_model, conv_bn_model, feeds, time_limit=limit).passed
+
+
+def test_run_with_limit_passes_other_failures_through(conv_bn_model):
+    session = ort_session(conv_bn_model)
+    with pytest.raises(Exception) as caught:
+        run_with_limit(session, None, {"x": np.ones((2, 2), np.float32)}, 30.0, "test")
+    assert not isinstance(caught.value, TimeLimitError)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from onnxshrink.engine.passes import (
     RuleContext,
 )
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
-from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError, first_line
+from onnxshrink.errors import OnnxShrinkError, ParityError, TimeLimitError, UsageError, first_line
 from onnxshrink.quant.calibration import DEFAULT_BATCH
 from onnxshrink.quant.lossy import (
     HOW_TO_CALIBRATE,
@@ -62,10 +63,12 @@ from onnxshrink.verify.measure import mask_input as find_mask_input
 from onnxshrink.verify.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
+    DEFAULT_TIME_LIMIT,
     InputBatches,
     ParityReport,
     Reference,
     check_parity,
+    check_time_limit,
     generate_inputs,
 )
 
@@ -287,6 +290,8 @@ class StepCheck:
     atol: float = DEFAULT_ATOL
     #: set when the parity half could not run (the starting model fails on the feeds, say)
     unverified: str | None = None
+    #: seconds one ONNX Runtime run may take (`onnxshrink.verify.parity.run_with_limit`)
+    time_limit: float | None = DEFAULT_TIME_LIMIT
 
 
 # How the two models of a per-pass parity check are named in its reasons.
@@ -327,6 +332,7 @@ class StepVerifier:
                 rtol=self.check.rtol,
                 atol=self.check.atol,
                 labels=(_BEFORE, _AFTER),
+                time_limit=self.check.time_limit,
             )
             reason = report.reason or ""
             if not report.verified and not reason.startswith(
@@ -455,6 +461,7 @@ def optimize(
     progress: StagedProgress | None = None,
     debug_verify: bool = False,
     allow_unverified: bool = False,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
 
@@ -487,12 +494,16 @@ def optimize(
     - `debug_verify`: check the model after every pass that changed it (module docstring, 2:
       onnx.checker, and parity with the model before that pass on `samples` generated feeds,
       with `rtol`/`atol`); slow, for finding the pass that breaks a model.
+    - `time_limit`: seconds one ONNX Runtime run of a parity check (either model, one input)
+      may take; past it the run is stopped and TimeLimitError raised (a Loop that never ends
+      cannot hang the call). None or 0: no limit.
     Raises BrokenPassError (`onnxshrink.engine.passes`) naming the pass when `debug_verify`
     catches one, ParityError when an output of the lossless model moves more than
     `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data;
     nothing is written then.
     """
     start = time.perf_counter()
+    check_time_limit(time_limit)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     stage = None
     if quantize is not None:
@@ -556,7 +567,7 @@ def optimize(
     step_check = None
     if debug_verify:
         generated = [generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples)]
-        step_check = StepCheck(generated, rtol=rtol, atol=atol)
+        step_check = StepCheck(generated, rtol=rtol, atol=atol, time_limit=time_limit)
 
     parity = None
     failures: list[str] = []
@@ -564,7 +575,10 @@ def optimize(
     for tier, options in enumerate(_TIERS):
         last_tier = tier + 1 == len(_TIERS)
         try:
-            rewritten, stats = rewrite_model(work, passes, options=options, step_check=step_check)
+            with _nothing_written_past_time_limit():
+                rewritten, stats = rewrite_model(
+                    work, passes, options=options, step_check=step_check
+                )
         except BrokenPassError as exc:
             # Rounding from weight rescaling is what the tiers are for (see _TIERS).
             if (
@@ -587,9 +601,16 @@ def optimize(
         if not verify:
             notes.extend(_tier_notes(failures, options))
             break
-        parity = check_parity(
-            reference, rewritten, feeds(), rtol=rtol, atol=atol, stop_on_failure=not last_tier
-        )
+        with _nothing_written_past_time_limit():
+            parity = check_parity(
+                reference,
+                rewritten,
+                feeds(),
+                rtol=rtol,
+                atol=atol,
+                stop_on_failure=not last_tier,
+                time_limit=time_limit,
+            )
         if not parity.verified:
             reason = parity.reason or "not verified"
             if reason.startswith(_UNLOADABLE):
@@ -658,18 +679,20 @@ def optimize(
                 "do not come from real data and accuracy may suffer; pass real samples"
             )
         if verify:
-            quantized_parity = _check_quantized(
-                reference,
-                original,
-                final,
-                feeds(),
-                inputs,
-                calibration_data,
-                max_error,
-                progress,
-                task_metric,
-                find_mask_input(original, mask_input),
-            )
+            with _nothing_written_past_time_limit():
+                quantized_parity = _check_quantized(
+                    reference,
+                    original,
+                    final,
+                    feeds(),
+                    inputs,
+                    calibration_data,
+                    max_error,
+                    progress,
+                    task_metric,
+                    find_mask_input(original, mask_input),
+                    time_limit,
+                )
             notes.extend(_held_out_notes(quantized_parity, max_error))
         else:
             notes.append("quantized model not checked against the original (--no-verify)")
@@ -687,6 +710,15 @@ def optimize(
         quantization=quantization,
         quantized_parity=quantized_parity,
     )
+
+
+@contextmanager
+def _nothing_written_past_time_limit() -> Iterator[None]:
+    """A parity run stopped by the time limit ends the call: say that nothing was written."""
+    try:
+        yield
+    except TimeLimitError as exc:
+        raise TimeLimitError(f"{exc}; nothing written") from None
 
 
 def _tier_notes(failures: list[str], options: dict[str, object]) -> list[str]:
@@ -717,6 +749,7 @@ def _check_quantized(
     progress: StagedProgress | None,
     metric: TaskMetric | None = None,
     mask: str | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> HeldOutCheck:
     """The quantized model against the original on the parity feeds (module docstring, 3)."""
     if inputs is None:
@@ -736,6 +769,7 @@ def _check_quantized(
         float_outputs=float_output_names(original),
         metric=metric,
         mask=mask,
+        time_limit=time_limit,
         progress=(lambda done, total: progress("held-out check", done, total))
         if progress is not None
         else None,

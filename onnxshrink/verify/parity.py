@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,13 +55,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.errors import UsageError, first_line
+from onnxshrink.errors import TimeLimitError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
 DEFAULT_ERROR_QUANTILE = 0.99
+#: seconds one ONNX Runtime run of a check may take before it is stopped (`run_with_limit`)
+DEFAULT_TIME_LIMIT = 600.0
 ERROR_STATS = ("max", "mean", "median", "quantile")
 # Unknown non-batch dims of generated inputs; small enough to be fast, large enough for most
 # downsampling stacks (5 stride-2 stages leave 1x1).
@@ -474,6 +477,54 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes):
     else:
         src = model.SerializeToString()
     return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+
+
+def check_time_limit(time_limit: float | None) -> None:
+    """Raise UsageError for a time limit that is not a number of seconds >= 0."""
+    if time_limit is not None and not (0 <= time_limit < math.inf):
+        raise UsageError(f"bad --time-limit {time_limit:g}: give seconds >= 0 (0: no limit)")
+
+
+def run_with_limit(
+    session: Any,
+    names: list[str] | None,
+    feed: dict[str, np.ndarray],
+    time_limit: float | None,
+    what: str,
+) -> list[np.ndarray]:
+    """`session.run(names, feed)`, stopped once it has run `time_limit` seconds (None, 0: never).
+
+    A watchdog timer sets `terminate` on the run's `RunOptions`; ONNX Runtime checks it between
+    kernels and on every Loop/Scan iteration, so a Loop that never ends stops too (a single
+    kernel still runs to its end). The run then fails, and TimeLimitError says that `what`
+    ("the original model on input 1") ran over. Other failures propagate as ORT raised them.
+    """
+    if not time_limit:
+        return session.run(names, feed)
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # the "terminate flag" failure is ours to report
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        options.terminate = True
+
+    timer = threading.Timer(time_limit, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run(names, feed, options)
+    except Exception:
+        if fired.is_set():
+            raise TimeLimitError(
+                f"parity run exceeded the time limit of {time_limit:g} s ({what}); "
+                "--time-limit raises it, 0 removes it"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
 
 
 def _int_input_bounds(model: onnx.ModelProto) -> dict[str, int]:
@@ -913,11 +964,19 @@ class Reference:
             self._session = ort_session(self.model)
         return self._session
 
-    def run(self, index: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs for the feed at position `index` of the stream."""
+    def run(
+        self,
+        index: int,
+        feed: dict[str, np.ndarray],
+        time_limit: float | None = None,
+        label: str = "original",
+    ) -> list[np.ndarray]:
+        """Outputs for the feed at position `index` of the stream (`run_with_limit`)."""
         if index in self._cache:
             return self._cache[index]
-        outputs = self.session.run(None, feed)
+        outputs = run_with_limit(
+            self.session, None, feed, time_limit, f"the {label} model on input {index + 1}"
+        )
         size = sum(np.asarray(o).nbytes for o in outputs)
         if self._cached + size <= self.cache_bytes:
             self._cache[index] = outputs
@@ -939,8 +998,10 @@ def check_parity(
     labels: tuple[str, str] = ("original", "optimized"),
     observe: Callable[[dict[str, np.ndarray], list[str], list[np.ndarray], list[np.ndarray]], None]
     | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> ParityReport:
-    """Run both models on every feed and compare each output; never raises for ORT failures.
+    """Run both models on every feed and compare each output; never raises for ORT failures
+    but one: a run longer than `time_limit` seconds raises TimeLimitError (`run_with_limit`).
 
     Pass a `Reference` to reuse the original's session and outputs across candidates; the feeds
     must then come in the same order each time. `stop_on_failure` ends at the first feed on
@@ -983,7 +1044,9 @@ def check_parity(
     samples = 0
     for index, feed in enumerate(feeds):
         try:
-            ref_out = ref.run(index, feed)
+            ref_out = ref.run(index, feed, time_limit, ref_label)
+        except TimeLimitError:
+            raise
         except Exception as exc:
             shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
             return failed(
@@ -993,7 +1056,11 @@ def check_parity(
                 samples,
             )
         try:
-            cand_out = cand_sess.run(names, feed)
+            cand_out = run_with_limit(
+                cand_sess, names, feed, time_limit, f"the {cand_label} model on input {index + 1}"
+            )
+        except TimeLimitError:
+            raise
         except Exception as exc:
             return failed(
                 True,
