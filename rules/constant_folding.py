@@ -23,7 +23,11 @@ Three steps per graph (the main graph and every If/Loop/Scan body):
    its output would be larger than the inputs it frees by more than `_GROWTH_ALLOWANCE` bytes
    (ConstantOfShape, Expand, Tile, Range, broadcasting, Cast to a wider type; an input read by
    k nodes counts for 1/k of its size), so that folding never inflates the model; its readers
-   then are not folded either. Random ops, Dropout and nodes with subgraphs are never folded;
+   then are not folded either. A node whose arithmetic would take long is excluded as well
+   (`_MAX_FOLD_MACS` multiply-adds for Conv, ConvTranspose, MatMul and Gemm, from their input
+   shapes): two constant weights can describe hours of work in a few megabytes, and folding
+   runs in-process with no time limit. Random ops, Dropout and nodes with subgraphs (a Loop's
+   trip count may be 2^63 - 1) are never folded;
    neither are QuantizeLinear/DequantizeLinear (kept as they are by onnx-graphsurgeon). gs is
    called once per graph, with `fold_shapes=False` (step 1 does that) and without flattening
    Ifs, because it does not pass the exclusion callback down to subgraphs itself; a subgraph
@@ -72,6 +76,8 @@ logger = logging.getLogger(__name__)
 _GROWTH_ALLOWANCE = 1024
 #: shape values longer than this are not tracked (case 1)
 _MAX_TRACKED = 64
+#: multiply-adds a fold may cost (case 3); about a tenth of a second on one core
+_MAX_FOLD_MACS = 2**28
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {
     "QuantizeLinear",
@@ -476,7 +482,28 @@ def _excluded(node: gs.Node, readers: dict[str, int]) -> bool:
     """
     if node.op in _NEVER_FOLD or not is_default_domain(node) or has_subgraphs(node):
         return True
-    return _grows(node, readers)
+    return _grows(node, readers) or _too_costly(node)
+
+
+def _too_costly(node: gs.Node) -> bool:
+    """True when a Conv/ConvTranspose/MatMul/Gemm needs more than `_MAX_FOLD_MACS`
+    multiply-adds, or its shapes are unknown (case 3)."""
+    if node.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or len(node.inputs) < 2:
+        return False
+    shapes = [t.shape for t in (*node.inputs[:2], node.outputs[0])]
+    if not all(s is not None and all(is_static_dim(d) for d in s) for s in shapes):
+        return True
+    data, weight, out = ([int(d) for d in s] for s in shapes)
+    if node.op == "Conv":  # every output element reads C/group * kernel weights
+        macs = math.prod(out) * math.prod(weight[1:])
+    elif node.op == "ConvTranspose":  # every input element is spread over a kernel
+        macs = math.prod(data) * math.prod(weight[1:])
+    elif node.op == "Gemm":
+        inner = data[0] if int(node.attrs.get("transA", 0)) else data[-1]
+        macs = math.prod(out) * inner
+    else:
+        macs = math.prod(out) * (data[-1] if data else 1)
+    return macs > _MAX_FOLD_MACS
 
 
 def _grows(node: gs.Node, readers: dict[str, int]) -> bool:
