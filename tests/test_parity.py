@@ -500,3 +500,15 @@ def test_run_with_limit_passes_other_failures_through(conv_bn_model):
     with pytest.raises(Exception) as caught:
         run_with_limit(session, None, {"x": np.ones((2, 2), np.float32)}, 30.0, "test")
     assert not isinstance(caught.value, TimeLimitError)
+
+
+def test_generated_scalar_bool_input_is_an_array():
+    """A bool scalar input (an If condition) came out as numpy.bool_, which ORT refuses."""
+    model = make_model("""<ir_version: 8, opset_import: ["" : 13]>
+g (float[2] x, bool c) => (float[2] y) {
+    y = If (c) <then_branch = t () => (float[2] a) { a = Relu (x) },
+                else_branch = e () => (float[2] b) { b = Neg (x) }>
+}""")
+    feed = generate_inputs(model)
+    assert isinstance(feed["c"], np.ndarray) and feed["c"].shape == ()
+    assert check_parity(model, model, [feed]).passed

@@ -589,7 +589,7 @@ def generate_inputs(
             low, high = span if span is not None else (0.0, 1.0)
             feeds[value.name] = rng.uniform(low, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
+            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d array, not a scalar
         else:
             if span is not None:
                 low, high = int(math.ceil(span[0])), int(math.ceil(span[1]))
