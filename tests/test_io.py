@@ -363,3 +363,34 @@ def test_packed_and_string_tensors_of_the_right_size_load(tmp_path, conv_bn_mode
     path = tmp_path / "types.onnx"
     onnx.save_model(conv_bn_model, str(path))
     assert len(load_model(path).graph.initializer) == len(conv_bn_model.graph.initializer)
+
+
+def test_name_that_is_not_utf8_is_refused(tmp_path, conv_bn_model):
+    """Found by bench/fuzz.py: a flipped bit in a name gives a string protobuf hands over as
+    bytes; onnx.checker lets it through and the rewrite failed on it (internal error)."""
+    conv_bn_model.graph.node[0].output[0] = "w_name"
+    data = conv_bn_model.SerializeToString().replace(b"w_name", b"w\xf4name")
+    path = tmp_path / "latin.onnx"
+    path.write_bytes(data)
+    with pytest.raises(ModelLoadError, match=r"is not valid UTF-8"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "where, elem, message",
+    [
+        ("input", 99, "'x' has unknown element type 99"),
+        ("output", 40, "'y' has unknown element type 40"),
+        ("input", 0, "'x' has no element type"),
+    ],
+)
+def test_unknown_element_type_of_an_input_or_output_is_refused(
+    tmp_path, conv_bn_model, where, elem, message
+):
+    """Found by bench/fuzz.py: an input of element type 99 was a KeyError (internal error)."""
+    value = (conv_bn_model.graph.input if where == "input" else conv_bn_model.graph.output)[0]
+    value.type.tensor_type.elem_type = elem
+    path = tmp_path / "elem.onnx"
+    onnx.save_model(conv_bn_model, str(path))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)

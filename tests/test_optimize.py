@@ -180,6 +180,33 @@ def test_input_with_default_stays_an_overridable_input():
     )
 
 
+def test_ir3_model_comes_out_as_ir4():
+    """Found by bench/fuzz.py: IR 3 required every initializer to be an input too, so every
+    rewritten IR 3 model was invalid (an internal error). Its initializers are constants."""
+    rng = np.random.default_rng(4)
+    model = make_model(
+        """
+        <ir_version: 3, opset_import: ["" : 8]>
+        agraph (float[1,3,8,8] x, float[4,3,3,3] w, float[4] b) => (float[1,4,8,8] y) {
+            c = Conv <pads = [1,1,1,1]> (x, w, b)
+            i = Identity (c)
+            y = Relu (i)
+        }
+        """,
+        {
+            "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "b": rng.normal(size=4).astype(np.float32),
+        },
+    )
+    result = onnxshrink.optimize(model)
+    out = result.model
+    assert out.ir_version == 4 and any("IR version 3 raised to 4" in n for n in result.notes)
+    assert histogram(out) == {"Conv": 1, "Relu": 1}
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert result.parity is not None and result.parity.passed
+
+
 # ---------------------------------------------------------------------------------------------
 # debug_verify: the checker and parity after every pass that changed the graph
 

@@ -512,3 +512,22 @@ g (float[2] x, bool c) => (float[2] y) {
     feed = generate_inputs(model)
     assert isinstance(feed["c"], np.ndarray) and feed["c"].shape == ()
     assert check_parity(model, model, [feed]).passed
+
+
+def test_inputs_that_cannot_be_generated_are_usage_errors(conv_bn_model):
+    """Found by bench/fuzz.py: a declared input dim of 2^40 was a MemoryError, a sequence
+    input a KeyError (both internal errors)."""
+    huge = onnx.ModelProto()
+    huge.CopyFrom(conv_bn_model)
+    huge.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    with pytest.raises(UsageError, match=r"would take .* GiB; pin its dims with --input-shape"):
+        generate_inputs(huge)
+    sequence = onnx.ModelProto()
+    sequence.CopyFrom(conv_bn_model)
+    sequence.graph.input[0].type.CopyFrom(
+        onnx.helper.make_sequence_type_proto(
+            onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2])
+        )
+    )
+    with pytest.raises(UsageError, match="is a sequence_type, not a tensor"):
+        generate_inputs(sequence)

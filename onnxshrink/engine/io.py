@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from onnxshrink.errors import ModelLoadError, UsageError, first_line
@@ -222,6 +224,64 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
             )
 
 
+def _check_strings(message: Message) -> None:
+    """Refuse a string field (a name, an op type, an attribute string) that is not UTF-8.
+
+    protobuf hands such a field to Python as bytes, not str, and onnx.checker lets it through;
+    every tool after it then fails on a name it cannot read. Bytes fields (tensor data) are
+    not read, so nothing large is copied.
+    """
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            value = getattr(message, field.name)
+            for text in value if _is_repeated(field) else [value]:
+                if not isinstance(text, str):
+                    raise ModelLoadError(
+                        f"{message.DESCRIPTOR.name}.{field.name} {text!r} is not valid UTF-8 "
+                        "(a corrupted file?)"
+                    )
+        elif field.type == field.TYPE_MESSAGE:
+            if _is_repeated(field):
+                for item in getattr(message, field.name):
+                    _check_strings(item)
+            elif message.HasField(field.name):
+                _check_strings(getattr(message, field.name))
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 7 has `is_repeated` and no `label`; older versions only `label`.
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is None:
+        return bool(field.label == field.LABEL_REPEATED)
+    return bool(repeated)
+
+
+def _check_value_types(model: onnx.ModelProto) -> None:
+    """Refuse a declared type that onnx does not know (element type 99), anywhere; and a
+    graph input or output of the main graph whose tensor type has no element type."""
+    known = set(onnx.TensorProto.DataType.values())
+
+    def check(kind: onnx.TypeProto, name: str) -> None:
+        which = kind.WhichOneof("value")
+        if which in ("tensor_type", "sparse_tensor_type"):
+            elem = getattr(kind, which).elem_type
+            if elem not in known:
+                raise ModelLoadError(f"{name!r} has unknown element type {elem}")
+        elif which in ("sequence_type", "optional_type"):
+            check(getattr(kind, which).elem_type, name)
+        elif which == "map_type":
+            if kind.map_type.key_type not in known:
+                raise ModelLoadError(f"{name!r} has unknown map key type {kind.map_type.key_type}")
+            check(kind.map_type.value_type, name)
+
+    for graph in graph_protos(model.graph):
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            check(value.type, value.name)
+    for value in (*model.graph.input, *model.graph.output):
+        if value.type.WhichOneof("value") == "tensor_type" and not value.type.tensor_type.elem_type:
+            raise ModelLoadError(f"graph input or output {value.name!r} has no element type")
+
+
 def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model with its external data; raise ModelLoadError with one clear line.
 
@@ -240,13 +300,18 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
         raise ModelLoadError(f"{p}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph found; truncated or wrong file?)")
-    _check_external_data(model, p.parent)
+    try:
+        _check_strings(model)
+        _check_external_data(model, p.parent)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{p}: {exc}") from None
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot read external data ({first_line(exc)})") from None
     try:
         _check_tensor_data(model)
+        _check_value_types(model)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{p}: {exc}") from None
     if check:

@@ -362,7 +362,8 @@ def rewrite_model(
     """Apply `passes` (default: the lossless pipeline) to a fixed point; return a new model.
 
     `model` itself is not modified. Metadata (producer, metadata_props, ir_version, functions)
-    is carried over. A graph input that also has an initializer (IR >= 4: a default the caller
+    is carried over; an IR version below 4 becomes 4 (its initializers are constants, no
+    longer listed as inputs). A graph input that also has an initializer (IR >= 4: a default the caller
     may override) stays an input with its default, and no rule treats it as a constant.
     With `step_check`, every pass that changes the graph is verified on the spot
     (`StepVerifier`); a failure raises `BrokenPassError`.
@@ -411,7 +412,9 @@ def _overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorPr
 
 
 def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    dst.ir_version = src.ir_version
+    # IR 3 required every initializer to be a graph input too; the rules treat them as the
+    # constants they are (`_overridable_initializers`), and the result says so with IR 4.
+    dst.ir_version = max(src.ir_version, 4)
     dst.producer_name = src.producer_name
     dst.producer_version = src.producer_version
     dst.domain = src.domain
@@ -536,6 +539,11 @@ def optimize(
     work = onnx.ModelProto()
     work.CopyFrom(original)
     notes: list[str] = []
+    if original.ir_version < 4:
+        notes.append(
+            f"IR version {original.ir_version} raised to 4: initializers are constants, no "
+            "longer listed among the graph inputs"
+        )
     if opset is not None:
         work = convert_opset(work, opset)
     if input_shapes:

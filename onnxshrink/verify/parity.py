@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
 DEFAULT_ERROR_QUANTILE = 0.99
+#: the largest array `generate_inputs` makes for one input
+MAX_GENERATED_BYTES = 2**31
 #: seconds one ONNX Runtime run of a check may take before it is stopped (`run_with_limit`)
 DEFAULT_TIME_LIMIT = 600.0
 ERROR_STATS = ("max", "mean", "median", "quantile")
@@ -566,6 +568,8 @@ def generate_inputs(
     them. Integer inputs that index an embedding table (through Gather) stay below its size;
     others are 0 or 1 (masks, type ids). `ranges` maps an input name (or None, for every
     input) to `(low, high)`: floats uniform in [low, high), integers in [low, high).
+    Raises UsageError for an input that cannot be generated: not a tensor, a type numpy has
+    no values for, or an array over `MAX_GENERATED_BYTES`.
     """
     rng = np.random.default_rng(seed)
     input_shapes = input_shapes or {}
@@ -573,8 +577,20 @@ def generate_inputs(
     bounds = _int_input_bounds(model)
     feeds: dict[str, np.ndarray] = {}
     for value in model_inputs(model):
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise UsageError(
+                f"input {value.name!r} is a {kind or 'value of no type'}, not a tensor: "
+                "onnxshrink cannot generate inputs for it (--no-verify skips the check)"
+            )
         tensor_type = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except (KeyError, ValueError):
+            raise UsageError(
+                f"input {value.name!r} has element type {tensor_type.elem_type}, which has no "
+                "values to generate; pass --inputs"
+            ) from None
         if value.name in input_shapes:
             shape = list(input_shapes[value.name])
         else:
@@ -584,6 +600,12 @@ def generate_inputs(
                 else (batch if i == 0 else DEFAULT_DYNAMIC_DIM)
                 for i, d in enumerate(tensor_type.shape.dim)
             ]
+        size = math.prod(shape) * dtype.itemsize
+        if size > MAX_GENERATED_BYTES:
+            raise UsageError(
+                f"input {value.name!r}: a generated array of shape {shape} would take "
+                f"{size / 2**30:.3g} GiB; pin its dims with --input-shape or pass --inputs"
+            )
         span = ranges.get(value.name, ranges.get(None))
         if np.issubdtype(dtype, np.floating):
             low, high = span if span is not None else (0.0, 1.0)
