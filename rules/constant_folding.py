@@ -592,6 +592,7 @@ def _restore_constant_nodes(constant_nodes: list[tuple[gs.Node, gs.Tensor]]) -> 
     for node, tensor in constant_nodes:
         if isinstance(tensor, gs.Constant) and not tensor.inputs and not node.outputs:
             tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
+            tensor.type = "tensor_type"  # to_variable leaves it unset, and export reads it
             node.outputs.append(tensor)
 
 
@@ -603,6 +604,7 @@ def _produce_by_constant_node(graph: gs.Graph, tensor: gs.Constant) -> None:
     """
     values = np.asarray(tensor.values)
     tensor.to_variable(dtype=values.dtype, shape=list(values.shape))
+    tensor.type = "tensor_type"  # to_variable leaves it unset, and export reads it
     name = unique_name(graph, f"{tensor.name}_constant")
     value = gs.Constant(f"{name}_value", values)
     graph.nodes.append(gs.Node("Constant", name=name, attrs={"value": value}, outputs=[tensor]))

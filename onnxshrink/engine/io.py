@@ -15,10 +15,9 @@ import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from onnxshrink.errors import ModelLoadError, UsageError, first_line
@@ -224,7 +223,7 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
             )
 
 
-def _check_strings(message: Message) -> None:
+def _check_strings(message: Any) -> None:
     """Refuse a string field (a name, an op type, an attribute string) that is not UTF-8.
 
     protobuf hands such a field to Python as bytes, not str, and onnx.checker lets it through;
@@ -248,7 +247,7 @@ def _check_strings(message: Message) -> None:
                 _check_strings(getattr(message, field.name))
 
 
-def _is_repeated(field: FieldDescriptor) -> bool:
+def _is_repeated(field: Any) -> bool:
     # protobuf 7 has `is_repeated` and no `label`; older versions only `label`.
     repeated = getattr(field, "is_repeated", None)
     if repeated is None:

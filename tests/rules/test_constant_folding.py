@@ -77,6 +77,19 @@ g (float[3] x) => (float[3] y, float[3] k) {
     assert after.graph.output[1].name == "k"
 
 
+def test_initializer_that_is_a_graph_output_gets_a_constant_node():
+    """Found by bench/fuzz.py: an initializer that is itself a graph output became a Variable
+    without a type, and exporting the graph failed (an internal error)."""
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[3] x) => (float[3] y, float[3] w) {
+    y = Add(x, w)
+}"""
+    before = make_model(text, {"w": np.array([1.0, 2.0, 3.0], np.float32)})
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Constant": 1, "Add": 1})
+    assert [o.name for o in after.graph.output] == ["y", "w"]
+
+
 def test_nothing_to_fold_reports_no_change():
     before = make_model("""<ir_version: 10, opset_import: ["" : 14]>
 g (float[3] x) => (float[3] y) { y = Relu(x) }""")
