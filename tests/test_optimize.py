@@ -207,6 +207,31 @@ def test_ir3_model_comes_out_as_ir4():
     assert result.parity is not None and result.parity.passed
 
 
+def test_input_that_is_also_an_output_keeps_its_input_type():
+    """Found by bench/fuzz.py: an int64 input also listed as an output declared float took the
+    output's type on the way out, so ORT could not load the result (the Equal reading it)."""
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (int64[1] sr, float[2] x) => (float[2] y) {
+            c = Constant <value = int64[1] {16000}> ()
+            e = Equal (sr, c)
+            n = Neg (x)
+            i = Identity (n)
+            y = Where (e, x, i)
+        }
+        """
+    )
+    model.graph.output.append(onnx.helper.make_tensor_value_info("sr", onnx.TensorProto.FLOAT, [1]))
+    result = onnxshrink.optimize(model)
+    assert result.parity is not None and result.parity.passed
+    out = result.model
+    assert histogram(out) == {"Equal": 1, "Neg": 1, "Where": 1}
+    onnx.checker.check_model(out)
+    assert out.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert out.graph.output[1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
 # ---------------------------------------------------------------------------------------------
 # debug_verify: the checker and parity after every pass that changed the graph
 

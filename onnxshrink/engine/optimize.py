@@ -428,10 +428,16 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
         dst.functions.extend(src.functions)
     # The interface is the user's contract: shape inference may have named anonymous dims
     # ("unk__54"); put the declared input and output types back exactly as they were.
-    src_types = {v.name: v.type for v in [*src.graph.input, *src.graph.output]}
-    for value in [*dst.graph.input, *dst.graph.output]:
-        if value.name in src_types:
-            value.type.CopyFrom(src_types[value.name])
+    # Inputs from inputs and outputs from outputs: a name that is both (an input passed
+    # through) may be declared with two types, and the input's must stay the input's.
+    for src_values, dst_values in (
+        (src.graph.input, dst.graph.input),
+        (src.graph.output, dst.graph.output),
+    ):
+        src_types = {v.name: v.type for v in src_values}
+        for value in dst_values:
+            if value.name in src_types:
+                value.type.CopyFrom(src_types[value.name])
     # Graph-level value_info is a cache of inferred shapes; keep the file lean.
     for graph in graph_protos(dst.graph):
         del graph.value_info[:]
