@@ -65,6 +65,7 @@ from onnxshrink.engine.graph import (
     make_constant,
     node_owners,
     optional_input,
+    pack_subbyte_constants,
     unique_name,
 )
 from onnxshrink.engine.passes import RuleContext
@@ -445,6 +446,7 @@ def _fold_with_gs(graph: gs.Graph, ir_version: int | None) -> list[tuple[gs.Grap
     if not any(_all_inputs_constant(node) and not excluded(node) for node in graph.nodes):
         return []
     watched = [t for node in graph.nodes if node.op != "Constant" for t in node.outputs]
+    pack_subbyte_constants(graph)  # gs exports the graph to run it
     # A subgraph carries no IR version of its own; gs would export it with onnx's newest,
     # which ONNX Runtime may not read yet.
     own_ir_version = graph.ir_version

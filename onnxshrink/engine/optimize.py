@@ -33,6 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 
+from onnxshrink.engine.graph import pack_subbyte_constants
 from onnxshrink.engine.io import check_output_path, graph_protos, load_model, save_model
 from onnxshrink.engine.passes import (
     BrokenPassError,
@@ -154,7 +155,9 @@ _SCALE_FOLD_RULES = ("fold-batchnorm", "fold-affine-into-producer", "fold-affine
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:
-    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`)."""
+    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`)
+    and sub-byte constants packed (`pack_subbyte_constants`)."""
+    pack_subbyte_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     _hoist_shared_initializers(model.graph)
     return model
