@@ -268,3 +268,25 @@ def test_time_limit_is_documented_in_help():
     for command in ("optimize", "parity"):
         result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
         assert "--time-limit" in result.output
+
+
+@pytest.mark.parametrize("place", ["function body", "sparse initializer values"])
+def test_external_data_outside_the_folder_anywhere_is_exit_2(tmp_path, conv_bn_model, place):
+    """Issue 9, 8: a reference out of the folder in a function body or a sparse tensor."""
+    import onnx
+
+    from tests.test_io import _external_tensor, _place_external
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "link.bin").symlink_to(secret)
+    _place_external(conv_bn_model, place, _external_tensor("link.bin"))
+    path = folder / "ext.onnx"
+    onnx.save_model(conv_bn_model, str(path))
+    result = _run("optimize", str(path), "-o", str(tmp_path / "o.onnx"))
+    assert result.exit_code == 2, result.output
+    assert "outside the model's folder" in result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()
