@@ -266,6 +266,32 @@ def test_int4_weights_survive_the_rewrite():
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(weight).astype(int), values)
 
 
+def test_empty_list_attribute_survives_the_rewrite():
+    """Found by bench/fuzz.py: gs cannot export an empty INTS attribute (`axes=[]`), so such a
+    model was an internal error; it comes out with the attribute as it was."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[2,4] x) => (float[2,4] y) {
+            i = Identity (x)
+            m = ReduceMean (i)
+            y = Sub (x, m)
+        }
+        """
+    )
+    model.graph.node[1].attribute.append(
+        onnx.AttributeProto(name="axes", type=onnx.AttributeProto.INTS)
+    )
+    onnx.checker.check_model(model, full_check=True)
+    result = onnxshrink.optimize(model)
+    out = result.model
+    assert result.parity is not None and result.parity.passed
+    assert histogram(out) == {"ReduceMean": 1, "Sub": 1}
+    onnx.checker.check_model(out, full_check=True)
+    (axes,) = next(n for n in out.graph.node if n.op_type == "ReduceMean").attribute
+    assert (axes.name, axes.type, list(axes.ints)) == ("axes", onnx.AttributeProto.INTS, [])
+
+
 # ---------------------------------------------------------------------------------------------
 # debug_verify: the checker and parity after every pass that changed the graph
 

@@ -33,7 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 
-from onnxshrink.engine.graph import pack_subbyte_constants
+from onnxshrink.engine.graph import all_graphs, pack_subbyte_constants
 from onnxshrink.engine.io import check_output_path, graph_protos, load_model, save_model
 from onnxshrink.engine.passes import (
     BrokenPassError,
@@ -155,12 +155,70 @@ _SCALE_FOLD_RULES = ("fold-batchnorm", "fold-affine-into-producer", "fold-affine
 
 
 def export_graph(graph: gs.Graph) -> onnx.ModelProto:
-    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`)
-    and sub-byte constants packed (`pack_subbyte_constants`)."""
+    """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`),
+    sub-byte constants packed (`pack_subbyte_constants`) and empty list attributes kept
+    (`_mark_empty_lists`)."""
     pack_subbyte_constants(graph)
-    model = gs.export_onnx(graph, do_type_check=False)
+    marked = _mark_empty_lists(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for node, key in marked:
+            node.attrs[key] = []
+    _restore_empty_lists(model.graph)
     _hoist_shared_initializers(model.graph)
     return model
+
+
+# An empty list attribute travels through gs's export as a string holding its type.
+_EMPTY_LIST = "\x00onnxshrink-empty-list:"
+_LIST_TYPES = {
+    onnx.AttributeProto.INTS,
+    onnx.AttributeProto.FLOATS,
+    onnx.AttributeProto.STRINGS,
+    onnx.AttributeProto.TENSORS,
+    onnx.AttributeProto.GRAPHS,
+}
+
+
+def _mark_empty_lists(graph: gs.Graph) -> list[tuple[gs.Node, str]]:
+    """Replace every empty list attribute by a string naming its type; return where.
+
+    gs imports an empty INTS/FLOATS/... attribute as `[]` and cannot export it again (onnx's
+    make_attribute cannot tell the type of an empty list: an internal error on `axes=[]`).
+    The type is the one the op's schema declares (INTS for attributes it does not know);
+    `_restore_empty_lists` turns the strings back into empty lists of that type.
+    """
+    marked = []
+    for sub in all_graphs(graph):
+        for node in sub.nodes:
+            for key, value in list(node.attrs.items()):
+                if isinstance(value, (list, tuple)) and not value:
+                    node.attrs[key] = _EMPTY_LIST + _declared_list_type(node, key, graph.opset)
+                    marked.append((node, key))
+    return marked
+
+
+def _declared_list_type(node: gs.Node, key: str, opset: int | None) -> str:
+    try:
+        schema = onnx.defs.get_schema(
+            node.op, opset or onnx.defs.onnx_opset_version(), node.domain or ""
+        )
+        declared = schema.attributes[key].type
+    except Exception:  # an op or attribute no schema describes
+        return "INTS"
+    return onnx.AttributeProto.AttributeType.Name(declared) if declared in _LIST_TYPES else "INTS"
+
+
+def _restore_empty_lists(root: onnx.GraphProto) -> None:
+    prefix = _EMPTY_LIST.encode()
+    for graph in graph_protos(root):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.STRING and attr.s.startswith(prefix):
+                    kind = attr.s[len(prefix) :].decode()
+                    attr.ClearField("s")
+                    attr.type = onnx.AttributeProto.AttributeType.Value(kind)
 
 
 def _hoist_shared_initializers(root: onnx.GraphProto) -> int:
