@@ -394,3 +394,18 @@ def test_unknown_element_type_of_an_input_or_output_is_refused(
     onnx.save_model(conv_bn_model, str(path))
     with pytest.raises(ModelLoadError, match=message):
         load_model(path)
+
+
+def test_bad_unnamed_tensor_is_named_by_its_node(tmp_path, conv_bn_model):
+    tensor = onnx.numpy_helper.from_array(np.ones(3, np.float32))
+    tensor.raw_data = tensor.raw_data[:-1]
+    conv_bn_model.graph.node.append(
+        onnx.helper.make_node("Constant", [], ["k"], name="consts", value=tensor)
+    )
+    path = tmp_path / "unnamed.onnx"
+    onnx.save_model(conv_bn_model, str(path))
+    with pytest.raises(
+        ModelLoadError,
+        match=r"the tensor of attribute 'value' of node 'consts' \(Constant\) holds 11 bytes",
+    ):
+        load_model(path)

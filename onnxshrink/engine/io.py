@@ -87,33 +87,50 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     attribute defaults. Attribute fields are read by presence, not by the declared attribute
     type, as onnx's own external-data loader reads them.
     """
+    return (tensor for tensor, _ in _located_tensors(model))
+
+
+def _located_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """`_all_tensors`, each with where it is, for messages ("attribute 'value' of node 'c'")."""
     graphs = [model.graph]
     for info in model.training_info:
         graphs += [info.initialization, info.algorithm]
     for graph in graphs:
         yield from _graph_tensors(graph)
     for function in model.functions:
-        yield from _attribute_tensors(function.attribute_proto)
+        where = f"function {function.name!r}"
+        yield from _attribute_tensors(function.attribute_proto, f"a default of {where}")
         for node in function.node:
-            yield from _attribute_tensors(node.attribute)
+            yield from _attribute_tensors(node.attribute, f"{_node_label(node)} in {where}")
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def _node_label(node: onnx.NodeProto) -> str:
+    return f"node {node.name or (node.output[0] if node.output else '')!r} ({node.op_type})"
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for tensor in graph.initializer:
+        yield tensor, f"initializer {tensor.name!r}"
     for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
+        yield sparse.values, f"sparse initializer {sparse.values.name!r}"
+        yield sparse.indices, f"the indices of sparse initializer {sparse.values.name!r}"
     for node in graph.node:
-        yield from _attribute_tensors(node.attribute)
+        yield from _attribute_tensors(node.attribute, _node_label(node))
 
 
-def _attribute_tensors(attributes: Iterable[onnx.AttributeProto]) -> Iterator[onnx.TensorProto]:
+def _attribute_tensors(
+    attributes: Iterable[onnx.AttributeProto], owner: str
+) -> Iterator[tuple[onnx.TensorProto, str]]:
     for attr in attributes:
+        where = f"attribute {attr.name!r} of {owner}"
         if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
+            yield attr.t, where
+        for tensor in attr.tensors:
+            yield tensor, where
         sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
         for s in [*sparse, *attr.sparse_tensors]:
-            yield from (s.values, s.indices)
+            yield s.values, where
+            yield s.indices, f"the indices in {where}"
         if attr.HasField("g"):
             yield from _graph_tensors(attr.g)
         for sub in attr.graphs:
@@ -162,19 +179,22 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
     inside a rule or ONNX Runtime. raw_data's length is read without keeping a copy.
     """
     known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
-    for tensor in _all_tensors(model):
+    for tensor, where in _located_tensors(model):
         if tensor.ByteSize() == 0:  # an unset sub-message (a sparse tensor's missing part)
             continue
-        name = tensor.name or "(unnamed)"
+        if where.startswith("initializer"):
+            label = f"tensor {tensor.name!r}"
+        else:
+            label = f"tensor {tensor.name!r} ({where})" if tensor.name else f"the tensor of {where}"
         if uses_external_data(tensor):
             raise ModelLoadError(
-                f"tensor {name!r} keeps external data where onnx does not read it (a sparse "
+                f"{label} keeps external data where onnx does not read it (a sparse "
                 "tensor, a function's attribute default or a training graph); not supported"
             )
         if tensor.data_type not in known:
-            raise ModelLoadError(f"tensor {name!r} has unknown data type {tensor.data_type}")
+            raise ModelLoadError(f"{label} has unknown data type {tensor.data_type}")
         if any(d < 0 for d in tensor.dims):
-            raise ModelLoadError(f"tensor {name!r} has a negative dim: {list(tensor.dims)}")
+            raise ModelLoadError(f"{label} has a negative dim: {list(tensor.dims)}")
         if tensor.HasField("segment"):
             continue  # one segment of a tensor split across protos: no whole size to check
         type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
@@ -183,20 +203,17 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
         if tensor.HasField("raw_data"):
             fields.append("raw_data")
         if len(fields) > 1:
-            raise ModelLoadError(
-                f"tensor {name!r} holds data in more than one field ({', '.join(fields)})"
-            )
+            raise ModelLoadError(f"{label} holds data in more than one field ({', '.join(fields)})")
         if not fields:
             if count:
                 raise ModelLoadError(
-                    f"tensor {name!r} holds no data for its {count} element(s) of dims "
-                    f"{list(tensor.dims)}"
+                    f"{label} holds no data for its {count} element(s) of dims {list(tensor.dims)}"
                 )
             continue
         field = fields[0]
         if field == "raw_data":
             if type_name == "STRING":
-                raise ModelLoadError(f"tensor {name!r}: a string tensor cannot use raw_data")
+                raise ModelLoadError(f"{label}: a string tensor cannot use raw_data")
             bits = _PACKED_BITS.get(type_name)
             if bits is None:
                 itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
@@ -210,7 +227,7 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
                 continue  # sub-byte and float8 types: packing in int32_data varies by version
             if expected[0] != field:
                 raise ModelLoadError(
-                    f"tensor {name!r} of type {type_name} holds its data in {field}; "
+                    f"{label} of type {type_name} holds its data in {field}; "
                     f"{type_name} data goes in raw_data or {expected[0]}"
                 )
             need = count * expected[1]
@@ -218,7 +235,7 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
             unit = "values"
         if have != need:
             raise ModelLoadError(
-                f"tensor {name!r} holds {have} {unit} of {field} where its type {type_name} "
+                f"{label} holds {have} {unit} of {field} where its type {type_name} "
                 f"and dims {list(tensor.dims)} need {need}"
             )
 
