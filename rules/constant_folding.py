@@ -21,6 +21,9 @@ Three steps per graph (the main graph and every If/Loop/Scan body):
 3. Everything else whose inputs are all constant is evaluated by onnx-graphsurgeon's
    `Graph.fold_constants` (ONNX Runtime underneath) with a size guard: a node is excluded when
    its output would be larger than the inputs it frees by more than `_GROWTH_ALLOWANCE` bytes
+   (beyond that, growth is charged to a budget of `_GROWTH_BUDGET` of the model's constant
+   bytes per run of the pass, shared by all its graphs: a YOLO head's anchor grid, a few KB,
+   folds in a 12 MB model; nothing can add more than that fraction to the file)
    (ConstantOfShape, Expand, Tile, Range, broadcasting, Cast to a wider type; an input read by
    k nodes counts for 1/k of its size), so that folding never inflates the model; its readers
    then are not folded either. A node whose arithmetic would take long is excluded as well
@@ -46,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -75,6 +78,9 @@ logger = logging.getLogger(__name__)
 
 #: how many bytes a folded output may exceed the constant inputs it replaces by (case 3)
 _GROWTH_ALLOWANCE = 1024
+#: growth beyond the allowance, for all nodes of one run together, as a share of the model's
+#: constant bytes (case 3)
+_GROWTH_BUDGET = 0.005
 #: shape values longer than this are not tracked (case 1)
 _MAX_TRACKED = 64
 #: multiply-adds a fold may cost (case 3); about a tenth of a second on one core
@@ -121,8 +127,9 @@ def fold_constants(graph: gs.Graph, ctx: RuleContext) -> bool:
         (n, n.outputs[0]) for sub in graphs for n in sub.nodes if n.op == "Constant" and n.outputs
     ]
     folded: list[tuple[gs.Graph, gs.Tensor]] = []
+    budget = _Budget(_GROWTH_BUDGET * sum(_constant_bytes(sub) for sub in graphs))
     for sub in graphs:
-        folded += _fold_with_gs(sub, graph.ir_version)
+        folded += _fold_with_gs(sub, graph.ir_version, budget)
     changes += len(folded)
     _restore_constant_nodes(constant_nodes)
     owners = node_owners(graphs)
@@ -436,12 +443,39 @@ _EVALUATORS: dict[str, Callable] = {
 # Case 3: everything else, through onnx-graphsurgeon / ONNX Runtime
 
 
-def _fold_with_gs(graph: gs.Graph, ir_version: int | None) -> list[tuple[gs.Graph, gs.Tensor]]:
+@dataclass
+class _Budget:
+    """Bytes that folded outputs may still add beyond the per-node allowance (case 3).
+
+    Each node is charged once, by its first output's name: gs asks about copies of the nodes,
+    and may ask again when it retries by partitions.
+    """
+
+    spare: float
+    charged: dict[str, bool] = field(default_factory=dict)
+
+    def allows(self, node: gs.Node, growth: float) -> bool:
+        key = node.outputs[0].name if node.outputs else node.name
+        if key not in self.charged:
+            self.charged[key] = growth <= self.spare
+            if self.charged[key]:
+                self.spare -= growth
+        return self.charged[key]
+
+
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of the graph's own constants, from their shapes (lazy values are not loaded)."""
+    return sum(_nbytes(t) or 0 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def _fold_with_gs(
+    graph: gs.Graph, ir_version: int | None, budget: _Budget
+) -> list[tuple[gs.Graph, gs.Tensor]]:
     """Case 3 on one graph; returns the node outputs that became constants."""
     readers = {name: len(t.outputs) for name, t in graph.tensors().items()}
 
     def excluded(node: gs.Node) -> bool:
-        return _excluded(node, readers)
+        return _excluded(node, readers, budget)
 
     if not any(_all_inputs_constant(node) and not excluded(node) for node in graph.nodes):
         return []
@@ -476,7 +510,7 @@ def _all_inputs_constant(node: gs.Node) -> bool:
     return bool(inputs) and all(const_value(t) is not None for t in inputs)
 
 
-def _excluded(node: gs.Node, readers: dict[str, int]) -> bool:
+def _excluded(node: gs.Node, readers: dict[str, int], budget: _Budget) -> bool:
     """gs's should_exclude_node: never-fold ops, subgraphs, and the size guard.
 
     `readers` counts the readers of each tensor in the real graph (gs calls this on a copy,
@@ -484,7 +518,8 @@ def _excluded(node: gs.Node, readers: dict[str, int]) -> bool:
     """
     if node.op in _NEVER_FOLD or not is_default_domain(node) or has_subgraphs(node):
         return True
-    return _grows(node, readers) or _too_costly(node)
+    # the cost first: _grows charges the growth budget for what it lets through
+    return _too_costly(node) or _grows(node, readers, budget)
 
 
 def _too_costly(node: gs.Node) -> bool:
@@ -508,8 +543,9 @@ def _too_costly(node: gs.Node) -> bool:
     return macs > _MAX_FOLD_MACS
 
 
-def _grows(node: gs.Node, readers: dict[str, int]) -> bool:
-    """True when the node's output may exceed what it frees by more than the allowance.
+def _grows(node: gs.Node, readers: dict[str, int], budget: _Budget) -> bool:
+    """True when the node's output may exceed what it frees by more than the allowance
+    and the budget's spare bytes.
 
     An input read by k nodes is credited with 1/k of its size: it only disappears when all
     its readers are folded (two Slices of one weight fold; one Transpose of a weight that is
@@ -533,7 +569,8 @@ def _grows(node: gs.Node, readers: dict[str, int]) -> bool:
         out_bytes = predicted
     else:
         out_bytes = sum(known_sizes)
-    return out_bytes > in_bytes + _GROWTH_ALLOWANCE
+    excess = out_bytes - in_bytes - _GROWTH_ALLOWANCE
+    return excess > 0 and not budget.allows(node, excess)
 
 
 def _itemsize(dtype) -> int | None:

@@ -17,7 +17,9 @@ import hashlib
 import logging
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxshrink.engine.graph import all_graphs, redirect_readers
 from onnxshrink.engine.passes import RuleContext
@@ -75,4 +77,8 @@ def _digest(tensor: gs.Constant) -> bytes:
 
 
 def _bytes(tensor: gs.Constant) -> bytes:
-    return np.ascontiguousarray(np.asarray(tensor.values)).tobytes()
+    # Read a lazily imported initializer without keeping the array on the Constant: hashing
+    # every weight must not load a large model's weights into memory a second time.
+    values = tensor._values
+    array = onnx.numpy_helper.to_array(values.tensor) if isinstance(values, LazyValues) else values
+    return np.ascontiguousarray(np.asarray(array)).tobytes()

@@ -227,7 +227,7 @@ class FoldAffineIntoProducer(Rule[_OutputMatch, _OutputPlan]):
         lp = linear_producer(m.producer, ctx.opset)
         if isinstance(lp, str):
             return Decline(lp)
-        if not _float_equal_dtype(m.step.const, lp.weight):
+        if np.asarray(m.step.const).dtype != lp.dtype:
             return Decline(f"{m.step.node.op} constant dtype differs from the weight dtype")
         vectors = step_vectors(m.step, lp.rank, lp.channels)
         if isinstance(vectors, str):

@@ -100,7 +100,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.io import (
+    SESSION_FILE_BYTES,
+    NameAllocator,
+    graph_protos,
+    model_bytes,
+    name_nodes,
+    named,
+    named_copy,
+    node_subgraphs,
+    skeleton,
+    tensor_bytes,
+)
 from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
 from onnxshrink.errors import UsageError
@@ -205,7 +216,7 @@ def quantizable_nodes(
     """
     profile = target_profile(target)
     patterns = compile_excludes(exclude)
-    work = named_copy(model)
+    work = named(model)  # read only
     _check_selection(work, nodes)
     return _candidates(work, patterns, nodes, min_weight_elements, profile)
 
@@ -237,7 +248,7 @@ def activation_tensors(
         if cand.output and cand.name in output_pairs:
             names[cand.output] = None
     if profile.residual_joins:  # case 5d, with every quantizable node counted as quantized
-        work = named_copy(model)
+        work = named(model)  # read only
         outputs = {c.output for c in candidates if c.quantizable and c.output}
         inputs = {c.activation for c in candidates if c.quantizable and c.activation}
         for _, _, tensor in _tensorrt_joins(work.graph, outputs, inputs):
@@ -254,7 +265,7 @@ def bias_correction_axes(
     weight-only; what `calibration.collect_statistics(mean_axes=...)` should average.
     """
     axes: dict[str, int] = {}
-    work = named_copy(model)
+    work = named(model)  # read only
     groups = {n.name: int(_attr(n, "group", 1)) for n in work.graph.node}
     trans_a = {n.name: int(_attr(n, "transA", 0)) for n in work.graph.node}
     for cand in quantizable_nodes(work, target, exclude=exclude):
@@ -270,12 +281,16 @@ def bias_correction_axes(
 def prepare_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of `model` with every node named and opset >= 13 (case 2), and its old opset.
 
+    A large model (over `SESSION_FILE_BYTES`) is named and given shapes in place instead.
+
     What `quantize_qdq` does to every model it is given, done once: a caller that builds many
     candidates from one model (the budget search) prepares it first, so that no candidate
     pays for an opset conversion. The conversion happens only when a node could be quantized
     or store int8 weights (it changes nothing otherwise).
     """
-    work = infer_shapes(named_copy(model))  # value_info, for case 5b's static shapes
+    # value_info, for case 5b's static shapes; a large model is named in place, not copied
+    large = model_bytes(model) > SESSION_FILE_BYTES
+    work = infer_shapes(name_nodes(model) if large else named_copy(model))
     before = default_opset(work)
     if before < PER_CHANNEL_OPSET and any(
         c.quantizable or c.weight_only_ok
@@ -317,7 +332,16 @@ def quantize_qdq(
     profile = target_profile(target)
     patterns = compile_excludes(exclude)
     params = _activation_params(ranges, profile)
-    work = named_copy(model)
+    # A large model already at opset 13 (as `prepare_model` leaves it) is not copied whole:
+    # the new model starts as a skeleton, quantized weights come from `model`, and only the
+    # float weights that stay are copied in at the end (`_fill_stubs`). Each budget candidate
+    # would otherwise hold a copy of every float weight it replaces.
+    source = None
+    if model_bytes(model) > SESSION_FILE_BYTES and default_opset(model) >= PER_CHANNEL_OPSET:
+        source = named(model)
+        work = skeleton(source)
+    else:
+        work = named_copy(model)
     _check_selection(work, nodes)
     report = QuantizeReport(target=target, opset_before=default_opset(work))
 
@@ -356,7 +380,11 @@ def quantize_qdq(
     report.weight_only = [c.name for c in weights_only]
     if report.quantized or weights_only:
         quantized = [c for c in candidates if c.quantizable]
-        _insert_qdq(work, quantized, weights_only, params, profile, report, input_means or {})
+        _insert_qdq(
+            work, quantized, weights_only, params, profile, report, input_means or {}, source
+        )
+    if source is not None:
+        _fill_stubs(work, source)
     logger.info(
         "quantized %d node(s), kept %d float, inserted %d Q and %d DQ",
         len(report.quantized),
@@ -638,10 +666,12 @@ def _insert_qdq(
     profile: TargetProfile,
     report: QuantizeReport,
     input_means: Mapping[str, np.ndarray],
+    source: onnx.ModelProto | None = None,
 ) -> None:
     graph = model.graph
     names = NameAllocator(model)
-    initializers = {t.name: t for t in graph.initializer}
+    # weights are read from `source` when `model` is its skeleton (see quantize_qdq)
+    initializers = {t.name: t for t in (source or model).graph.initializer}
     by_name = {c.name: c for c in quantized}
     weight_only_names = {c.name: c for c in weights_only}
     new_inits: list[onnx.TensorProto] = []
@@ -714,7 +744,10 @@ def _insert_qdq(
         report.dequantize_linear += 1
 
     weight_dq: dict[tuple, tuple[str, np.ndarray, onnx.NodeProto]] = {}
-    weight_error: dict[tuple, np.ndarray] = {}  # dequantized - float, float64
+    # (int8 weight, scale, its axis) of each rounded weight: the rounding error (dequantized -
+    # float) is computed when case 7 asks for it, not kept for every weight (float64: twice
+    # the model's weights in memory)
+    weight_rounding: dict[tuple, tuple[np.ndarray, np.ndarray, int]] = {}
     bias_dq: dict[tuple[str, bytes], tuple[str, onnx.NodeProto]] = {}
 
     cand_of = {c.name: c for c in quantized}
@@ -753,9 +786,10 @@ def _insert_qdq(
     ) -> tuple[str, np.ndarray, onnx.NodeProto]:
         key = (cand.weight, axis) if floor is None else (cand.weight, axis, floor.tobytes())
         if key not in weight_dq:
-            w = numpy_helper.to_array(initializers[cand.weight])
             q, scale = (
-                natural_rounding(cand, axis) if floor is None else quantize_weight(w, axis, floor)
+                natural_rounding(cand, axis)
+                if floor is None
+                else quantize_weight(numpy_helper.to_array(initializers[cand.weight]), axis, floor)
             )
             q_name = const(f"{cand.weight}_quantized", q)
             s_name = const(f"{cand.weight}_scale", scale)
@@ -769,9 +803,7 @@ def _insert_qdq(
                 axis=axis,
             )
             weight_dq[key] = (out, scale, node)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            weight_error[key] = q.astype(np.float64) * scale.reshape(shape) - w
+            weight_rounding[key] = (q, scale, axis)
             report.dequantize_linear += 1
         return weight_dq[key]
 
@@ -780,12 +812,16 @@ def _insert_qdq(
     ) -> np.ndarray | None:
         """Case 7: the node's bias minus the mean output shift of its rounded weight, or None.
 
-        `key` names the rounded weight in `weight_error` (the one `weight_node` made)."""
+        `key` names the rounded weight in `weight_rounding` (the one `weight_node` made)."""
         mean = input_means.get(cand.tensors()[0])
         if mean is None:
             return None
         mean = np.asarray(mean, dtype=np.float64)
-        error = weight_error[key]
+        q, scale, q_axis = weight_rounding[key]
+        shape = [1] * q.ndim
+        shape[q_axis] = -1
+        w = numpy_helper.to_array(initializers[cand.weight])
+        error = q.astype(np.float64) * scale.reshape(shape) - w
         if node.op_type == "Conv":
             if int(_attr(node, "group", 1)) != 1 or error.shape[1] != mean.shape[0]:
                 return None
@@ -935,6 +971,15 @@ def _insert_qdq(
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     _drop_unread_initializers(model, replaced)
+
+
+def _fill_stubs(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give the initializers `skeleton` left without data their bytes from `source`."""
+    full = {t.name: t for t in source.graph.initializer}
+    for tensor in model.graph.initializer:
+        original = full.get(tensor.name)
+        if original is not None and tensor_bytes(tensor) != tensor_bytes(original):
+            tensor.CopyFrom(original)
 
 
 def _drop_unread_initializers(model: onnx.ModelProto, replaced: set[str]) -> None:

@@ -35,6 +35,7 @@ names in the report are the names in the returned model.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.io import NameAllocator, graph_protos, named, named_copy, node_subgraphs
 from onnxshrink.engine.protos import compile_excludes, excluded_by, splice_nodes
 
 logger = logging.getLogger(__name__)
@@ -80,15 +81,34 @@ def quantize_gather_tables(
 ) -> tuple[onnx.ModelProto, GatherReport]:
     """Store the tables of embedding Gathers as int8 per row (module docstring); `model` is kept.
 
-    Returns a new model and a report listing the rewritten Gathers (by node name) and, for every
+    Returns a new model (`model` itself when no table qualifies) and a report listing the rewritten Gathers (by node name) and, for every
     other Gather, why it was left alone. `exclude`: regexes; a Gather is kept float when one is
     found in its name or matches its op type exactly. An invalid regex raises UsageError.
     """
     patterns = compile_excludes(exclude)
-    work = named_copy(model)
-    graph = work.graph
-    report = GatherReport()
+    work = named(model)  # read only until a table is found: no copy of a model without one
+    report, matches = _scan(work, patterns, min_elements)
+    if matches:
+        if work is model:
+            work = named_copy(model)
+            report, matches = _scan(work, patterns, min_elements)
+        _rewrite(work, matches, report)
+    logger.info(
+        "int8 Gather tables: %d quantized (%d -> %d bytes), %d declined",
+        len(report.quantized),
+        report.bytes_before,
+        report.bytes_after,
+        len(report.declined),
+    )
+    return work, report
 
+
+def _scan(
+    work: onnx.ModelProto, patterns: Sequence[re.Pattern[str]], min_elements: int
+) -> tuple[GatherReport, list[_TableMatch]]:
+    """The Gathers of `work` whose tables can be stored int8, and why the others cannot."""
+    report = GatherReport()
+    graph = work.graph
     matches: list[_TableMatch] = []
     opset = _default_opset(work)
     for index, node in enumerate(graph.node):
@@ -111,17 +131,7 @@ def quantize_gather_tables(
         for node in _all_nodes(sub):
             if node.op_type == "Gather":
                 report.declined[node.name] = "inside a subgraph (only the main graph is rewritten)"
-
-    if matches:
-        _rewrite(work, matches, report)
-    logger.info(
-        "int8 Gather tables: %d quantized (%d -> %d bytes), %d declined",
-        len(report.quantized),
-        report.bytes_before,
-        report.bytes_after,
-        len(report.declined),
-    )
-    return work, report
+    return report, matches
 
 
 def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

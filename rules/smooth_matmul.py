@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.io import NameAllocator, graph_protos, named, named_copy, node_subgraphs
 from onnxshrink.engine.protos import splice_nodes
 from onnxshrink.errors import UsageError
 
@@ -148,7 +148,7 @@ def smoothable_tensors(
     Tensors in graph order; unnamed nodes are named as in the model `smooth_matmuls` returns.
     `keep_other_readers`: as in `smooth_matmuls` (case 1b).
     """
-    smoothable, _ = _analyse(named_copy(model), keep_other_readers)
+    smoothable, _ = _analyse(named(model), keep_other_readers)  # read only
     return {x: [node.name for node in readers] for x, readers in smoothable.items()}
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxshrink.engine.graph import (
+    const_spec,
     const_value,
     is_default_domain,
     make_constant,
@@ -75,13 +76,25 @@ def folded_name(name: str) -> str:
 
 @dataclass
 class LinearProducer:
-    """A Conv/ConvTranspose/Gemm/2-D MatMul whose weights are constants: what case 1 needs."""
+    """A Conv/ConvTranspose/Gemm/2-D MatMul whose weights are constants: what case 1 needs.
+
+    The weight's values are read only when a rewrite needs them (`weight`): deciding needs
+    its dtype and shape, and a bare shift folds without touching it, so a large model's
+    weights are not all loaded into arrays just to be checked.
+    """
 
     node: gs.Node
-    weight: np.ndarray
+    weight_tensor: gs.Tensor
+    dtype: np.dtype
     bias: np.ndarray | None
     channels: int  # output channels (axis 1 of the output)
     rank: int  # output rank
+
+    @property
+    def weight(self) -> np.ndarray:
+        value = const_value(self.weight_tensor)
+        assert value is not None  # checked by linear_producer
+        return np.asarray(value)
 
 
 def linear_producer(node: gs.Node, opset: int) -> LinearProducer | str:
@@ -90,10 +103,10 @@ def linear_producer(node: gs.Node, opset: int) -> LinearProducer | str:
         return f"input comes from {node.op}, not {'/'.join(LINEAR_PRODUCERS)}"
     if len(node.outputs) != 1:
         return f"{node.op} has several outputs"
-    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    w_tensor = node.inputs[1] if len(node.inputs) > 1 else None
+    w = const_spec(w_tensor)
     if w is None:
         return f"{node.op} weight is not a constant"
-    w = np.asarray(w)
     if w.dtype not in FLOAT_DTYPES:
         return f"{node.op} weight is not floating point ({w.dtype})"
     bias_tensor = optional_input(node, 2)
@@ -117,7 +130,7 @@ def linear_producer(node: gs.Node, opset: int) -> LinearProducer | str:
             return f"{node.op} output channels not divisible by group"
         if bias is not None and bias.shape != (channels,):
             return f"{node.op} bias shape {list(bias.shape)} is not [{channels}]"
-        return LinearProducer(node, w, bias, channels, w.ndim)
+        return LinearProducer(node, w_tensor, w.dtype, bias, channels, w.ndim)
     if w.ndim != 2:
         return f"{node.op} weight is not 2-D"
     if node.op == "MatMul":
@@ -126,19 +139,26 @@ def linear_producer(node: gs.Node, opset: int) -> LinearProducer | str:
             return "MatMul input A is not known to be 2-D"
         if opset < 7:
             return "Gemm with broadcast bias needs opset 7"
-        return LinearProducer(node, w, None, w.shape[1], 2)
+        return LinearProducer(node, w_tensor, w.dtype, None, w.shape[1], 2)
     channels = w.shape[0] if node.attrs.get("transB", 0) else w.shape[1]
     if bias is not None and bias.ndim > 2:
         return f"Gemm C has rank {bias.ndim}"
-    return LinearProducer(node, w, bias, channels, 2)
+    return LinearProducer(node, w_tensor, w.dtype, bias, channels, 2)
 
 
 def fold_output_affine(
     graph: gs.Graph, lp: LinearProducer, scale: np.ndarray, shift: np.ndarray
 ) -> None:
     """Make `lp.node` compute `node(x) * scale + shift` (per output channel) in place (cases 1, 2)."""
+    bias_hint = folded_name(_bias_hint(lp.node))  # before the weight gets its new name
+    if not np.all(scale == 1):  # a bare shift (a bias Add) leaves the weight as it is
+        _scale_weight(graph, lp, scale)
+    _fold_shift(graph, lp, scale, shift, bias_hint)
+
+
+def _scale_weight(graph: gs.Graph, lp: LinearProducer, scale: np.ndarray) -> None:
     node = lp.node
-    dtype = lp.weight.dtype
+    dtype = lp.dtype
     w = lp.weight.astype(np.float64)
     c = lp.channels
     if node.op == "Conv":
@@ -152,9 +172,15 @@ def fold_output_affine(
         w = w * scale[None, :]
     else:
         w = w * scale[:, None]
-    bias_hint = folded_name(_bias_hint(node))  # before the weight gets its new name
     node.inputs[1] = make_constant(graph, folded_name(node.inputs[1].name), w.astype(dtype))
 
+
+def _fold_shift(
+    graph: gs.Graph, lp: LinearProducer, scale: np.ndarray, shift: np.ndarray, bias_hint: str
+) -> None:
+    node = lp.node
+    dtype = lp.dtype
+    c = lp.channels
     if node.op in ("Conv", "ConvTranspose"):
         bias = np.zeros(c) if lp.bias is None else lp.bias.astype(np.float64)
         set_input(

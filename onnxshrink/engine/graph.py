@@ -15,6 +15,7 @@ constant operand holds (`const_value`, `scalar_constant`, `int_list`, `input_or_
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeGuard
 
 import numpy as np
@@ -239,6 +240,39 @@ def can_become_output(
     if producer is None or not in_graph(graph, producer, exact=True):
         return False
     return all(reader is ignoring for reader in tensor.outputs)
+
+
+@dataclass(frozen=True)
+class ConstSpec:
+    """The dtype and shape of a constant, known without reading its values."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def const_spec(tensor: gs.Tensor | None) -> ConstSpec | None:
+    """dtype and shape of a constant tensor (as `const_value` finds it), without loading it:
+    a lazily imported initializer stays on disk or in the model until a rewrite needs it."""
+    if tensor is None:
+        return None
+    constant: gs.Constant | None = tensor if isinstance(tensor, gs.Constant) else None
+    if constant is None:
+        producer = producer_of(tensor)
+        if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
+            value = producer.attrs["value"]
+            constant = value if isinstance(value, gs.Constant) else None
+    if constant is None:
+        return None
+    values = constant._values  # LazyValues and arrays both know dtype and shape
+    try:
+        dtype = np.dtype(values.dtype)
+    except TypeError:  # an ONNX type numpy lacks (gs gives its onnx enum): no float rewrite
+        dtype = np.dtype(np.void)
+    return ConstSpec(dtype, tuple(int(d) for d in values.shape))
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:

@@ -8,12 +8,15 @@ partial file; models over 2 GB are written with external data automatically.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import math
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -169,28 +172,25 @@ _DATA_FIELDS = (
 )  # fmt: skip
 
 
-def _check_tensor_data(model: onnx.ModelProto) -> None:
+def _check_tensor_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Refuse a tensor whose data does not match its declared type and dims, with one line.
 
-    Every tensor of `_all_tensors`, after external data is read: its data type must be one
-    onnx knows, its dims non-negative, and its data exactly as long as type and dims say
-    (raw_data in bytes, packed for sub-byte types; a typed field in values). onnx.checker
-    lets through raw_data longer than the dims need and unknown types, which later fail deep
-    inside a rule or ONNX Runtime. raw_data's length is read without keeping a copy.
+    Every tensor of `_all_tensors`, before external data is read (after
+    `_check_external_data`): its data type must be one onnx knows, its dims non-negative, and
+    its data exactly as long as type and dims say (raw_data in bytes, packed for sub-byte
+    types; a typed field in values; external data by its `length`, else the rest of its file
+    from `offset`). onnx.checker lets through raw_data longer than the dims need and unknown
+    types, which later fail deep inside a rule or ONNX Runtime. Nothing is read from external
+    files, and raw_data's length is taken without keeping a copy.
     """
     known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
     for tensor, where in _located_tensors(model):
-        if tensor.ByteSize() == 0:  # an unset sub-message (a sparse tensor's missing part)
+        if _unset(tensor):  # an unset sub-message (a sparse tensor's missing part)
             continue
         if where.startswith("initializer"):
             label = f"tensor {tensor.name!r}"
         else:
             label = f"tensor {tensor.name!r} ({where})" if tensor.name else f"the tensor of {where}"
-        if uses_external_data(tensor):
-            raise ModelLoadError(
-                f"{label} keeps external data where onnx does not read it (a sparse "
-                "tensor, a function's attribute default or a training graph); not supported"
-            )
         if tensor.data_type not in known:
             raise ModelLoadError(f"{label} has unknown data type {tensor.data_type}")
         if any(d < 0 for d in tensor.dims):
@@ -200,7 +200,7 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
         type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
         count = math.prod(tensor.dims)
         fields = [f for f in _DATA_FIELDS if f != "raw_data" and len(getattr(tensor, f))]
-        if tensor.HasField("raw_data"):
+        if tensor.HasField("raw_data") or uses_external_data(tensor):
             fields.append("raw_data")
         if len(fields) > 1:
             raise ModelLoadError(f"{label} holds data in more than one field ({', '.join(fields)})")
@@ -219,7 +219,7 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
                 itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
                 bits = 8 * itemsize
             need = -(-count * bits // 8)
-            have = len(tensor.raw_data)
+            have = _raw_length(tensor, base_dir)
             unit = "bytes"
         else:
             expected = _VALUE_FIELDS.get(type_name)
@@ -237,6 +237,40 @@ def _check_tensor_data(model: onnx.ModelProto) -> None:
             raise ModelLoadError(
                 f"{label} holds {have} {unit} of {field} where its type {type_name} "
                 f"and dims {list(tensor.dims)} need {need}"
+            )
+
+
+def _unset(tensor: onnx.TensorProto) -> bool:
+    """True for a TensorProto with nothing in it (ByteSize would encode a whole weight)."""
+    return not (
+        tensor.data_type
+        or len(tensor.dims)
+        or tensor.name
+        or tensor.HasField("raw_data")
+        or len(tensor.external_data)
+        or any(len(getattr(tensor, f)) for f in _DATA_FIELDS if f != "raw_data")
+    )
+
+
+def _raw_length(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    """Bytes of a tensor's raw data: in the file (what onnx will read) or in the message."""
+    if uses_external_data(tensor):
+        info = ExternalDataInfo(tensor)
+        if info.length is not None:
+            return int(info.length)
+        size = (base_dir / info.location).stat().st_size
+        return max(0, size - int(info.offset or 0))
+    return len(tensor.raw_data)
+
+
+def _check_all_external_data_read(model: onnx.ModelProto) -> None:
+    """After loading: refuse an external-data reference onnx left unread (a sparse tensor, a
+    function's attribute default, a training graph), which every later tool would trip on."""
+    for tensor, where in _located_tensors(model):
+        if uses_external_data(tensor):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} ({where}) keeps external data where onnx does not "
+                "read it; not supported"
             )
 
 
@@ -298,10 +332,14 @@ def _check_value_types(model: onnx.ModelProto) -> None:
             raise ModelLoadError(f"graph input or output {value.name!r} has no element type")
 
 
-def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
+def load_model(
+    path: str | os.PathLike[str], check: bool = True, data_files: list[Path] | None = None
+) -> onnx.ModelProto:
     """Load an ONNX model with its external data; raise ModelLoadError with one clear line.
 
-    The file is only read, never modified.
+    The file is only read, never modified. The checker runs before the external data is read,
+    on the model's structure only, so a model over protobuf's 2 GB limit loads too.
+    `data_files`, when given, receives the external-data files the model reads (resolved).
     """
     p = Path(path)
     if not p.exists():
@@ -319,22 +357,36 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
     try:
         _check_strings(model)
         _check_external_data(model, p.parent)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{p}: {exc}") from None
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except Exception as exc:
-        raise ModelLoadError(f"{p}: cannot read external data ({first_line(exc)})") from None
-    try:
-        _check_tensor_data(model)
+        _check_tensor_data(model, p.parent)
         _check_value_types(model)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{p}: {exc}") from None
     if check:
         try:
-            onnx.checker.check_model(model)
+            # With external data the checker reads the file (it finds the data beside it and
+            # needs no 2 GB message); without, the model in memory is the whole model.
+            has_external = any(uses_external_data(t) for t in _all_tensors(model))
+            onnx.checker.check_model(str(p) if has_external else model)
         except Exception as exc:
             raise ModelLoadError(f"{p}: invalid ONNX model: {first_line(exc)}") from None
+    if data_files is not None:
+        data_files.extend(
+            sorted(
+                {
+                    (p.parent / ExternalDataInfo(t).location).resolve()
+                    for t in _all_tensors(model)
+                    if uses_external_data(t)
+                }
+            )
+        )
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: cannot read external data ({first_line(exc)})") from None
+    try:
+        _check_all_external_data_read(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{p}: {exc}") from None
     return model
 
 
@@ -359,61 +411,305 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return dest
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write `model` to `path` atomically; large models get a `<name>.data` external-data file."""
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], avoid: Iterable[Path] = ()
+) -> Path:
+    """Write `model` to `path` atomically; a model over 2 GB gets an external-data file beside it.
+
+    1. Both files are written unnamed (O_TMPFILE where the filesystem has it), so a process
+       killed while writing leaves nothing behind; each gets its name only when complete.
+    2. The data file is `<name>.data`, unless that is a file in `avoid` (the input model's
+       own data files: renaming over one would break the input), then `<name>.1.data`, ...
+    3. The data file and then the model are renamed into place under an exclusive lock on the
+       folder, so two writers to one path never leave a model beside the other's data.
+    4. The model is never modified, nor copied whole (see `_write_model`).
+    """
     dest = check_output_path(path)
     folder = dest.parent
-    large = model.ByteSize() > _EXTERNAL_DATA_THRESHOLD if _can_size(model) else True
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    data_name = dest.name + ".data"
-    tmp_data = folder / (f".{data_name}.tmp")
+    data_name = (
+        _data_file_name(dest, avoid) if model_bytes(model) > _EXTERNAL_DATA_THRESHOLD else None
+    )
     try:
-        if large:
-            to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            onnx.save_model(
-                to_save,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=tmp_data.name,
-                size_threshold=1024,
-            )
-            # The model refers to the data file by name; rename the data to its final name
-            # and rewrite the reference before the model file itself goes into place.
-            _relocate_external_data(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, folder / data_name)
-        else:
-            onnx.save_model(model, str(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # the usual permissions, as cp gives, not mkstemp's 0600
-        os.replace(tmp, dest)
+        with _NewFile(folder) as model_file, _NewFile(folder, used=data_name) as data_file:
+            _write_model(model, model_file.fd, data_file.fd if data_name else None, data_name)
+            with _folder_lock(folder):
+                if data_name is not None:
+                    data_file.commit(folder / data_name)
+                model_file.commit(dest)
     except OSError as exc:
         raise UsageError(f"{dest}: cannot write output ({exc.strerror or exc})") from None
-    finally:
-        for leftover in (tmp, tmp_data):
-            if leftover.exists():
-                leftover.unlink()
-    logger.info("wrote %s", dest)
+    logger.info("wrote %s%s", dest, f" with external data {data_name}" if data_name else "")
     return dest
 
 
-def _relocate_external_data(model_path: Path, old: str, new: str) -> None:
-    m = onnx.load(str(model_path), load_external_data=False)
-    for tensor in _all_tensors(m):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    onnx.save_model(m, str(model_path))
+def write_model_files(model: onnx.ModelProto, dest: Path, data_name: str | None) -> None:
+    """Write `model` to `dest` (not atomically: a scratch copy), tensors over 1 KB to `data_name`
+    beside it when given. The model is not modified."""
+    with open(dest, "wb") as f:
+        if data_name is None:
+            _write_model(model, f.fileno(), None, None)
+            return
+        with open(dest.parent / data_name, "wb+") as data:
+            _write_model(model, f.fileno(), data.fileno(), data_name)
 
 
-def _can_size(model: onnx.ModelProto) -> bool:
+#: models over this many bytes reach ONNX Runtime as a file with a data file, not as bytes:
+#: no serialized copy in memory, and no 2 GB protobuf limit
+SESSION_FILE_BYTES = 256 * 2**20
+
+
+def inference_session(
+    model: onnx.ModelProto | str | os.PathLike[str], options: Any, providers: list[str]
+) -> Any:
+    """An onnxruntime.InferenceSession of `model` (a path, or a model in memory of any size).
+
+    A large model is written to a scratch folder with its weights in a data file and loaded
+    from there (the folder is removed once the session holds the weights).
+    """
+    import onnxruntime as ort
+
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if model_bytes(model) <= SESSION_FILE_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_model_files(model, path, "model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+#: tensors over this many bytes go to the data file when a model is written with external data
+_EXTERNAL_TENSOR_BYTES = 1024
+#: offsets in the data file are multiples of this (ORT can then map weights from the file)
+_DATA_ALIGNMENT = 4096
+
+
+def _write_model(
+    model: onnx.ModelProto, model_fd: int, data_fd: int | None, data_name: str | None
+) -> None:
+    """Serialize `model` to `model_fd`; with `data_fd`, its large initializers' bytes go there.
+
+    The model is never modified or copied whole: the file gets a skeleton (`skeleton`) whose
+    large initializers point into the data file, and their bytes are written one tensor at a
+    time. (Clearing and refilling the tensors in place would not do: protobuf keeps a cleared
+    field's memory until the whole message is freed, so every write would grow the model.)
+    """
+    if data_fd is None:
+        _write_all(model_fd, model.SerializeToString())
+        return
+    assert data_name is not None
+    offset = 0
+
+    def externalize(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
+        nonlocal offset
+        raw = (
+            tensor.raw_data
+            if tensor.HasField("raw_data")
+            else onnx.numpy_helper.to_array(tensor).tobytes()
+        )
+        offset = -(-offset // _DATA_ALIGNMENT) * _DATA_ALIGNMENT
+        _pwrite_all(data_fd, raw, offset)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (
+            ("location", data_name),
+            ("offset", str(offset)),
+            ("length", str(len(raw))),
+        ):
+            stub.external_data.add(key=key, value=value)
+        offset += len(raw)
+
+    _write_all(model_fd, skeleton(model, externalize).SerializeToString())
+
+
+def skeleton(
+    model: onnx.ModelProto,
+    large: Callable[[onnx.TensorProto, onnx.TensorProto], None] | None = None,
+    threshold: int = _EXTERNAL_TENSOR_BYTES,
+) -> onnx.ModelProto:
+    """A copy of `model` without the data of its initializers over `threshold` bytes.
+
+    Those keep their name, dtype and dims, so the copy describes the graph (inputs, shapes,
+    table sizes) but cannot run; `large(tensor, stub)` may fill each stub (with an external
+    data reference, say). Only the main graph's initializers are left out: subgraph weights
+    are small in practice and come along with their nodes. Never copies a large tensor.
+    """
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.STRING or tensor_bytes(tensor) <= threshold:
+            out.graph.initializer.append(tensor)
+            continue
+        stub = out.graph.initializer.add()
+        stub.name = tensor.name
+        stub.data_type = tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.doc_string = tensor.doc_string
+        if large is not None:
+            large(tensor, stub)
+    return out
+
+
+def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`skeleton(model)` with the large initializers turned into typed graph inputs.
+
+    A valid model of the same graph without the weights' bytes: onnx's checker and shape
+    inference take it whatever the model's size (they serialize what they are given).
+    """
+    stubs: list[onnx.TensorProto] = []
+    light = skeleton(model, lambda _tensor, stub: stubs.append(stub))
+    names = {s.name for s in stubs}
+    kept = [t for t in light.graph.initializer if t.name not in names]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    declared = {v.name for v in light.graph.input}
+    for stub in stubs:
+        if stub.name not in declared:
+            light.graph.input.append(
+                onnx.helper.make_tensor_value_info(stub.name, stub.data_type, list(stub.dims))
+            )
+    return light
+
+
+def _copy_field(dst: Any, field: Any, value: Any) -> None:
+    if field.is_repeated:
+        getattr(dst, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialized size, from its tensors' dims where they hold raw bytes.
+
+    Never `model.ByteSize()` on a large model: protobuf (upb) computes it by encoding the
+    whole message, which for 2 GB of weights takes seconds and doubles the memory held (and
+    fails past 2 GB). Exact for models under `SESSION_FILE_BYTES`; above, within a few bytes
+    per tensor.
+    """
+    total = 0
+    for graph in graph_protos(model.graph):
+        total += sum(tensor_bytes(t) for t in graph.initializer)
+        total += sum(n.ByteSize() for n in graph.node if n.op_type != "Constant")
+        total += sum(
+            tensor_bytes(a.t)
+            for n in graph.node
+            if n.op_type == "Constant"
+            for a in n.attribute
+            if a.type == onnx.AttributeProto.TENSOR
+        )
+        total += sum(v.ByteSize() for v in (*graph.input, *graph.output, *graph.value_info))
+    total += sum(f.ByteSize() for f in model.functions)
+    return model.ByteSize() if total < SESSION_FILE_BYTES else total  # small: exact, cheap
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's serialized size, from its dims when it holds raw bytes (no encoding)."""
+    if tensor.HasField("raw_data"):
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:  # a type numpy lacks: let protobuf size it
+            return tensor.ByteSize()
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        return count * itemsize + len(tensor.name) + 16
+    return tensor.ByteSize()
+
+
+def _data_file_name(dest: Path, avoid: Iterable[Path]) -> str:
+    """`<dest>.data`, or `<dest>.N.data` when that name is one of the files in `avoid`."""
+    taken = {p.resolve() for p in avoid}
+    name, n = f"{dest.name}.data", 0
+    while (dest.parent / name).resolve() in taken:
+        n += 1
+        name = f"{dest.name}.{n}.data"
+    return name
+
+
+class _NewFile:
+    """A file written without a name, linked into place by `commit` only once complete.
+
+    With O_TMPFILE (Linux) the file has no name at all until `commit`, so a process killed
+    while writing leaves nothing; elsewhere it is a hidden `.onnxshrink.*.tmp` file, removed
+    on any failure. `used=None` makes a placeholder that opens nothing.
+    """
+
+    def __init__(self, folder: Path, used: object = True) -> None:
+        self.folder = folder
+        self.fd = -1
+        self.named: Path | None = None
+        if used is None:
+            return
+        try:
+            self.fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)
+        except (AttributeError, OSError) as exc:  # no O_TMPFILE on this system or filesystem
+            if isinstance(exc, OSError) and exc.errno not in _NO_TMPFILE:
+                raise
+            self.named = folder / f".onnxshrink.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            self.fd = os.open(self.named, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+
+    def __enter__(self) -> _NewFile:
+        return self
+
+    def commit(self, dest: Path) -> None:
+        """Flush the file to disk and rename it to `dest` (replacing what is there)."""
+        os.fsync(self.fd)
+        if self.named is None:
+            self.named = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.tmp"
+            # linkat(AT_SYMLINK_FOLLOW) through /proc gives the unnamed file its name; a plain
+            # link() would try to link the /proc symlink itself (EXDEV)
+            proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.link(str(self.fd), self.named, src_dir_fd=proc, follow_symlinks=True)
+            finally:
+                os.close(proc)
+        os.replace(self.named, dest)
+        self.named = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        if self.named is not None:
+            self.named.unlink(missing_ok=True)
+
+
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file left behind), where supported."""
     try:
-        model.ByteSize()
-    except Exception:
-        return False
-    return True
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        # a filesystem without flock: the renames are still atomic one by one
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -424,6 +720,12 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    return name_nodes(work)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Name every unnamed node of `model` in place, as `named_copy` does; returns `model`."""
+    work = model
     graphs = list(graph_protos(work.graph))
     used = {n.name for g in graphs for n in g.node if n.name}
     for graph in graphs:
@@ -476,16 +778,49 @@ def with_outputs(
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
+    _add_outputs(copy, names, elem_types)
+    return copy
+
+
+@contextmanager
+def outputs_added(
+    model: onnx.ModelProto, names: Iterable[str], elem_types: dict[str, int] | None = None
+) -> Iterator[onnx.ModelProto]:
+    """`model` itself with the tensors `names` added as graph outputs, for the `with` block.
+
+    What `with_outputs` gives without copying the model (a large model's weights): make the
+    session inside the block; the outputs are taken off again when it ends.
+    """
+    count = len(model.graph.output)
+    _add_outputs(model, names, elem_types)
+    try:
+        yield model
+    finally:
+        del model.graph.output[count:]
+
+
+def _add_outputs(
+    model: onnx.ModelProto, names: Iterable[str], elem_types: dict[str, int] | None
+) -> None:
+    have = {o.name for o in model.graph.output}
     for name in names:
         if name in have:
             continue
-        value = onnx.ValueInfoProto(name=name)
+        value = model.graph.output.add(name=name)
         if elem_types and name in elem_types:
             value.type.tensor_type.elem_type = elem_types[name]
-        copy.graph.output.append(value)
         have.add(name)
-    return copy
+
+
+def named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when every node (subgraphs too) has a name, else `named_copy(model)`.
+
+    For callers that only read: a model named once (as lossy stages do first) is not copied
+    again on every call, which for a large model is a copy of all its weights.
+    """
+    if all(n.name for g in graph_protos(model.graph) for n in g.node):
+        return model
+    return named_copy(model)
 
 
 def _umask() -> int:

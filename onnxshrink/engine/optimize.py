@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import Counter
@@ -32,9 +33,19 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxshrink.engine.graph import all_graphs, pack_subbyte_constants
-from onnxshrink.engine.io import check_output_path, graph_protos, load_model, save_model
+from onnxshrink.engine.io import (
+    SESSION_FILE_BYTES,
+    check_output_path,
+    graph_protos,
+    load_model,
+    model_bytes,
+    save_model,
+    skeleton,
+    structure_only,
+)
 from onnxshrink.engine.passes import (
     BrokenPassError,
     Pass,
@@ -116,7 +127,7 @@ class ModelSummary:
                         params += int(np.prod(attr.t.dims)) if attr.t.dims else 1
 
         walk(model.graph)
-        return cls(len(model.graph.node), total, inits, params, model.ByteSize(), ops)
+        return cls(len(model.graph.node), total, inits, params, model_bytes(model), ops)
 
 
 @dataclass
@@ -154,19 +165,69 @@ _TIERS: tuple[dict[str, object], ...] = (
 _SCALE_FOLD_RULES = ("fold-batchnorm", "fold-affine-into-producer", "fold-affine-into-conv")
 
 
-def export_graph(graph: gs.Graph) -> onnx.ModelProto:
+#: constants over this many bytes are exported one at a time, not by onnx-graphsurgeon
+EXPORT_DIRECT_BYTES = 1 << 20
+
+
+def export_graph(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
     """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`),
     sub-byte constants packed (`pack_subbyte_constants`) and empty list attributes kept
-    (`_mark_empty_lists`)."""
+    (`_mark_empty_lists`).
+
+    Large constants of the main graph are left out of gs's export (typed stand-ins take their
+    place) and appended to the exported graph one by one: gs builds every initializer in a
+    list and `make_graph` then copies the list, so a model's weights would be held twice over
+    on top of the graph's own (issue 9, 4: 7x the model's size at the peak on a big model).
+    With `consume` (the graph's last export), each constant's array is let go once its bytes
+    are in the model, so that the arrays and the model never both hold all the weights.
+    """
     pack_subbyte_constants(graph)
     marked = _mark_empty_lists(graph)
     try:
-        model = gs.export_onnx(graph, do_type_check=False)
+        model = _export(graph, consume)
     finally:
         for node, key in marked:
             node.attrs[key] = []
     _restore_empty_lists(model.graph)
     _hoist_shared_initializers(model.graph)
+    return model
+
+
+def _export(graph: gs.Graph, consume: bool) -> onnx.ModelProto:
+    """`export_graph`'s export proper: gs's, with large constants appended one at a time."""
+    direct = [
+        t
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Constant)
+        and _constant_bytes(t) > EXPORT_DIRECT_BYTES
+        and (isinstance(t._values, LazyValues) or t.values.dtype.kind in "fiub")
+    ]
+    if not direct:
+        return gs.export_onnx(graph, do_type_check=False)
+    if consume:
+        gc.collect()  # copies of the graph made by earlier passes may still share its arrays
+    light = graph.copy()
+    stand_ins = light.tensors()
+    for tensor in direct:
+        stand_in = stand_ins[tensor.name]
+        stand_in.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
+        stand_in.type = "tensor_type"  # to_variable leaves Variable.type unset
+        stand_in.__dict__.pop("_values", None)  # nor does it let go of the array
+    model = gs.export_onnx(light, do_type_check=False)
+    del light
+    names = {t.name for t in direct}
+    infos = [v for v in model.graph.value_info if v.name not in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
+    for tensor in direct:
+        init = model.graph.initializer.add()
+        if isinstance(tensor._values, LazyValues):  # never loaded: the source's own tensor
+            init.CopyFrom(tensor._values.tensor)
+        else:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(tensor.values)))
+        init.name = tensor.name
+        if consume:
+            tensor._values = LazyValues(init)
     return model
 
 
@@ -307,6 +368,7 @@ def _shape_inference_pass() -> Pass:
                     if _constant_bytes(tensor) > INFERENCE_CONSTANT_BYTES:
                         tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
                         tensor.type = "tensor_type"  # to_variable leaves Variable.type unset
+                        tensor.__dict__.pop("_values", None)  # nor lets go of the array
                         stand_ins.append(tensor)
                 elif id(tensor) not in kept:
                     tensor.shape = None  # stale after rewrites: inference recomputes it
@@ -446,8 +508,8 @@ def rewrite_model(
     stats = PassStats()
     ctx = RuleContext(graph, graph, default_opset(model), stats, dict(options or {}))
 
-    def finish(graph: gs.Graph) -> onnx.ModelProto:
-        out = export_graph(graph)
+    def finish(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
+        out = export_graph(graph, consume)
         out.graph.initializer.extend(overridable.values())
         _carry_metadata(model, out)
         return out
@@ -457,7 +519,8 @@ def rewrite_model(
         [_shape_inference_pass(), *passes], max_steps=max_steps, check_between=verifier
     )
     result = manager(graph, ctx)
-    return finish(result.graph.cleanup(remove_unused_graph_inputs=False).toposort()), stats
+    final = result.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return finish(final, consume=True), stats
 
 
 def _overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -593,7 +656,17 @@ def optimize(
         )
     task_metric = load_metric(metric) if metric is not None else None
     source_path = Path(model) if isinstance(model, (str, Path)) else None
-    original = load_model(Path(model)) if isinstance(model, (str, Path)) else model
+    input_data_files: list[Path] = []  # the input's own external data: never written over
+    original = (
+        load_model(Path(model), data_files=input_data_files)
+        if isinstance(model, (str, Path))
+        else model
+    )
+    before = ModelSummary.of(original)
+    # A large model is held once (issue 9, 4): optimize rewrites the model it loaded itself
+    # instead of a copy, ONNX Runtime reads the original from its file, and the pre-rewrite
+    # weights are dropped once the rewrite is done (a retry loads them again).
+    large = source_path is not None and model_bytes(original) > SESSION_FILE_BYTES
     if mask_input is not None:
         find_mask_input(original, mask_input)  # a bad --mask-input fails before any work
     if output is not None:
@@ -603,37 +676,52 @@ def optimize(
             )
         check_output_path(output)
 
-    work = onnx.ModelProto()
-    work.CopyFrom(original)
+    def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+        """The model to rewrite: `model` with the opset and input shapes asked for."""
+        if opset is not None:
+            model = convert_opset(model, opset)
+        if input_shapes:
+            pin_input_shapes(model, input_shapes)
+        return model
+
+    if source_path is not None:
+        loaded = prepared(original)  # loaded here: nobody else holds it
+    else:
+        loaded = onnx.ModelProto()
+        loaded.CopyFrom(original)
+        loaded = prepared(loaded)
+    # `spec` describes the model (inputs, shapes, outputs) to everything but the rewrite; for a
+    # large model it is a skeleton without the weights, so that only `work` holds them
+    spec = skeleton(loaded) if large else loaded
+    work: onnx.ModelProto | None = loaded
+    del loaded
+    if large:
+        original = spec
     notes: list[str] = []
     if original.ir_version < 4:
         notes.append(
             f"IR version {original.ir_version} raised to 4: initializers are constants, no "
             "longer listed among the graph inputs"
         )
-    if opset is not None:
-        work = convert_opset(work, opset)
-    if input_shapes:
-        pin_input_shapes(work, input_shapes)
     if inputs is not None and not isinstance(inputs, (str, Path)):
         inputs = list(inputs)  # may be one-shot, and a retry reads it again
     calibration = None
     if quantize is not None:
         # read up front (file headers, loader import) so that bad data fails before any work
         assert calibration_data is not None  # refused above
-        calibration = as_calibration_data(calibration_data, work, calibration_batch)
+        calibration = as_calibration_data(calibration_data, spec, calibration_batch)
 
     # an .npz holding many samples is split along axis 0 into batches the model accepts;
     # the file headers are checked now, so a bad --inputs fails before any work
     batches = (
-        InputBatches(inputs, work, max_batch=calibration_batch)
+        InputBatches(inputs, spec, max_batch=calibration_batch)
         if isinstance(inputs, (str, Path))
         else None
     )
 
     def feeds() -> Iterable[dict[str, np.ndarray]]:
         if inputs is None:
-            return (generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples))
+            return (generate_inputs(spec, input_shapes, seed=seed + i) for i in range(samples))
         if isinstance(inputs, (str, Path)):
             assert batches is not None  # made from the path above
             return batches
@@ -641,19 +729,30 @@ def optimize(
 
     step_check = None
     if debug_verify:
-        generated = [generate_inputs(work, input_shapes, seed=seed + i) for i in range(samples)]
+        generated = [generate_inputs(spec, input_shapes, seed=seed + i) for i in range(samples)]
         step_check = StepCheck(generated, rtol=rtol, atol=atol, time_limit=time_limit)
 
     parity = None
     failures: list[str] = []
-    reference = Reference(original)  # one session and one run per feed, whatever the retries
+    # one session and one run per feed, whatever the retries
+    reference = Reference(source_path if source_path is not None else original)
+    if large and verify:
+        with _nothing_written_past_time_limit():
+            # its outputs now, so that two sessions never coexist
+            reference.prime(feeds(), time_limit)
     for tier, options in enumerate(_TIERS):
         last_tier = tier + 1 == len(_TIERS)
+        if work is None:  # dropped after the last tier's rewrite: load it again
+            assert source_path is not None  # only a model loaded here is dropped
+            work = prepared(load_model(source_path, check=False))
         try:
             with _nothing_written_past_time_limit():
                 rewritten, stats = rewrite_model(
                     work, passes, options=options, step_check=step_check
                 )
+            if large:
+                work = None  # the rewritten model holds the weights now
+                gc.collect()  # the rewrite's graph is a web of cycles: free its arrays now
         except BrokenPassError as exc:
             # Rounding from weight rescaling is what the tiers are for (see _TIERS).
             if (
@@ -668,7 +767,7 @@ def optimize(
                 f"{exc}; nothing written", exc.pass_name, exc.kind, exc.rules
             ) from exc.__cause__
         try:
-            onnx.checker.check_model(rewritten)
+            onnx.checker.check_model(structure_only(rewritten) if large else rewritten)
         except Exception as exc:
             raise OnnxShrinkError(
                 f"internal error: the rewritten model is invalid ({exc}); nothing written"
@@ -772,10 +871,10 @@ def optimize(
         else:
             notes.append("quantized model not checked against the original (--no-verify)")
 
-    written = save_model(final, output) if output is not None else None
+    written = save_model(final, output, avoid=input_data_files) if output is not None else None
     return OptimizeResult(
         model=final,
-        before=ModelSummary.of(original),
+        before=before,
         after=ModelSummary.of(final),
         stats=stats,
         parity=parity,

@@ -10,6 +10,7 @@ import logging
 
 import onnx
 
+from onnxshrink.engine.io import SESSION_FILE_BYTES, model_bytes, structure_only
 from onnxshrink.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,26 @@ def pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference with data propagation; on failure, the model without new shapes."""
+    """onnx shape inference with data propagation; on failure, the model without new shapes.
+
+    A large model (over `SESSION_FILE_BYTES`) is not serialized whole (onnx's inference copies
+    what it is given, and cannot past 2 GB): inference runs on its structure (`structure_only`)
+    and the shapes found are set on `model` itself, which is returned.
+    """
+
+    large = model_bytes(model) > SESSION_FILE_BYTES
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            structure_only(model) if large else model, strict_mode=False, data_prop=True
+        )
     except Exception as exc:  # inference is an aid, never a requirement
         logger.info("shape inference failed, continuing without: %s", exc)
         return model
+    if not large:
+        return inferred
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -91,7 +91,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +99,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import with_outputs
+from onnxshrink.engine.io import inference_session, outputs_added
 from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import UsageError, first_line
 from onnxshrink.quant.schemes import Scheme
@@ -937,16 +936,11 @@ def _calibration_session(
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    copy = with_outputs(model, outputs, types)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        if copy.ByteSize() < 2**31 - 2**24:
-            return ort.InferenceSession(copy.SerializeToString(), options, providers=providers)
-        with tempfile.TemporaryDirectory() as tmp:  # past protobuf's 2 GB: external data
-            path = Path(tmp) / "calibration.onnx"
-            onnx.save(copy, path, save_as_external_data=True, location="calibration.data")
-            return ort.InferenceSession(str(path), options, providers=providers)
+        with outputs_added(model, outputs, types) as observed:
+            return inference_session(observed, options, providers)
     except Exception as exc:
         raise UsageError(
             f"calibration: ONNX Runtime cannot load the model: {first_line(exc)}"

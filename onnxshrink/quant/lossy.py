@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import named_copy
+from onnxshrink.engine.io import inference_session, named_copy
 from onnxshrink.engine.protos import compile_excludes
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.budget import decline_fewest, isolate, rank
@@ -429,9 +429,7 @@ def speed_check(
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+        return inference_session(model, options, ["CPUExecutionProvider"])
 
     models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
     sessions = [session(m) for m in models]

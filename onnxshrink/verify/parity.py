@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxshrink.engine.io import inference_session
 from onnxshrink.errors import TimeLimitError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
@@ -472,13 +473,9 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 0
-    if isinstance(model, (str, Path)):
-        src: str | bytes = str(model)
-    elif isinstance(model, bytes):
-        src = model
-    else:
-        src = model.SerializeToString()
-    return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return inference_session(model, options, ["CPUExecutionProvider"])
 
 
 def check_time_limit(time_limit: float | None) -> None:
@@ -976,6 +973,7 @@ class Reference:
         self.model = model
         self.cache_bytes = cache_bytes
         self._session = None
+        self._names: list[str] | None = None
         self._cache: dict[int, list[np.ndarray]] = {}
         self._cached = 0
 
@@ -985,6 +983,36 @@ class Reference:
         if self._session is None:
             self._session = ort_session(self.model)
         return self._session
+
+    @property
+    def output_names(self) -> list[str]:
+        """The model's output names (from its session, which this creates if needed)."""
+        if self._names is None:
+            self._names = [o.name for o in self.session.get_outputs()]
+        return self._names
+
+    def prime(
+        self, feeds: Iterable[dict[str, np.ndarray]], time_limit: float | None = None
+    ) -> bool:
+        """Run every feed now and close the session, when all the outputs fit the cache.
+
+        For a large model: its session then never coexists with the candidate's, which would
+        hold the weights twice. Returns whether every output was kept; a run that fails
+        stops here (the parity check then meets the failure and reports it), except a run past
+        `time_limit` seconds, which raises TimeLimitError (`run_with_limit`).
+        """
+        try:
+            self.output_names  # noqa: B018 (creates the session and keeps the names)
+            for index, feed in enumerate(feeds):
+                self.run(index, feed, time_limit)
+                if index not in self._cache:
+                    return False
+        except TimeLimitError:
+            raise
+        except Exception:
+            return False
+        self._session = None
+        return True
 
     def run(
         self,
@@ -1044,14 +1072,13 @@ def check_parity(
 
     ref = reference if isinstance(reference, Reference) else Reference(reference, cache_bytes=0)
     try:
-        ref_sess = ref.session
+        names = ref.output_names
     except Exception as exc:
         return failed(False, f"ONNX Runtime cannot load the {ref_label} model: {first_line(exc)}")
     try:
         cand_sess = ort_session(candidate)
     except Exception as exc:
         return failed(False, f"ONNX Runtime cannot load the {cand_label} model: {first_line(exc)}")
-    names = [o.name for o in ref_sess.get_outputs()]
     cand_names = [o.name for o in cand_sess.get_outputs()]
     if set(names) != set(cand_names):
         only_ref = [n for n in names if n not in cand_names]

