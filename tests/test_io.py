@@ -409,3 +409,18 @@ def test_bad_unnamed_tensor_is_named_by_its_node(tmp_path, conv_bn_model):
         match=r"the tensor of attribute 'value' of node 'consts' \(Constant\) holds 11 bytes",
     ):
         load_model(path)
+
+
+def test_external_data_shorter_than_its_dims_is_refused_unread(
+    tmp_path, conv_bn_model, monkeypatch
+):
+    """The size check of issue 9, 9 covers external data too, from the file's size (no read)."""
+    (tmp_path / "weights.bin").write_bytes(np.ones(10, np.float32).tobytes())
+    path = _with_external_data(tmp_path, conv_bn_model, "weights.bin")  # dims 64x64
+    read = []
+    monkeypatch.setattr(onnx, "load_external_data_for_model", lambda *a: read.append(a))
+    with pytest.raises(
+        ModelLoadError, match=r"tensor 'big' holds 40 bytes of raw_data .* need 16384"
+    ):
+        load_model(path)
+    assert read == []
