@@ -23,6 +23,10 @@ class ParityError(OnnxShrinkError):
     """The rewritten model's outputs moved more than the tolerance allows."""
 
 
+class TimeLimitError(OnnxShrinkError):
+    """An ONNX Runtime run of a check took longer than its time limit (`--time-limit`)."""
+
+
 def first_line(exc: BaseException, limit: int = 400) -> str:
     """The first line of an exception's message (ORT's are long), or its type when empty."""
     text = str(exc).strip()

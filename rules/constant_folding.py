@@ -26,7 +26,11 @@ Five steps per graph (the main graph and every If/Loop/Scan body):
    folds in a 12 MB model; nothing can add more than that fraction to the file)
    (ConstantOfShape, Expand, Tile, Range, broadcasting, Cast to a wider type; an input read by
    k nodes counts for 1/k of its size), so that folding never inflates the model; its readers
-   then are not folded either. Random ops, Dropout and nodes with subgraphs are never folded;
+   then are not folded either. A node whose arithmetic would take long is excluded as well
+   (`_MAX_FOLD_MACS` multiply-adds for Conv, ConvTranspose, MatMul and Gemm, from their input
+   shapes): two constant weights can describe hours of work in a few megabytes, and folding
+   runs in-process with no time limit. Random ops, Dropout and nodes with subgraphs (a Loop's
+   trip count may be 2^63 - 1) are never folded;
    neither are QuantizeLinear/DequantizeLinear (kept as they are by onnx-graphsurgeon). gs is
    called once per graph, with `fold_shapes=False` (step 1 does that) and without flattening
    Ifs, because it does not pass the exclusion callback down to subgraphs itself; a subgraph
@@ -79,6 +83,7 @@ from onnxshrink.engine.graph import (
     make_constant,
     node_owners,
     optional_input,
+    pack_subbyte_constants,
     producer_of,
     redirect_readers,
     subgraphs_of,
@@ -96,6 +101,8 @@ _GROWTH_ALLOWANCE = 1024
 _GROWTH_BUDGET = 0.005
 #: shape values longer than this are not tracked (case 1)
 _MAX_TRACKED = 64
+#: multiply-adds a fold may cost (case 3); about a tenth of a second on one core
+_MAX_FOLD_MACS = 2**28
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {
     "QuantizeLinear",
@@ -494,6 +501,7 @@ def _fold_with_gs(
     if not any(_all_inputs_constant(node) and not excluded(node) for node in graph.nodes):
         return []
     watched = [t for node in graph.nodes if node.op != "Constant" for t in node.outputs]
+    pack_subbyte_constants(graph)  # gs exports the graph to run it
     # A subgraph carries no IR version of its own; gs would export it with onnx's newest,
     # which ONNX Runtime may not read yet.
     own_ir_version = graph.ir_version
@@ -531,7 +539,29 @@ def _excluded(node: gs.Node, readers: dict[str, int], budget: _Budget) -> bool:
     """
     if node.op in _NEVER_FOLD or not is_default_domain(node) or has_subgraphs(node):
         return True
-    return _grows(node, readers, budget)
+    # the cost first: _grows charges the growth budget for what it lets through
+    return _too_costly(node) or _grows(node, readers, budget)
+
+
+def _too_costly(node: gs.Node) -> bool:
+    """True when a Conv/ConvTranspose/MatMul/Gemm needs more than `_MAX_FOLD_MACS`
+    multiply-adds, or its shapes are unknown (case 3)."""
+    if node.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or len(node.inputs) < 2:
+        return False
+    shapes = [t.shape for t in (*node.inputs[:2], node.outputs[0])]
+    if not all(s is not None and all(is_static_dim(d) for d in s) for s in shapes):
+        return True
+    data, weight, out = ([int(d) for d in s] for s in shapes)
+    if node.op == "Conv":  # every output element reads C/group * kernel weights
+        macs = math.prod(out) * math.prod(weight[1:])
+    elif node.op == "ConvTranspose":  # every input element is spread over a kernel
+        macs = math.prod(data) * math.prod(weight[1:])
+    elif node.op == "Gemm":
+        inner = data[0] if int(node.attrs.get("transA", 0)) else data[-1]
+        macs = math.prod(out) * inner
+    else:
+        macs = math.prod(out) * (data[-1] if data else 1)
+    return macs > _MAX_FOLD_MACS
 
 
 def _grows(node: gs.Node, readers: dict[str, int], budget: _Budget) -> bool:
@@ -729,6 +759,7 @@ def _restore_constant_nodes(constant_nodes: list[tuple[gs.Node, gs.Tensor]]) -> 
     for node, tensor in constant_nodes:
         if isinstance(tensor, gs.Constant) and not tensor.inputs and not node.outputs:
             tensor.to_variable(dtype=tensor.dtype, shape=list(tensor.shape))
+            tensor.type = "tensor_type"  # to_variable leaves it unset, and export reads it
             node.outputs.append(tensor)
 
 
@@ -740,6 +771,7 @@ def _produce_by_constant_node(graph: gs.Graph, tensor: gs.Constant) -> None:
     """
     values = np.asarray(tensor.values)
     tensor.to_variable(dtype=values.dtype, shape=list(values.shape))
+    tensor.type = "tensor_type"  # to_variable leaves it unset, and export reads it
     name = unique_name(graph, f"{tensor.name}_constant")
     value = gs.Constant(f"{name}_value", values)
     graph.nodes.append(gs.Node("Constant", name=name, attrs={"value": value}, outputs=[tensor]))

@@ -164,3 +164,16 @@ def _node_key(node: onnx.NodeProto) -> tuple:
         else:
             attrs.append((attr.name, attr.SerializeToString()))
     return (node.domain, node.op_type, tuple(node.input), tuple(node.output), tuple(sorted(attrs)))
+
+
+def endless_loop_model() -> onnx.ModelProto:
+    """y = x after a Loop whose trip count is INT64_MAX: ONNX Runtime would run it forever."""
+    return make_model("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[2] x) => (float[2] y) {
+    n = Constant<value = int64 {9223372036854775807}>()
+    c = Constant<value = bool {1}>()
+    y = Loop(n, c, x) <body = body (int64 i, bool cin, float[2] v) => (bool cout, float[2] w) {
+        cout = Identity(cin)
+        w = Identity(v)
+    }>
+}""")

@@ -219,3 +219,74 @@ def test_minor_bad_inputs_are_one_line_exit_2(tmp_path, conv_bn_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: setattr(t, "data_type", 99), "unknown data type 99"),
+        (lambda t: setattr(t, "raw_data", t.raw_data + b"\0" * 4), "holds 20 bytes of raw_data"),
+    ],
+)
+def test_bad_tensor_data_is_exit_2_not_an_internal_error(tmp_path, conv_bn_model, corrupt, message):
+    """Issue 9, 9: an unknown data type, or initializer data longer than its dims say."""
+    import onnx
+
+    corrupt(conv_bn_model.graph.initializer[0])
+    path = tmp_path / "bad.onnx"
+    onnx.save_model(conv_bn_model, str(path))
+    result = _run("optimize", str(path), "-o", str(tmp_path / "o.onnx"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "'gamma'" in result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_parity_run_past_the_time_limit_is_one_line_exit_1(tmp_path):
+    """Issue 9, 7: a Loop with trip count INT64_MAX no longer hangs optimize or parity."""
+    import onnx
+
+    from tests.helpers import endless_loop_model
+
+    path = tmp_path / "loop.onnx"
+    onnx.save_model(endless_loop_model(), str(path))
+    out = tmp_path / "o.onnx"
+    result = _run("optimize", str(path), "-o", str(out), "--time-limit", "0.5")
+    assert result.exit_code == 1, result.output
+    assert (
+        "exceeded the time limit of 0.5 s" in result.output and "nothing written" in result.output
+    )
+    assert result.output.count("\n") == 1
+    assert not out.exists()
+    parity = _run("parity", str(path), str(path), "--time-limit", "0.5", "--samples", "1")
+    assert parity.exit_code == 1, parity.output
+    assert "exceeded the time limit of 0.5 s (the reference model" in parity.output
+    assert parity.output.count("\n") == 1
+
+
+def test_time_limit_is_documented_in_help():
+    for command in ("optimize", "parity"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert "--time-limit" in result.output
+
+
+@pytest.mark.parametrize("place", ["function body", "sparse initializer values"])
+def test_external_data_outside_the_folder_anywhere_is_exit_2(tmp_path, conv_bn_model, place):
+    """Issue 9, 8: a reference out of the folder in a function body or a sparse tensor."""
+    import onnx
+
+    from tests.test_io import _external_tensor, _place_external
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "link.bin").symlink_to(secret)
+    _place_external(conv_bn_model, place, _external_tensor("link.bin"))
+    path = folder / "ext.onnx"
+    onnx.save_model(conv_bn_model, str(path))
+    result = _run("optimize", str(path), "-o", str(tmp_path / "o.onnx"))
+    assert result.exit_code == 2, result.output
+    assert "outside the model's folder" in result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "o.onnx").exists()

@@ -180,6 +180,118 @@ def test_input_with_default_stays_an_overridable_input():
     )
 
 
+def test_ir3_model_comes_out_as_ir4():
+    """Found by bench/fuzz.py: IR 3 required every initializer to be an input too, so every
+    rewritten IR 3 model was invalid (an internal error). Its initializers are constants."""
+    rng = np.random.default_rng(4)
+    model = make_model(
+        """
+        <ir_version: 3, opset_import: ["" : 8]>
+        agraph (float[1,3,8,8] x, float[4,3,3,3] w, float[4] b) => (float[1,4,8,8] y) {
+            c = Conv <pads = [1,1,1,1]> (x, w, b)
+            i = Identity (c)
+            y = Relu (i)
+        }
+        """,
+        {
+            "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+            "b": rng.normal(size=4).astype(np.float32),
+        },
+    )
+    result = onnxshrink.optimize(model)
+    out = result.model
+    assert out.ir_version == 4 and any("IR version 3 raised to 4" in n for n in result.notes)
+    assert histogram(out) == {"Conv": 1, "Relu": 1}
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert result.parity is not None and result.parity.passed
+
+
+def test_input_that_is_also_an_output_keeps_its_input_type():
+    """Found by bench/fuzz.py: an int64 input also listed as an output declared float took the
+    output's type on the way out, so ORT could not load the result (the Equal reading it)."""
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (int64[1] sr, float[2] x) => (float[2] y) {
+            c = Constant <value = int64[1] {16000}> ()
+            e = Equal (sr, c)
+            n = Neg (x)
+            i = Identity (n)
+            y = Where (e, x, i)
+        }
+        """
+    )
+    model.graph.output.append(onnx.helper.make_tensor_value_info("sr", onnx.TensorProto.FLOAT, [1]))
+    result = onnxshrink.optimize(model)
+    assert result.parity is not None and result.parity.passed
+    out = result.model
+    assert histogram(out) == {"Equal": 1, "Neg": 1, "Where": 1}
+    onnx.checker.check_model(out)
+    assert out.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert out.graph.output[1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int4_weights_survive_the_rewrite():
+    """Found by bench/fuzz.py: gs exports int4 values one byte per element once a rule has read
+    them, which onnx refuses; every int4 model was an internal error."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 10, opset_import: ["" : 21]>
+        agraph (float[2,4] x) => (float[2,4] y) {
+            d = DequantizeLinear (w, s)
+            i = Identity (d)
+            k = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+            e = Exp (k)
+            m = Mul (i, e)
+            y = Add (x, m)
+        }
+        """
+    )
+    values = np.array([[1, 2, 3, -4], [5, 6, 7, -8]])
+    model.graph.initializer.extend(
+        [
+            onnx.helper.make_tensor("w", onnx.TensorProto.INT4, [2, 4], values.reshape(-1)),
+            onnx.helper.make_tensor("s", onnx.TensorProto.FLOAT, [], [0.5]),
+        ]
+    )
+    onnx.checker.check_model(model, full_check=True)
+    result = onnxshrink.optimize(model)
+    out = result.model
+    assert result.parity is not None and result.parity.passed
+    assert histogram(out) == {"DequantizeLinear": 1, "Mul": 1, "Add": 1}
+    onnx.checker.check_model(out, full_check=True)
+    weight = next(t for t in out.graph.initializer if t.name == "w")
+    assert weight.data_type == onnx.TensorProto.INT4
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(weight).astype(int), values)
+
+
+def test_empty_list_attribute_survives_the_rewrite():
+    """Found by bench/fuzz.py: gs cannot export an empty INTS attribute (`axes=[]`), so such a
+    model was an internal error; it comes out with the attribute as it was."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[2,4] x) => (float[2,4] y) {
+            i = Identity (x)
+            m = ReduceMean (i)
+            y = Sub (x, m)
+        }
+        """
+    )
+    model.graph.node[1].attribute.append(
+        onnx.AttributeProto(name="axes", type=onnx.AttributeProto.INTS)
+    )
+    onnx.checker.check_model(model, full_check=True)
+    result = onnxshrink.optimize(model)
+    out = result.model
+    assert result.parity is not None and result.parity.passed
+    assert histogram(out) == {"ReduceMean": 1, "Sub": 1}
+    onnx.checker.check_model(out, full_check=True)
+    (axes,) = next(n for n in out.graph.node if n.op_type == "ReduceMean").attribute
+    assert (axes.name, axes.type, list(axes.ints)) == ("axes", onnx.AttributeProto.INTS, [])
+
+
 # ---------------------------------------------------------------------------------------------
 # debug_verify: the checker and parity after every pass that changed the graph
 

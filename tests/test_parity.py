@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxshrink.errors import UsageError
+from onnxshrink.errors import TimeLimitError, UsageError
 from onnxshrink.verify.parity import (
     DEFAULT_RTOL,
     InputBatches,
@@ -18,12 +18,14 @@ from onnxshrink.verify.parity import (
     feed_samples,
     generate_inputs,
     load_inputs,
+    ort_session,
     parse_input_ranges,
     plan_batches,
     relative_error,
+    run_with_limit,
     split_feed,
 )
-from tests.helpers import make_model
+from tests.helpers import endless_loop_model, make_model
 
 
 def test_compare_outputs_matches_numpy():
@@ -111,10 +113,10 @@ def test_reference_outputs_are_computed_once_per_feed(conv_bn_model, monkeypatch
     calls = []
     original_run = Reference.run
 
-    def counting_run(self, index, feed):
+    def counting_run(self, index, feed, *limit):
         if index not in self._cache:
             calls.append(index)
-        return original_run(self, index, feed)
+        return original_run(self, index, feed, *limit)
 
     monkeypatch.setattr(Reference, "run", counting_run)
     for _ in range(2):
@@ -508,3 +510,61 @@ g (float[3,6] x, int64[2] split) => (seq(float[3,?]) parts) {
     shorter = OutputStats("parts")
     shorter.update([np.zeros(2), np.ones(4)], [np.zeros(2)])
     assert not shorter.result().ok and shorter.result().max_abs == float("inf")
+
+
+# Issue 9, 7: a run that never ends (a Loop of INT64_MAX iterations) is stopped at the limit.
+
+
+def test_endless_run_is_stopped_at_the_time_limit():
+    import time
+
+    model = endless_loop_model()
+    feeds = [{"x": np.ones(2, np.float32)}]
+    start = time.perf_counter()
+    with pytest.raises(TimeLimitError, match=r"time limit of 0\.5 s \(the original model"):
+        check_parity(model, model, feeds, time_limit=0.5)
+    assert time.perf_counter() - start < 30
+
+
+def test_time_limit_leaves_runs_that_finish_alone(conv_bn_model):
+    feeds = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
+    for limit in (None, 0, 30.0):
+        assert check_parity(conv_bn_model, conv_bn_model, feeds, time_limit=limit).passed
+
+
+def test_run_with_limit_passes_other_failures_through(conv_bn_model):
+    session = ort_session(conv_bn_model)
+    with pytest.raises(Exception) as caught:
+        run_with_limit(session, None, {"x": np.ones((2, 2), np.float32)}, 30.0, "test")
+    assert not isinstance(caught.value, TimeLimitError)
+
+
+def test_generated_scalar_bool_input_is_an_array():
+    """A bool scalar input (an If condition) came out as numpy.bool_, which ORT refuses."""
+    model = make_model("""<ir_version: 8, opset_import: ["" : 13]>
+g (float[2] x, bool c) => (float[2] y) {
+    y = If (c) <then_branch = t () => (float[2] a) { a = Relu (x) },
+                else_branch = e () => (float[2] b) { b = Neg (x) }>
+}""")
+    feed = generate_inputs(model)
+    assert isinstance(feed["c"], np.ndarray) and feed["c"].shape == ()
+    assert check_parity(model, model, [feed]).passed
+
+
+def test_inputs_that_cannot_be_generated_are_usage_errors(conv_bn_model):
+    """Found by bench/fuzz.py: a declared input dim of 2^40 was a MemoryError, a sequence
+    input a KeyError (both internal errors)."""
+    huge = onnx.ModelProto()
+    huge.CopyFrom(conv_bn_model)
+    huge.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    with pytest.raises(UsageError, match=r"would take .* GiB; pin its dims with --input-shape"):
+        generate_inputs(huge)
+    sequence = onnx.ModelProto()
+    sequence.CopyFrom(conv_bn_model)
+    sequence.graph.input[0].type.CopyFrom(
+        onnx.helper.make_sequence_type_proto(
+            onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2])
+        )
+    )
+    with pytest.raises(UsageError, match="is a sequence_type, not a tensor"):
+        generate_inputs(sequence)

@@ -37,7 +37,7 @@ from onnxshrink.quant.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
 from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
 from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
-from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL
+from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TIME_LIMIT
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -142,6 +142,17 @@ def optimize(
     samples: Annotated[
         int, typer.Option("--samples", min=1, help="Generated input samples for parity.")
     ] = 2,
+    time_limit: Annotated[
+        float,
+        typer.Option(
+            "--time-limit",
+            min=0.0,
+            metavar="SECONDS",
+            help="Stop any one ONNX Runtime run of the parity check (one model, one input) "
+            "that takes longer than this: exit 1, nothing written. A model whose Loop never "
+            "ends cannot hang the command. 0: no limit.",
+        ),
+    ] = DEFAULT_TIME_LIMIT,
     seed: Annotated[int, typer.Option("--seed", help="Seed for generated inputs.")] = 0,
     report: Annotated[
         Path | None,
@@ -304,8 +315,8 @@ def optimize(
     --max-error. The int8 model is then compared with the original on --inputs (use held-out
     samples, not the calibration data): cosine, SNR, noise-to-signal ratio, argmax agreement.
 
-    Exit codes: 0 written; 1 parity failed, --debug-verify caught a broken pass, or internal
-    failure (nothing written); 2 bad input.
+    Exit codes: 0 written; 1 parity failed, a parity run passed --time-limit, --debug-verify
+    caught a broken pass, or internal failure (nothing written); 2 bad input.
     """
     from onnxshrink.engine.optimize import optimize as run_optimize
     from onnxshrink.engine.shapes import parse_input_shapes
@@ -345,6 +356,7 @@ def optimize(
                 allow_unverified=allow_unverified,
                 progress=progress,
                 debug_verify=debug_verify,
+                time_limit=time_limit,
             )
         if bench:
             from onnxshrink.bench import benchmark, parse_providers

@@ -22,7 +22,12 @@ from onnxshrink.cli.common import (
     setup_logging,
     styled,
 )
-from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_ERROR_QUANTILE, DEFAULT_RTOL
+from onnxshrink.verify.parity import (
+    DEFAULT_ATOL,
+    DEFAULT_ERROR_QUANTILE,
+    DEFAULT_RTOL,
+    DEFAULT_TIME_LIMIT,
+)
 
 DEFAULT_SAMPLES = 4
 
@@ -49,7 +54,8 @@ _PARAGRAPHS = [
     "against the float tensor it replaced) are compared, and the candidate's nodes are ranked "
     "by the error they add: the relative error of a node's output when its inputs are the "
     "reference's own values.",
-    "Exit codes: 0 all outputs pass; 1 an output fails (or the candidate cannot run); 2 bad input.",
+    "Exit codes: 0 all outputs pass; 1 an output fails (or the candidate cannot run, or a run "
+    "passes --time-limit); 2 bad input.",
     "\b\nExamples:\n"
     "  onnxshrink parity model.onnx model.opt.onnx\n"
     "  onnxshrink parity model.onnx model.int8.onnx --inputs calib/ --rtol 1e-2 "
@@ -60,7 +66,8 @@ _PARAGRAPHS = [
     "--atol 1e-3\n"
     "  onnxshrink parity a.onnx b.onnx --atol 1e-5 --atol logits:1e-3 --json -\n"
     "  onnxshrink parity a.onnx b.onnx --localize --top 5",
-    f"Defaults: rtol {DEFAULT_RTOL:g}, atol {DEFAULT_ATOL:g}, {DEFAULT_SAMPLES} generated samples.",
+    f"Defaults: rtol {DEFAULT_RTOL:g}, atol {DEFAULT_ATOL:g}, {DEFAULT_SAMPLES} generated samples, "
+    f"time limit {DEFAULT_TIME_LIMIT:g} s per run.",
 ]
 HELP = "\n\n".join(_PARAGRAPHS)
 
@@ -192,6 +199,17 @@ def parity(
             "tensor of both models).",
         ),
     ] = 2,
+    time_limit: Annotated[
+        float,
+        typer.Option(
+            "--time-limit",
+            min=0.0,
+            metavar="SECONDS",
+            help="Stop any one ONNX Runtime run (one model, one input) that takes longer than "
+            "this and exit 1: a model whose Loop never ends cannot hang the command. 0: no "
+            "limit.",
+        ),
+    ] = DEFAULT_TIME_LIMIT,
     json_path: Annotated[
         str | None,
         typer.Option(
@@ -226,6 +244,7 @@ def parity(
             error_stat=check_error_stat.value,
             error_quantile=error_quantile,
             json_path=json_path,
+            time_limit=time_limit,
         )
         report = run.check(err)
         loc = None
@@ -270,6 +289,7 @@ class _Run:
         error_stat: str,
         error_quantile: float,
         json_path: str | None,
+        time_limit: float = DEFAULT_TIME_LIMIT,
     ):
         from onnxshrink.engine.io import check_output_path, load_model
         from onnxshrink.engine.shapes import parse_input_shapes
@@ -287,6 +307,7 @@ class _Run:
         self.reference_path = reference
         self.candidate_path = candidate
         self.json_path = json_path
+        self.time_limit = time_limit
         self.criteria = criteria_from_specs(atol, rtol, min_cosine, error_stat, error_quantile)
         self.reference = load_model(reference)
         self.candidate = load_model(candidate)
@@ -353,6 +374,7 @@ class _Run:
                 progress=progress,
                 total=self.total,
                 labels=("reference", "candidate"),
+                time_limit=self.time_limit,
             )
 
     def localize(self, console, samples: int):
@@ -360,7 +382,12 @@ class _Run:
 
         with progress_bar(console, "localizing") as progress:
             return localize(
-                self.reference, self.candidate, self._feeds(), samples, progress=progress
+                self.reference,
+                self.candidate,
+                self._feeds(),
+                samples,
+                progress=progress,
+                time_limit=self.time_limit,
             )
 
     def write_json(self, report, loc, top: int) -> None:

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 #: the ai.onnx domain as nodes spell it (gs imports the default domain as None)
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
@@ -43,6 +45,39 @@ NONDETERMINISTIC_OPS = frozenset(
 # ---------------------------------------------------------------------------------------------
 # Nodes: op and domain, graph scopes, operands
 # ---------------------------------------------------------------------------------------------
+
+
+#: element types stored packed, several to a byte
+_PACKED_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2", "FLOAT6E2M3", "FLOAT6E3M2")
+    if hasattr(onnx.TensorProto, name)
+)
+
+
+def pack_subbyte_constants(graph: gs.Graph) -> None:
+    """Give every int4/uint4/float4 (and 2-, 6-bit) constant whose values were read back into
+    numpy a packed TensorProto to export from, in `graph` and its subgraphs.
+
+    gs exports such values with `ndarray.tobytes()`, one byte per element, which onnx's
+    make_tensor refuses: every int4 model failed once a rule had looked at its weights.
+    onnx's `numpy_helper.from_array` packs them as the format says. Call it before any export.
+    """
+    for sub in all_graphs(graph):
+        constants = [t for t in sub.tensors().values() if isinstance(t, gs.Constant)]
+        constants += [
+            v for node in sub.nodes for v in node.attrs.values() if isinstance(v, gs.Constant)
+        ]
+        for tensor in constants:
+            if isinstance(tensor._values, LazyValues):
+                continue  # exported from its own TensorProto
+            values = np.asarray(tensor.values)
+            try:
+                onnx_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            except (KeyError, ValueError, TypeError):
+                continue
+            if onnx_type in _PACKED_TYPES:
+                tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
 
 
 def is_default_domain(node: gs.Node) -> bool:

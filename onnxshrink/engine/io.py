@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -31,12 +32,23 @@ _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data that lies outside `base_dir` (after symlinks) or is missing.
+
+    Every tensor counts (`_all_tensors`), not only those onnx itself loads: onnx before 1.21
+    followed a symlink out of the folder, and a reference it leaves unread (a sparse tensor)
+    would be read by whatever loads the model next.
+    """
     base = base_dir.resolve()
     for tensor in _all_tensors(model):
         if not uses_external_data(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
-        target = (base / location).resolve()
+        try:
+            location = ExternalDataInfo(tensor).location
+            target = (base / location).resolve()
+        except (ValueError, OSError, RuntimeError) as exc:  # bad offset, NUL byte, loop
+            raise ModelLoadError(
+                f"external data of tensor {tensor.name!r} is malformed ({first_line(exc)})"
+            ) from None
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelLoadError(
                 f"external data location {location!r} of tensor {tensor.name!r} points outside "
@@ -70,13 +82,254 @@ def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and Constant-node tensors of the main graph and every subgraph."""
+    """Every tensor the model holds, wherever it is.
+
+    Initializers and sparse initializers (values and indices) of the main graph, of every
+    subgraph and of the training-info graphs; tensors in node attributes (TENSOR, TENSORS,
+    SPARSE_TENSOR, SPARSE_TENSORS), in those graphs and in function bodies; and functions'
+    attribute defaults. Attribute fields are read by presence, not by the declared attribute
+    type, as onnx's own external-data loader reads them.
+    """
+    return (tensor for tensor, _ in _located_tensors(model))
+
+
+def _located_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """`_all_tensors`, each with where it is, for messages ("attribute 'value' of node 'c'")."""
+    graphs = [model.graph]
+    for info in model.training_info:
+        graphs += [info.initialization, info.algorithm]
+    for graph in graphs:
+        yield from _graph_tensors(graph)
+    for function in model.functions:
+        where = f"function {function.name!r}"
+        yield from _attribute_tensors(function.attribute_proto, f"a default of {where}")
+        for node in function.node:
+            yield from _attribute_tensors(node.attribute, f"{_node_label(node)} in {where}")
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return f"node {node.name or (node.output[0] if node.output else '')!r} ({node.op_type})"
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for tensor in graph.initializer:
+        yield tensor, f"initializer {tensor.name!r}"
+    for sparse in graph.sparse_initializer:
+        yield sparse.values, f"sparse initializer {sparse.values.name!r}"
+        yield sparse.indices, f"the indices of sparse initializer {sparse.values.name!r}"
+    for node in graph.node:
+        yield from _attribute_tensors(node.attribute, _node_label(node))
+
+
+def _attribute_tensors(
+    attributes: Iterable[onnx.AttributeProto], owner: str
+) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for attr in attributes:
+        where = f"attribute {attr.name!r} of {owner}"
+        if attr.HasField("t"):
+            yield attr.t, where
+        for tensor in attr.tensors:
+            yield tensor, where
+        sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+        for s in [*sparse, *attr.sparse_tensors]:
+            yield s.values, where
+            yield s.indices, f"the indices in {where}"
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub)
+
+
+# Sub-byte element types: bits per element as packed in raw_data (the others: numpy itemsize).
+_PACKED_BITS = {
+    name: bits
+    for bits, names in (
+        (2, ("UINT2", "INT2")),
+        (4, ("UINT4", "INT4", "FLOAT4E2M1")),
+        (6, ("FLOAT6E2M3", "FLOAT6E3M2")),
+    )
+    for name in names
+}
+# The typed field that holds each type's values when raw_data is not used, and how many values
+# one element takes there; types missing here (sub-byte, float8) are only checked in raw_data.
+_VALUE_FIELDS = {
+    "FLOAT": ("float_data", 1),
+    "COMPLEX64": ("float_data", 2),
+    "DOUBLE": ("double_data", 1),
+    "COMPLEX128": ("double_data", 2),
+    "INT64": ("int64_data", 1),
+    "UINT32": ("uint64_data", 1),
+    "UINT64": ("uint64_data", 1),
+    "STRING": ("string_data", 1),
+    **{
+        name: ("int32_data", 1)
+        for name in ("INT32", "INT16", "INT8", "UINT16", "UINT8", "BOOL", "FLOAT16", "BFLOAT16")
+    },
+}
+_DATA_FIELDS = (
+    "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+    "uint64_data",
+)  # fmt: skip
+
+
+def _check_tensor_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse a tensor whose data does not match its declared type and dims, with one line.
+
+    Every tensor of `_all_tensors`, before external data is read (after
+    `_check_external_data`): its data type must be one onnx knows, its dims non-negative, and
+    its data exactly as long as type and dims say (raw_data in bytes, packed for sub-byte
+    types; a typed field in values; external data by its `length`, else the rest of its file
+    from `offset`). onnx.checker lets through raw_data longer than the dims need and unknown
+    types, which later fail deep inside a rule or ONNX Runtime. Nothing is read from external
+    files, and raw_data's length is taken without keeping a copy.
+    """
+    known = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for tensor, where in _located_tensors(model):
+        if _unset(tensor):  # an unset sub-message (a sparse tensor's missing part)
+            continue
+        if where.startswith("initializer"):
+            label = f"tensor {tensor.name!r}"
+        else:
+            label = f"tensor {tensor.name!r} ({where})" if tensor.name else f"the tensor of {where}"
+        if tensor.data_type not in known:
+            raise ModelLoadError(f"{label} has unknown data type {tensor.data_type}")
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{label} has a negative dim: {list(tensor.dims)}")
+        if tensor.HasField("segment"):
+            continue  # one segment of a tensor split across protos: no whole size to check
+        type_name = onnx.TensorProto.DataType.Name(tensor.data_type)
+        count = math.prod(tensor.dims)
+        fields = [f for f in _DATA_FIELDS if f != "raw_data" and len(getattr(tensor, f))]
+        if tensor.HasField("raw_data") or uses_external_data(tensor):
+            fields.append("raw_data")
+        if len(fields) > 1:
+            raise ModelLoadError(f"{label} holds data in more than one field ({', '.join(fields)})")
+        if not fields:
+            if count:
+                raise ModelLoadError(
+                    f"{label} holds no data for its {count} element(s) of dims {list(tensor.dims)}"
+                )
+            continue
+        field = fields[0]
+        if field == "raw_data":
+            if type_name == "STRING":
+                raise ModelLoadError(f"{label}: a string tensor cannot use raw_data")
+            bits = _PACKED_BITS.get(type_name)
+            if bits is None:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+                bits = 8 * itemsize
+            need = -(-count * bits // 8)
+            have = _raw_length(tensor, base_dir)
+            unit = "bytes"
+        else:
+            expected = _VALUE_FIELDS.get(type_name)
+            if expected is None:
+                continue  # sub-byte and float8 types: packing in int32_data varies by version
+            if expected[0] != field:
+                raise ModelLoadError(
+                    f"{label} of type {type_name} holds its data in {field}; "
+                    f"{type_name} data goes in raw_data or {expected[0]}"
+                )
+            need = count * expected[1]
+            have = len(getattr(tensor, field))
+            unit = "values"
+        if have != need:
+            raise ModelLoadError(
+                f"{label} holds {have} {unit} of {field} where its type {type_name} "
+                f"and dims {list(tensor.dims)} need {need}"
+            )
+
+
+def _unset(tensor: onnx.TensorProto) -> bool:
+    """True for a TensorProto with nothing in it (ByteSize would encode a whole weight)."""
+    return not (
+        tensor.data_type
+        or len(tensor.dims)
+        or tensor.name
+        or tensor.HasField("raw_data")
+        or len(tensor.external_data)
+        or any(len(getattr(tensor, f)) for f in _DATA_FIELDS if f != "raw_data")
+    )
+
+
+def _raw_length(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    """Bytes of a tensor's raw data: in the file (what onnx will read) or in the message."""
+    if uses_external_data(tensor):
+        info = ExternalDataInfo(tensor)
+        if info.length is not None:
+            return int(info.length)
+        size = (base_dir / info.location).stat().st_size
+        return max(0, size - int(info.offset or 0))
+    return len(tensor.raw_data)
+
+
+def _check_all_external_data_read(model: onnx.ModelProto) -> None:
+    """After loading: refuse an external-data reference onnx left unread (a sparse tensor, a
+    function's attribute default, a training graph), which every later tool would trip on."""
+    for tensor, where in _located_tensors(model):
+        if uses_external_data(tensor):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} ({where}) keeps external data where onnx does not "
+                "read it; not supported"
+            )
+
+
+def _check_strings(message: Any) -> None:
+    """Refuse a string field (a name, an op type, an attribute string) that is not UTF-8.
+
+    protobuf hands such a field to Python as bytes, not str, and onnx.checker lets it through;
+    every tool after it then fails on a name it cannot read. Bytes fields (tensor data) are
+    not read, so nothing large is copied.
+    """
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            value = getattr(message, field.name)
+            for text in value if _is_repeated(field) else [value]:
+                if not isinstance(text, str):
+                    raise ModelLoadError(
+                        f"{message.DESCRIPTOR.name}.{field.name} {text!r} is not valid UTF-8 "
+                        "(a corrupted file?)"
+                    )
+        elif field.type == field.TYPE_MESSAGE:
+            if _is_repeated(field):
+                for item in getattr(message, field.name):
+                    _check_strings(item)
+            elif message.HasField(field.name):
+                _check_strings(getattr(message, field.name))
+
+
+def _is_repeated(field: Any) -> bool:
+    # protobuf 7 has `is_repeated` and no `label`; older versions only `label`.
+    repeated = getattr(field, "is_repeated", None)
+    if repeated is None:
+        return bool(field.label == field.LABEL_REPEATED)
+    return bool(repeated)
+
+
+def _check_value_types(model: onnx.ModelProto) -> None:
+    """Refuse a declared type that onnx does not know (element type 99), anywhere; and a
+    graph input or output of the main graph whose tensor type has no element type."""
+    known = set(onnx.TensorProto.DataType.values())
+
+    def check(kind: onnx.TypeProto, name: str) -> None:
+        which = kind.WhichOneof("value")
+        if which in ("tensor_type", "sparse_tensor_type"):
+            elem = getattr(kind, which).elem_type
+            if elem not in known:
+                raise ModelLoadError(f"{name!r} has unknown element type {elem}")
+        elif which in ("sequence_type", "optional_type"):
+            check(getattr(kind, which).elem_type, name)
+        elif which == "map_type":
+            if kind.map_type.key_type not in known:
+                raise ModelLoadError(f"{name!r} has unknown map key type {kind.map_type.key_type}")
+            check(kind.map_type.value_type, name)
+
     for graph in graph_protos(model.graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            check(value.type, value.name)
+    for value in (*model.graph.input, *model.graph.output):
+        if value.type.WhichOneof("value") == "tensor_type" and not value.type.tensor_type.elem_type:
+            raise ModelLoadError(f"graph input or output {value.name!r} has no element type")
 
 
 def load_model(
@@ -101,7 +354,13 @@ def load_model(
         raise ModelLoadError(f"{p}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph found; truncated or wrong file?)")
-    _check_external_data(model, p.parent)
+    try:
+        _check_strings(model)
+        _check_external_data(model, p.parent)
+        _check_tensor_data(model, p.parent)
+        _check_value_types(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{p}: {exc}") from None
     if check:
         try:
             # With external data the checker reads the file (it finds the data beside it and
@@ -124,6 +383,10 @@ def load_model(
         onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot read external data ({first_line(exc)})") from None
+    try:
+        _check_all_external_data_read(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{p}: {exc}") from None
     return model
 
 

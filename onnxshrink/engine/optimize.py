@@ -24,7 +24,8 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxshrink.engine.graph import all_graphs
+from onnxshrink.engine.graph import all_graphs, pack_subbyte_constants
 from onnxshrink.engine.io import (
     SESSION_FILE_BYTES,
     check_output_path,
@@ -55,7 +56,7 @@ from onnxshrink.engine.passes import (
     RuleContext,
 )
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
-from onnxshrink.errors import OnnxShrinkError, ParityError, UsageError, first_line
+from onnxshrink.errors import OnnxShrinkError, ParityError, TimeLimitError, UsageError, first_line
 from onnxshrink.quant.calibration import DEFAULT_BATCH
 from onnxshrink.quant.lossy import (
     HOW_TO_CALIBRATE,
@@ -74,10 +75,12 @@ from onnxshrink.verify.measure import mask_input as find_mask_input
 from onnxshrink.verify.parity import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
+    DEFAULT_TIME_LIMIT,
     InputBatches,
     ParityReport,
     Reference,
     check_parity,
+    check_time_limit,
     generate_inputs,
 )
 
@@ -214,14 +217,20 @@ def _export(graph: gs.Graph, consume: bool) -> onnx.ModelProto:
 
 def export_graph(graph: gs.Graph, consume: bool = False) -> onnx.ModelProto:
     """gs.export_onnx, with outer-scope constants stored once (see `_hoist_shared_initializers`),
-    optional-typed values kept (see `_hide_optional_types`) and large constants exported one
-    at a time (see `_export`; `consume` for a graph's last export)."""
+    optional-typed values kept (`_hide_optional_types`), sub-byte constants packed
+    (`pack_subbyte_constants`), empty list attributes kept (`_mark_empty_lists`) and large
+    constants exported one at a time (`_export`; `consume` for a graph's last export)."""
+    pack_subbyte_constants(graph)
+    marked = _mark_empty_lists(graph)
     hidden = _hide_optional_types(graph)
     try:
         model = _export(graph, consume)
     finally:
+        for node, key in marked:
+            node.attrs[key] = []
         for tensor, dtype, _ in hidden:
             tensor.dtype = dtype
+    _restore_empty_lists(model.graph)
     types = {tensor.name: proto for tensor, _, proto in hidden}
     for g in graph_protos(model.graph):
         for value in [*g.input, *g.output, *g.value_info]:
@@ -246,6 +255,57 @@ def _hide_optional_types(graph: gs.Graph) -> list[tuple[gs.Tensor, object, onnx.
                 hidden.append((tensor, tensor.dtype, proto))
                 tensor.dtype = None
     return hidden
+
+
+# An empty list attribute travels through gs's export as a string holding its type.
+_EMPTY_LIST = "\x00onnxshrink-empty-list:"
+_LIST_TYPES = {
+    onnx.AttributeProto.INTS,
+    onnx.AttributeProto.FLOATS,
+    onnx.AttributeProto.STRINGS,
+    onnx.AttributeProto.TENSORS,
+    onnx.AttributeProto.GRAPHS,
+}
+
+
+def _mark_empty_lists(graph: gs.Graph) -> list[tuple[gs.Node, str]]:
+    """Replace every empty list attribute by a string naming its type; return where.
+
+    gs imports an empty INTS/FLOATS/... attribute as `[]` and cannot export it again (onnx's
+    make_attribute cannot tell the type of an empty list: an internal error on `axes=[]`).
+    The type is the one the op's schema declares (INTS for attributes it does not know);
+    `_restore_empty_lists` turns the strings back into empty lists of that type.
+    """
+    marked = []
+    for sub in all_graphs(graph):
+        for node in sub.nodes:
+            for key, value in list(node.attrs.items()):
+                if isinstance(value, (list, tuple)) and not value:
+                    node.attrs[key] = _EMPTY_LIST + _declared_list_type(node, key, graph.opset)
+                    marked.append((node, key))
+    return marked
+
+
+def _declared_list_type(node: gs.Node, key: str, opset: int | None) -> str:
+    try:
+        schema = onnx.defs.get_schema(
+            node.op, opset or onnx.defs.onnx_opset_version(), node.domain or ""
+        )
+        declared = schema.attributes[key].type
+    except Exception:  # an op or attribute no schema describes
+        return "INTS"
+    return onnx.AttributeProto.AttributeType.Name(declared) if declared in _LIST_TYPES else "INTS"
+
+
+def _restore_empty_lists(root: onnx.GraphProto) -> None:
+    prefix = _EMPTY_LIST.encode()
+    for graph in graph_protos(root):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.STRING and attr.s.startswith(prefix):
+                    kind = attr.s[len(prefix) :].decode()
+                    attr.ClearField("s")
+                    attr.type = onnx.AttributeProto.AttributeType.Value(kind)
 
 
 def _hoist_shared_initializers(root: onnx.GraphProto) -> int:
@@ -379,6 +439,8 @@ class StepCheck:
     atol: float = DEFAULT_ATOL
     #: set when the parity half could not run (the starting model fails on the feeds, say)
     unverified: str | None = None
+    #: seconds one ONNX Runtime run may take (`onnxshrink.verify.parity.run_with_limit`)
+    time_limit: float | None = DEFAULT_TIME_LIMIT
 
 
 # How the two models of a per-pass parity check are named in its reasons.
@@ -419,6 +481,7 @@ class StepVerifier:
                 rtol=self.check.rtol,
                 atol=self.check.atol,
                 labels=(_BEFORE, _AFTER),
+                time_limit=self.check.time_limit,
             )
             reason = report.reason or ""
             if not report.verified and not reason.startswith(
@@ -448,7 +511,8 @@ def rewrite_model(
     """Apply `passes` (default: the lossless pipeline) to a fixed point; return a new model.
 
     `model` itself is not modified. Metadata (producer, metadata_props, ir_version, functions)
-    is carried over. A graph input that also has an initializer (IR >= 4: a default the caller
+    is carried over; an IR version below 4 becomes 4 (its initializers are constants, no
+    longer listed as inputs). A graph input that also has an initializer (IR >= 4: a default the caller
     may override) stays an input with its default, and no rule treats it as a constant.
     With `step_check`, every pass that changes the graph is verified on the spot
     (`StepVerifier`); a failure raises `BrokenPassError`.
@@ -512,7 +576,9 @@ def _overridable_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorPr
 
 
 def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    dst.ir_version = src.ir_version
+    # IR 3 required every initializer to be a graph input too; the rules treat them as the
+    # constants they are (`_overridable_initializers`), and the result says so with IR 4.
+    dst.ir_version = max(src.ir_version, 4)
     dst.producer_name = src.producer_name
     dst.producer_version = src.producer_version
     dst.domain = src.domain
@@ -526,10 +592,16 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
         dst.functions.extend(src.functions)
     # The interface is the user's contract: shape inference may have named anonymous dims
     # ("unk__54"); put the declared input and output types back exactly as they were.
-    src_types = {v.name: v.type for v in [*src.graph.input, *src.graph.output]}
-    for value in [*dst.graph.input, *dst.graph.output]:
-        if value.name in src_types:
-            value.type.CopyFrom(src_types[value.name])
+    # Inputs from inputs and outputs from outputs: a name that is both (an input passed
+    # through) may be declared with two types, and the input's must stay the input's.
+    for src_values, dst_values in (
+        (src.graph.input, dst.graph.input),
+        (src.graph.output, dst.graph.output),
+    ):
+        src_types = {v.name: v.type for v in src_values}
+        for value in dst_values:
+            if value.name in src_types:
+                value.type.CopyFrom(src_types[value.name])
     # Graph-level value_info is a cache of inferred shapes; keep the file lean.
     for graph in graph_protos(dst.graph):
         del graph.value_info[:]
@@ -562,6 +634,7 @@ def optimize(
     progress: StagedProgress | None = None,
     debug_verify: bool = False,
     allow_unverified: bool = False,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
 
@@ -594,12 +667,16 @@ def optimize(
     - `debug_verify`: check the model after every pass that changed it (module docstring, 2:
       onnx.checker, and parity with the model before that pass on `samples` generated feeds,
       with `rtol`/`atol`); slow, for finding the pass that breaks a model.
+    - `time_limit`: seconds one ONNX Runtime run of a parity check (either model, one input)
+      may take; past it the run is stopped and TimeLimitError raised (a Loop that never ends
+      cannot hang the call). None or 0: no limit.
     Raises BrokenPassError (`onnxshrink.engine.passes`) naming the pass when `debug_verify`
     catches one, ParityError when an output of the lossless model moves more than
     `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data;
     nothing is written then.
     """
     start = time.perf_counter()
+    check_time_limit(time_limit)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     stage = None
     if quantize is not None:
@@ -661,6 +738,11 @@ def optimize(
     if large:
         original = spec
     notes: list[str] = []
+    if original.ir_version < 4:
+        notes.append(
+            f"IR version {original.ir_version} raised to 4: initializers are constants, no "
+            "longer listed among the graph inputs"
+        )
     if inputs is not None and not isinstance(inputs, (str, Path)):
         inputs = list(inputs)  # may be one-shot, and a retry reads it again
     calibration = None
@@ -688,21 +770,26 @@ def optimize(
     step_check = None
     if debug_verify:
         generated = [generate_inputs(spec, input_shapes, seed=seed + i) for i in range(samples)]
-        step_check = StepCheck(generated, rtol=rtol, atol=atol)
+        step_check = StepCheck(generated, rtol=rtol, atol=atol, time_limit=time_limit)
 
     parity = None
     failures: list[str] = []
     # one session and one run per feed, whatever the retries
     reference = Reference(source_path if source_path is not None else original)
     if large and verify:
-        reference.prime(feeds())  # its outputs now, so that two sessions never coexist
+        with _nothing_written_past_time_limit():
+            # its outputs now, so that two sessions never coexist
+            reference.prime(feeds(), time_limit)
     for tier, options in enumerate(_TIERS):
         last_tier = tier + 1 == len(_TIERS)
         if work is None:  # dropped after the last tier's rewrite: load it again
             assert source_path is not None  # only a model loaded here is dropped
             work = prepared(load_model(source_path, check=False))
         try:
-            rewritten, stats = rewrite_model(work, passes, options=options, step_check=step_check)
+            with _nothing_written_past_time_limit():
+                rewritten, stats = rewrite_model(
+                    work, passes, options=options, step_check=step_check
+                )
             if large:
                 work = None  # the rewritten model holds the weights now
                 gc.collect()  # the rewrite's graph is a web of cycles: free its arrays now
@@ -728,9 +815,16 @@ def optimize(
         if not verify:
             notes.extend(_tier_notes(failures, options))
             break
-        parity = check_parity(
-            reference, rewritten, feeds(), rtol=rtol, atol=atol, stop_on_failure=not last_tier
-        )
+        with _nothing_written_past_time_limit():
+            parity = check_parity(
+                reference,
+                rewritten,
+                feeds(),
+                rtol=rtol,
+                atol=atol,
+                stop_on_failure=not last_tier,
+                time_limit=time_limit,
+            )
         if not parity.verified:
             reason = parity.reason or "not verified"
             if reason.startswith(_UNLOADABLE):
@@ -799,18 +893,20 @@ def optimize(
                 "do not come from real data and accuracy may suffer; pass real samples"
             )
         if verify:
-            quantized_parity = _check_quantized(
-                reference,
-                original,
-                final,
-                feeds(),
-                inputs,
-                calibration_data,
-                max_error,
-                progress,
-                task_metric,
-                find_mask_input(original, mask_input),
-            )
+            with _nothing_written_past_time_limit():
+                quantized_parity = _check_quantized(
+                    reference,
+                    original,
+                    final,
+                    feeds(),
+                    inputs,
+                    calibration_data,
+                    max_error,
+                    progress,
+                    task_metric,
+                    find_mask_input(original, mask_input),
+                    time_limit,
+                )
             notes.extend(_held_out_notes(quantized_parity, max_error))
         else:
             notes.append("quantized model not checked against the original (--no-verify)")
@@ -828,6 +924,15 @@ def optimize(
         quantization=quantization,
         quantized_parity=quantized_parity,
     )
+
+
+@contextmanager
+def _nothing_written_past_time_limit() -> Iterator[None]:
+    """A parity run stopped by the time limit ends the call: say that nothing was written."""
+    try:
+        yield
+    except TimeLimitError as exc:
+        raise TimeLimitError(f"{exc}; nothing written") from None
 
 
 def _tier_notes(failures: list[str], options: dict[str, object]) -> list[str]:
@@ -858,6 +963,7 @@ def _check_quantized(
     progress: StagedProgress | None,
     metric: TaskMetric | None = None,
     mask: str | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> HeldOutCheck:
     """The quantized model against the original on the parity feeds (module docstring, 3)."""
     if inputs is None:
@@ -877,6 +983,7 @@ def _check_quantized(
         float_outputs=float_output_names(original),
         metric=metric,
         mask=mask,
+        time_limit=time_limit,
         progress=(lambda done, total: progress("held-out check", done, total))
         if progress is not None
         else None,

@@ -72,6 +72,7 @@ from onnxshrink.quant.sensitivity import (
 from onnxshrink.quant.targets import TargetProfile, target_profile
 from onnxshrink.verify.measure import OutputNoise, TaskMetric, mask_input
 from onnxshrink.verify.parity import (
+    DEFAULT_TIME_LIMIT,
     Reference,
     check_parity,
     declared_batches,
@@ -533,6 +534,7 @@ def held_out_check(
     progress: Callable[[int, int], None] | None = None,
     metric: TaskMetric | None = None,
     mask: str | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> HeldOutCheck:
     """Judge a lossy stage's model against the original on `feeds` (module docstring, 5).
 
@@ -541,7 +543,7 @@ def held_out_check(
     user's task metric) is called on every batch and its mean reported. `mask` names the
     input masking padded positions (`onnxshrink.verify.measure`, 6). Never raises for ORT
     failures: the check is then unverified, with the reason; a failing metric raises
-    UsageError.
+    UsageError, and a run longer than `time_limit` seconds TimeLimitError.
     """
     noises: dict[str, OutputNoise] = {}
 
@@ -562,6 +564,7 @@ def held_out_check(
         progress=progress,
         labels=("original", "quantized"),
         observe=observe,
+        time_limit=time_limit,
     )
     check = HeldOutCheck(parity.samples, source, held_out, parity.verified, parity.reason)
     if not parity.verified or not parity.outputs:

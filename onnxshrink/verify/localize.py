@@ -55,7 +55,15 @@ import numpy as np
 import onnx
 
 from onnxshrink.engine.io import graph_protos, with_outputs
-from onnxshrink.verify.parity import Progress, jsonable, ort_session, relative_error
+from onnxshrink.errors import TimeLimitError
+from onnxshrink.verify.parity import (
+    DEFAULT_TIME_LIMIT,
+    Progress,
+    jsonable,
+    ort_session,
+    relative_error,
+    run_with_limit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +285,10 @@ def localize(
     feeds: Iterable[dict[str, np.ndarray]],
     samples: int = DEFAULT_SAMPLES,
     progress: Progress | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> Localization:
-    """Rank the candidate's nodes by the error they add (module docstring); never raises for ORT.
+    """Rank the candidate's nodes by the error they add (module docstring); never raises for ORT
+    but one: a run longer than `time_limit` seconds raises TimeLimitError (`run_with_limit`).
 
     Uses the first `samples` feeds. When nothing can be compared, or ONNX Runtime cannot run the
     augmented models, the result has no nodes and says why in `reason`.
@@ -315,9 +325,19 @@ def localize(
     cut_failed = False
     feeds = list(_take(feeds, samples))
     for index, feed in enumerate(feeds):
+        where = f"localization, input {index + 1}"
         try:
-            ref_vals = dict(zip(ref_names, ref_sess.run(ref_names, feed), strict=True))
-            cand_vals = dict(zip(cand_names, cand_sess.run(cand_names, feed), strict=True))
+            ref_out = run_with_limit(
+                ref_sess, ref_names, feed, time_limit, f"the reference model, {where}"
+            )
+            ref_vals = dict(zip(ref_names, ref_out, strict=True))
+            cand_out = run_with_limit(
+                cand_sess, cand_names, feed, time_limit, f"the candidate model, {where}"
+            )
+            cand_vals = dict(zip(cand_names, cand_out, strict=True))
+            del ref_out, cand_out
+        except TimeLimitError:
+            raise
         except Exception as exc:
             result.reason = f"ONNX Runtime fails on the models with intermediate outputs: {exc}"
             return result
@@ -347,7 +367,11 @@ def localize(
             for name, new in cut.items():
                 cut_feed[new] = np.asarray(ref_vals[pairs[name][0]]).astype(dtypes[name])
             try:
-                cut_vals = cut_sess.run(usable, cut_feed)
+                cut_vals = run_with_limit(
+                    cut_sess, usable, cut_feed, time_limit, f"the cut candidate, {where}"
+                )
+            except TimeLimitError:
+                raise
             except Exception as exc:
                 logger.warning("the cut candidate fails (%s); ranking by error growth", exc)
                 cut_sess, cut_failed = None, True

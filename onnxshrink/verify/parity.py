@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,13 +56,17 @@ import numpy as np
 import onnx
 
 from onnxshrink.engine.io import inference_session
-from onnxshrink.errors import UsageError, first_line
+from onnxshrink.errors import TimeLimitError, UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
 DEFAULT_ERROR_QUANTILE = 0.99
+#: the largest array `generate_inputs` makes for one input
+MAX_GENERATED_BYTES = 2**31
+#: seconds one ONNX Runtime run of a check may take before it is stopped (`run_with_limit`)
+DEFAULT_TIME_LIMIT = 600.0
 ERROR_STATS = ("max", "mean", "median", "quantile")
 # Unknown non-batch dims of generated inputs; small enough to be fast, large enough for most
 # downsampling stacks (5 stride-2 stages leave 1x1).
@@ -487,6 +492,54 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes):
     return inference_session(model, options, ["CPUExecutionProvider"])
 
 
+def check_time_limit(time_limit: float | None) -> None:
+    """Raise UsageError for a time limit that is not a number of seconds >= 0."""
+    if time_limit is not None and not (0 <= time_limit < math.inf):
+        raise UsageError(f"bad --time-limit {time_limit:g}: give seconds >= 0 (0: no limit)")
+
+
+def run_with_limit(
+    session: Any,
+    names: list[str] | None,
+    feed: dict[str, np.ndarray],
+    time_limit: float | None,
+    what: str,
+) -> list[np.ndarray]:
+    """`session.run(names, feed)`, stopped once it has run `time_limit` seconds (None, 0: never).
+
+    A watchdog timer sets `terminate` on the run's `RunOptions`; ONNX Runtime checks it between
+    kernels and on every Loop/Scan iteration, so a Loop that never ends stops too (a single
+    kernel still runs to its end). The run then fails, and TimeLimitError says that `what`
+    ("the original model on input 1") ran over. Other failures propagate as ORT raised them.
+    """
+    if not time_limit:
+        return session.run(names, feed)
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # the "terminate flag" failure is ours to report
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        options.terminate = True
+
+    timer = threading.Timer(time_limit, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run(names, feed, options)
+    except Exception:
+        if fired.is_set():
+            raise TimeLimitError(
+                f"parity run exceeded the time limit of {time_limit:g} s ({what}); "
+                "--time-limit raises it, 0 removes it"
+            ) from None
+        raise
+    finally:
+        timer.cancel()
+
+
 def _int_input_bounds(model: onnx.ModelProto) -> dict[str, int]:
     """For integer inputs read by Gather (token ids), the table size along the gathered axis."""
     tables = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -526,6 +579,8 @@ def generate_inputs(
     them. Integer inputs that index an embedding table (through Gather) stay below its size;
     others are 0 or 1 (masks, type ids). `ranges` maps an input name (or None, for every
     input) to `(low, high)`: floats uniform in [low, high), integers in [low, high).
+    Raises UsageError for an input that cannot be generated: not a tensor, a type numpy has
+    no values for, or an array over `MAX_GENERATED_BYTES`.
     """
     rng = np.random.default_rng(seed)
     input_shapes = input_shapes or {}
@@ -533,8 +588,20 @@ def generate_inputs(
     bounds = _int_input_bounds(model)
     feeds: dict[str, np.ndarray] = {}
     for value in model_inputs(model):
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise UsageError(
+                f"input {value.name!r} is a {kind or 'value of no type'}, not a tensor: "
+                "onnxshrink cannot generate inputs for it (--no-verify skips the check)"
+            )
         tensor_type = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        except (KeyError, ValueError):
+            raise UsageError(
+                f"input {value.name!r} has element type {tensor_type.elem_type}, which has no "
+                "values to generate; pass --inputs"
+            ) from None
         if value.name in input_shapes:
             shape = list(input_shapes[value.name])
         else:
@@ -544,12 +611,18 @@ def generate_inputs(
                 else (batch if i == 0 else DEFAULT_DYNAMIC_DIM)
                 for i, d in enumerate(tensor_type.shape.dim)
             ]
+        size = math.prod(shape) * dtype.itemsize
+        if size > MAX_GENERATED_BYTES:
+            raise UsageError(
+                f"input {value.name!r}: a generated array of shape {shape} would take "
+                f"{size / 2**30:.3g} GiB; pin its dims with --input-shape or pass --inputs"
+            )
         span = ranges.get(value.name, ranges.get(None))
         if np.issubdtype(dtype, np.floating):
             low, high = span if span is not None else (0.0, 1.0)
             feeds[value.name] = rng.uniform(low, high, size=shape).astype(dtype)
         elif dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
+            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d array, not a scalar
         else:
             if span is not None:
                 low, high = int(math.ceil(span[0])), int(math.ceil(span[1]))
@@ -938,29 +1011,42 @@ class Reference:
             self._names = [o.name for o in self.session.get_outputs()]
         return self._names
 
-    def prime(self, feeds: Iterable[dict[str, np.ndarray]]) -> bool:
+    def prime(
+        self, feeds: Iterable[dict[str, np.ndarray]], time_limit: float | None = None
+    ) -> bool:
         """Run every feed now and close the session, when all the outputs fit the cache.
 
         For a large model: its session then never coexists with the candidate's, which would
         hold the weights twice. Returns whether every output was kept; a run that fails
-        stops here (the parity check then meets the failure and reports it).
+        stops here (the parity check then meets the failure and reports it), except a run past
+        `time_limit` seconds, which raises TimeLimitError (`run_with_limit`).
         """
         try:
             self.output_names  # noqa: B018 (creates the session and keeps the names)
             for index, feed in enumerate(feeds):
-                self.run(index, feed)
+                self.run(index, feed, time_limit)
                 if index not in self._cache:
                     return False
+        except TimeLimitError:
+            raise
         except Exception:
             return False
         self._session = None
         return True
 
-    def run(self, index: int, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs for the feed at position `index` of the stream."""
+    def run(
+        self,
+        index: int,
+        feed: dict[str, np.ndarray],
+        time_limit: float | None = None,
+        label: str = "original",
+    ) -> list[np.ndarray]:
+        """Outputs for the feed at position `index` of the stream (`run_with_limit`)."""
         if index in self._cache:
             return self._cache[index]
-        outputs = self.session.run(None, feed)
+        outputs = run_with_limit(
+            self.session, None, feed, time_limit, f"the {label} model on input {index + 1}"
+        )
         size = sum(_nbytes(o) for o in outputs)
         if self._cached + size <= self.cache_bytes:
             self._cache[index] = outputs
@@ -989,8 +1075,10 @@ def check_parity(
     labels: tuple[str, str] = ("original", "optimized"),
     observe: Callable[[dict[str, np.ndarray], list[str], list[np.ndarray], list[np.ndarray]], None]
     | None = None,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
 ) -> ParityReport:
-    """Run both models on every feed and compare each output; never raises for ORT failures.
+    """Run both models on every feed and compare each output; never raises for ORT failures
+    but one: a run longer than `time_limit` seconds raises TimeLimitError (`run_with_limit`).
 
     Pass a `Reference` to reuse the original's session and outputs across candidates; the feeds
     must then come in the same order each time. `stop_on_failure` ends at the first feed on
@@ -1032,7 +1120,9 @@ def check_parity(
     samples = 0
     for index, feed in enumerate(feeds):
         try:
-            ref_out = ref.run(index, feed)
+            ref_out = ref.run(index, feed, time_limit, ref_label)
+        except TimeLimitError:
+            raise
         except Exception as exc:
             shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
             return failed(
@@ -1042,7 +1132,11 @@ def check_parity(
                 samples,
             )
         try:
-            cand_out = cand_sess.run(names, feed)
+            cand_out = run_with_limit(
+                cand_sess, names, feed, time_limit, f"the {cand_label} model on input {index + 1}"
+            )
+        except TimeLimitError:
+            raise
         except Exception as exc:
             return failed(
                 True,

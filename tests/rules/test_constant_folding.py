@@ -77,6 +77,19 @@ g (float[3] x) => (float[3] y, float[3] k) {
     assert after.graph.output[1].name == "k"
 
 
+def test_initializer_that_is_a_graph_output_gets_a_constant_node():
+    """Found by bench/fuzz.py: an initializer that is itself a graph output became a Variable
+    without a type, and exporting the graph failed (an internal error)."""
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[3] x) => (float[3] y, float[3] w) {
+    y = Add(x, w)
+}"""
+    before = make_model(text, {"w": np.array([1.0, 2.0, 3.0], np.float32)})
+    after, _ = apply(before, PASSES)
+    assert_rewritten(before, after, {"Constant": 1, "Add": 1})
+    assert [o.name for o in after.graph.output] == ["y", "w"]
+
+
 def test_nothing_to_fold_reports_no_change():
     before = make_model("""<ir_version: 10, opset_import: ["" : 14]>
 g (float[3] x) => (float[3] y) { y = Relu(x) }""")
@@ -486,3 +499,72 @@ g (bool c, float[3] x) => (float[3] y, float[3] z, float[3] k) {
     for cond in (True, False):
         feeds = {"c": np.array(cond), "x": np.array([1.0, -2.0, 3.0], np.float32)}
         assert_rewritten(before, after, histogram(after), feeds=feeds)
+
+
+# --- case 3: folding never runs unbounded work (issue 9, 7) -------------------------------
+
+
+def test_loop_with_endless_trip_count_is_not_evaluated() -> None:
+    """A Loop of constants whose trip count is INT64_MAX: folding it would never return."""
+    import threading
+
+    text = """<ir_version: 10, opset_import: ["" : 17]>
+g (float[2] x) => (float[2] y) {
+    n = Constant<value = int64 {9223372036854775807}>()
+    c = Constant<value = bool {1}>()
+    s = Constant<value = float[2] {1.0, 2.0}>()
+    l = Loop(n, c, s) <body = body (int64 i, bool cin, float[2] v) => (bool cout, float[2] w) {
+        cout = Identity(cin)
+        w = Identity(v)
+    }>
+    y = Add(x, l)
+}"""
+    before = make_model(text)
+    done: list[onnx.ModelProto] = []
+    worker = threading.Thread(target=lambda: done.append(apply(before, PASSES)[0]), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done, "constant folding evaluated the endless Loop"
+    after = done[0]
+    assert histogram(after) == {"Loop": 1, "Add": 1}
+    onnx.checker.check_model(after, full_check=True)
+    assert [o.name for o in after.graph.output] == ["y"]  # not run: it would never end
+
+
+def test_costly_matmul_of_constants_is_not_folded():
+    """1024x1024 @ 1024x512 costs 2^29 multiply-adds and shrinks nothing much: left alone."""
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[1024,512] x) => (float[1024,512] y) {
+    p = MatMul(a, b)
+    y = Add(x, p)
+}"""
+    rng = np.random.default_rng(0)
+    before = make_model(
+        text,
+        {
+            "a": rng.normal(size=(1024, 1024)).astype(np.float32),
+            "b": rng.normal(size=(1024, 512)).astype(np.float32),
+        },
+    )
+    after, stats = apply(before, PASSES)
+    assert not stats.applied.get("fold_constants")
+    assert_rewritten(before, after, {"MatMul": 1, "Add": 1}, rtol=1e-5, atol=1e-3)
+
+
+def test_cheap_matmul_of_constants_is_folded():
+    text = """<ir_version: 10, opset_import: ["" : 14]>
+g (float[16,8] x) => (float[16,8] y) {
+    p = MatMul(a, b)
+    y = Add(x, p)
+}"""
+    rng = np.random.default_rng(0)
+    before = make_model(
+        text,
+        {
+            "a": rng.normal(size=(16, 32)).astype(np.float32),
+            "b": rng.normal(size=(32, 8)).astype(np.float32),
+        },
+    )
+    after, stats = apply(before, PASSES)
+    assert stats.applied["fold_constants"] == 1
+    assert_rewritten(before, after, {"Add": 1})
