@@ -263,3 +263,27 @@ def test_large_model_int8_path_matches_the_normal_one(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_large_model_speed_check_times_the_float_model_apart(tmp_path, monkeypatch):
+    """On a large model the int8 speed check times the two candidates against each other,
+    lets the loser go, and only then times the float model: never all three sessions."""
+    import onnxshrink.rules.int8 as int8_module
+
+    source = tmp_path / "in.onnx"
+    onnx.save_model(_mlp(width=96), str(source))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((16, 96)).astype(np.float32))
+    monkeypatch.setattr(int8_module, "SESSION_FILE_BYTES", 100)
+    timed: list[int] = []
+    real = int8_module.interleaved_ms
+
+    def counting(models, feed, runs):
+        timed.append(len(models))
+        return real(models, feed, runs)
+
+    monkeypatch.setattr(int8_module, "interleaved_ms", counting)
+    result = optimize(source, tmp_path / "out.onnx", quantize="int8", calibration_data=calib)
+    assert timed and timed[-1] == 1 and all(n <= 2 for n in timed)
+    assert result.quantization is not None and result.quantization.speed is not None
+    assert result.quantization.speed.float_ms > 0 and result.quantization.speed.int8_ms > 0

@@ -8,8 +8,10 @@ partial file; models over 2 GB are written with external data automatically.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -821,6 +823,32 @@ def named(model: onnx.ModelProto) -> onnx.ModelProto:
     if all(n.name for g in graph_protos(model.graph) for n in g.node):
         return model
     return named_copy(model)
+
+
+def release_memory() -> None:
+    """Collect garbage cycles and hand freed heap memory back to the OS (glibc `malloc_trim`).
+
+    For large models, between phases: a rewrite's graph is a web of cycles that only the
+    collector frees, and glibc keeps freed blocks below its mmap threshold (an int8 weight of
+    16 MB, say) in the heap unless asked to trim; both count in the process's memory.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim() -> Any:
+    global _TRIM
+    if _TRIM is False:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = None
+    return _TRIM
+
+
+_TRIM: Any = False
 
 
 def _umask() -> int:

@@ -42,6 +42,7 @@ from onnxshrink.engine.io import (
     graph_protos,
     load_model,
     model_bytes,
+    release_memory,
     save_model,
     skeleton,
     structure_only,
@@ -792,7 +793,7 @@ def optimize(
                 )
             if large:
                 work = None  # the rewritten model holds the weights now
-                gc.collect()  # the rewrite's graph is a web of cycles: free its arrays now
+                release_memory()  # the rewrite's graph is a web of cycles: free its arrays now
         except BrokenPassError as exc:
             # Rounding from weight rescaling is what the tiers are for (see _TIERS).
             if (

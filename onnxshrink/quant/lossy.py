@@ -423,6 +423,13 @@ def speed_check(
     Two warm-up runs each (first runs allocate), then `runs` rounds that run every model
     once; intra-op spinning off, so that one session's idle threads do not slow the next.
     """
+    models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
+    medians = interleaved_ms(models, feed, runs)
+    return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
+
+
+def interleaved_ms(models: Sequence[onnx.ModelProto], feed: Feed, runs: int) -> list[float]:
+    """Median ms per run of each model on ORT CPU, timed interleaved (`speed_check`)."""
     import onnxruntime as ort
 
     def session(model: onnx.ModelProto):
@@ -431,7 +438,6 @@ def speed_check(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return inference_session(model, options, ["CPUExecutionProvider"])
 
-    models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
     sessions = [session(m) for m in models]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     feeds = [{k: v for k, v in feed.items() if k in n} for n in names]
@@ -444,8 +450,7 @@ def speed_check(
             start = time.perf_counter()
             s.run(None, f)
             times[i].append((time.perf_counter() - start) * 1e3)
-    medians = [float(np.median(t)) for t in times]
-    return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
+    return [float(np.median(t)) for t in times]
 
 
 def check_settings(
