@@ -110,7 +110,6 @@ from onnxshrink.engine.io import (
     named_copy,
     node_subgraphs,
     skeleton,
-    tensor_bytes,
 )
 from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
@@ -337,9 +336,10 @@ def quantize_qdq(
     # float weights that stay are copied in at the end (`_fill_stubs`). Each budget candidate
     # would otherwise hold a copy of every float weight it replaces.
     source = None
+    stubs: set[str] = set()  # the skeleton's initializers without their bytes
     if model_bytes(model) > SESSION_FILE_BYTES and default_opset(model) >= PER_CHANNEL_OPSET:
         source = named(model)
-        work = skeleton(source)
+        work = skeleton(source, lambda _tensor, stub: stubs.add(stub.name))
     else:
         work = named_copy(model)
     _check_selection(work, nodes)
@@ -384,7 +384,7 @@ def quantize_qdq(
             work, quantized, weights_only, params, profile, report, input_means or {}, source
         )
     if source is not None:
-        _fill_stubs(work, source)
+        _fill_stubs(work, source, stubs)
     logger.info(
         "quantized %d node(s), kept %d float, inserted %d Q and %d DQ",
         len(report.quantized),
@@ -973,13 +973,13 @@ def _insert_qdq(
     _drop_unread_initializers(model, replaced)
 
 
-def _fill_stubs(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    """Give the initializers `skeleton` left without data their bytes from `source`."""
-    full = {t.name: t for t in source.graph.initializer}
+def _fill_stubs(model: onnx.ModelProto, source: onnx.ModelProto, stubs: set[str]) -> None:
+    """Give the initializers `skeleton` left without data (`stubs`) that `model` still has
+    their bytes from `source`."""
+    full = {t.name: t for t in source.graph.initializer if t.name in stubs}
     for tensor in model.graph.initializer:
-        original = full.get(tensor.name)
-        if original is not None and tensor_bytes(tensor) != tensor_bytes(original):
-            tensor.CopyFrom(original)
+        if tensor.name in full:
+            tensor.CopyFrom(full[tensor.name])
 
 
 def _drop_unread_initializers(model: onnx.ModelProto, replaced: set[str]) -> None:

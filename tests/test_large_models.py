@@ -252,7 +252,9 @@ def test_large_model_int8_path_matches_the_normal_one(tmp_path, monkeypatch):
     monkeypatch.setattr(optimize_module, "SESSION_FILE_BYTES", 100)
     skeletons = []
     real_skeleton = qdq_module.skeleton
-    monkeypatch.setattr(qdq_module, "skeleton", lambda m: skeletons.append(1) or real_skeleton(m))
+    monkeypatch.setattr(
+        qdq_module, "skeleton", lambda m, *rest: skeletons.append(1) or real_skeleton(m, *rest)
+    )
     large = optimize(source, tmp_path / "large.onnx", **settings)
     assert skeletons  # the candidates were built from skeletons
     assert sorted(n.op_type for n in large.model.graph.node) == sorted(

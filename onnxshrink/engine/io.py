@@ -18,7 +18,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -432,10 +432,12 @@ def save_model(
         _data_file_name(dest, avoid) if model_bytes(model) > _EXTERNAL_DATA_THRESHOLD else None
     )
     try:
-        with _NewFile(folder) as model_file, _NewFile(folder, used=data_name) as data_file:
-            _write_model(model, model_file.fd, data_file.fd if data_name else None, data_name)
+        with ExitStack() as files:
+            model_file = files.enter_context(_NewFile(folder))
+            data_file = files.enter_context(_NewFile(folder)) if data_name else None
+            _write_model(model, model_file.fd, data_file.fd if data_file else None, data_name)
             with _folder_lock(folder):
-                if data_name is not None:
+                if data_file is not None and data_name is not None:
                     data_file.commit(folder / data_name)
                 model_file.commit(dest)
     except OSError as exc:
@@ -652,15 +654,13 @@ class _NewFile:
 
     With O_TMPFILE (Linux) the file has no name at all until `commit`, so a process killed
     while writing leaves nothing; elsewhere it is a hidden `.onnxshrink.*.tmp` file, removed
-    on any failure. `used=None` makes a placeholder that opens nothing.
+    on any failure.
     """
 
-    def __init__(self, folder: Path, used: object = True) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.fd = -1
         self.named: Path | None = None
-        if used is None:
-            return
         try:
             self.fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)
         except (AttributeError, OSError) as exc:  # no O_TMPFILE on this system or filesystem
