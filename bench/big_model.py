@@ -15,7 +15,7 @@ Usage: `.venv/bin/python bench/big_model.py [--gb 2.2] [--width 4096] [--dir DIR
 3. Loads each result with ONNX Runtime and compares it with the original on held-out inputs:
    the largest relative error for lossless (bar 1e-4), the cosine of the outputs for int8.
 4. Prints one row per run: exit status, wall time, output size, peak RSS and its ratio to the
-   model's size (the issue's goal: at most 2.5x), and the check.
+   model's size (issue 9's goal: about 2x), and the check.
 
 Needs about 3x the model's size free on disk (model, result, temporary files).
 """

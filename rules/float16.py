@@ -78,7 +78,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.engine.io import graph_protos, named_copy, node_subgraphs
+from onnxshrink.engine.io import array_of, graph_protos, named_copy, node_subgraphs
 from onnxshrink.engine.protos import compile_excludes, excluded_by
 from onnxshrink.engine.shapes import default_opset, infer_shapes
 from onnxshrink.errors import UsageError
@@ -483,7 +483,7 @@ class _Conversion:
     def _half_constant(self, name: str, source: onnx.TensorProto | int) -> None:
         """Case 4: convert in place (4a) or into a float16 copy (4b)."""
         if isinstance(source, onnx.TensorProto):
-            node, array = None, numpy_helper.to_array(source)
+            node, array = None, array_of(source)
         else:
             node = self.graph.node[source]
             array = _constant_value(node)

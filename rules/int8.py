@@ -93,7 +93,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import SESSION_FILE_BYTES, model_bytes, release_memory
+from onnxshrink.engine.io import SESSION_FILE_BYTES, array_of, model_bytes, release_memory
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.budget import decline_fewest, grant_most, rank
 from onnxshrink.quant.calibration import (
@@ -436,6 +436,12 @@ def quantize_int8(
     )
     reference.check()
     ranges = stats.ranges
+    # A large model's float latency is timed now, while Python holds nothing but the float
+    # model: at the speed check it would share memory with the candidates (issue 9, 4).
+    float_ms = None
+    if check_speed and profile.speed_check and model_bytes(model) > SESSION_FILE_BYTES:
+        release_memory()
+        float_ms = interleaved_ms([model], _latency_feed(model, reference), SPEED_RUNS)[0]
     seconds = timings["statistics"] = time.perf_counter() - start
     logger.info(
         "calibration: %d tensor(s) from %d run(s) of %s in %.2f s",
@@ -484,7 +490,17 @@ def quantize_int8(
     if check_speed and profile.speed_check and report.quantized:  # 5
         phase = time.perf_counter()
         quantized, report, speed = _speed_aware(
-            model, base, quantized, report, budget, ranges, exclude, means, reference, max_error
+            model,
+            base,
+            quantized,
+            report,
+            budget,
+            ranges,
+            exclude,
+            means,
+            reference,
+            max_error,
+            float_ms,
         )
         timings["speed check"] = time.perf_counter() - phase
         logger.info("speed check: %.2f s", timings["speed check"])
@@ -567,8 +583,13 @@ def _speed_aware(
     means: Mapping[str, np.ndarray] | None,
     reference: ErrorReference,
     max_error: float,
+    float_ms: float | None = None,
 ) -> tuple[onnx.ModelProto, QuantizeReport, SpeedCheck]:
-    """Module docstring 5: int8 compute, or float compute with int8 weights, by measurement."""
+    """Module docstring 5: int8 compute, or float compute with int8 weights, by measurement.
+
+    `float_ms`: the float model's latency, timed apart beforehand (a large model); the two
+    candidates are then timed against each other only.
+    """
     # int8 storage only where it costs no speed: MatMul/Gemm (a Conv whose weight goes through
     # a DQ loses ORT's NCHWc kernels; quantize.py case 6)
     storable = {
@@ -576,30 +597,25 @@ def _speed_aware(
         for c in quantizable_nodes(model, "ort-cpu", exclude=exclude)
         if c.op in ("MatMul", "Gemm") and (c.quantizable or c.weight_only_ok)
     }
+    large = model_bytes(model) > SESSION_FILE_BYTES
+    if large:  # what the budget search's candidates left in the heap (issue 9, 4)
+        release_memory()
     weights, weights_report = quantize_qdq(
         base, ranges, exclude=exclude, nodes=set(), weight_only=storable, input_means=means
     )
+    if large:
+        release_memory()
     weights_error = reference.error(weights, "the float-compute candidate")
     budget.sessions += 1
     within = weights_error <= max_error  # over budget, it is not a candidate (not timed)
-    # one sample, the latency a deployment runs at (the budget's feeds may hold several)
-    feed = next(split_feed(reference.feeds[0], declared_batches(model), 1))
-    if model_bytes(model) > SESSION_FILE_BYTES:
-        # A large model (issue 9, 4): the two candidates are timed against each other first,
-        # the loser is let go, and then the float model is timed on its own, so that the
-        # float weights are never held by Python, a float session and both candidates at once.
-        # Its time is not interleaved with the result's: the slower-than-float warning is
-        # then judged on runs a few seconds apart.
-        release_memory()
+    feed = _latency_feed(model, reference)
+    if float_ms is not None:
+        # A large model (issue 9, 4): the float model was timed on its own before the budget
+        # search, so that the float weights are never held by Python, a float session and the
+        # candidates at once; the two candidates are timed against each other here. The
+        # slower-than-float warning is then judged on runs timed apart, not interleaved.
         ms = interleaved_ms([quantized] + ([weights] if within else []), feed, SPEED_RUNS)
-        weights_ms = ms[1] if within else None
-        if weights_ms is not None and weights_ms < (1.0 - SPEED_MARGIN) * ms[0]:
-            quantized = weights  # the decision below takes it; the int8 one is let go
-        else:
-            weights = quantized
-        release_memory()
-        float_ms = interleaved_ms([model], feed, SPEED_RUNS)[0]
-        speed = SpeedCheck(float_ms, ms[0], SPEED_RUNS, weights_ms)
+        speed = SpeedCheck(float_ms, ms[0], SPEED_RUNS, ms[1] if within else None)
     else:
         speed = speed_check(model, quantized, feed, weights_model=weights if within else None)
     logger.info(
@@ -631,6 +647,12 @@ def _speed_aware(
             "interleaved runs); without --quantize the result is faster"
         )
     return quantized, report, speed
+
+
+def _latency_feed(model: onnx.ModelProto, reference: ErrorReference) -> dict[str, np.ndarray]:
+    """One sample of the budget's first feed: the latency a deployment runs at (the budget's
+    feeds may hold several)."""
+    return next(split_feed(reference.feeds[0], declared_batches(model), 1))
 
 
 def _smoothable(
@@ -723,9 +745,7 @@ def _smoothing_inverses(model: onnx.ModelProto, outputs: Iterable[str]) -> dict[
         if node.op_type == "Mul" and node.output[0] in wanted:
             for name in node.input:
                 if name in constants:
-                    found[node.output[0]] = onnx.numpy_helper.to_array(constants[name]).astype(
-                        np.float64
-                    )
+                    found[node.output[0]] = array_of(constants[name]).astype(np.float64)
     return found
 
 

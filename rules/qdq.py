@@ -103,6 +103,7 @@ from onnx import helper, numpy_helper
 from onnxshrink.engine.io import (
     SESSION_FILE_BYTES,
     NameAllocator,
+    array_of,
     graph_protos,
     model_bytes,
     name_nodes,
@@ -111,7 +112,7 @@ from onnxshrink.engine.io import (
     node_subgraphs,
     skeleton,
 )
-from onnxshrink.engine.protos import compile_excludes, excluded_by
+from onnxshrink.engine.protos import compile_excludes, drop_initializers, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.schemes import INT8_WEIGHT
@@ -758,7 +759,7 @@ def _insert_qdq(
         _, weight = cand.tensors()
         key = (weight, axis)
         if key not in rounded:
-            rounded[key] = quantize_weight(numpy_helper.to_array(initializers[weight]), axis)
+            rounded[key] = quantize_weight(array_of(initializers[weight]), axis)
         return rounded[key]
 
     def bias_floor(node: onnx.NodeProto, x_scale: np.float32, axis: int) -> np.ndarray | None:
@@ -767,7 +768,7 @@ def _insert_qdq(
         None when no channel needs it."""
         if len(node.input) < 3 or not node.input[2] or node.input[2] not in initializers:
             return None
-        b = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+        b = array_of(initializers[node.input[2]]).astype(np.float64)
         channels = int(initializers[node.input[1]].dims[axis])
         if b.shape != (channels,):
             return None
@@ -789,7 +790,7 @@ def _insert_qdq(
             q, scale = (
                 natural_rounding(cand, axis)
                 if floor is None
-                else quantize_weight(numpy_helper.to_array(initializers[cand.weight]), axis, floor)
+                else quantize_weight(array_of(initializers[cand.weight]), axis, floor)
             )
             q_name = const(f"{cand.weight}_quantized", q)
             s_name = const(f"{cand.weight}_scale", scale)
@@ -820,7 +821,7 @@ def _insert_qdq(
         q, scale, q_axis = weight_rounding[key]
         shape = [1] * q.ndim
         shape[q_axis] = -1
-        w = numpy_helper.to_array(initializers[cand.weight])
+        w = array_of(initializers[cand.weight])
         error = q.astype(np.float64) * scale.reshape(shape) - w
         if node.op_type == "Conv":
             if int(_attr(node, "group", 1)) != 1 or error.shape[1] != mean.shape[0]:
@@ -839,7 +840,7 @@ def _insert_qdq(
         if len(node.input) > 2 and node.input[2]:
             if node.input[2] not in initializers:
                 return None
-            bias = numpy_helper.to_array(initializers[node.input[2]])
+            bias = array_of(initializers[node.input[2]])
             if bias.dtype != np.float32 or bias.shape != shift.shape:
                 return None
         else:
@@ -878,7 +879,7 @@ def _insert_qdq(
             bias = node.input[2]
             if bias not in initializers:
                 return None
-            b = numpy_helper.to_array(initializers[bias])
+            b = array_of(initializers[bias])
             if b.dtype != np.float32 or b.ndim != 1 or b.shape[0] != w_scale.shape[0]:
                 return None
             b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
@@ -989,7 +990,4 @@ def _drop_unread_initializers(model: onnx.ModelProto, replaced: set[str]) -> Non
     for g in graph_protos(graph):
         for node in g.node:
             read.update(node.input)
-    keep = [t for t in graph.initializer if t.name in read or t.name not in replaced]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    drop_initializers(graph, {t.name for t in graph.initializer if t.name in replaced} - read)

@@ -43,7 +43,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named, named_copy, node_subgraphs
+from onnxshrink.engine.io import (
+    NameAllocator,
+    array_of,
+    graph_protos,
+    named,
+    named_copy,
+    node_subgraphs,
+)
 from onnxshrink.engine.protos import compile_excludes, excluded_by, splice_nodes
 
 logger = logging.getLogger(__name__)
@@ -194,7 +201,7 @@ def _rewrite(model: onnx.ModelProto, matches: list[_TableMatch], report: GatherR
     new_inits: list[onnx.TensorProto] = []
     for m in matches:
         node, table_name = m.node, m.table.name
-        q, scale = quantize_rows(numpy_helper.to_array(m.table))
+        q, scale = quantize_rows(array_of(m.table))
         q_name = names.new(f"{table_name}_int8")
         s_name = names.new(f"{table_name}_row_scale")
         new_inits += [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)]

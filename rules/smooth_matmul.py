@@ -60,7 +60,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.engine.io import NameAllocator, graph_protos, named, named_copy, node_subgraphs
+from onnxshrink.engine.io import (
+    NameAllocator,
+    array_of,
+    graph_protos,
+    named,
+    named_copy,
+    node_subgraphs,
+)
 from onnxshrink.engine.protos import splice_nodes
 from onnxshrink.errors import UsageError
 
@@ -186,7 +193,7 @@ def smooth_matmuls(
             report.skipped[x] = declined.get(x, "not read by a MatMul of the main graph")
             continue
         readers = smoothable[x]  # nodes, not names: names may repeat in a model
-        weights = [numpy_helper.to_array(initializers[r.input[1]]) for r in readers]
+        weights = [array_of(initializers[r.input[1]]) for r in readers]
         k = weights[0].shape[0]
         amax = channel_absmax.get(x)
         if amax is None:

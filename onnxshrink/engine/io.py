@@ -474,8 +474,22 @@ def inference_session(
 
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if model_bytes(model) <= SESSION_FILE_BYTES:
+    stores = {_store_of(t) for t in model.graph.initializer} - {None}
+    if not stores and model_bytes(model) <= SESSION_FILE_BYTES:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    if len(stores) == 1:
+        # offloaded weights stay where they are: the model file goes beside them
+        (folder,) = stores
+        assert folder is not None
+        stem = f"session-{secrets.token_hex(6)}"
+        path, data = folder / f"{stem}.onnx", folder / f"{stem}.data"
+        try:
+            with open(path, "wb") as f, open(data, "wb+") as d:
+                _write_model(model, f.fileno(), d.fileno(), data.name, keep_offloaded=True)
+            return ort.InferenceSession(str(path), options, providers=providers)
+        finally:
+            path.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="onnxshrink-session-") as tmp:
         path = Path(tmp) / "model.onnx"
         write_model_files(model, path, "model.onnx.data")
@@ -489,7 +503,11 @@ _DATA_ALIGNMENT = 4096
 
 
 def _write_model(
-    model: onnx.ModelProto, model_fd: int, data_fd: int | None, data_name: str | None
+    model: onnx.ModelProto,
+    model_fd: int,
+    data_fd: int | None,
+    data_name: str | None,
+    keep_offloaded: bool = False,
 ) -> None:
     """Serialize `model` to `model_fd`; with `data_fd`, its large initializers' bytes go there.
 
@@ -497,8 +515,13 @@ def _write_model(
     large initializers point into the data file, and their bytes are written one tensor at a
     time. (Clearing and refilling the tensors in place would not do: protobuf keeps a cleared
     field's memory until the whole message is freed, so every write would grow the model.)
+    Offloaded tensors (`offload`) are copied from their scratch file to the data file without
+    passing through memory, or with `keep_offloaded` (a file written into the scratch folder)
+    keep pointing where they are.
     """
     if data_fd is None:
+        if any(_store_of(t) for t in model.graph.initializer):
+            model = materialize(model)
         _write_all(model_fd, model.SerializeToString())
         return
     assert data_name is not None
@@ -506,23 +529,144 @@ def _write_model(
 
     def externalize(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
         nonlocal offset
-        raw = (
-            tensor.raw_data
-            if tensor.HasField("raw_data")
-            else onnx.numpy_helper.to_array(tensor).tobytes()
-        )
+        stored = _store_of(tensor)
+        if stored is not None and keep_offloaded:
+            stub.CopyFrom(tensor)
+            return
         offset = -(-offset // _DATA_ALIGNMENT) * _DATA_ALIGNMENT
-        _pwrite_all(data_fd, raw, offset)
+        if stored is not None:
+            length = _copy_range(*_stored_range(tensor, stored), data_fd, offset)
+        else:
+            raw = (
+                tensor.raw_data
+                if tensor.HasField("raw_data")
+                else onnx.numpy_helper.to_array(tensor).tobytes()
+            )
+            _pwrite_all(data_fd, raw, offset)
+            length = len(raw)
         stub.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (
             ("location", data_name),
             ("offset", str(offset)),
-            ("length", str(len(raw))),
+            ("length", str(length)),
         ):
             stub.external_data.add(key=key, value=value)
-        offset += len(raw)
+        offset += length
 
     _write_all(model_fd, skeleton(model, externalize).SerializeToString())
+
+
+# ---------------------------------------------------------------------------------------------
+# Offloaded weights (issue 9, 4)
+# ---------------------------------------------------------------------------------------------
+
+#: data file name -> the scratch folder holding it, for every live `offload`
+_STORES: dict[str, Path] = {}
+
+
+def offload(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """A copy of `model` whose large initializers live in a data file in `folder`, not in memory.
+
+    For a large model's lossy stage: the float weights are read many times (each candidate the
+    budget search builds quantizes them) but are otherwise only needed by ONNX Runtime, which
+    reads them from a file. Offloaded, they leave Python's memory to the float sessions, which
+    then cost what the model costs, not twice that. `array_of` reads an offloaded tensor,
+    `inference_session` and `save_model` take such a model as they take any, and `materialize`
+    loads it back; `discard_store(folder)` ends the store (its models can no longer be read).
+    The caller drops `model`: protobuf frees its bytes only with the whole message.
+    """
+    name = f"onnxshrink-{secrets.token_hex(6)}.data"
+    with open(folder / name, "wb") as data:
+        offset = 0
+
+        def externalize(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
+            nonlocal offset
+            raw = (
+                tensor.raw_data
+                if tensor.HasField("raw_data")
+                else onnx.numpy_helper.to_array(tensor).tobytes()
+            )
+            offset = -(-offset // _DATA_ALIGNMENT) * _DATA_ALIGNMENT
+            _pwrite_all(data.fileno(), raw, offset)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (
+                ("location", name),
+                ("offset", str(offset)),
+                ("length", str(len(raw))),
+            ):
+                stub.external_data.add(key=key, value=value)
+            offset += len(raw)
+
+        light = skeleton(model, externalize, threshold=_OFFLOAD_TENSOR_BYTES)
+    _STORES[name] = folder
+    return light
+
+
+#: `offload` moves initializers over this many bytes (the rest are read too often to be worth it)
+_OFFLOAD_TENSOR_BYTES = 2**16
+
+
+def discard_store(folder: Path) -> None:
+    """Forget the offloaded data files in `folder` (the caller removes the folder)."""
+    for name in [n for n, f in _STORES.items() if f == folder]:
+        del _STORES[name]
+
+
+def _store_of(tensor: onnx.TensorProto) -> Path | None:
+    """The scratch folder of an offloaded tensor, or None."""
+    if not uses_external_data(tensor):
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return _STORES.get(entry.value)
+    return None
+
+
+def _stored_range(tensor: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
+    """The scratch file, offset and length of an offloaded tensor (`offload` sets all three)."""
+    info = ExternalDataInfo(tensor)
+    assert info.offset is not None and info.length is not None  # written by offload
+    return folder / info.location, info.offset, info.length
+
+
+def array_of(tensor: onnx.TensorProto) -> Any:
+    """`onnx.numpy_helper.to_array`, for offloaded tensors too (read from their scratch file)."""
+    stored = _store_of(tensor)
+    return onnx.numpy_helper.to_array(tensor, str(stored) if stored is not None else "")
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its offloaded tensors' bytes back in memory (a new model; `model` is kept)."""
+
+    def load(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
+        stored = _store_of(tensor)
+        if stored is None:
+            stub.CopyFrom(tensor)
+            return
+        path, offset, length = _stored_range(tensor, stored)
+        with open(path, "rb") as f:
+            stub.raw_data = os.pread(f.fileno(), length, offset)
+
+    return skeleton(model, load)
+
+
+def _copy_range(source: Path, offset: int, length: int, dest_fd: int, dest_offset: int) -> int:
+    """Copy `length` bytes at `offset` of `source` to `dest_fd` at `dest_offset`, in the kernel
+    where it can (`os.copy_file_range`), in 16 MB pieces otherwise; the count copied."""
+    with open(source, "rb") as f:
+        done = 0
+        while done < length:
+            want = min(length - done, 2**24)
+            try:
+                n = os.copy_file_range(f.fileno(), dest_fd, want, offset + done, dest_offset + done)
+            except (AttributeError, OSError):
+                chunk = os.pread(f.fileno(), want, offset + done)
+                _pwrite_all(dest_fd, chunk, dest_offset + done)
+                n = len(chunk)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{source} ends before the offloaded tensor does")
+            done += n
+    return length
 
 
 def skeleton(
@@ -552,7 +696,8 @@ def skeleton(
         stub.name = tensor.name
         stub.data_type = tensor.data_type
         stub.dims.extend(tensor.dims)
-        stub.doc_string = tensor.doc_string
+        if tensor.HasField("doc_string"):
+            stub.doc_string = tensor.doc_string
         if large is not None:
             large(tensor, stub)
     return out
@@ -626,8 +771,9 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """A tensor's serialized size, from its dims when it holds raw bytes (no encoding)."""
-    if tensor.HasField("raw_data"):
+    """A tensor's serialized size, from its dims when it holds raw bytes (no encoding) or keeps
+    them in a data file (`uses_external_data`: the size it has once loaded)."""
+    if tensor.HasField("raw_data") or uses_external_data(tensor):
         try:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         except Exception:  # a type numpy lacks: let protobuf size it

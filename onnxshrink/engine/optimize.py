@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,9 +41,12 @@ from onnxshrink.engine.graph import all_graphs, pack_subbyte_constants
 from onnxshrink.engine.io import (
     SESSION_FILE_BYTES,
     check_output_path,
+    discard_store,
     graph_protos,
     load_model,
+    materialize,
     model_bytes,
+    offload,
     release_memory,
     save_model,
     skeleton,
@@ -871,60 +876,77 @@ def optimize(
         notes.append(
             f"--debug-verify checked each pass with onnx.checker only: {step_check.unverified}"
         )
-    final = rewritten
     quantization = quantized_parity = None
-    if stage is not None and calibration is not None:
-        settings = StageSettings(
-            target=target,
-            exclude=exclude,
-            max_error=max_error,
-            calibration_batch=calibration_batch,
-            method=calibration_method,
-            provider=calibration_provider,
-            check_speed=check_speed,
-            progress=progress,
-            mask_input=mask_input,
-        )
-        quantization = stage.run(rewritten, calibration, settings)
-        final = quantization.model
-        notes.extend(quantization.notes)
-        if quantization.synthetic:
-            notes.append(
-                "calibrated on random inputs (--calibration-data random): activation ranges "
-                "do not come from real data and accuracy may suffer; pass real samples"
+    store = None  # a large model's float weights, offloaded for the lossy stage
+    try:
+        if stage is not None and calibration is not None and large:
+            # The stage reads the float weights only to quantize them and hands them to ONNX
+            # Runtime in files: kept in a scratch data file, they are not held in memory beside
+            # every float session the stage opens (issue 9, 4).
+            store = Path(tempfile.mkdtemp(prefix="onnxshrink-weights-"))
+            rewritten = offload(rewritten, store)
+            release_memory()
+        final = rewritten
+        if stage is not None and calibration is not None:
+            settings = StageSettings(
+                target=target,
+                exclude=exclude,
+                max_error=max_error,
+                calibration_batch=calibration_batch,
+                method=calibration_method,
+                provider=calibration_provider,
+                check_speed=check_speed,
+                progress=progress,
+                mask_input=mask_input,
             )
-        if verify:
-            with _nothing_written_past_time_limit():
-                quantized_parity = _check_quantized(
-                    reference,
-                    original,
-                    final,
-                    feeds(),
-                    inputs,
-                    calibration_data,
-                    max_error,
-                    progress,
-                    task_metric,
-                    find_mask_input(original, mask_input),
-                    time_limit,
+            quantization = stage.run(rewritten, calibration, settings)
+            final = quantization.model
+            notes.extend(quantization.notes)
+            if quantization.synthetic:
+                notes.append(
+                    "calibrated on random inputs (--calibration-data random): activation ranges "
+                    "do not come from real data and accuracy may suffer; pass real samples"
                 )
-            notes.extend(_held_out_notes(quantized_parity, max_error))
-        else:
-            notes.append("quantized model not checked against the original (--no-verify)")
+            if verify:
+                with _nothing_written_past_time_limit():
+                    quantized_parity = _check_quantized(
+                        reference,
+                        original,
+                        final,
+                        feeds(),
+                        inputs,
+                        calibration_data,
+                        max_error,
+                        progress,
+                        task_metric,
+                        find_mask_input(original, mask_input),
+                        time_limit,
+                    )
+                notes.extend(_held_out_notes(quantized_parity, max_error))
+            else:
+                notes.append("quantized model not checked against the original (--no-verify)")
 
-    written = save_model(final, output, avoid=input_data_files) if output is not None else None
-    return OptimizeResult(
-        model=final,
-        before=before,
-        after=ModelSummary.of(final),
-        stats=stats,
-        parity=parity,
-        output_path=written,
-        seconds=time.perf_counter() - start,
-        notes=notes,
-        quantization=quantization,
-        quantized_parity=quantized_parity,
-    )
+        written = save_model(final, output, avoid=input_data_files) if output is not None else None
+        if store is not None:  # the returned model outlives the scratch folder
+            final = materialize(final)
+            if quantization is not None:
+                quantization.model = final
+        return OptimizeResult(
+            model=final,
+            before=before,
+            after=ModelSummary.of(final),
+            stats=stats,
+            parity=parity,
+            output_path=written,
+            seconds=time.perf_counter() - start,
+            notes=notes,
+            quantization=quantization,
+            quantized_parity=quantized_parity,
+        )
+    finally:
+        if store is not None:
+            discard_store(store)
+            shutil.rmtree(store, ignore_errors=True)
 
 
 @contextmanager

@@ -12,6 +12,11 @@ they share:
 2. `splice_nodes`: new nodes go right after the node they follow (index -1: first), so the node
    list stays topologically sorted; initializers that nothing reads any more are dropped with
    their value_info, and the new ones appended.
+3. `drop_initializers`: initializers are removed where they are, never by clearing the list and
+   extending it with the ones kept. protobuf's upb backend copies every message appended to a
+   repeated field into the model's arena and frees an arena only whole, so that clear-and-extend
+   would leave a second copy of every kept weight in memory for the model's lifetime (issue 9,
+   4: a quarter of the int8 stage's peak on a large model).
 Fresh names come from `onnxshrink.engine.io.NameAllocator`.
 """
 
@@ -44,6 +49,18 @@ def excluded_by(node: onnx.NodeProto, patterns: Sequence[re.Pattern[str]]) -> st
     return None
 
 
+def drop_initializers(graph: onnx.GraphProto, names: Collection[str]) -> int:
+    """Remove `graph`'s initializers named in `names` in place, without copying the others
+    (docstring, 3); how many went."""
+    if not names:
+        return 0
+    names = set(names)
+    doomed = [i for i, t in enumerate(graph.initializer) if t.name in names]
+    for index in reversed(doomed):
+        del graph.initializer[index]
+    return len(doomed)
+
+
 def splice_nodes(
     graph: onnx.GraphProto,
     after: Mapping[int, Sequence[onnx.NodeProto]],
@@ -58,9 +75,8 @@ def splice_nodes(
         nodes.extend(after.get(index, ()))
     del graph.node[:]
     graph.node.extend(nodes)
-    keep = [t for t in graph.initializer if t.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend([*keep, *new_initializers])
+    drop_initializers(graph, dropped)
+    graph.initializer.extend(new_initializers)
     # a value_info of a dropped tensor would describe a tensor that no longer exists
     for value in [v for v in graph.value_info if v.name in dropped]:
         graph.value_info.remove(value)

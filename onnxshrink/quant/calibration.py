@@ -99,7 +99,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import inference_session, outputs_added
+from onnxshrink.engine.io import array_of, inference_session, outputs_added
 from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import UsageError, first_line
 from onnxshrink.quant.schemes import Scheme
@@ -859,7 +859,7 @@ def observe(
     observers = {n: make_observer(method, percentile, symmetric) for n in wanted}
     for name in wanted:
         if name in initializers:
-            observers[name].update(onnx.numpy_helper.to_array(initializers[name]))
+            observers[name].update(array_of(initializers[name]))
     from_inputs = [n for n in wanted if n in inputs]
     from_session = [n for n in wanted if n not in initializers and n not in inputs]
 
