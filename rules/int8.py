@@ -84,6 +84,7 @@ c. Weight-only storage (not `tensorrt`; `qdq` case 6). Nodes float for structura
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -615,7 +616,7 @@ def _speed_aware(
         # candidates at once; the two candidates are timed against each other here. The
         # slower-than-float warning is then judged on runs timed apart, not interleaved.
         ms = interleaved_ms([quantized] + ([weights] if within else []), feed, SPEED_RUNS)
-        speed = SpeedCheck(float_ms, ms[0], SPEED_RUNS, ms[1] if within else None)
+        speed = SpeedCheck(float_ms, ms[0], SPEED_RUNS, ms[1] if within else None, float_apart=True)
     else:
         speed = speed_check(model, quantized, feed, weights_model=weights if within else None)
     logger.info(
@@ -625,14 +626,14 @@ def _speed_aware(
         "-" if speed.weights_ms is None else f"{speed.weights_ms:.2f}",
     )
     if speed.weights_ms is not None and speed.weights_ms < (1.0 - SPEED_MARGIN) * speed.int8_ms:
-        speed = SpeedCheck(speed.float_ms, speed.int8_ms, speed.runs, speed.weights_ms, "weights")
+        speed = dataclasses.replace(speed, chosen="weights")
         for name in report.quantized:
             weights_report.kept_float[name] = "int8 compute not faster here (speed check)"
         weights_report.notes.extend(n for n in report.notes if n not in weights_report.notes)
         weights_report.notes.append(
             f"speed check: int8 compute ran {speed.int8_ms:.2f} ms, float compute with int8 "
             f"weights {speed.weights_ms:.2f} ms, the float model {speed.float_ms:.2f} ms "
-            f"(median of {speed.runs} interleaved runs): int8 kernels do not pay off at these "
+            f"({speed.how}): int8 kernels do not pay off at these "
             f"tensor sizes, so every layer computes in float and {len(weights_report.weight_only)}"
             " MatMul/Gemm layer(s) store int8 weights (--no-speed-check keeps int8 compute)"
         )
@@ -643,8 +644,8 @@ def _speed_aware(
     if speed.ratio > SPEED_WARN_RATIO:
         report.notes.append(
             f"warning: the result runs {speed.ratio:.2f}x the time of the float model on this "
-            f"machine ({speed.result_ms:.2f} vs {speed.float_ms:.2f} ms, median of {speed.runs} "
-            "interleaved runs); without --quantize the result is faster"
+            f"machine ({speed.result_ms:.2f} vs {speed.float_ms:.2f} ms, {speed.how}); without "
+            "--quantize the result is faster"
         )
     return quantized, report, speed
 

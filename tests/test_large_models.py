@@ -304,7 +304,9 @@ def test_large_model_speed_check_times_the_float_model_apart(tmp_path, monkeypat
     result = optimize(source, tmp_path / "out.onnx", quantize="int8", calibration_data=calib)
     assert timed[0] == 1 and len(timed) == 2 and timed[1] <= 2
     assert result.quantization is not None and result.quantization.speed is not None
-    assert result.quantization.speed.float_ms > 0 and result.quantization.speed.int8_ms > 0
+    speed = result.quantization.speed
+    assert speed.float_ms > 0 and speed.int8_ms > 0 and speed.float_apart
+    assert "float model timed apart" in speed.how
 
 
 def test_offloaded_weights_are_read_written_and_loaded_back(

@@ -664,7 +664,7 @@ def _print_quantization(result: OptimizeResult) -> None:
     )
     if q.speed is not None:
         out.print(
-            f"speed check (ORT CPU, median of {q.speed.runs} interleaved runs): float "
+            f"speed check (ORT CPU, {q.speed.how}): float "
             f"{q.speed.float_ms:.2f} ms, int8 compute {q.speed.int8_ms:.2f} ms"
             + (
                 ""

@@ -525,6 +525,16 @@ def _write_model(
         _write_all(model_fd, model.SerializeToString())
         return
     assert data_name is not None
+    externalize = _external_writer(data_fd, data_name, keep_offloaded)
+    _write_all(model_fd, skeleton(model, externalize).SerializeToString())
+
+
+def _external_writer(
+    data_fd: int, data_name: str, keep_offloaded: bool = False
+) -> Callable[[onnx.TensorProto, onnx.TensorProto], None]:
+    """A `skeleton` callback that appends each large tensor's bytes to `data_fd` (4096-aligned)
+    and points its stub at them as `data_name`; offloaded tensors are copied file to file, or
+    with `keep_offloaded` left pointing at their scratch file."""
     offset = 0
 
     def externalize(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
@@ -553,7 +563,7 @@ def _write_model(
             stub.external_data.add(key=key, value=value)
         offset += length
 
-    _write_all(model_fd, skeleton(model, externalize).SerializeToString())
+    return externalize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,27 +587,9 @@ def offload(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """
     name = f"onnxshrink-{secrets.token_hex(6)}.data"
     with open(folder / name, "wb") as data:
-        offset = 0
-
-        def externalize(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
-            nonlocal offset
-            raw = (
-                tensor.raw_data
-                if tensor.HasField("raw_data")
-                else onnx.numpy_helper.to_array(tensor).tobytes()
-            )
-            offset = -(-offset // _DATA_ALIGNMENT) * _DATA_ALIGNMENT
-            _pwrite_all(data.fileno(), raw, offset)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (
-                ("location", name),
-                ("offset", str(offset)),
-                ("length", str(len(raw))),
-            ):
-                stub.external_data.add(key=key, value=value)
-            offset += len(raw)
-
-        light = skeleton(model, externalize, threshold=_OFFLOAD_TENSOR_BYTES)
+        light = skeleton(
+            model, _external_writer(data.fileno(), name), threshold=_OFFLOAD_TENSOR_BYTES
+        )
     _STORES[name] = folder
     return light
 

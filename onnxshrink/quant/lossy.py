@@ -189,7 +189,8 @@ class HeldOutCheck:
 class SpeedCheck:
     """Median ms per run on ORT CPU (`speed_check`): the float model, the stage's compute
     (int8), and float compute with int8 weights (None when there was no such candidate);
-    `chosen` is "int8" or "weights".
+    `chosen` is "int8" or "weights"; `float_apart`: the float model was timed in runs of its
+    own, not interleaved with the others (a large model, to spare memory).
     """
 
     float_ms: float
@@ -197,6 +198,14 @@ class SpeedCheck:
     runs: int
     weights_ms: float | None = None
     chosen: str = "int8"
+    float_apart: bool = False
+
+    @property
+    def how(self) -> str:
+        """How the figures were timed, for reports: "median of N interleaved runs", ..."""
+        if self.float_apart:
+            return f"median of {self.runs} runs; the float model timed apart, not interleaved"
+        return f"median of {self.runs} interleaved runs"
 
     @property
     def result_ms(self) -> float:

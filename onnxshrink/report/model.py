@@ -326,6 +326,7 @@ def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
                 "chosen": _get(speed, "chosen"),
                 "ratio": _get(speed, "ratio"),
                 "runs": _get(speed, "runs"),
+                "float_apart": _get(speed, "float_apart"),
             }
             if (speed := _get(quant, "speed")) is not None
             else None

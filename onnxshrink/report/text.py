@@ -213,7 +213,13 @@ def quantization_lines(q: Mapping[str, Any]) -> list[str]:
     speed = q.get("speed")
     if speed:
         lines.append(
-            f"Speed check (ORT CPU, median of {speed['runs']} interleaved runs): float "
+            f"Speed check (ORT CPU, median of {speed['runs']} "
+            + (
+                "runs; the float model timed apart"
+                if speed.get("float_apart")
+                else "interleaved runs"
+            )
+            + f"): float "
             f"{speed['float_ms']:.2f} ms, int8 compute {speed['int8_ms']:.2f} ms"
             + (
                 ""
