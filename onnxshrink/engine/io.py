@@ -36,12 +36,12 @@ _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 def _check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Refuse external data that lies outside `base_dir` (after symlinks) or is missing.
 
-    Every tensor counts (`_all_tensors`), not only those onnx itself loads: onnx before 1.21
+    Every tensor counts (`all_tensors`), not only those onnx itself loads: onnx before 1.21
     followed a symlink out of the folder, and a reference it leaves unread (a sparse tensor)
     would be read by whatever loads the model next.
     """
     base = base_dir.resolve()
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if not uses_external_data(tensor):
             continue
         try:
@@ -83,7 +83,7 @@ def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from graph_protos(sub)
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor the model holds, wherever it is.
 
     Initializers and sparse initializers (values and indices) of the main graph, of every
@@ -96,7 +96,7 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _located_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
-    """`_all_tensors`, each with where it is, for messages ("attribute 'value' of node 'c'")."""
+    """`all_tensors`, each with where it is, for messages ("attribute 'value' of node 'c'")."""
     graphs = [model.graph]
     for info in model.training_info:
         graphs += [info.initialization, info.algorithm]
@@ -177,7 +177,7 @@ _DATA_FIELDS = (
 def _check_tensor_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Refuse a tensor whose data does not match its declared type and dims, with one line.
 
-    Every tensor of `_all_tensors`, before external data is read (after
+    Every tensor of `all_tensors`, before external data is read (after
     `_check_external_data`): its data type must be one onnx knows, its dims non-negative, and
     its data exactly as long as type and dims say (raw_data in bytes, packed for sub-byte
     types; a typed field in values; external data by its `length`, else the rest of its file
@@ -367,7 +367,7 @@ def load_model(
         try:
             # With external data the checker reads the file (it finds the data beside it and
             # needs no 2 GB message); without, the model in memory is the whole model.
-            has_external = any(uses_external_data(t) for t in _all_tensors(model))
+            has_external = any(uses_external_data(t) for t in all_tensors(model))
             onnx.checker.check_model(str(p) if has_external else model)
         except Exception as exc:
             raise ModelLoadError(f"{p}: invalid ONNX model: {first_line(exc)}") from None
@@ -376,7 +376,7 @@ def load_model(
             sorted(
                 {
                     (p.parent / ExternalDataInfo(t).location).resolve()
-                    for t in _all_tensors(model)
+                    for t in all_tensors(model)
                     if uses_external_data(t)
                 }
             )

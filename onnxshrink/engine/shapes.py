@@ -10,7 +10,13 @@ import logging
 
 import onnx
 
-from onnxshrink.engine.io import SESSION_FILE_BYTES, model_bytes, structure_only
+from onnxshrink.engine.io import (
+    SESSION_FILE_BYTES,
+    all_tensors,
+    model_bytes,
+    skeleton,
+    structure_only,
+)
 from onnxshrink.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
@@ -106,11 +112,36 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         )
     if target == current:
         return model
+    # A large model goes through the converter without its weights (it serializes what it is
+    # given; past 2 GB that fails): they are parked, as external data at a name no file has,
+    # and put back by name into the converted model (issue 9, 4).
+    parked: dict[str, onnx.TensorProto] = {}
+
+    def park(tensor: onnx.TensorProto, stub: onnx.TensorProto) -> None:
+        parked[stub.name] = tensor
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value=_PARKED)
+
+    if model_bytes(model) > SESSION_FILE_BYTES:
+        model = skeleton(model, park)
     try:
         from onnx import version_converter
 
-        return version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(model, target)
     except Exception as exc:
         raise UsageError(
             f"cannot convert the model from opset {current} to {target}: {first_line(exc)}"
         ) from None
+    for tensor in all_tensors(converted) if parked else ():
+        if any(e.key == "location" and e.value == _PARKED for e in tensor.external_data):
+            if tensor.name not in parked:  # the converter moved a weight elsewhere
+                raise UsageError(
+                    f"cannot convert the model from opset {current} to {target}: the converter "
+                    f"rewrote the weight {tensor.name!r}, which a model this large keeps apart"
+                )
+            tensor.CopyFrom(parked[tensor.name])
+    return converted
+
+
+#: the external-data location `convert_opset` parks a large model's weights at
+_PARKED = "onnxshrink-parked-weights"
