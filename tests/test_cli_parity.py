@@ -58,7 +58,7 @@ def test_identical_models_pass_with_the_table(tmp_path):
     assert result.exit_code == 0, result.output
     for word in ("max abs", "mean abs", "max rel", "cosine", "SNR dB", "argmax agr.", "ok"):
         assert word in result.output
-    assert "4 run(s) on generated inputs" in result.output
+    assert "4 input sample(s) on generated inputs" in " ".join(result.output.split())
     assert "where the error enters" not in result.output  # only on failure or --localize
 
 

@@ -116,6 +116,31 @@ def test_user_inputs_are_used(tmp_path, conv_bn_path):
     assert result.parity.samples == 1 and result.parity.passed
 
 
+def test_parity_counts_samples_and_runs_apart(tmp_path):
+    """An .npz of 24 samples for a dynamic-batch model runs in batches of 8: the parity report
+    says 24 samples in 3 runs, not "3 input sample(s)"."""
+    rng = np.random.default_rng(0)
+    model = make_model(
+        """
+        <ir_version: 8, opset_import: ["" : 13]>
+        agraph (float[N,16] x) => (float[N,8] y) {
+            y = Gemm (x, w, b)
+        }
+        """,
+        {
+            "w": rng.normal(size=(16, 8)).astype(np.float32),
+            "b": rng.normal(size=(8,)).astype(np.float32),
+        },
+    )
+    np.savez(tmp_path / "in.npz", x=rng.normal(size=(24, 16)).astype(np.float32))
+    result = onnxshrink.optimize(model, inputs=tmp_path / "in.npz", calibration_batch=8)
+    assert result.parity.samples == 3 and result.parity.rows == 24
+    from onnxshrink.verify.parity import samples_text
+
+    assert samples_text(3, 24) == "24 input sample(s) in 3 run(s)"
+    assert samples_text(2, 2) == "2 input sample(s)"
+
+
 # ORT fuses Conv+Mul itself (so both sides round alike); it has no Gemm+Mul fusion.
 _GEMM_MUL = """
 <ir_version: 8, opset_import: ["" : 13]>

@@ -37,7 +37,7 @@ from onnxshrink.quant.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
 from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
 from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
-from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TIME_LIMIT
+from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TIME_LIMIT, samples_text
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -537,7 +537,7 @@ def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
             else ""
         )
         out.print(
-            f"parity vs original{stage}: ONNX Runtime CPU, {parity.samples} input sample(s), "
+            f"parity vs original{stage}: ONNX Runtime CPU, {samples_text(parity.samples, parity.rows)}, "
             f"rtol {parity.rtol:g}"
         )
         table = Table(show_header=True, header_style="bold")

@@ -27,6 +27,7 @@ from onnxshrink.verify.parity import (
     DEFAULT_ERROR_QUANTILE,
     DEFAULT_RTOL,
     DEFAULT_TIME_LIMIT,
+    samples_text,
 )
 
 DEFAULT_SAMPLES = 4
@@ -441,7 +442,7 @@ def _print_report(console, run: _Run, report) -> None:
         styled(
             ("onnxshrink parity", "bold"),
             f" {run.reference_path} vs {run.candidate_path}: "
-            f"ONNX Runtime CPU, {report.samples} run(s) on {where}; pass when {stat} |err| <= "
+            f"ONNX Runtime CPU, {samples_text(report.samples, report.rows)} on {where}; pass when {stat} |err| <= "
             f"atol + rtol * max|ref| (rtol {criteria.rtol:g}, atol {criteria.atol:g}{cosine})",
         ),
         highlight=False,

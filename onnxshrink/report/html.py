@@ -15,7 +15,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from onnxshrink.report import charts
-from onnxshrink.report.model import figures
+from onnxshrink.report.model import figures, parity_seen_text
 from onnxshrink.report.text import (
     BENCH_HEADERS,
     HELD_OUT_HEADERS,
@@ -349,7 +349,7 @@ def render_html(
     else:
         atol = parity["atol"]
         body.append(
-            f"<p>ONNX Runtime CPU, {parity['samples']} input sample(s). An output passes when "
+            f"<p>ONNX Runtime CPU, {parity_seen_text(parity)}. An output passes when "
             f"<code>{_e(parity_rule_text(parity))}</code> with rtol "
             f"{parity['rtol']:g}"
             + (f" and atol {atol:g}" if isinstance(atol, float) else "")

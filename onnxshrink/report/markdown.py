@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from onnxshrink.report.model import figures
+from onnxshrink.report.model import figures, parity_seen_text
 from onnxshrink.report.text import (
     BENCH_HEADERS,
     HELD_OUT_HEADERS,
@@ -172,7 +172,7 @@ def render_markdown(
     else:
         atol = parity["atol"]
         out.append(
-            f"ONNX Runtime CPU, {parity['samples']} input sample(s), rtol {parity['rtol']:g}"
+            f"ONNX Runtime CPU, {parity_seen_text(parity)}, rtol {parity['rtol']:g}"
             + (f", atol {atol:g}" if isinstance(atol, float) else "")
             + f". An output passes when `{parity_rule_text(parity)}`."
         )

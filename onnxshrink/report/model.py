@@ -160,6 +160,13 @@ def _rule_rows(stats: Any) -> tuple[list[dict[str, Any]], list[str], list[dict[s
     return rows, idle, declined
 
 
+def parity_seen_text(parity: Mapping[str, Any]) -> str:
+    """`samples_text` of a report's parity section (`samples` runs, `rows` samples)."""
+    from onnxshrink.verify.parity import samples_text
+
+    return samples_text(parity.get("samples", 0), parity.get("rows", 0))
+
+
 def _parity_dict(parity: Any) -> dict[str, Any]:
     if parity is None:
         return {"checked": False, "reason": "not checked (--no-verify)"}
@@ -178,6 +185,7 @@ def _parity_dict(parity: Any) -> dict[str, Any]:
         "rtol": parity.rtol,
         "atol": _get(parity, "atol"),
         "samples": int(_get(parity, "samples", 0) or 0),
+        "rows": int(_get(parity, "rows", 0) or 0),
         "reason": _get(parity, "reason"),
         "criteria": _get(parity, "criteria"),
         "outputs": outputs,

@@ -107,7 +107,11 @@ class OutputParity:
 
 @dataclass
 class ParityReport:
-    """The outcome of a parity run; `verified` is False when the models could not be run."""
+    """The outcome of a parity run; `verified` is False when the models could not be run.
+
+    `samples` counts the runs (feeds); `rows` the input samples they held along axis 0 (a
+    file of 24 samples run in batches of 8 is 3 runs, 24 rows).
+    """
 
     verified: bool
     passed: bool
@@ -117,6 +121,7 @@ class ParityReport:
     outputs: list[OutputParity] = field(default_factory=list)
     reason: str | None = None
     criteria: Criteria | None = None
+    rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure as JSON-ready values (inf and NaN as the strings "inf", "-inf", "nan")."""
@@ -125,6 +130,7 @@ class ParityReport:
                 "verified": self.verified,
                 "passed": self.passed,
                 "samples": self.samples,
+                "rows": self.rows,
                 "reason": self.reason,
                 "criteria": self.criteria.to_dict() if self.criteria else None,
                 "rtol": self.rtol,
@@ -132,6 +138,13 @@ class ParityReport:
                 "outputs": [vars(o) for o in self.outputs],
             }
         )
+
+
+def samples_text(runs: int, rows: int) -> str:
+    """What a parity run compared on (`ParityReport.samples` runs holding `rows` samples):
+    "24 input sample(s) in 3 run(s)", or "3 input sample(s)" when each run held one."""
+    rows = rows or runs
+    return f"{rows} input sample(s)" + ("" if rows == runs else f" in {runs} run(s)")
 
 
 @dataclass
@@ -1117,7 +1130,11 @@ def check_parity(
             + (f"; only the {cand_label} has {', '.join(only_cand)}" if only_cand else ""),
         )
     stats = {n: criteria.stats_for(n) for n in names}
-    samples = 0
+    # an input's rank as the candidate declares it: axis 0 counts samples unless it is a scalar
+    declared: dict[str, tuple[int, int | None]] = {
+        i.name: (len(i.shape or ()), None) for i in cand_sess.get_inputs()
+    }
+    samples = rows = 0
     for index, feed in enumerate(feeds):
         try:
             ref_out = ref.run(index, feed, time_limit, ref_label)
@@ -1144,6 +1161,7 @@ def check_parity(
                 samples,
             )
         samples += 1
+        rows += feed_samples(feed, declared)
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
             stats[name].update(r, c)
         if observe is not None:
@@ -1157,7 +1175,7 @@ def check_parity(
         return failed(False, "no inputs to compare on")
     outputs = [stats[n].result() for n in names]
     return ParityReport(
-        True, all(o.ok for o in outputs), rtol, atol, samples, outputs, criteria=criteria
+        True, all(o.ok for o in outputs), rtol, atol, samples, outputs, criteria=criteria, rows=rows
     )
 
 
