@@ -186,7 +186,7 @@ def optimize(
             help="Also run a lossy stage, within the --max-error budget and checked on --inputs: "
             + "; ".join(f"{stage.name}: {stage.summary}" for stage in LOSSY_STAGES)
             + ". Needs --calibration-data.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
     calibration_data: Annotated[
@@ -198,7 +198,7 @@ def optimize(
             "model input (N samples along axis 0), a folder of .npz files, a loader script "
             "loader.py[:function] yielding feed dicts, or 'random' (synthetic; poor ranges, "
             "flagged in the output).",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
     calibration_batch: Annotated[
@@ -209,7 +209,7 @@ def optimize(
             help="Samples per run where the model's batch dim is dynamic: calibration data (and "
             "--inputs) are cut along axis 0 into runs of at most this many and streamed, so "
             "memory does not depend on how many samples a file holds.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = CALIBRATION_BATCH,
     calibration_method: Annotated[
@@ -218,7 +218,7 @@ def optimize(
             "--calibration-method",
             metavar="minmax|percentile|entropy|mse",
             help="How activation ranges are chosen from the calibration statistics.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = "percentile",
     quantize_target: Annotated[
@@ -230,7 +230,7 @@ def optimize(
             "layer inputs and on Conv/Gemm outputs for ORT's int8 kernels), tensorrt (symmetric int8, Q/DQ on "
             "inputs, residual Adds and pooling), or ort-cuda (ORT's CUDA EP has no int8 "
             "convolution kernels: weights stored int8, compute in float).",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = "ort-cpu",
     exclude: Annotated[
@@ -240,7 +240,7 @@ def optimize(
             metavar="REGEX",
             help="Keep a node float when REGEX is found in its name or matches its op type "
             "(repeatable; e.g. --exclude Conv keeps every Conv float).",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
     max_error: Annotated[
@@ -254,7 +254,7 @@ def optimize(
             f"on up to 32 calibration samples). The default "
             f"{DEFAULT_MAX_ERROR:g} is {-10 * math.log10(DEFAULT_MAX_ERROR):.0f} dB SNR; lower it "
             "for more accuracy (more layers float: slower, larger), raise it for speed.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = DEFAULT_MAX_ERROR,
     metric: Annotated[
@@ -266,7 +266,7 @@ def optimize(
             "original's and the quantized model's outputs of each --inputs batch (dicts of "
             "output name -> array) and returns a number (e.g. 1 - IoU); its mean is reported. "
             "MODULE may be a file.py.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
     mask_input: Annotated[
@@ -277,16 +277,58 @@ def optimize(
             help="An integer input whose zeros mark padded positions (shape \\[batch, seq]): "
             "outputs at those positions are left out of every error figure. Default: an input "
             "named attention_mask, if the model has one; 'none' counts every position.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
+    block_size: Annotated[
+        int,
+        typer.Option(
+            "--block-size",
+            metavar="16|32|64|128|256",
+            help="int4: values per block along the reduction axis, each block with its own "
+            "scale (and zero point). Smaller blocks: more accurate, a larger file.",
+            rich_help_panel="int4",
+        ),
+    ] = 32,
+    int4_method: Annotated[
+        str,
+        typer.Option(
+            "--int4-method",
+            metavar="rtn|gptq",
+            help="int4: rtn rounds each weight to the nearest step; gptq uses the layer inputs "
+            "seen on --calibration-data to spread each rounding error over the weights not "
+            "yet rounded (lower output error, one more pass over the calibration data).",
+            rich_help_panel="int4",
+        ),
+    ] = "rtn",
+    symmetric: Annotated[
+        bool,
+        typer.Option(
+            "--symmetric",
+            help="int4: a grid symmetric about 0 (no zero points) instead of one fitted to each "
+            "block's range.",
+            rich_help_panel="int4",
+        ),
+    ] = False,
+    accuracy_level: Annotated[
+        int,
+        typer.Option(
+            "--accuracy-level",
+            min=0,
+            max=4,
+            help="int4 on ort-cpu/ort-cuda: MatMulNBits' accuracy_level. 4 lets ONNX Runtime "
+            "quantize the float input to int8 per block inside the kernel (its fast path on CPUs "
+            "with VNNI); 0 computes on the float input. The error budget measures the choice.",
+            rich_help_panel="int4",
+        ),
+    ] = 4,
     calibration_provider: Annotated[
         str,
         typer.Option(
             "--calibration-provider",
             metavar="cpu|cuda",
             help="ONNX Runtime provider for the calibration pass.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = "cpu",
     no_speed_check: Annotated[
@@ -296,7 +338,7 @@ def optimize(
             help="Keep int8 compute without timing it. By default (target ort-cpu) int8 compute "
             "is timed against float compute with int8 weights on ORT CPU and kept only where "
             "it is faster.",
-            rich_help_panel="lossy stages (int8, fp16)",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = False,
     verbose: Annotated[
@@ -314,6 +356,11 @@ def optimize(
     hurts the outputs most stay float until the error on calibration samples is within
     --max-error. The int8 model is then compared with the original on --inputs (use held-out
     samples, not the calibration data): cosine, SNR, noise-to-signal ratio, argmax agreement.
+
+    With --quantize int4, MatMul/Gemm weights and Gather (embedding) tables are stored in 4 bits
+    per block of --block-size values (ONNX Runtime's MatMulNBits and GatherBlockQuantized, or
+    opset-21 blocked DequantizeLinear for --target tensorrt); --int4-method gptq uses the
+    calibration data to lower the rounding error; layers that break --max-error stay float.
 
     Exit codes: 0 written; 1 parity failed, a parity run passed --time-limit, --debug-verify
     caught a broken pass, or internal failure (nothing written); 2 bad input.
@@ -353,6 +400,10 @@ def optimize(
                 calibration_batch=calibration_batch,
                 metric=metric,
                 mask_input=mask_input,
+                block_size=block_size,
+                int4_method=int4_method,
+                symmetric=symmetric,
+                accuracy_level=accuracy_level,
                 allow_unverified=allow_unverified,
                 progress=progress,
                 debug_verify=debug_verify,

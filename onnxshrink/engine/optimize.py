@@ -637,6 +637,10 @@ def optimize(
     calibration_batch: int = DEFAULT_BATCH,
     metric: str | None = None,
     mask_input: str | None = None,
+    block_size: int = 32,
+    int4_method: str = "rtn",
+    symmetric: bool = False,
+    accuracy_level: int = 4,
     progress: StagedProgress | None = None,
     debug_verify: bool = False,
     allow_unverified: bool = False,
@@ -668,7 +672,8 @@ def optimize(
       task metric called with the original's and the quantized model's outputs of each
       held-out batch; its mean is reported with the held-out check), `mask_input` (the
       input whose zeros mark padded positions left out of every error figure; default: an
-      integer input named `attention_mask`, "none" for no mask).
+      integer input named `attention_mask`, "none" for no mask). int4 reads `block_size`,
+      `int4_method` (rtn, gptq), `symmetric` and `accuracy_level` (`onnxshrink.rules.int4`).
       `progress(stage, done, total)` reports calibration and sensitivity work.
     - `debug_verify`: check the model after every pass that changed it (module docstring, 2:
       onnx.checker, and parity with the model before that pass on `samples` generated feeds,
@@ -700,6 +705,23 @@ def optimize(
             max_error=max_error,
             provider=calibration_provider,
         )
+    settings = StageSettings(
+        target=target,
+        exclude=exclude,
+        max_error=max_error,
+        calibration_batch=calibration_batch,
+        method=calibration_method,
+        provider=calibration_provider,
+        check_speed=check_speed,
+        progress=progress,
+        mask_input=mask_input,
+        block_size=block_size,
+        int4_method=int4_method,
+        symmetric=symmetric,
+        accuracy_level=accuracy_level,
+    )
+    if stage is not None and hasattr(stage, "check"):
+        stage.check(settings)  # the stage's own settings refused before any work
     task_metric = load_metric(metric) if metric is not None else None
     source_path = Path(model) if isinstance(model, (str, Path)) else None
     input_data_files: list[Path] = []  # the input's own external data: never written over
@@ -888,17 +910,6 @@ def optimize(
             release_memory()
         final = rewritten
         if stage is not None and calibration is not None:
-            settings = StageSettings(
-                target=target,
-                exclude=exclude,
-                max_error=max_error,
-                calibration_batch=calibration_batch,
-                method=calibration_method,
-                provider=calibration_provider,
-                check_speed=check_speed,
-                progress=progress,
-                mask_input=mask_input,
-            )
             quantization = stage.run(rewritten, calibration, settings)
             final = quantization.model
             notes.extend(quantization.notes)

@@ -27,7 +27,10 @@ needs editing to add one.
       (`budget.isolate`, group testing: about 2 k log2(N) measurements for k culprits), and
       those are declined if that meets the budget; otherwise each unit is measured alone
       (`budget.rank`) and the fewest most sensitive units are declined
-      (`budget.decline_fewest`) until the budget holds;
+      (`budget.decline_fewest`) until the budget holds. A stage whose units differ in what
+      they save (`unit_sizes`: int4's embedding table against one linear layer) has them
+      declined by error per byte saved instead, so that the result is the smallest that
+      meets the budget rather than the one with the fewest units declined;
    d. the result: the model, the plan as materialized, every unit's decision, the budget's
       figures and the time each phase took.
 4. The target profile (`onnxshrink.quant.targets`) says what the runtime accepts; stages read it
@@ -134,6 +137,12 @@ class StageSettings:
     progress: StagedProgress | None = None
     #: the input masking padded positions: a name, "none", or None to find the convention's
     mask_input: str | None = None
+    #: int4 (`onnxshrink.rules.int4`): block size, rtn or gptq, symmetric grid, MatMulNBits'
+    #: accuracy_level
+    block_size: int = 32
+    int4_method: str = "rtn"
+    symmetric: bool = False
+    accuracy_level: int = 4
 
 
 @dataclass(frozen=True)
@@ -254,7 +263,9 @@ class StageResult:
 
 
 class LossyStage(Protocol):
-    """The contract of a lossy stage (module docstring, 1)."""
+    """The contract of a lossy stage (module docstring, 1). A stage may also define
+    `check(settings)`, raising UsageError for settings of its own it does not take: `optimize`
+    calls it before any work."""
 
     name: str
     summary: str
@@ -280,6 +291,10 @@ class PlannedStage:
 
     def materialize(self, model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, list[str]]:
         raise NotImplementedError
+
+    def unit_sizes(self, model: onnx.ModelProto, plan: Plan) -> dict[str, int]:
+        """Bytes each applied unit saves (module docstring, 3c); empty: units count alike."""
+        return {}
 
     def _isolate(
         self,
@@ -372,8 +387,12 @@ class PlannedStage:
                 budget.steps.append((k, value))
                 return value
 
-            search = decline_fewest([u for u, _ in ranked], build, error, settings.max_error)
-            kept = [u for u, _ in ranked][: search.k]
+            order = [u for u, _ in ranked]
+            sizes = self.unit_sizes(model, plan)
+            if sizes:  # the most error per byte saved goes first: the smallest result
+                order.sort(key=lambda u: -errors[u] / max(sizes.get(u, 1), 1))
+            search = decline_fewest(order, build, error, settings.max_error)
+            kept = order[: search.k]
             budget.kept_float = {u: errors[u] for u in kept}
             chosen_plan = declined(kept)
             if search.built is not None:

@@ -171,8 +171,8 @@ class Scheme:
         zero_full = self._expand(zero, w.shape, axis)
         q = np.clip(np.rint(w / scale_full) + zero_full, self.qmin, self.qmax)
         q = q.astype(self.numpy_dtype)
-        scales = scale.astype(dtype).reshape(shape)
-        zeros = None if self.symmetric else zero.astype(self.numpy_dtype).reshape(shape)
+        scales = self._shaped(scale.astype(dtype), shape, axis)
+        zeros = None if self.symmetric else self._shaped(zero.astype(self.numpy_dtype), shape, axis)
         return q, scales, zeros
 
     def dequantize_array(
@@ -185,9 +185,23 @@ class Scheme:
         """`(q - z) s`, the scales (and zero points) broadcast back over their groups."""
         shape = np.shape(q)
         axis = None if axis is None else axis % len(shape)
-        s = self._expand(np.asarray(scales, np.float64).reshape(-1), shape, axis)
-        z = 0.0 if zeros is None else self._expand(np.asarray(zeros).reshape(-1), shape, axis)
+        s = self._expand(self._flat(np.asarray(scales, np.float64), axis), shape, axis)
+        z = 0.0 if zeros is None else self._expand(self._flat(np.asarray(zeros), axis), shape, axis)
         return ((q.astype(np.float64) - z) * s).astype(np.float32)
+
+    def _shaped(self, flat: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+        """Per-group values in `quantize_array`'s group order (blocks outermost) laid out as
+        ONNX takes them: `shape`, the block index along `axis`."""
+        if self.granularity != "block" or axis is None:
+            return flat.reshape(shape)
+        moved = (shape[axis], *[d for i, d in enumerate(shape) if i != axis])
+        return np.moveaxis(flat.reshape(moved), 0, axis)
+
+    def _flat(self, values: np.ndarray, axis: int | None) -> np.ndarray:
+        """`_shaped` undone: per-group values back in group order, flat."""
+        if self.granularity != "block" or axis is None or values.ndim == 0:
+            return values.reshape(-1)
+        return np.moveaxis(values, axis, 0).reshape(-1)
 
     def _group_shape(self, shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
         if self.granularity == "tensor" or axis is None:

@@ -27,6 +27,9 @@ faster in int8 than in float. Adding a runtime is adding a profile here.
    inputs only (TensorRT propagates them), plus the residual input of an Add that joins a
    quantized layer and the input of pooling next to one; no weight-only storage (TensorRT
    expects Q/DQ on the activation as well).
+4-bit weights (`--quantize int4`, `int4_format`) are written as ONNX Runtime's MatMulNBits and
+GatherBlockQuantized for both ORT targets, and as standard opset-21 blocked DequantizeLinear
+for TensorRT (which stock ORT also runs).
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class TargetProfile:
     speed_check: bool
     #: why a layer computes in float on this target whatever its sensitivity (None: none)
     float_compute_reason: str | None = None
+    #: how 4-bit weights are written (`onnxshrink.rules.int4`, 3): "contrib" (ONNX Runtime's
+    #: MatMulNBits and GatherBlockQuantized) or "qdq" (opset-21 blocked DequantizeLinear)
+    int4_format: str = "contrib"
 
     @property
     def symmetric_activations(self) -> bool:
@@ -112,6 +118,7 @@ PROFILES: dict[str, TargetProfile] = {
         conv_weight_only_share=None,
         depthwise_int8=False,
         speed_check=False,
+        int4_format="qdq",
     ),
 }
 TARGETS = tuple(PROFILES)

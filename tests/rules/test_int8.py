@@ -189,8 +189,8 @@ def test_optimize_int8_needs_calibration_data(tmp_path, net_files):
     "kwargs, message",
     [
         (
-            {"quantize": "int4", "calibration_data": "random"},
-            "--quantize .int4.: expected one of int8",
+            {"quantize": "int3", "calibration_data": "random"},
+            "--quantize .int3.: expected one of int8",
         ),
         ({"quantize": "int8", "calibration_data": "random", "calibration_method": "x"}, "method"),
     ],

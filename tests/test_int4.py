@@ -1,0 +1,192 @@
+"""rules/int4.py: block-wise 4-bit weights (issue 10), on tiny models built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxshrink
+import onnxshrink.rules.int4 as int4
+from onnxshrink.errors import UsageError
+from onnxshrink.quant.lossy import StageSettings
+from onnxshrink.quant.targets import target_profile
+
+
+def _model(k: int = 128, n: int = 48, vocab: int = 300, gemm: bool = False, seed: int = 0):
+    """Gather (embedding table [vocab, k]) -> MatMul [k, n] (or Gemm with transB and bias)."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((vocab, k)).astype(np.float32)
+    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    inits = [numpy_helper.from_array(table, "table")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed")]
+    if gemm:
+        inits += [
+            numpy_helper.from_array(weight.T.copy(), "w"),
+            numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+        ]
+        nodes.append(helper.make_node("Gemm", ["emb", "w", "b"], ["y"], name="proj", transB=1))
+    else:
+        inits.append(numpy_helper.from_array(weight, "w"))
+        nodes.append(helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _job(target: str = "ort-cpu", **settings):
+    settings.setdefault("accuracy_level", 0)  # float compute: the exact dequantized result
+    return int4._Int4Job(StageSettings(target=target, **settings), ())
+
+
+def _run(model: onnx.ModelProto, ids: np.ndarray, optimized: bool = True) -> np.ndarray:
+    """The model's output on ORT CPU; `optimized=False` turns ORT's graph rewrites off (it fuses
+    blocked DequantizeLinear + MatMul into MatMulNBits computing on int8 activations)."""
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"ids": ids})[0]
+
+
+def test_nibbles_pack_low_first_and_unpack():
+    codes = np.array([[1, 2, 3], [15, 0, 7]], np.uint8)
+    packed = int4.pack_nibbles(codes)
+    assert packed.tolist() == [[0x21, 0x03], [0x0F, 0x07]]
+    assert int4.unpack_nibbles(packed, 3).tolist() == codes.tolist()
+    signed = np.array([-8, 7, -1, 0], np.int8)
+    assert int4.unpack_nibbles(int4.pack_nibbles(signed), 4, signed=True).tolist() == [-8, 7, -1, 0]
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("gemm", [False, True])
+def test_both_formats_compute_with_the_dequantized_weights(target, symmetric, gemm):
+    """MatMulNBits/GatherBlockQuantized (ort-cpu) and blocked DequantizeLinear (tensorrt) give
+    what the scheme's own dequantized weights give, and differ from float by int4 rounding."""
+    model = _model(k=96 if not gemm else 128, gemm=gemm)  # 96: a last block of 32 after 64
+    job = _job(target, symmetric=symmetric)
+    plan = job.plan(model, target_profile(target), ())
+    assert set(plan.applied) == {"embed", "proj"}
+    built, notes = job.materialize(model, plan)
+    ops = [n.op_type for n in built.graph.node]
+    if target == "ort-cpu":
+        assert ops == ["GatherBlockQuantized", "MatMulNBits"] and "MatMulNBits" in notes[0]
+    else:
+        assert ops == [
+            "DequantizeLinear",
+            "Gather",
+            "DequantizeLinear",
+            "Gemm" if gemm else "MatMul",
+        ]
+        assert built.opset_import[0].version == int4.QDQ_OPSET
+    onnx.checker.check_model(built)
+    ids = np.array([0, 5, 299, 17, 3])
+    got = _run(built, ids, optimized=False)
+    scheme = job.scheme
+    table = job.quantized[("table", "Gather")]
+    linear = job.quantized[("w", "linear")]
+    emb = scheme.dequantize_array(table.codes, table.scales, table.zeros, axis=1)[ids]
+    w = scheme.dequantize_array(linear.codes, linear.scales, linear.zeros, axis=0)
+    want = emb @ w
+    if gemm:
+        want = want + numpy_helper.to_array(model.graph.initializer[2])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    exact = _run(model, ids)
+    for result in (got, _run(built, ids)):  # as written, and as ORT rewrites it
+        rel = np.abs(result - exact).max() / np.abs(exact).max()
+        assert 1e-3 < rel < 0.3  # int4 rounding: visible, bounded
+
+
+def test_k_not_a_multiple_of_the_block_is_padded():
+    model = _model(k=80, n=64)  # blocks of 32: 32, 32, 16
+    job = _job()
+    built, _ = job.materialize(model, job.plan(model, target_profile("ort-cpu"), ()))
+    nbits = next(n for n in built.graph.node if n.op_type == "MatMulNBits")
+    b = next(t for t in built.graph.initializer if t.name == nbits.input[1])
+    assert list(b.dims) == [64, 3, 16]
+    ids = np.arange(7)
+    exact = _run(model, ids)
+    assert np.abs(_run(built, ids) - exact).max() < 0.3 * np.abs(exact).max()
+
+
+def test_gptq_has_lower_output_error_than_rtn():
+    """GPTQ on correlated activations: the layer's output error on the calibration inputs is
+    lower than round-to-nearest's at the same block size."""
+    rng = np.random.default_rng(1)
+    k, n = 128, 64
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = (rng.standard_normal((2048, k)) @ mix).astype(np.float32)  # correlated inputs
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    scheme = int4.int4_scheme(32, symmetric=False)
+    h = x.astype(np.float64).T @ x
+    rtn = int4.quantize_rtn(w, 0, scheme)
+    gptq = int4.quantize_gptq(w, h, scheme)
+
+    def error(q):
+        deq = scheme.dequantize_array(q.codes, q.scales, q.zeros, axis=0)
+        return float(np.sum((x @ deq - x @ w) ** 2) / np.sum((x @ w) ** 2))
+
+    assert gptq.codes.min() >= 0 and gptq.codes.max() <= 15
+    assert error(gptq) < 0.8 * error(rtn)
+
+
+def test_small_weights_and_short_axes_are_declined_with_reasons():
+    model = _model(k=16, n=8, vocab=20)
+    job = _job()
+    with pytest.raises(UsageError, match="no MatMul, Gemm or Gather"):
+        job.plan(model, target_profile("ort-cpu"), ())
+    big = _model(k=128)
+    with pytest.raises(UsageError, match="reduction axis of 128 is shorter than block 256"):
+        _job(block_size=256).plan(big, target_profile("ort-cpu"), ())
+    plan = _job().plan(big, target_profile("ort-cpu"), ("Gather",))
+    assert plan.declined["embed"] == "excluded by 'Gather'" and "proj" in plan.applied
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"block_size": 48}, "--block-size 48"),
+        ({"int4_method": "awq2"}, "--int4-method 'awq2'"),
+        ({"accuracy_level": 7}, "--accuracy-level 7"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, settings, message):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(), str(path))
+    np.savez(tmp_path / "c.npz", ids=np.arange(16))
+    with pytest.raises(UsageError, match=message):
+        onnxshrink.optimize(path, quantize="int4", calibration_data=tmp_path / "c.npz", **settings)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_optimize_int4_end_to_end_within_the_budget(tmp_path, method):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(k=128, vocab=400), str(path))
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "calib.npz", ids=rng.integers(0, 400, size=64))
+    np.savez(tmp_path / "eval.npz", ids=rng.integers(0, 400, size=64))
+    result = onnxshrink.optimize(
+        path,
+        tmp_path / "out.onnx",
+        quantize="int4",
+        int4_method=method,
+        calibration_data=tmp_path / "calib.npz",
+        inputs=tmp_path / "eval.npz",
+        max_error=0.05,
+    )
+    q = result.quantization
+    assert q is not None and q.budget.final_error <= 0.05
+    saved = onnx.load(str(tmp_path / "out.onnx"))
+    assert {"GatherBlockQuantized", "MatMulNBits"} & {n.op_type for n in saved.graph.node}
+    assert (tmp_path / "out.onnx").stat().st_size < 0.5 * path.stat().st_size
+    assert result.quantized_parity is not None and result.quantized_parity.held_out
