@@ -8,7 +8,8 @@ float. It is a `PlannedStage`: the plan lists the units, the engine's budget sea
 
 1. Units. A MatMul whose second input is a 2-D float initializer `[K, N]`; a Gemm with such a
    weight, alpha 1, no transposed A and a 1-D bias (or none); a Gather (axis 0) from a 2-D
-   float initializer `[V, D]` (an embedding table). Declined, with the reason: weights of fewer
+   float initializer `[V, D]` (an embedding table); nodes without a constant weight (attention
+   products, index lookups) are not units and are not listed. Declined, with the reason: weights of fewer
    than `MIN_ELEMENTS` values (nothing to gain), a reduction axis shorter than one block, nodes
    in subgraphs or other domains, `--exclude`.
 2. The scheme (`onnxshrink.quant.schemes.Scheme`, 4 bits, block granularity): asymmetric uint4
@@ -94,6 +95,8 @@ GPTQ_DAMP = 0.01
 GPTQ_BATCH = 128
 _FLOATS: dict[int, type] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _MS_DOMAIN = "com.microsoft"
+#: `_unit`'s reason for a node without a constant weight: not listed among the declined
+_NOT_A_UNIT = "weight is not a constant"
 
 
 def int4_scheme(block_size: int, symmetric: bool) -> Scheme:
@@ -304,6 +307,8 @@ class _Int4Job(PlannedStage):
             if node.op_type not in ("MatMul", "Gemm", "Gather"):
                 continue
             unit, reason = self._unit(node, inits)
+            if reason == _NOT_A_UNIT:  # an activation product or an index lookup: no weight
+                continue
             if unit is not None and reason is None:
                 reason = excluded_by(node, patterns)
             if reason is not None:
@@ -329,7 +334,7 @@ class _Int4Job(PlannedStage):
             return None, "not a default-domain op"
         weight_at = 0 if node.op_type == "Gather" else 1
         if len(node.input) <= weight_at or node.input[weight_at] not in inits:
-            return None, "weight is not a constant"
+            return None, _NOT_A_UNIT
         tensor = inits[node.input[weight_at]]
         if tensor.data_type not in _FLOATS or len(tensor.dims) != 2:
             return None, "weight is not a 2-D float tensor"

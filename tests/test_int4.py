@@ -43,6 +43,7 @@ def _model(k: int = 128, n: int = 48, vocab: int = 300, gemm: bool = False, seed
 
 def _job(target: str = "ort-cpu", **settings):
     settings.setdefault("accuracy_level", 0)  # float compute: the exact dequantized result
+    settings.setdefault("int4_method", "rtn")  # no calibration data here
     return int4._Int4Job(StageSettings(target=target, **settings), ())
 
 

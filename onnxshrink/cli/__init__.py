@@ -295,12 +295,12 @@ def optimize(
         typer.Option(
             "--int4-method",
             metavar="rtn|gptq",
-            help="int4: rtn rounds each weight to the nearest step; gptq uses the layer inputs "
-            "seen on --calibration-data to spread each rounding error over the weights not "
-            "yet rounded (lower output error, one more pass over the calibration data).",
+            help="int4: gptq uses the layer inputs seen on --calibration-data to spread each "
+            "rounding error over the weights not yet rounded (lower output error, one more "
+            "pass over the calibration data); rtn rounds each weight to the nearest step.",
             rich_help_panel="int4",
         ),
-    ] = "rtn",
+    ] = "gptq",
     symmetric: Annotated[
         bool,
         typer.Option(

@@ -638,7 +638,7 @@ def optimize(
     metric: str | None = None,
     mask_input: str | None = None,
     block_size: int = 32,
-    int4_method: str = "rtn",
+    int4_method: str = "gptq",
     symmetric: bool = False,
     accuracy_level: int = 4,
     progress: StagedProgress | None = None,

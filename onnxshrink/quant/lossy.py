@@ -140,7 +140,7 @@ class StageSettings:
     #: int4 (`onnxshrink.rules.int4`): block size, rtn or gptq, symmetric grid, MatMulNBits'
     #: accuracy_level
     block_size: int = 32
-    int4_method: str = "rtn"
+    int4_method: str = "gptq"
     symmetric: bool = False
     accuracy_level: int = 4
 
