@@ -14,21 +14,24 @@ Rows, each produced the way its users produce it:
 4. `onnxshrink int4 rtn` / `gptq`: `onnxshrink optimize MODEL -o OUT --quantize int4
    --int4-method M --block-size B [--max-error X] --calibration-data calib.npz` (the whole
    command, timed), calib.npz holding `--calib` tokenized sentences of models/data.py's
-   `calib` split; gptq also with `--accuracy-level 4` (MatMulNBits on int8 activations).
+   `calib` split, at `--accuracy-level 4` (the default: MatMulNBits on int8 activations) and
+   gptq also at 0 (float activations).
 5. `onnxshrink int4 gptq (tensorrt)`: the same with `--target tensorrt` (standard opset-21
    blocked DequantizeLinear), run here on stock ORT CPU.
+6. `onnxshrink int8+int4 gptq`: `--quantize int8+int4` (int4 first, then static int8 on the
+   layers left float where it is faster, half of the budget each).
 
-Columns, on `--eval` held-out sentences (the `eval` split, disjoint from calibration; their
-lengths vary from a few tokens to 60), in batches of 16 padded per batch:
+Columns, on `--eval` held-out sentences (the `eval` split, disjoint from calibration; the
+first 256 run from 9 to 40 tokens, 16 on average), in batches of 16 padded per batch:
 
-6. `cos mean / min`: cosine between each sentence's embedding (mean of last_hidden_state over
+7. `cos mean / min`: cosine between each sentence's embedding (mean of last_hidden_state over
    its real tokens, L2-normalized) and fp32's.
-7. `NN agree`: share of sentences whose nearest neighbour among the others is fp32's.
-8. `latency`: median over `--runs` interleaved rounds, batch 1, sequence 128, 2 intra-op
+8. `NN agree`: share of sentences whose nearest neighbour among the others is fp32's.
+9. `latency`: median over `--runs` interleaved rounds, batch 1, sequence 128, 2 intra-op
    threads, spinning off; the ratio to fp32.
-9. `size`: the file over fp32's.
+10. `size`: the file over fp32's.
 
-The issue's bars (issue 10) are printed under the table for the onnxshrink ORT-target row.
+Issue 10's bars are checked under the table for every onnxshrink row.
 """
 
 from __future__ import annotations
@@ -52,19 +55,24 @@ from quantize_minilm import SOURCE, ZOO, _embeddings, _neighbours, _run, _time  
 
 from models import data  # noqa: E402
 
-#: onnxshrink's rows: (method, target, MatMulNBits accuracy_level)
+#: onnxshrink's rows: (--quantize, method, target, MatMulNBits accuracy_level)
 OURS = (
-    ("rtn", "ort-cpu", 0),
-    ("gptq", "ort-cpu", 0),
-    ("gptq", "ort-cpu", 4),
-    ("gptq", "tensorrt", 0),
+    ("int4", "gptq", "ort-cpu", 4),
+    ("int4", "gptq", "ort-cpu", 0),
+    ("int4", "rtn", "ort-cpu", 4),
+    ("int4", "gptq", "tensorrt", 4),
+    ("int8+int4", "gptq", "ort-cpu", 4),
 )
 
 
 def _ort_quantizer(source: Path, out: Path, block: int, hqq: bool) -> float:
     """ORT's MatMulNBitsQuantizer on MatMul and Gather; seconds it took."""
+    import logging
+
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)  # one INFO line per node
 
     start = time.perf_counter()
     model = onnx.load(str(source))
@@ -109,12 +117,13 @@ def main(argv: list[str] | None = None) -> None:
             except ImportError as exc:  # HQQ needs torch
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
         budget = [] if args.max_error is None else ["--max-error", str(args.max_error)]
-        for method, target, level in OURS:
-            name = f"onnxshrink int4 {method}" + ("" if target == "ort-cpu" else f" ({target})")
-            name += f", accuracy_level {level}" if level else ""
-            paths[name] = folder / f"int4_{method}_{target}_{level}.onnx"
+        for stage, method, target, level in OURS:
+            name = f"onnxshrink {stage} {method}" + (
+                f", accuracy_level {level}" if target == "ort-cpu" else f" ({target})"
+            )
+            paths[name] = folder / f"{stage}_{method}_{target}_{level}.onnx"
             seconds[name] = _run(
-                ["optimize", str(SOURCE), "-o", str(paths[name]), "--quantize", "int4",
+                ["optimize", str(SOURCE), "-o", str(paths[name]), "--quantize", stage,
                  "--int4-method", method, "--block-size", str(args.block), "--target", target,
                  "--accuracy-level", str(level), "--calibration-data", str(calib), *budget]
             )  # fmt: skip

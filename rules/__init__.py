@@ -21,6 +21,7 @@ from onnxshrink.rules import (
     hardswish,
     int4,
     int8,
+    int8_int4,
     layernorm,
     matmul_add_to_gemm,
     merge_reshapes,
@@ -60,7 +61,7 @@ FUSION_RULES: list[Rule] = [
 # Lossy stages, by the name `optimize --quantize NAME` takes (`onnxshrink.quant.lossy`). To add one,
 # write its module (a `PlannedStage` with `plan` and `materialize`, or a stage with its own
 # `run`) and list it here; the engine does not change. The order is the order of `--help`.
-LOSSY_STAGES: list[LossyStage] = [int8.STAGE, float16.STAGE, int4.STAGE]
+LOSSY_STAGES: list[LossyStage] = [int8.STAGE, float16.STAGE, int4.STAGE, int8_int4.STAGE]
 
 
 def lossy_stage(name: str) -> LossyStage:

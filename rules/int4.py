@@ -99,6 +99,10 @@ _MS_DOMAIN = "com.microsoft"
 _NOT_A_UNIT = "weight is not a constant"
 
 
+class NothingToQuantize(UsageError):
+    """The model has no unit the stage can change (one line, exit 2; `int8+int4` goes on)."""
+
+
 def int4_scheme(block_size: int, symmetric: bool) -> Scheme:
     """The stage's scheme (case 2): int4 symmetric or uint4 with zero points, per block."""
     return Scheme(
@@ -319,7 +323,7 @@ class _Int4Job(PlannedStage):
             applied[node.name] = what
         if not applied:
             shown = "; ".join(f"{n}: {r}" for n, r in list(declined.items())[:3])
-            raise UsageError(
+            raise NothingToQuantize(
                 "--quantize int4: no MatMul, Gemm or Gather with a 2-D float constant weight "
                 "qualifies; nothing to quantize" + (f" ({shown})" if shown else "")
             )
@@ -670,6 +674,7 @@ STAGE = Int4Stage()
 __all__ = [
     "BLOCK_SIZES",
     "METHODS",
+    "NothingToQuantize",
     "STAGE",
     "int4_scheme",
     "pack_nibbles",

@@ -191,3 +191,72 @@ def test_optimize_int4_end_to_end_within_the_budget(tmp_path, method):
     assert {"GatherBlockQuantized", "MatMulNBits"} & {n.op_type for n in saved.graph.node}
     assert (tmp_path / "out.onnx").stat().st_size < 0.5 * path.stat().st_size
     assert result.quantized_parity is not None and result.quantized_parity.held_out
+
+
+def test_int8_int4_quantizes_linear_layers_in_int4_and_the_rest_in_int8(tmp_path):
+    """int8+int4 on a model with a table, a linear layer and a Conv: the table and the linear
+    layer go to int4, the Conv to int8 QDQ; the budget holds against the float model."""
+    rng = np.random.default_rng(4)
+    k = 128
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((400, k)).astype(np.float32), "table"),
+        numpy_helper.from_array((rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal((16, 1, 5)) * 0.3).astype(np.float32), "cw"),
+        numpy_helper.from_array(np.array([1, 1, -1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+        helper.make_node("MatMul", ["emb", "w"], ["h"], name="proj"),
+        helper.make_node("Reshape", ["h", "shape"], ["h3"], name="reshape"),
+        helper.make_node("Conv", ["h3", "cw"], ["y"], name="conv", pads=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, k])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    ids = rng.integers(0, 400, size=64)  # 64 samples of one token
+    np.savez(tmp_path / "calib.npz", ids=ids[:32])
+    np.savez(tmp_path / "eval.npz", ids=ids[32:])
+    result = onnxshrink.optimize(
+        path,
+        quantize="int8+int4",
+        calibration_data=tmp_path / "calib.npz",
+        inputs=tmp_path / "eval.npz",
+        max_error=0.05,
+        check_speed=False,
+    )
+    q = result.quantization
+    assert q is not None and q.stage == "int8+int4" and q.budget.within_budget
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    assert "QuantizeLinear" in ops and "Conv" in ops  # the Conv in int8 QDQ
+    precision = {layer.name: layer.precision for layer in q.layers}
+    assert precision["embed"] == precision["proj"] == "int4" and precision["conv"] == "int8"
+    assert any("int8 stage on top of it" in note for note in q.notes)
+
+
+def test_int8_int4_on_a_model_without_int4_layers_is_int8(tmp_path):
+    """No MatMul/Gather weight: the int4 half is skipped with a note, int8 has the budget."""
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "cw"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])],
+        [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "cw")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
+    result = onnxshrink.optimize(
+        path, quantize="int8+int4", calibration_data=tmp_path / "c.npz", check_speed=False
+    )
+    q = result.quantization
+    assert q is not None and any(n.startswith("int4 skipped") for n in q.notes)
+    assert "QuantizeLinear" in {n.op_type for n in result.model.graph.node}
