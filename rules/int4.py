@@ -43,6 +43,10 @@ float. It is a `PlannedStage`: the plan lists the units, the engine's budget sea
       first row is reached, from the rows as updated so far. Work is done 128 rows at a time
       with the rest of the matrix updated once per batch. Tables have no input activations:
       they are always rounded to nearest.
+   The error budget is measured on the first 32 calibration samples: when there are more
+   than 64, GPTQ fits on the others, so that the budget judges samples it did not fit (with
+   fewer it fits on all, and a note says the budget's figure is optimistic: with few samples
+   against a wide layer, H has low rank and GPTQ fits those samples closely).
    Each unit's quantized weight is computed once per run and reused by every candidate the
    budget search builds.
 5. Budget: the engine's. Declined units stay float; the report lists them with their error.
@@ -75,8 +79,10 @@ from onnxshrink.quant.lossy import (
     as_calibration_data,
 )
 from onnxshrink.quant.schemes import Scheme
+from onnxshrink.quant.sensitivity import DEFAULT_SAMPLES
 from onnxshrink.quant.targets import TargetProfile
 from onnxshrink.verify.measure import mask_input
+from onnxshrink.verify.parity import declared_batches, feed_samples
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +300,7 @@ class _Int4Job(PlannedStage):
         self.units: dict[str, _Unit] = {}
         self.quantized: dict[tuple[str, str], _Quantized] = {}
         self.hessians: dict[str, np.ndarray] = {}
+        self.fitted_on_budget_samples = False
         self.qdq_base: onnx.ModelProto | None = None
         self.format = "contrib"
 
@@ -391,13 +398,23 @@ class _Int4Job(PlannedStage):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        with outputs_added(model, wanted, types) as probed:
+            session = inference_session(probed, options, ["CPUExecutionProvider"])
+        # The budget measures on the first DEFAULT_SAMPLES calibration samples: GPTQ fits on
+        # the others when there are enough, so that the budget judges samples it did not fit.
+        skip = DEFAULT_SAMPLES if data.samples > 2 * DEFAULT_SAMPLES else 0
+        self.fitted_on_budget_samples = skip == 0
+        declared = declared_batches(model)
         sums: dict[str, np.ndarray] = {}
         progress = self.settings.progress
         total = len(data) if hasattr(data, "__len__") else 0
-        runs = 0
-        with outputs_added(model, wanted, types) as probed:
-            session = inference_session(probed, options, ["CPUExecutionProvider"])
+        runs = skipped = used = 0
         for feed in data:
+            runs += 1
+            if skipped < skip:
+                skipped += feed_samples(feed, declared)
+                continue
+            used += 1
             arrays = session.run(wanted, feed)
             keep = None if mask is None or mask not in feed else np.asarray(feed[mask]) != 0
             for name, x in zip(wanted, arrays, strict=True):
@@ -406,11 +423,10 @@ class _Int4Job(PlannedStage):
                     x = x[keep]
                 x = x.reshape(-1, x.shape[-1])
                 sums[name] = sums.get(name, 0.0) + x.T @ x
-            runs += 1
             if progress is not None:
                 progress("gptq statistics", runs, max(total, runs))
         self.hessians = sums
-        logger.info("gptq: Hessians of %d input(s) from %d run(s)", len(sums), runs)
+        logger.info("gptq: Hessians of %d input(s) from %d run(s)", len(sums), used)
 
     # ---------------------------------------------------------------------------------------
     # Cases 2-4: a unit's weight in 4 bits, computed once
@@ -497,6 +513,12 @@ class _Int4Job(PlannedStage):
                 else f"opset-{QDQ_OPSET} blocked DequantizeLinear"
             )
         ]
+        if self.method == "gptq" and self.hessians and self.fitted_on_budget_samples:
+            notes.append(
+                f"gptq fitted the weights on the samples the error budget is measured on (give "
+                f"more than {2 * DEFAULT_SAMPLES} calibration samples to keep them apart): the "
+                "budget's figure is optimistic; the held-out check is the one to read"
+            )
         return work, notes
 
     def _contrib_node(

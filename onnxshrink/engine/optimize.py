@@ -937,11 +937,11 @@ def optimize(
             else:
                 notes.append("quantized model not checked against the original (--no-verify)")
 
-        written = save_model(final, output, avoid=input_data_files) if output is not None else None
         if store is not None:  # the returned model outlives the scratch folder
             final = materialize(final)
             if quantization is not None:
                 quantization.model = final
+        written = save_model(final, output, avoid=input_data_files) if output is not None else None
         return OptimizeResult(
             model=final,
             before=before,
