@@ -298,7 +298,10 @@ class _Int4Job(PlannedStage):
         self.method = settings.int4_method
         self.scheme = int4_scheme(self.block_size, settings.symmetric)
         self.units: dict[str, _Unit] = {}
-        self.quantized: dict[tuple[str, str], _Quantized] = {}
+        self.quantized: dict[tuple[str, bool, bool, str | None], _Quantized] = {}
+        #: the base name of each quantized weight's tensors, by key and by unit
+        self.key_names: dict[tuple[str, bool, bool, str | None], str] = {}
+        self.names: dict[str, str] = {}
         self.hessians: dict[str, np.ndarray] = {}
         self.fitted_on_budget_samples = False
         self.qdq_base: onnx.ModelProto | None = None
@@ -431,11 +434,22 @@ class _Int4Job(PlannedStage):
     # ---------------------------------------------------------------------------------------
     # Cases 2-4: a unit's weight in 4 bits, computed once
 
-    def _quantize(self, unit: _Unit, weight: np.ndarray) -> _Quantized:
-        """The unit's weight in 4 bits, in the layout of case 3: `[K, N]` blocks along K for a
-        MatMul/Gemm (a Gemm weight untransposed first), `[V, D]` blocks along D for a table."""
-        key = (unit.weight, unit.op if unit.op == "Gather" else "linear")
+    def _quantize(
+        self, unit: _Unit, tensor: TensorProto, transposed: bool
+    ) -> tuple[_Quantized, tuple[int, ...]]:
+        """The unit's weight in 4 bits and its shape, in the layout of case 3: `[K, N]` blocks
+        along K for a MatMul/Gemm (a Gemm weight untransposed first), `[V, D]` blocks along D
+        for a table. Read and quantized once per weight, layout and (gptq) input."""
+        shape = tuple(reversed(tensor.dims)) if transposed else tuple(tensor.dims)
+        fitted = unit.activation if self.method == "gptq" else None  # gptq: fit per input
+        key = (unit.weight, unit.op == "Gather", transposed, fitted)
         if key not in self.quantized:
+            # the new tensors' names: the weight's, or the node's too when another layout or
+            # input of the same weight took them
+            taken = any(k[0] == unit.weight for k in self.quantized)
+            self.key_names[key] = f"{unit.weight}_{unit.node}" if taken else unit.weight
+            weight = array_of(tensor)
+            weight = weight.T if transposed else weight
             if unit.op == "Gather":
                 self.quantized[key] = quantize_rtn(weight, 1, self.scheme)
             elif self.method == "gptq" and unit.activation in self.hessians:
@@ -446,7 +460,8 @@ class _Int4Job(PlannedStage):
                 h = self.hessians.get(unit.activation or "")
                 importance = None if h is None else np.diag(h)
                 self.quantized[key] = quantize_rtn(weight, 0, self.scheme, importance)
-        return self.quantized[key]
+        self.names[unit.node] = self.key_names[key]
+        return self.quantized[key], shape
 
     # ---------------------------------------------------------------------------------------
     # Case 3: materialization
@@ -481,17 +496,14 @@ class _Int4Job(PlannedStage):
                 nodes.append(node)
                 continue
             tensor = inits[unit.weight]
-            weight = array_of(tensor)
-            float_type = tensor.data_type
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if unit.op == "Gemm" and attrs.get("transB", 0):
-                weight = weight.T
-            q = self._quantize(unit, weight)
+            transposed = unit.op == "Gemm" and bool(attrs.get("transB", 0))
+            q, shape = self._quantize(unit, tensor, transposed)
             replaced.add(unit.weight)
             if self.format == "contrib":
-                nodes.append(self._contrib_node(node, unit, weight.shape, q, float_type, add))
+                nodes.append(self._contrib_node(node, unit, shape, q, tensor.data_type, add))
             else:
-                nodes.extend(self._qdq_nodes(node, unit, weight.shape, q, float_type, add))
+                nodes.extend(self._qdq_nodes(node, unit, shape, q, tensor.data_type, add))
         del graph.node[:]
         graph.node.extend(nodes)
         read = {i for g_node in graph.node for i in g_node.input}
@@ -532,7 +544,7 @@ class _Int4Job(PlannedStage):
     ) -> onnx.NodeProto:
         """MatMulNBits or GatherBlockQuantized in the node's place (case 3a)."""
         np_float = _FLOATS[float_type]
-        base = unit.weight
+        base = self.names[unit.node]
         symmetric = self.scheme.symmetric
         if unit.op == "Gather":
             data = _packed_tensor(
@@ -596,7 +608,7 @@ class _Int4Job(PlannedStage):
     ) -> list[onnx.NodeProto]:
         """An opset-21 blocked DequantizeLinear feeding the unchanged node (case 3b)."""
         np_float = _FLOATS[float_type]
-        base = unit.weight
+        base = self.names[unit.node]
         int_type = TensorProto.INT4 if self.scheme.symmetric else TensorProto.UINT4
         inputs = [
             add(_packed_tensor(f"{base}_q4", q.codes, int_type)),
