@@ -42,16 +42,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from quantize_minilm import SOURCE, ZOO, _embeddings, _neighbours, _run, _time  # noqa: E402
+from quantize_minilm import SOURCE, ZOO, _run, measure_rows  # noqa: E402
 
 from models import data  # noqa: E402
 
@@ -128,25 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                  "--accuracy-level", str(level), "--calibration-data", str(calib), *budget]
             )  # fmt: skip
 
-        reference = _embeddings(SOURCE, batches)
-        neighbours = _neighbours(reference)
-        latency = _time(paths, args.runs)
-        rows: list[dict[str, Any]] = []
-        for name, path in paths.items():
-            emb = reference if name == "fp32" else _embeddings(path, batches)
-            cos = np.sum(emb * reference, axis=1)
-            rows.append(
-                {
-                    "model": name,
-                    "cos_mean": float(cos.mean()),
-                    "cos_min": float(cos.min()),
-                    "nn_agree": float(np.mean(_neighbours(emb) == neighbours)),
-                    "latency_ms": latency[name],
-                    "latency": latency[name] / latency["fp32"],
-                    "size": path.stat().st_size / SOURCE.stat().st_size,
-                    "seconds": seconds.get(name),
-                }
-            )
+        rows, latency = measure_rows(paths, batches, args.runs, seconds)
 
     print(
         f"all-MiniLM-L6-v2, int4 block {args.block}: {args.eval} held-out sentences, "

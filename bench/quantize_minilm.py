@@ -108,6 +108,37 @@ def _time(paths: dict[str, Path], runs: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def measure_rows(
+    paths: dict[str, Path],
+    batches: list[dict[str, np.ndarray]],
+    runs: int,
+    seconds: dict[str, float],
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One row per model (`paths`, fp32 first): embedding cosine and nearest-neighbour
+    agreement with fp32 on `batches`, latency (`_time`) and file size as ratios to fp32; and
+    the latencies in ms."""
+    reference = _embeddings(SOURCE, batches)
+    neighbours = _neighbours(reference)
+    latency = _time(paths, runs)
+    rows: list[dict[str, Any]] = []
+    for name, path in paths.items():
+        emb = reference if name == "fp32" else _embeddings(path, batches)
+        cos = np.sum(emb * reference, axis=1)
+        rows.append(
+            {
+                "model": name,
+                "cos_mean": float(cos.mean()),
+                "cos_min": float(cos.min()),
+                "nn_agree": float(np.mean(_neighbours(emb) == neighbours)),
+                "latency_ms": latency[name],
+                "latency": latency[name] / latency["fp32"],
+                "size": path.stat().st_size / SOURCE.stat().st_size,
+                "seconds": seconds.get(name),
+            }
+        )
+    return rows, latency
+
+
 def _run(args: list[str]) -> float:
     start = time.perf_counter()
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO)
@@ -152,25 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                  "--calibration-data", str(calib)]
             )  # fmt: skip
 
-        reference = _embeddings(SOURCE, batches)
-        neighbours = _neighbours(reference)
-        latency = _time(paths, args.runs)
-        rows: list[dict[str, Any]] = []
-        for name, path in paths.items():
-            emb = reference if name == "fp32" else _embeddings(path, batches)
-            cos = np.sum(emb * reference, axis=1)
-            rows.append(
-                {
-                    "model": name,
-                    "cos_mean": float(cos.mean()),
-                    "cos_min": float(cos.min()),
-                    "nn_agree": float(np.mean(_neighbours(emb) == neighbours)),
-                    "latency_ms": latency[name],
-                    "latency": latency[name] / latency["fp32"],
-                    "size": path.stat().st_size / SOURCE.stat().st_size,
-                    "seconds": seconds.get(name),
-                }
-            )
+        rows, latency = measure_rows(paths, batches, args.runs, seconds)
 
     print(
         f"all-MiniLM-L6-v2: {args.eval} held-out sentences, {args.calib} calibration sentences, "
