@@ -47,8 +47,11 @@ float. It is a `PlannedStage`: the plan lists the units, the engine's budget sea
    than 64, GPTQ fits on the others, so that the budget judges samples it did not fit (with
    fewer it fits on all, and a note says the budget's figure is optimistic: with few samples
    against a wide layer, H has low rank and GPTQ fits those samples closely).
-   Each unit's quantized weight is computed once per run and reused by every candidate the
-   budget search builds.
+   GPTQ runs when the plan is made, on every unit: the Hessians of as many layer inputs as fit
+   in `GPTQ_HESSIAN_BYTES` (512 MB) are collected in one pass over the calibration data, their
+   units quantized and the Hessians let go, then the next group (a large model takes several
+   passes instead of holding every Hessian at once). Each unit's quantized weight is
+   computed once per run and reused by every candidate the budget search builds.
 5. Budget: the engine's. Declined units stay float; the report lists them with their error.
    Units are declined by error per byte saved (`unit_sizes`), so that an embedding table
    (half of a small encoder's file) is kept float only when nothing smaller will do.
@@ -99,6 +102,8 @@ CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 #: GPTQ: dampening of H as a share of its mean diagonal, and rows per lazy batch (case 4b)
 GPTQ_DAMP = 0.01
 GPTQ_BATCH = 128
+#: GPTQ: the Hessians held at once (float64 K x K per layer input); more take more passes
+GPTQ_HESSIAN_BYTES = 512 * 2**20
 _FLOATS: dict[int, type] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _MS_DOMAIN = "com.microsoft"
 #: `_unit`'s reason for a node without a constant weight: not listed among the declined
@@ -124,6 +129,8 @@ class _Unit:
     op: str
     weight: str
     activation: str | None  # the MatMul/Gemm input whose Hessian GPTQ needs; None for Gather
+    transposed: bool = False  # a Gemm with transB: the weight is stored [N, K]
+    reduction: int = 0  # K (D for a table)
 
 
 @dataclass
@@ -304,6 +311,7 @@ class _Int4Job(PlannedStage):
         self.names: dict[str, str] = {}
         self.hessians: dict[str, np.ndarray] = {}
         self.fitted_on_budget_samples = False
+        self.gptq_fitted = False
         self.qdq_base: onnx.ModelProto | None = None
         self.format = "contrib"
 
@@ -338,7 +346,7 @@ class _Int4Job(PlannedStage):
                 "qualifies; nothing to quantize" + (f" ({shown})" if shown else "")
             )
         if self.method == "gptq" and applied:
-            self._collect_hessians(model, [self.units[n] for n in applied])
+            self._fit_gptq(model, [self.units[n] for n in applied])
         return Plan(self.name, profile.name, applied, declined)
 
     def _unit(
@@ -374,7 +382,8 @@ class _Int4Job(PlannedStage):
         if reduction < self.block_size:
             return None, f"reduction axis of {reduction} is shorter than block {self.block_size}"
         activation = None if node.op_type == "Gather" else node.input[0]
-        return _Unit(node.name, node.op_type, tensor.name, activation), None
+        transposed = node.op_type == "Gemm" and bool(attrs.get("transB", 0))
+        return _Unit(node.name, node.op_type, tensor.name, activation, transposed, reduction), None
 
     def unit_sizes(self, model: onnx.ModelProto, plan: Plan) -> dict[str, int]:
         """Bytes each unit saves (case 5): its float weight's, less about an eighth."""
@@ -388,6 +397,33 @@ class _Int4Job(PlannedStage):
 
     # ---------------------------------------------------------------------------------------
     # Case 4b: Hessians of the layers' inputs
+
+    def _fit_gptq(self, model: onnx.ModelProto, units: Sequence[_Unit]) -> None:
+        """GPTQ every linear unit now (case 4b), in groups of layer inputs whose Hessians fit
+        in `GPTQ_HESSIAN_BYTES`: one pass over the calibration data per group, its units
+        quantized, its Hessians let go."""
+        inits = {t.name: t for t in model.graph.initializer}
+        sizes: dict[str, int] = {}
+        for unit in units:
+            if unit.activation is not None:
+                sizes[unit.activation] = 8 * unit.reduction**2
+        groups: list[list[str]] = []
+        held = 0
+        for name in sorted(sizes):
+            if not groups or held + sizes[name] > GPTQ_HESSIAN_BYTES:
+                groups.append([])
+                held = 0
+            groups[-1].append(name)
+            held += sizes[name]
+        for group in groups:
+            members = [u for u in units if u.activation in group]
+            self._collect_hessians(model, members)
+            for unit in members:
+                self._quantize(unit, inits[unit.weight], unit.transposed)
+            self.hessians = {}
+        self.gptq_fitted = bool(groups)
+        if len(groups) > 1:
+            logger.info("gptq: %d passes over the calibration data", len(groups))
 
     def _collect_hessians(self, model: onnx.ModelProto, units: Sequence[_Unit]) -> None:
         wanted = sorted({u.activation for u in units if u.activation is not None})
@@ -496,9 +532,7 @@ class _Int4Job(PlannedStage):
                 nodes.append(node)
                 continue
             tensor = inits[unit.weight]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            transposed = unit.op == "Gemm" and bool(attrs.get("transB", 0))
-            q, shape = self._quantize(unit, tensor, transposed)
+            q, shape = self._quantize(unit, tensor, unit.transposed)
             replaced.add(unit.weight)
             if self.format == "contrib":
                 nodes.append(self._contrib_node(node, unit, shape, q, tensor.data_type, add))
@@ -525,7 +559,7 @@ class _Int4Job(PlannedStage):
                 else f"opset-{QDQ_OPSET} blocked DequantizeLinear"
             )
         ]
-        if self.method == "gptq" and self.hessians and self.fitted_on_budget_samples:
+        if self.gptq_fitted and self.fitted_on_budget_samples:
             notes.append(
                 f"gptq fitted the weights on the samples the error budget is measured on (give "
                 f"more than {2 * DEFAULT_SAMPLES} calibration samples to keep them apart): the "

@@ -293,3 +293,36 @@ def test_a_weight_shared_by_two_layers(tmp_path, method, packed):
     x = {n: v[:4] for n, v in feeds.items()}
     for got, want in zip(session.run(None, x), (x["a"] @ w, x["b"] @ w), strict=True):
         assert np.abs(got - want).max() < 0.3 * np.abs(want).max()
+
+
+def test_gptq_in_several_passes_gives_what_one_pass_gives(tmp_path, monkeypatch):
+    """Hessians over the memory cap are collected in groups, one calibration pass each: the
+    quantized weights are the same as with all Hessians at once."""
+    model = _model(k=128, n=64)
+    model.graph.node.append(helper.make_node("MatMul", ["y", "w2"], ["z"], name="proj2"))
+    rng = np.random.default_rng(7)
+    w2 = (rng.standard_normal((64, 128)) / 8).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w2, "w2"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    ids = [{"ids": rng.integers(0, 300, size=8)} for _ in range(4)]
+
+    def fitted():
+        job = int4._Int4Job(StageSettings(int4_method="gptq"), ids)
+        job.plan(model, target_profile("ort-cpu"), ())
+        return {key[0]: q.codes for key, q in job.quantized.items()}, job
+
+    once, _ = fitted()
+    monkeypatch.setattr(int4, "GPTQ_HESSIAN_BYTES", 1)  # one input per pass
+    passes = []
+    real = int4._Int4Job._collect_hessians
+
+    def counting(self, model, units):
+        passes.append(len(units))
+        return real(self, model, units)
+
+    monkeypatch.setattr(int4._Int4Job, "_collect_hessians", counting)
+    twice, job = fitted()
+    assert passes == [1, 1] and not job.hessians
+    assert once.keys() == twice.keys() == {"w", "w2"}
+    for name in once:
+        np.testing.assert_array_equal(once[name], twice[name])
