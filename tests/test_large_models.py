@@ -381,3 +381,24 @@ def test_opset_conversion_of_a_large_model_parks_its_weights(tmp_path, monkeypat
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_a_large_model_in_one_file_is_written_a_tensor_at_a_time(tmp_path, monkeypatch):
+    """Under the external-data threshold but over SESSION_FILE_BYTES, a model is streamed to
+    its file (no serialized copy in memory), offloaded tensors read from their scratch file;
+    it parses back equal to the model."""
+    from onnxshrink.engine.io import discard_store, offload
+
+    monkeypatch.setattr(io_module, "SESSION_FILE_BYTES", 100)
+    monkeypatch.setattr(io_module, "_OFFLOAD_TENSOR_BYTES", 1000)
+    model = _mlp()
+    model.metadata_props.add(key="k", value="v")
+    dest = save_model(model, tmp_path / "plain.onnx")
+    assert not (tmp_path / "plain.onnx.data").exists()
+    assert onnx.load(str(dest)) == model
+    store = tmp_path / "store"
+    store.mkdir()
+    light = offload(model, store)
+    dest = save_model(light, tmp_path / "offloaded.onnx")
+    discard_store(store)
+    assert onnx.load(str(dest)) == model

@@ -517,9 +517,13 @@ def _write_model(
     field's memory until the whole message is freed, so every write would grow the model.)
     Offloaded tensors (`offload`) are copied from their scratch file to the data file without
     passing through memory, or with `keep_offloaded` (a file written into the scratch folder)
-    keep pointing where they are.
+    keep pointing where they are. Without a data file, a large model is written one tensor at
+    a time (`_write_streamed`), never as one serialized copy.
     """
     if data_fd is None:
+        if model_bytes(model) > SESSION_FILE_BYTES:
+            _write_streamed(model, model_fd)
+            return
         if any(_store_of(t) for t in model.graph.initializer):
             model = materialize(model)
         _write_all(model_fd, model.SerializeToString())
@@ -527,6 +531,78 @@ def _write_model(
     assert data_name is not None
     externalize = _external_writer(data_fd, data_name, keep_offloaded)
     _write_all(model_fd, skeleton(model, externalize).SerializeToString())
+
+
+def _write_streamed(model: onnx.ModelProto, fd: int) -> None:
+    """`model` serialized to `fd` as `SerializeToString` would, without holding its bytes.
+
+    Protobuf fields may come in any order and a repeated field's elements anywhere in its
+    message, so the file is the model without its graph, then the graph field: its tag, its
+    length, the graph without its initializers, and each initializer as its own field,
+    serialized one at a time (an offloaded one read from its scratch file). The graph's length
+    is summed from the tensors' sizes beforehand, without encoding them.
+    """
+    head = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(head, field, value)
+    graph = onnx.GraphProto()
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(graph, field, value)
+    graph_bytes = graph.SerializeToString()
+    del graph
+    init_tag = _tag(onnx.GraphProto, "initializer")
+    sizes = [_tensor_size(t) for t in model.graph.initializer]
+    body = len(graph_bytes) + sum(len(init_tag) + len(_varint(n)) + n for n in sizes)
+    _write_all(fd, head.SerializeToString())
+    _write_all(fd, _tag(onnx.ModelProto, "graph") + _varint(body) + graph_bytes)
+    for tensor, size in zip(model.graph.initializer, sizes, strict=True):
+        stored = _store_of(tensor)
+        if stored is not None:
+            loaded = onnx.TensorProto()
+            loaded.CopyFrom(tensor)
+            loaded.ClearField("data_location")
+            del loaded.external_data[:]
+            path, offset, length = _stored_range(tensor, stored)
+            with open(path, "rb") as f:
+                loaded.raw_data = os.pread(f.fileno(), length, offset)
+            tensor = loaded
+        data = tensor.SerializeToString()
+        assert len(data) == size, (tensor.name, len(data), size)
+        _write_all(fd, init_tag + _varint(size) + data)
+        del data
+
+
+def _tensor_size(tensor: onnx.TensorProto) -> int:
+    """The serialized size of `tensor`, with an offloaded one's bytes counted as loaded."""
+    stored = _store_of(tensor)
+    if stored is None:
+        return tensor.ByteSize()
+    stub = onnx.TensorProto()
+    stub.CopyFrom(tensor)
+    stub.ClearField("data_location")
+    del stub.external_data[:]
+    length = _stored_range(tensor, stored)[2]
+    raw_tag = _tag(onnx.TensorProto, "raw_data")
+    return stub.ByteSize() + len(raw_tag) + len(_varint(length)) + length
+
+
+def _tag(message: Any, field: str) -> bytes:
+    """The key of a length-delimited field (wire type 2) of `message`'s type."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def _external_writer(
