@@ -69,7 +69,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxshrink.engine.io import array_of, inference_session, outputs_added
+from onnxshrink.engine.io import array_of, graph_protos, inference_session, outputs_added
 from onnxshrink.engine.protos import compile_excludes, drop_initializers, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset
 from onnxshrink.errors import UsageError
@@ -339,6 +339,19 @@ class _Int4Job(PlannedStage):
             assert unit is not None
             self.units[node.name] = unit
             applied[node.name] = what
+        # a weight that some other node reads in float stays float: int4 beside it adds bytes
+        readers: dict[str, list[str]] = {}
+        for graph in graph_protos(model.graph):
+            for node in graph.node:
+                for name in node.input:
+                    readers.setdefault(name, []).append(node.name)
+        for name in list(applied):
+            others = [r for r in readers[self.units[name].weight] if r not in self.units]
+            if others:
+                del applied[name], self.units[name]
+                declined[name] = (
+                    f"weight also read in float by {others[0]!r} (int4 would add, not save)"
+                )
         if not applied:
             shown = "; ".join(f"{n}: {r}" for n, r in list(declined.items())[:3])
             raise NothingToQuantize(

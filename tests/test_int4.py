@@ -326,3 +326,24 @@ def test_gptq_in_several_passes_gives_what_one_pass_gives(tmp_path, monkeypatch)
     assert once.keys() == twice.keys() == {"w", "w2"}
     for name in once:
         np.testing.assert_array_equal(once[name], twice[name])
+
+
+def test_a_weight_also_read_in_float_elsewhere_stays_float():
+    """A tied embedding (the table gathered, and transposed for an output projection) is not
+    quantized for the Gather: the float table stays anyway, so int4 would add bytes."""
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((300, 128)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+            helper.make_node("Transpose", ["table"], ["table_t"], name="tie"),
+            helper.make_node("MatMul", ["emb", "table_t"], ["logits"], name="head"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 300])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UsageError, match="weight also read in float by 'tie'"):
+        _job().plan(model, target_profile("ort-cpu"), ())
