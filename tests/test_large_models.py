@@ -402,3 +402,25 @@ def test_a_large_model_in_one_file_is_written_a_tensor_at_a_time(tmp_path, monke
     dest = save_model(light, tmp_path / "offloaded.onnx")
     discard_store(store)
     assert onnx.load(str(dest)) == model
+
+
+def test_a_temp_folder_that_cannot_hold_the_weights_keeps_them_in_memory(tmp_path, monkeypatch):
+    """Offloading fails (a full temp folder, say): the stage runs on the weights in memory
+    and the scratch folder is removed."""
+    source = tmp_path / "in.onnx"
+    onnx.save_model(_mlp(width=96), str(source))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((16, 96)).astype(np.float32))
+    monkeypatch.setattr(optimize_module, "SESSION_FILE_BYTES", 100)
+    folders: list[Path] = []
+
+    def failing(model, folder):
+        folders.append(folder)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(optimize_module, "offload", failing)
+    result = optimize(
+        source, tmp_path / "out.onnx", quantize="int8", calibration_data=calib, check_speed=False
+    )
+    assert result.quantization is not None and result.output_path is not None
+    assert folders and not folders[0].exists()

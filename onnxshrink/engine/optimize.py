@@ -906,8 +906,14 @@ def optimize(
             # Runtime in files: kept in a scratch data file, they are not held in memory beside
             # every float session the stage opens (issue 9, 4).
             store = Path(tempfile.mkdtemp(prefix="onnxshrink-weights-"))
-            rewritten = offload(rewritten, store)
-            release_memory()
+            try:
+                rewritten = offload(rewritten, store)
+                release_memory()
+            except OSError as exc:  # a full or read-only temp folder: keep them in memory
+                logger.warning("weights kept in memory: cannot offload to %s (%s)", store, exc)
+                discard_store(store)
+                shutil.rmtree(store, ignore_errors=True)
+                store = None
         final = rewritten
         if stage is not None and calibration is not None:
             quantization = stage.run(rewritten, calibration, settings)
