@@ -48,9 +48,7 @@ for path in (REPO, REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from quantize_minilm import SOURCE, ZOO, _run, measure_rows  # noqa: E402
-
-from models import data  # noqa: E402
+from quantize_minilm import SOURCE, _run, measure_rows, print_rows, sentence_data  # noqa: E402
 
 #: onnxshrink's rows: (--quantize, method, target, MatMulNBits accuracy_level)
 OURS = (
@@ -99,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        calib = folder / "calib.npz"
-        data.save_npz(data.tokenize(data.corpus_sentences("calib")[: args.calib], ZOO), calib)
-        held_out = data.corpus_sentences("eval")[: args.eval]
-        batches = [data.tokenize(held_out[i : i + 16], ZOO) for i in range(0, len(held_out), 16)]
+        calib, batches = sentence_data(folder, args.calib, args.eval)
 
         paths = {"fp32": SOURCE}
         seconds: dict[str, float] = {}
@@ -134,14 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         + ("" if args.max_error is None else f", --max-error {args.max_error:g}")
     )
     print()
-    print("| model | cos mean / min | NN agree | latency | size | made in |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        made = "-" if r["seconds"] is None else f"{r['seconds']:.1f} s"
-        print(
-            f"| {r['model']} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | "
-            f"{r['nn_agree'] * 100:.1f}% | {r['latency']:.2f}x | {r['size']:.3f}x | {made} |"
-        )
+    print_rows(rows)
     print()
     for r in rows:
         if not r["model"].startswith("onnxshrink"):

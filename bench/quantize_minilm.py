@@ -108,6 +108,29 @@ def _time(paths: dict[str, Path], runs: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def sentence_data(
+    folder: Path, n_calib: int, n_eval: int
+) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    """`folder/calib.npz`: the first `n_calib` sentences of the `calib` split, tokenized along
+    axis 0; and the first `n_eval` of the `eval` split in batches of 16, padded per batch."""
+    calib = folder / "calib.npz"
+    data.save_npz(data.tokenize(data.corpus_sentences("calib")[:n_calib], ZOO), calib)
+    held_out = data.corpus_sentences("eval")[:n_eval]
+    return calib, [data.tokenize(held_out[i : i + 16], ZOO) for i in range(0, len(held_out), 16)]
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """`measure_rows`' rows as a Markdown table."""
+    print("| model | cos mean / min | NN agree | latency | size | made in |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        made = "-" if r["seconds"] is None else f"{r['seconds']:.1f} s"
+        print(
+            f"| {r['model']} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | "
+            f"{r['nn_agree'] * 100:.1f}% | {r['latency']:.2f}x | {r['size']:.3f}x | {made} |"
+        )
+
+
 def measure_rows(
     paths: dict[str, Path],
     batches: list[dict[str, np.ndarray]],
@@ -158,10 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        calib = folder / "calib.npz"
-        data.save_npz(data.tokenize(data.corpus_sentences("calib")[: args.calib], ZOO), calib)
-        held_out = data.corpus_sentences("eval")[: args.eval]
-        batches = [data.tokenize(held_out[i : i + 16], ZOO) for i in range(0, len(held_out), 16)]
+        calib, batches = sentence_data(folder, args.calib, args.eval)
 
         paths = {"fp32": SOURCE}
         seconds: dict[str, float] = {}
@@ -191,14 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "interleaved rounds, 2 threads)"
     )
     print()
-    print("| model | cos mean / min | NN agree | latency | size | made in |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        made = "-" if r["seconds"] is None else f"{r['seconds']:.1f} s"
-        print(
-            f"| {r['model']} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | "
-            f"{r['nn_agree'] * 100:.1f}% | {r['latency']:.2f}x | {r['size']:.3f}x | {made} |"
-        )
+    print_rows(rows)
     ours = next(r for r in rows if r["model"] == "onnxshrink int8")
     bars = ours["cos_mean"] >= 0.99 and ours["latency"] <= 0.7 and ours["size"] <= 0.3
     print()
