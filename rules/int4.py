@@ -69,10 +69,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxshrink.engine.io import array_of, graph_protos, inference_session, outputs_added
+from onnxshrink.engine.io import array_of, graph_protos
 from onnxshrink.engine.protos import compile_excludes, drop_initializers, excluded_by
 from onnxshrink.engine.shapes import convert_opset, default_opset
 from onnxshrink.errors import UsageError
+from onnxshrink.quant.activations import input_statistics
 from onnxshrink.quant.calibration import CalibrationData
 from onnxshrink.quant.lossy import (
     Plan,
@@ -85,7 +86,6 @@ from onnxshrink.quant.schemes import Scheme
 from onnxshrink.quant.sensitivity import DEFAULT_SAMPLES
 from onnxshrink.quant.targets import TargetProfile
 from onnxshrink.verify.measure import mask_input
-from onnxshrink.verify.parity import declared_batches, feed_samples
 
 logger = logging.getLogger(__name__)
 
@@ -443,42 +443,24 @@ class _Int4Job(PlannedStage):
         if not wanted:
             return
         data = as_calibration_data(self.calibration, model, self.settings.calibration_batch)
-        mask = mask_input(model, self.settings.mask_input)
-        inits = {t.name: t for t in model.graph.initializer}
-        types = {u.activation: inits[u.weight].data_type for u in units if u.activation}
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        with outputs_added(model, wanted, types) as probed:
-            session = inference_session(probed, options, ["CPUExecutionProvider"])
         # The budget measures on the first DEFAULT_SAMPLES calibration samples: GPTQ fits on
         # the others when there are enough, so that the budget judges samples it did not fit.
         skip = DEFAULT_SAMPLES if data.samples > 2 * DEFAULT_SAMPLES else 0
         self.fitted_on_budget_samples = skip == 0
-        declared = declared_batches(model)
-        sums: dict[str, np.ndarray] = {}
-        progress = self.settings.progress
-        total = len(data) if hasattr(data, "__len__") else 0
-        runs = skipped = used = 0
-        for feed in data:
-            runs += 1
-            if skipped < skip:
-                skipped += feed_samples(feed, declared)
-                continue
-            used += 1
-            arrays = session.run(wanted, feed)
-            keep = None if mask is None or mask not in feed else np.asarray(feed[mask]) != 0
-            for name, x in zip(wanted, arrays, strict=True):
-                x = np.asarray(x, np.float64)
-                if keep is not None and x.ndim == keep.ndim + 1 and x.shape[:-1] == keep.shape:
-                    x = x[keep]
-                x = x.reshape(-1, x.shape[-1])
-                sums[name] = sums.get(name, 0.0) + x.T @ x
-            if progress is not None:
-                progress("gptq statistics", runs, max(total, runs))
-        self.hessians = sums
-        logger.info("gptq: Hessians of %d input(s) from %d run(s)", len(sums), used)
+        inits = {t.name: t for t in model.graph.initializer}
+        stats = input_statistics(
+            model,
+            data,
+            dict.fromkeys(wanted, -1),
+            gram=True,
+            mask=mask_input(model, self.settings.mask_input),
+            elem_types={u.activation: inits[u.weight].data_type for u in units if u.activation},
+            skip_samples=skip,
+            progress=self.settings.progress,
+            phase="gptq statistics",
+        )
+        self.hessians = {name: s.xtx for name, s in stats.items() if s.xtx is not None}
+        logger.info("gptq: Hessians of %d input(s)", len(self.hessians))
 
     # ---------------------------------------------------------------------------------------
     # Cases 2-4: a unit's weight in 4 bits, computed once

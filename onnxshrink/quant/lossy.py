@@ -39,6 +39,8 @@ needs editing to add one.
    the budget's figure per output, cosine, SNR, argmax agreement and a user's task metric.
 6. `speed_check` times models against each other on ORT CPU, interleaved in one process
    (medians), for stages that choose between layouts by speed.
+7. Stages chain (`ChainedStage`): `--sparsify` with `--quantize` prunes first, then quantizes
+   the pruned model, each stage within its own budget against the model it starts from.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ from onnxshrink.verify.parity import (
 )
 
 if TYPE_CHECKING:
+    from onnxshrink.quant.sparsity import SparsifySpec
     from onnxshrink.rules.qdq import QuantizeReport
 
 logger = logging.getLogger(__name__)
@@ -99,6 +102,8 @@ PROVIDERS = ("cpu", "cuda")
 ISOLATE_ABOVE = 32
 #: timed runs per model in the speed check (module docstring, 6)
 SPEED_RUNS = 20
+#: what a unit a stage of each family left alone is, for reports
+KEPT_AS = {"quantization": "float", "pruning": "dense"}
 
 
 @dataclass
@@ -143,6 +148,12 @@ class StageSettings:
     int4_method: str = "gptq"
     symmetric: bool = False
     accuracy_level: int = 4
+    #: pruning (`onnxshrink.quant.sparsity`): the parsed `--sparsify`, and `--compress` (pruned
+    #: weights stored as sparse initializers)
+    sparsity: SparsifySpec | None = None
+    compress: bool = False
+    #: channels: refit the layers after pruned channels to the original's outputs
+    reconstruct: bool = True
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,15 @@ class StageResult:
     seconds: float = 0.0
     quantize: QuantizeReport | None = None
     speed: SpeedCheck | None = None
+    #: a chained stage's parts (`ChainedStage`), in the order they ran
+    stages: list[StageResult] = field(default_factory=list)
+    #: what kind of stage: "quantization" or "pruning" (reports title and word it by this)
+    family: str = "quantization"
+
+    @property
+    def kept_as(self) -> str:
+        """What a unit the stage left alone is: "float" (quantization), "dense" (pruning)."""
+        return KEPT_AS.get(self.family, "unchanged")
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -265,7 +285,9 @@ class StageResult:
 class LossyStage(Protocol):
     """The contract of a lossy stage (module docstring, 1). A stage may also define
     `check(settings)`, raising UsageError for settings of its own it does not take: `optimize`
-    calls it before any work."""
+    calls it before any work; and `finish(model, result) -> (model, notes)`, what it does last
+    when a later stage runs after it (`ChainedStage`: pruning's `--compress` packs the weights
+    once quantization has read them)."""
 
     name: str
     summary: str
@@ -283,8 +305,10 @@ class PlannedStage:
 
     name = ""
     summary = ""
-    #: what an applied unit computes in, for the layer table ("float16", "int8")
+    #: what an applied unit computes in, for the layer table ("float16", "int8", "2:4")
     precision = ""
+    #: "quantization" or "pruning" (`StageResult.family`)
+    family = "quantization"
 
     def plan(self, model: onnx.ModelProto, profile: TargetProfile, exclude: Sequence[str]) -> Plan:
         raise NotImplementedError
@@ -435,6 +459,92 @@ class PlannedStage:
             batch=settings.calibration_batch,
             notes=notes + mask_notes(reference.mask),
             plan=chosen_plan,
+            family=self.family,
+        )
+
+
+class ChainedStage:
+    """Two lossy stages, one after the other (module docstring, 7): `--sparsify` then
+    `--quantize`. Each runs within its own budget against the model it starts from; the
+    result's error against the float model is then measured on the calibration samples (one
+    more session) and reported. The layer table holds both stages' units, the first's first."""
+
+    def __init__(
+        self, first: LossyStage, second: LossyStage, first_error: float, second_error: float
+    ) -> None:
+        self.first, self.second = first, second
+        self.first_error, self.second_error = first_error, second_error
+        self.name = f"{first.name} + {second.name}"
+        self.summary = f"{first.summary}; then {second.summary}"
+
+    def check(self, settings: StageSettings) -> None:
+        for stage in (self.first, self.second):
+            check = getattr(stage, "check", None)
+            if check is not None:
+                check(settings)
+
+    def run(
+        self,
+        model: onnx.ModelProto,
+        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        settings: StageSettings,
+    ) -> StageResult:
+        import dataclasses
+
+        data = as_calibration_data(calibration, model, settings.calibration_batch)
+        first = self.first.run(
+            model, data, dataclasses.replace(settings, max_error=self.first_error, compress=False)
+        )
+        second = self.second.run(
+            first.model,
+            data,
+            dataclasses.replace(settings, max_error=self.second_error, compress=False),
+        )
+        finish = getattr(self.first, "finish", None)
+        finished: list[str] = []
+        if settings.compress and finish is not None:  # packing goes last: the second stage
+            second.model, finished = finish(second.model, first)  # reads plain weights
+        start = time.perf_counter()
+        reference = ErrorReference.from_model(model, data, DEFAULT_SAMPLES)
+        reference.mask = mask_input(model, settings.mask_input)
+        name = f"{first.stage} + {second.stage}"
+        error = reference.error(second.model, f"the {name} model")
+        budget = dataclasses.replace(
+            second.budget,
+            max_error=self.first_error + self.second_error,
+            full_error=error,
+            final_error=error,
+            sessions=first.budget.sessions + second.budget.sessions + 1,
+        )
+        changed = [u for u in first.layers if u.precision != "float"]
+        taken = {u.name for u in changed}
+        second_names = {u.name for u in second.layers}
+        layers = (
+            changed
+            + [u for u in second.layers if u.name not in taken or u.precision != "float"]
+            + [u for u in first.layers if u.precision == "float" and u.name not in second_names]
+        )
+        timings = {f"{first.stage} {k}": v for k, v in first.timings.items()}
+        timings.update((f"{second.stage} {k}", v) for k, v in second.timings.items())
+        timings["final error"] = time.perf_counter() - start
+        notes = [
+            *first.notes,
+            f"error against the float model (calibration samples): {first.stage} "
+            f"{first.budget.final_error:.3g} (budget {self.first_error:g}), {second.stage} "
+            f"on top of it {second.budget.final_error:.3g} (budget {self.second_error:g}), both "
+            f"{error:.3g}",
+            *[n for n in second.notes if n not in first.notes],
+            *finished,
+        ]
+        return dataclasses.replace(
+            second,
+            stage=name,
+            budget=budget,
+            layers=layers,
+            notes=notes,
+            timings=timings,
+            stages=[first, second],
+            family=f"{first.family}, then {second.family}",
         )
 
 

@@ -386,7 +386,9 @@ def render_html(
     # int8 quantization.
     quant = d["quantization"]
     if quant is not None:
-        body.append(f'<section id="quantization"><h2>{_e(quant["stage"])} quantization</h2>')
+        body.append(
+            f'<section id="quantization"><h2>{_e(quant["stage"])} {_e(quant["family"])}</h2>'
+        )
         if quant["synthetic"]:
             body.append(f'<p class="warn">{_e(SYNTHETIC_WARNING)}</p>')
         body.extend(f"<p>{_e(line)}</p>" for line in quantization_lines(quant))
@@ -399,7 +401,7 @@ def render_html(
                         for k in quant["kept_float"]
                     ],
                     table_id="kept-float-table",
-                    caption="layers kept float, and why",
+                    caption=f"layers kept {quant['kept_as']}, and why",
                     name_cols=(0, 2),
                 )
             )

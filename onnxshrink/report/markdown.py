@@ -201,13 +201,13 @@ def render_markdown(
         out.append(_md_table(headers, rows))
     quant = d["quantization"]
     if quant is not None:
-        out += ["", f"## {quant['stage']} quantization", ""]
+        out += ["", f"## {quant['stage']} {quant['family']}", ""]
         if quant["synthetic"]:
             out += [f"**Warning:** {_md(SYNTHETIC_WARNING)}", ""]
         for line in quantization_lines(quant):
             out += [_md(line), ""]
         if quant["kept_float"]:
-            out += ["Layers kept float, and why:", ""]
+            out += [f"Layers kept {quant['kept_as']}, and why:", ""]
             out.append(
                 _md_table(
                     [("layer", False), ("op", False), ("reason", False)],

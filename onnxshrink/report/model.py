@@ -302,6 +302,8 @@ def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
     kept = [layer for layer in layers if layer["precision"] == "float"]
     data: dict[str, Any] = {
         "stage": _get(quant, "stage") or "int8",
+        "family": _get(quant, "family") or "quantization",
+        "kept_as": _get(quant, "kept_as") or "float",
         "target": _get(quant, "target"),
         "method": _get(quant, "method"),
         "calibration": _get(quant, "calibration"),

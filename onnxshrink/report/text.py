@@ -187,8 +187,9 @@ def error_sort_key(row: Mapping[str, Any]) -> float:
 def quantization_lines(q: Mapping[str, Any]) -> list[str]:
     """Plain-text sentences of the int8 section (escaped by the caller)."""
     b = q["budget"]
+    method = f", calibration method {q['method']}" if q.get("method") else ""
     lines = [
-        f"Target {q['target']}, calibration method {q['method']}, "
+        f"Target {q['target']}{method}, "
         f"{q['calibration_samples']} calibration sample(s) from {q['calibration']}"
         + (
             f" in {q['calibration_runs']} run(s) of at most {q['calibration_batch']}"
@@ -196,10 +197,16 @@ def quantization_lines(q: Mapping[str, Any]) -> list[str]:
             else ""
         )
         + ".",
-        f"Quantized {q['layers_quantized']} of {q['layers_total']} Conv/ConvTranspose/Gemm/MatMul "
-        f"layers; {len(q['kept_float'])} kept float ({b['kept_for_accuracy']} for accuracy), "
-        f"{len(q['weight_only'])} of them with int8 weights; bias correction on "
-        f"{len(q['bias_corrected'])} layer(s).",
+        (
+            f"Quantized {q['layers_quantized']} of {q['layers_total']} "
+            f"Conv/ConvTranspose/Gemm/MatMul layers; {len(q['kept_float'])} kept float "
+            f"({b['kept_for_accuracy']} for accuracy), {len(q['weight_only'])} of them with "
+            f"int8 weights; bias correction on {len(q['bias_corrected'])} layer(s)."
+            if q.get("method")  # int8's statistics pass
+            else f"{q['stage']}: changed {q['layers_quantized']} of {q['layers_total']} units; "
+            f"{len(q['kept_float'])} kept {q.get('kept_as', 'float')} "
+            f"({b['kept_for_accuracy']} for accuracy)."
+        ),
         "Error on calibration samples (output noise-to-signal ratio of the worst channel "
         f"group): full {q['stage']} {figure_text(b['full_error'], 'float')} \u2192 final "
         f"{figure_text(b['final_error'], 'float')}, budget "
