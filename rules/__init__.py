@@ -28,11 +28,14 @@ from onnxshrink.rules import (
     merge_slices,
     noop_elimination,
     pad_conv,
+    prune_channels,
+    sparsify_weights,
     symbolic_shapes,
 )
 
 if TYPE_CHECKING:
     from onnxshrink.quant.lossy import LossyStage
+    from onnxshrink.quant.sparsity import SparsifySpec
 
 # Dead-layer removal. Order: constants become initializers first so that every later rule sees
 # weights as constants; no-ops go before folding so folding sees the real producers.
@@ -72,6 +75,23 @@ def lossy_stage(name: str) -> LossyStage:
     return stages[name]
 
 
+# Pruning stages, by the kind of `--sparsify` they take (`onnxshrink.quant.sparsity`):
+# unstructured, N:M, channels. Same contract as LOSSY_STAGES; each also has a `kind`.
+SPARSIFY_STAGES: list[LossyStage] = [
+    sparsify_weights.UNSTRUCTURED,
+    sparsify_weights.NM,
+    prune_channels.STAGE,
+]
+
+
+def sparsify_stage(spec: SparsifySpec) -> LossyStage:
+    """The pruning stage for a parsed `--sparsify`."""
+    for stage in SPARSIFY_STAGES:
+        if getattr(stage, "kind", None) == spec.kind:
+            return stage
+    raise UsageError(f"--sparsify {spec.describe()}: no stage prunes {spec.kind!r}")
+
+
 def lossless_passes() -> list[Pass]:
     """The default pipeline of `onnxshrink optimize`, run by a PassManager to a fixed point."""
     # Symbolic shapes first: every later pass of the sweep reads the dims it names alike.
@@ -87,4 +107,12 @@ def lossless_passes() -> list[Pass]:
     ]
 
 
-__all__ = ["CLEANUP_RULES", "FUSION_RULES", "LOSSY_STAGES", "lossless_passes", "lossy_stage"]
+__all__ = [
+    "CLEANUP_RULES",
+    "FUSION_RULES",
+    "LOSSY_STAGES",
+    "SPARSIFY_STAGES",
+    "lossless_passes",
+    "lossy_stage",
+    "sparsify_stage",
+]

@@ -45,6 +45,14 @@ def test_default_output_path_is_beside_input(conv_bn_path):
         (lambda p, t: ["optimize", str(p), "--input-shape", "q:1,3,8,8"], "not a model input"),
         (lambda p, t: ["optimize", str(p), "--inputs", str(t / "none.npz")], "no such file"),
         (lambda p, t: ["optimize", str(p), "--opset", "7"], "lower than the model's opset"),
+        (lambda p, t: ["optimize", str(p), "--sparsify", "channels:1.5"], "must be in (0, 1)"),
+        (lambda p, t: ["optimize", str(p), "--sparsify", "4:2"], "needs 0 < N < M"),
+        (lambda p, t: ["optimize", str(p), "--sparsify", "rows:0.5"], "expected unstructured:R"),
+        (lambda p, t: ["optimize", str(p), "--compress"], "it needs --sparsify"),
+        (
+            lambda p, t: ["optimize", str(p), "--sparsify", "channels:0.5", "--compress"],
+            "it needs --sparsify unstructured:R or N:M",
+        ),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, conv_bn_path, make_args, message):
@@ -135,7 +143,8 @@ def test_optimize_help_documents_int8():
     result = _run("optimize", "--help")
     assert result.exit_code == 0
     for option in ("--quantize", "--calibration-data", "--calibration-method", "--target",
-                   "--exclude", "--max-error", "--calibration-provider", "--no-speed-check"):  # fmt: skip
+                   "--exclude", "--max-error", "--calibration-provider", "--no-speed-check",
+                   "--sparsify", "--compress"):  # fmt: skip
         assert option in result.output
     assert "20 dB" in result.output
 

@@ -35,6 +35,7 @@ from onnxshrink.engine.optimize import ModelSummary, OptimizeResult
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.quant.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
 from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.quant.sparsity import DEFAULT_SPARSIFY_MAX_ERROR
 from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
 from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TIME_LIMIT, samples_text
@@ -244,19 +245,22 @@ def optimize(
         ),
     ] = None,
     max_error: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--max-error",
+            show_default=False,
             help="Error budget: the noise-to-signal ratio sum (q-f)^2 / sum f^2 allowed on "
             "calibration samples, per output channel group (so a small-valued part of an "
             "output counts as much as a large one), worst output; padded positions left out "
-            "(--mask-input). The most sensitive layers stay float until it holds (measured "
-            f"on up to 32 calibration samples). The default "
-            f"{DEFAULT_MAX_ERROR:g} is {-10 * math.log10(DEFAULT_MAX_ERROR):.0f} dB SNR; lower it "
-            "for more accuracy (more layers float: slower, larger), raise it for speed.",
+            "(--mask-input). The most sensitive layers stay float (or dense) until it holds "
+            "(measured on up to 32 calibration samples). Default "
+            f"{DEFAULT_MAX_ERROR:g} ({-10 * math.log10(DEFAULT_MAX_ERROR):.0f} dB SNR) for "
+            f"--quantize, {DEFAULT_SPARSIFY_MAX_ERROR:g} for --sparsify; with both, each stage "
+            "has its own budget against the model it starts from. Lower it for more accuracy "
+            "(more layers kept: slower, larger), raise it for speed.",
             rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
-    ] = DEFAULT_MAX_ERROR,
+    ] = None,
     metric: Annotated[
         str | None,
         typer.Option(
@@ -322,6 +326,42 @@ def optimize(
             rich_help_panel="int4",
         ),
     ] = 4,
+    sparsify: Annotated[
+        str | None,
+        typer.Option(
+            "--sparsify",
+            metavar="unstructured:R|N:M|channels:R",
+            help="Also prune weights, within the --max-error budget (layers too sensitive stay "
+            "dense) and checked on --inputs: unstructured:R zeroes a share R of each layer's "
+            "weights (smaller compressed file, same speed); N:M (e.g. 2:4) keeps at most N "
+            "non-zeros in every M weights along the reduction axis (TensorRT's sparse tensor "
+            "cores); channels:R removes a share R of conv/linear output channels, FFN neurons "
+            "and attention heads, and refits the next layer to the original's outputs (faster "
+            "on every runtime). Data-aware with --calibration-data, by magnitude without. "
+            "Runs before --quantize when both are given.",
+            rich_help_panel="sparsify",
+        ),
+    ] = None,
+    compress: Annotated[
+        bool,
+        typer.Option(
+            "--compress",
+            help="With --sparsify unstructured:R or N:M: store pruned weights as ONNX sparse "
+            "initializers (values and indices), which ONNX Runtime densifies at load, so the "
+            "file itself shrinks.",
+            rich_help_panel="sparsify",
+        ),
+    ] = False,
+    no_reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--no-reconstruct",
+            help="With --sparsify channels:R: skip the teacher-guided reconstruction (the "
+            "layers reading pruned channels are otherwise refit by least squares to the "
+            "original model's outputs on the calibration data).",
+            rich_help_panel="sparsify",
+        ),
+    ] = False,
     calibration_provider: Annotated[
         str,
         typer.Option(
@@ -377,7 +417,8 @@ def optimize(
             from onnxshrink.report import report_format
 
             report_format(report)  # a bad --report path fails before the work, not after
-        with _optimize_progress(err, model.name, quantize is not None) as progress:
+        lossy = quantize is not None or sparsify is not None
+        with _optimize_progress(err, model.name, lossy) as progress:
             result = run_optimize(
                 model,
                 target,
@@ -404,6 +445,9 @@ def optimize(
                 int4_method=int4_method,
                 symmetric=symmetric,
                 accuracy_level=accuracy_level,
+                sparsify=sparsify,
+                compress=compress,
+                reconstruct=not no_reconstruct,
                 allow_unverified=allow_unverified,
                 progress=progress,
                 debug_verify=debug_verify,
@@ -663,7 +707,7 @@ def _print_quantization(result: OptimizeResult) -> None:
     method = f", calibration method {q.method}" if q.method else ""
     out.print(
         styled(
-            (f"{q.stage} quantization", "bold"),
+            (f"{q.stage} {q.family}", "bold"),
             f": target {q.target}{method}, {seen} of at most {q.batch} from {q.calibration}",
         ),
         highlight=False,
@@ -697,7 +741,7 @@ def _print_quantization(result: OptimizeResult) -> None:
     if q.kept_float:
         # those kept for accuracy first; a long tail of structural reasons goes to the report
         kept = sorted(q.kept_float, key=lambda layer: layer.name not in budget.kept_float)
-        table = Table(title="layers kept float", show_header=True, header_style="bold")
+        table = Table(title=f"layers kept {q.kept_as}", show_header=True, header_style="bold")
         table.add_column("layer")
         table.add_column("op")
         table.add_column("reason")

@@ -66,7 +66,9 @@ from onnxshrink.errors import OnnxShrinkError, ParityError, TimeLimitError, Usag
 from onnxshrink.quant.calibration import DEFAULT_BATCH
 from onnxshrink.quant.lossy import (
     HOW_TO_CALIBRATE,
+    ChainedStage,
     HeldOutCheck,
+    LossyStage,
     StagedProgress,
     StageResult,
     StageSettings,
@@ -76,6 +78,7 @@ from onnxshrink.quant.lossy import (
     held_out_check,
 )
 from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
+from onnxshrink.quant.sparsity import DEFAULT_SPARSIFY_MAX_ERROR, SparsifySpec
 from onnxshrink.verify.measure import TaskMetric, load_metric
 from onnxshrink.verify.measure import mask_input as find_mask_input
 from onnxshrink.verify.parity import (
@@ -631,7 +634,7 @@ def optimize(
     calibration_method: str = "percentile",
     target: str = "ort-cpu",
     exclude: Sequence[str] = (),
-    max_error: float = DEFAULT_MAX_ERROR,
+    max_error: float | None = None,
     calibration_provider: str = "cpu",
     check_speed: bool = True,
     calibration_batch: int = DEFAULT_BATCH,
@@ -641,6 +644,9 @@ def optimize(
     int4_method: str = "gptq",
     symmetric: bool = False,
     accuracy_level: int = 4,
+    sparsify: str | None = None,
+    compress: bool = False,
+    reconstruct: bool = True,
     progress: StagedProgress | None = None,
     debug_verify: bool = False,
     allow_unverified: bool = False,
@@ -675,6 +681,15 @@ def optimize(
       integer input named `attention_mask`, "none" for no mask). int4 reads `block_size`,
       `int4_method` (rtn, gptq), `symmetric` and `accuracy_level` (`onnxshrink.rules.int4`).
       `progress(stage, done, total)` reports calibration and sensitivity work.
+    - `sparsify`: "unstructured:R", "N:M" or "channels:R" (`onnxshrink.quant.sparsity`): prune
+      first (a lossy stage of `onnxshrink.rules.sparsify_stages`), then run `quantize` on the
+      pruned model if given. Calibration data is optional for pruning alone: without it the
+      criterion is weight magnitude and the budget is measured on random inputs (`random`).
+      `compress` stores unstructured/N:M zeros as sparse initializers; `reconstruct=False`
+      skips the channel stage's refit of the layers after pruned channels.
+    - `max_error`: None gives each stage its default budget (`DEFAULT_MAX_ERROR` for
+      quantization, `DEFAULT_SPARSIFY_MAX_ERROR` for pruning); with `sparsify` and `quantize`
+      together a given value is each stage's budget against the model it starts from.
     - `debug_verify`: check the model after every pass that changed it (module docstring, 2:
       onnx.checker, and parity with the model before that pass on `samples` generated feeds,
       with `rtol`/`atol`); slow, for finding the pass that breaks a model.
@@ -689,11 +704,10 @@ def optimize(
     start = time.perf_counter()
     check_time_limit(time_limit)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    stage = None
-    if quantize is not None:
-        from onnxshrink.rules import lossy_stage
-
-        stage = lossy_stage(quantize)
+    stage, max_error, sparsity = _lossy_stage(quantize, sparsify, compress, max_error)
+    if stage is not None:
+        if calibration_data is None and quantize is None:
+            calibration_data = "random"  # pruning: magnitude criterion, budget on noise
         if calibration_data is None or (
             isinstance(calibration_data, (str, Path)) and not str(calibration_data).strip()
         ):
@@ -719,6 +733,9 @@ def optimize(
         int4_method=int4_method,
         symmetric=symmetric,
         accuracy_level=accuracy_level,
+        sparsity=sparsity,
+        compress=compress,
+        reconstruct=reconstruct,
     )
     if stage is not None and hasattr(stage, "check"):
         stage.check(settings)  # the stage's own settings refused before any work
@@ -774,7 +791,7 @@ def optimize(
     if inputs is not None and not isinstance(inputs, (str, Path)):
         inputs = list(inputs)  # may be one-shot, and a retry reads it again
     calibration = None
-    if quantize is not None:
+    if stage is not None:
         # read up front (file headers, loader import) so that bad data fails before any work
         assert calibration_data is not None  # refused above
         calibration = as_calibration_data(calibration_data, spec, calibration_batch)
@@ -964,6 +981,34 @@ def optimize(
         if store is not None:
             discard_store(store)
             shutil.rmtree(store, ignore_errors=True)
+
+
+def _lossy_stage(
+    quantize: str | None, sparsify: str | None, compress: bool, max_error: float | None
+) -> tuple[LossyStage | None, float, SparsifySpec | None]:
+    """The lossy stage `--quantize` / `--sparsify` ask for (chained when both: prune, then
+    quantize), the budget it runs within, and the parsed `--sparsify`; UsageError for bad
+    values. Without `--max-error` each stage has its own default budget
+    (`DEFAULT_MAX_ERROR` for quantization, `DEFAULT_SPARSIFY_MAX_ERROR` for pruning); with
+    both stages, `max_error` is each stage's budget and the returned one their sum."""
+    from onnxshrink.rules import lossy_stage, sparsify_stage
+
+    spec = SparsifySpec.parse(sparsify) if sparsify is not None else None
+    if compress and (spec is None or spec.kind == "channels"):
+        raise UsageError(
+            "--compress stores pruned weights as sparse initializers: it needs --sparsify "
+            "unstructured:R or N:M"
+        )
+    quantizer = lossy_stage(quantize) if quantize is not None else None
+    pruner = sparsify_stage(spec) if spec is not None else None
+    quantize_error = DEFAULT_MAX_ERROR if max_error is None else max_error
+    prune_error = DEFAULT_SPARSIFY_MAX_ERROR if max_error is None else max_error
+    if pruner is not None and quantizer is not None:
+        chained = ChainedStage(pruner, quantizer, prune_error, quantize_error)
+        return chained, prune_error + quantize_error, spec
+    if pruner is not None:
+        return pruner, prune_error, spec
+    return quantizer, quantize_error, spec
 
 
 @contextmanager
