@@ -13,13 +13,12 @@ for the rest where it is faster.
 3. The result's error against the float model is then measured on the calibration samples
    (the budget's figure, one more session): the two halves add up to at most about the budget,
    and this says what they came to. The held-out check judges it against the original, as for
-   any stage.
+   any stage. Steps 1-3 are the engine's `ChainedStage` with half of the budget each.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -27,14 +26,13 @@ import numpy as np
 import onnx
 
 from onnxshrink.quant.calibration import CalibrationData
-from onnxshrink.quant.lossy import StageResult, StageSettings, as_calibration_data
-from onnxshrink.quant.sensitivity import DEFAULT_SAMPLES, ErrorReference
+from onnxshrink.quant.lossy import ChainedStage, StageResult, StageSettings, as_calibration_data
 from onnxshrink.rules import int4, int8
-from onnxshrink.verify.measure import mask_input
 
 
 class Int8Int4Stage:
-    """`--quantize int8+int4` (module docstring): the int4 stage, then the int8 stage."""
+    """`--quantize int8+int4` (module docstring): the int4 stage, then the int8 stage, each
+    within half of the budget (`ChainedStage`)."""
 
     name = "int8+int4"
     summary = (
@@ -53,48 +51,13 @@ class Int8Int4Stage:
         settings: StageSettings,
     ) -> StageResult:
         data = as_calibration_data(calibration, model, settings.calibration_batch)
-        half = dataclasses.replace(settings, max_error=settings.max_error / 2)
-        notes: list[str] = []
+        half = settings.max_error / 2
         try:
-            first: StageResult | None = int4.STAGE.run(model, data, half)
+            result = ChainedStage(int4.STAGE, int8.STAGE, half, half).run(model, data, settings)
         except int4.NothingToQuantize as exc:  # case 1: int8 gets the whole budget
-            first = None
-            notes.append(f"int4 skipped: {exc}")
-        base = model if first is None else first.model
-        second = int8.STAGE.run(base, data, settings if first is None else half)
-        start = time.perf_counter()
-        reference = ErrorReference.from_model(model, data, DEFAULT_SAMPLES)  # case 3
-        reference.mask = mask_input(model, settings.mask_input)
-        error = reference.error(second.model, "the int8+int4 model")
-        budget = dataclasses.replace(
-            second.budget,
-            max_error=settings.max_error,
-            full_error=error,
-            final_error=error,
-            sessions=second.budget.sessions + (first.budget.sessions if first else 0) + 1,
-        )
-        int4_layers = [] if first is None else [u for u in first.layers if u.precision == "int4"]
-        taken = {u.name for u in int4_layers}
-        layers = int4_layers + [u for u in second.layers if u.name not in taken]
-        if first is not None:
-            notes.extend(first.notes)
-            notes.append(
-                f"error against the float model (calibration samples): int4 stage "
-                f"{first.budget.final_error:.3g}, int8 stage on top of it "
-                f"{second.budget.final_error:.3g}, both {error:.3g} (budget "
-                f"{settings.max_error:g}, half to each stage)"
-            )
-        timings = dict(first.timings) if first is not None else {}
-        timings.update((f"int8 {k}", v) for k, v in second.timings.items())
-        timings["final error"] = time.perf_counter() - start
-        return dataclasses.replace(
-            second,
-            stage=self.name,
-            budget=budget,
-            layers=layers,
-            notes=notes + second.notes,
-            timings=timings,
-        )
+            result = int8.STAGE.run(model, data, settings)
+            result.notes.insert(0, f"int4 skipped: {exc}")
+        return dataclasses.replace(result, stage=self.name)
 
 
 STAGE = Int8Int4Stage()

@@ -238,7 +238,7 @@ def test_int8_int4_quantizes_linear_layers_in_int4_and_the_rest_in_int8(tmp_path
     assert "QuantizeLinear" in ops and "Conv" in ops  # the Conv in int8 QDQ
     precision = {layer.name: layer.precision for layer in q.layers}
     assert precision["embed"] == precision["proj"] == "int4" and precision["conv"] == "int8"
-    assert any("int8 stage on top of it" in note for note in q.notes)
+    assert any("int8 on top of it" in note for note in q.notes)
 
 
 def test_int8_int4_on_a_model_without_int4_layers_is_int8(tmp_path):
