@@ -149,17 +149,10 @@ class _Carried:
 
 
 @dataclass
-class _Group:
-    """A group while it is being traced (merged into its union-find root at the end)."""
+class _Group(ChannelGroup):
+    """A group while it is being traced (merged into its union-find root at the end): the
+    contract's fields, the nodes it touches, and why it is declined, if it is."""
 
-    unit: str
-    op: str
-    width: int
-    producers: list[Slice] = field(default_factory=list)
-    consumers: list[Consumer] = field(default_factory=list)
-    attributes: list[tuple[str, str, int]] = field(default_factory=list)
-    shapes: list[tuple[str, int, int]] = field(default_factory=list)
-    activations: list[str] = field(default_factory=list)
     activation_axis: int = 1
     nodes: set[str] = field(default_factory=set)
     declined: str | None = None
