@@ -236,6 +236,9 @@ class _ChannelJob(PlannedStage):
                 claimed.setdefault(key, []).append((start, end, group.unit))
             declined.pop(group.unit, None)
             self.units[group.unit] = _Unit(group, np.arange(group.width), changed)
+        for unit in self.units.values():  # one finder's decline of a node another one grouped
+            for name in unit.nodes:
+                declined.pop(name, None)
         if not self.units:
             shown = "; ".join(f"{n}: {r}" for n, r in list(declined.items())[:3])
             raise NothingToPrune(

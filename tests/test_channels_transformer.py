@@ -212,3 +212,30 @@ def test_bad_specs_get_one_line(text: str, message: str) -> None:
     with pytest.raises(UsageError, match="--sparsify") as info:
         SparsifySpec.parse(text)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_stage_prunes_the_block_and_lists_only_its_own_declines() -> None:
+    """Through the channels stage: both groups pruned, outputs keep their shape, and nodes the
+    transformer finder grouped are not listed as declined by the conv finder."""
+    from onnxshrink.engine.io import named_copy
+    from onnxshrink.quant.lossy import StageSettings
+    from onnxshrink.rules import prune_channels
+
+    model = named_copy(encoder_block())
+    rng = np.random.default_rng(2)
+    feeds = [
+        {
+            "x": rng.standard_normal((4, 6, C)).astype(np.float32),
+            "mask": np.zeros((4, 1, 1, 6), np.float32),
+        }
+        for _ in range(4)
+    ]
+    settings = StageSettings(max_error=10.0, sparsity=SparsifySpec.parse("channels:0.25"))
+    result = prune_channels.STAGE.run(model, feeds, settings)
+    assert {layer.precision for layer in result.quantized} == {"pruned"}
+    assert len(result.quantized) == 2  # the heads and the FFN neurons
+    assert result.kept_float == []  # no other finder's declines of grouped nodes
+    (before,) = run(model, feeds[0])
+    (after,) = run(result.model, feeds[0])
+    assert after.shape == before.shape
+    onnx.checker.check_model(result.model, full_check=True)
