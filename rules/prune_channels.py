@@ -59,6 +59,11 @@ budget search leaves the most sensitive groups dense until the output error hold
    Few rows against many features (a layer after global pooling sees one row per sample)
    overfit: `lam` grows by `RIDGE_PER_FEATURE * F / rows` of the mean diagonal.
 7. Budget: the engine's. A group too sensitive is left dense, listed with its error.
+8. Per-layer ratios: a group is two units, the least important channels up to half the ratio
+   (named as the group) and the rest up to the ratio (`SECOND_HALF`), each measured alone by
+   the budget; the most sensitive units are declined first, so a sensitive group keeps its
+   second half and is pruned at R/2, and only a group whose first half also breaks the
+   budget stays dense. Where rounding leaves no room for two steps, the group is one unit.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ ROUND_TO = 16
 RIDGE = 1e-3
 #: case 6: more dampening where rows are few per feature: RIDGE + RIDGE_PER_FEATURE * F / rows
 RIDGE_PER_FEATURE = 1.0
+#: case 8: the name of a group's second unit (the channels past half the ratio)
+SECOND_HALF = " (second half)"
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
@@ -248,9 +255,9 @@ class _ChannelJob(PlannedStage):
             )
         self._statistics(base)
         for name, unit in list(self.units.items()):
-            unit.keep = self._kept(unit.group)
+            keep = self._kept(unit.group)
             width = unit.group.width
-            if len(unit.keep) == width:
+            if len(keep) == width:
                 declined[name] = (
                     f"{width} channels: rounding to blocks of {ROUND_TO} removes none"
                     if width % ROUND_TO == 0
@@ -258,10 +265,20 @@ class _ChannelJob(PlannedStage):
                 )
                 del self.units[name]
                 continue
-            consumers = len(unit.group.consumers)
-            applied[name] = f"{len(unit.keep)} of {width} channels kept" + (
-                f", {consumers} consumer(s)" if consumers else ""
-            )
+            consumers = f", {len(unit.group.consumers)} consumer(s)" if unit.group.consumers else ""
+            # case 8: the least important half of the removed channels is this unit, the rest a
+            # second one, so that the budget can leave a group at R/2 instead of dense
+            half = self._kept(unit.group, self.ratio / 2)
+            unit.keep = half if len(keep) < len(half) < width else keep
+            applied[name] = f"{width - len(unit.keep)} of {width} channels removed{consumers}"
+            if unit.keep is half:
+                second = f"{name}{SECOND_HALF}"
+                rest = np.setdiff1d(half, keep)  # removed by the second unit
+                self.units[second] = _Unit(unit.group, np.setdiff1d(np.arange(width), rest))
+                self.units[second].nodes = unit.nodes
+                applied[second] = (
+                    f"{len(rest)} more of {width} channels removed (up to {self.ratio:g})"
+                )
         return Plan(self.name, profile.name, applied, declined)
 
     # ---------------------------------------------------------------------------------------
@@ -314,9 +331,9 @@ class _ChannelJob(PlannedStage):
     # ---------------------------------------------------------------------------------------
     # Cases 3, 4: scores and kept channels
 
-    def _kept(self, group: ChannelGroup) -> np.ndarray:
+    def _kept(self, group: ChannelGroup, ratio: float | None = None) -> np.ndarray:
         width = group.width
-        kept = _kept_count(width, self.ratio)
+        kept = _kept_count(width, self.ratio if ratio is None else ratio)
         if kept >= width:
             return np.arange(width)
         scores = self._scores(group)
@@ -433,13 +450,17 @@ class _ChannelJob(PlannedStage):
             replaced.append(onnx.numpy_helper.from_array(np.asarray(values, dtype), name))
         drop_initializers(graph, set(arrays))
         graph.initializer.extend(replaced)
+        kept_of: dict[str, tuple[ChannelGroup, np.ndarray]] = {}  # case 8: units of one group
         for unit in units:
-            kept = len(unit.keep)
-            for node_name, attr, per in unit.group.attributes:
+            group, keep = kept_of.get(unit.group.unit, (unit.group, unit.keep))
+            kept_of[unit.group.unit] = (group, np.intersect1d(keep, unit.keep))
+        for group, keep in kept_of.values():
+            kept = len(keep)
+            for node_name, attr, per in group.attributes:
                 for a in nodes[node_name].attribute:
                     if a.name == attr:
                         a.i = kept * per
-            for tensor, index, per in unit.group.shapes:
+            for tensor, index, per in group.shapes:
                 current = {t.name: t for t in graph.initializer}[tensor]
                 values = np.array(array_of(current))
                 flat = values.reshape(-1)
@@ -448,10 +469,10 @@ class _ChannelJob(PlannedStage):
                 graph.initializer.append(onnx.numpy_helper.from_array(values, tensor))
         _merge_copies(graph, self.copies)
         del graph.value_info[:]
-        removed = sum(u.group.width - len(u.keep) for u in units)
-        total = sum(u.group.width for u in units)
+        removed = sum(g.width - len(keep) for g, keep in kept_of.values())
+        total = sum(g.width for g, _ in kept_of.values())
         notes = [
-            f"channels: {len(units)} group(s) pruned, {removed} of {total} channels removed"
+            f"channels: {len(kept_of)} group(s) pruned, {removed} of {total} channels removed"
             + (
                 f"; {refit} consumer(s) refit to the original outputs on {self.fit_samples} "
                 "calibration sample(s)"

@@ -165,7 +165,8 @@ def test_chain_conv_relu_conv_shrinks_and_runs():
     dims = _dims(result.model)
     assert dims["w1"] == [9, 3, 3, 3] and dims["b1"] == [9]
     assert dims["w2"] == [8, 9, 3, 3]
-    assert [u.name for u in result.quantized] == ["Conv_0"]
+    # the group's two units (case 8): up to half the ratio, and the rest
+    assert [u.name for u in result.quantized] == ["Conv_0", "Conv_0 (second half)"]
     _check(model, result.model)
 
 
@@ -226,6 +227,20 @@ def test_a_larger_ratio_removes_more_channels():
     model = _chain()
     assert _dims(_prune(model, ratio=0.25).model)["w1"][0] == 9
     assert _dims(_prune(model, ratio=0.75).model)["w1"][0] == 3
+
+
+def test_a_group_too_sensitive_at_the_ratio_is_pruned_at_half_of_it():
+    """A budget between the error at R/2 and at R: the second half is declined, the first
+    kept, so the group ends at R/2 (per-layer ratios, case 8)."""
+    model = _chain()
+    full = _prune(model, ratio=0.5).budget.final_error
+    half = _prune(model, ratio=0.25).budget.final_error
+    assert half < full
+    result = _prune(model, ratio=0.5, max_error=(half + full) / 2)
+    assert [u.name for u in result.quantized] == ["Conv_0"]
+    assert [u.name for u in result.kept_float] == ["Conv_0 (second half)"]
+    assert _dims(result.model)["w1"] == [9, 3, 3, 3]  # 12 channels, 3 removed: R/2 of 0.5
+    _check(model, result.model)
 
 
 def test_the_budget_leaves_a_too_sensitive_group_dense():
