@@ -32,7 +32,8 @@ Columns, on held-out data (the `eval` split, disjoint from calibration):
 
 The issue's bars are checked under the table: det at least 1.25x faster, IoU >= 0.90,
 reconstruction at least halving the error of the same pruning; channels then int8 at IoU >=
-0.90 and faster than either step alone; cls agreement >= 95%.
+0.90 and faster than either step alone (by `FASTER_BY`: 3%, more than the round-to-round
+spread of one model's median); cls agreement >= 95%.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ from onnxshrink.engine.io import inference_session  # noqa: E402
 from onnxshrink.quant.lossy import StageSettings, interleaved_ms  # noqa: E402
 from onnxshrink.quant.sparsity import SparsifySpec  # noqa: E402
 from onnxshrink.rules import prune_channels  # noqa: E402
+
+#: "faster than either step alone" means at most this share of the faster one's time
+FASTER_BY = 0.97
 
 
 def _outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -193,12 +197,13 @@ def main() -> None:
             f"({e_plain / max(e_refit, 1e-12):.1f}x) {'PASS' if e_refit <= e_plain / 2 else 'FAIL'}"
         )
         iou_both = _iou(ref, _outputs(both, held))
-        faster = ms[5] < min(ms[1], ms[4])
+        # by a margin: the two medians of one model differ by a few % from round to round
+        faster = ms[5] < FASTER_BY * min(ms[1], ms[4])
         bars.append(
             f"channels then int8: IoU {iou_both:.3f} (>= 0.90 "
             f"{'PASS' if iou_both >= 0.90 else 'FAIL'}), {ms[0] / ms[5]:.2f}x fp32 against "
             f"{ms[0] / ms[1]:.2f}x pruned alone and {ms[0] / ms[4]:.2f}x int8 alone (faster than "
-            f"either {'PASS' if faster else 'FAIL'})"
+            f"either by {(1 - FASTER_BY) * 100:.0f}%: {'PASS' if faster else 'FAIL'})"
         )
         # -- cls ---------------------------------------------------------------------------
         cls_path = ZOO_DIR / "ppocr-v4-cls.onnx"
