@@ -83,8 +83,11 @@ def test_channels_on_minilm_prunes_heads_and_neurons_and_keeps_shapes():
     )  # fmt: skip
     stage = result.quantization
     assert stage is not None
-    ops = {layer.op for layer in stage.quantized}
-    assert len(stage.quantized) == 12 and ops == {"MatMul"}  # 6 head groups, 6 FFN groups
+    from onnxshrink.rules.prune_channels import SECOND_HALF
+
+    groups = {layer.name.removesuffix(SECOND_HALF) for layer in stage.quantized}
+    assert len(groups) == 12  # 6 head groups, 6 FFN groups, each in its two halves
+    assert len(stage.quantized) == 24 and stage.kept_float == []
     reference = _embeddings(onnx.load(str(source)), held_out)
     ours = _embeddings(result.model, held_out)
     assert ours.shape == reference.shape
