@@ -283,6 +283,29 @@ def test_large_model_int8_path_matches_the_normal_one(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a[name], b[name])
 
 
+@pytest.mark.parametrize("spec", ["unstructured:0.5", "channels:0.25"])
+def test_large_model_pruning_path_matches_the_normal_one(tmp_path, monkeypatch, spec):
+    """--sparsify on the large-model path (weights offloaded to a scratch file, read back
+    through array_of) writes the same model as the normal path."""
+    source = tmp_path / "in.onnx"
+    onnx.save_model(_mlp(width=96), str(source))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((16, 96)).astype(np.float32))
+    settings = {"sparsify": spec, "calibration_data": calib, "max_error": 10.0}
+    normal = optimize(source, tmp_path / "normal.onnx", **settings)
+    monkeypatch.setattr(io_module, "SESSION_FILE_BYTES", 100)
+    monkeypatch.setattr(optimize_module, "SESSION_FILE_BYTES", 100)
+    monkeypatch.setattr(io_module, "_OFFLOAD_TENSOR_BYTES", 100)
+    large = optimize(source, tmp_path / "large.onnx", **settings)
+    assert not io_module._STORES
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in large.model.graph.initializer)
+    assert large.quantization is not None and large.quantization.quantized
+    a, b = _weights(normal.model), _weights(large.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_large_model_speed_check_times_the_float_model_apart(tmp_path, monkeypatch):
     """On a large model the int8 stage times the float model on its own before the budget
     search, then the two candidates against each other: never all three sessions."""

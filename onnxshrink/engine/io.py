@@ -715,7 +715,8 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
         with open(path, "rb") as f:
             stub.raw_data = os.pread(f.fileno(), length, offset)
 
-    return skeleton(model, load)
+    # every tensor through `load`: an offloaded one may be under skeleton's default threshold
+    return skeleton(model, load, threshold=0)
 
 
 def _copy_range(source: Path, offset: int, length: int, dest_fd: int, dest_offset: int) -> int:
