@@ -768,6 +768,11 @@ class SparsifyStage:
             if name in inits
         ]
         model, c = compress_weights(model, weights)
+        if c.masked + c.sparse + c.dense == 0:
+            return model, [
+                "compress: no pruned weight is still a float initializer (a later stage, such as "
+                "int8, replaced them); nothing packed"
+            ]
         return model, [
             f"compress: {c.masked + c.sparse} pruned weight(s) stored packed, "
             f"{c.dense_bytes / 2**20:.1f} MB -> {c.stored_bytes / 2**20:.1f} MB "

@@ -121,3 +121,13 @@ def test_cli_prints_a_pruning_section(tmp_path) -> None:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "unstructured:0.5 pruning" in result.output and out.exists()
+
+
+def test_compress_after_int8_says_nothing_was_left_to_pack() -> None:
+    result = optimize(
+        _mlp(), sparsify="unstructured:0.5", quantize="int8", compress=True,
+        calibration_data=_feeds(0), max_error=10.0, inputs=_feeds(1), check_speed=False,
+    )  # fmt: skip
+    assert result.quantization is not None
+    assert any("nothing packed" in note for note in result.quantization.notes)
+    assert "QuantizeLinear" in {n.op_type for n in result.model.graph.node}
