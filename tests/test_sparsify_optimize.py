@@ -77,6 +77,7 @@ def test_without_calibration_data_pruning_uses_random_inputs_and_says_so() -> No
     result = optimize(_mlp(), sparsify="unstructured:0.5", max_error=10.0, inputs=_feeds(1))
     assert result.quantization is not None and result.quantization.synthetic
     assert any("magnitude" in note for note in result.quantization.notes)
+    assert any(note.startswith("pruned without real calibration data") for note in result.notes)
 
 
 def test_pruning_then_int8_chains_both_and_measures_the_whole() -> None:

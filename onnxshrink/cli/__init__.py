@@ -719,8 +719,13 @@ def _print_quantization(result: OptimizeResult) -> None:
         )
     if q.synthetic:
         out.print(
-            "warning: calibrated on random inputs; ranges do not come from real data. "
-            "Pass real samples with --calibration-data.",
+            (
+                "warning: no real calibration data: pruned by magnitude, the budget measured "
+                "on random inputs. "
+                if q.family == "pruning"
+                else "warning: calibrated on random inputs; ranges do not come from real data. "
+            )
+            + "Pass real samples with --calibration-data.",
             style="yellow",
             highlight=False,
         )

@@ -936,7 +936,13 @@ def optimize(
             quantization = stage.run(rewritten, calibration, settings)
             final = quantization.model
             notes.extend(quantization.notes)
-            if quantization.synthetic:
+            if quantization.synthetic and quantization.family == "pruning":
+                notes.append(
+                    "pruned without real calibration data: channels and weights chosen by "
+                    "magnitude and the error budget measured on random inputs; pass samples "
+                    "with --calibration-data for data-aware pruning and a meaningful budget"
+                )
+            elif quantization.synthetic:
                 notes.append(
                     "calibrated on random inputs (--calibration-data random): activation ranges "
                     "do not come from real data and accuracy may suffer; pass real samples"
