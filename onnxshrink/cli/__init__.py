@@ -346,9 +346,10 @@ def optimize(
         bool,
         typer.Option(
             "--compress",
-            help="With --sparsify unstructured:R or N:M: store pruned weights as ONNX sparse "
-            "initializers (values and indices), which ONNX Runtime densifies at load, so the "
-            "file itself shrinks.",
+            help="With --sparsify unstructured:R or N:M: store pruned weights packed, so the file "
+            "itself shrinks: a bit mask plus the non-zero values, expanded by standard ops that "
+            "ONNX Runtime folds into the dense weight at load (or an ONNX sparse initializer "
+            "where that is smaller).",
             rich_help_panel="sparsify",
         ),
     ] = False,

@@ -682,10 +682,11 @@ def optimize(
       `int4_method` (rtn, gptq), `symmetric` and `accuracy_level` (`onnxshrink.rules.int4`).
       `progress(stage, done, total)` reports calibration and sensitivity work.
     - `sparsify`: "unstructured:R", "N:M" or "channels:R" (`onnxshrink.quant.sparsity`): prune
-      first (a lossy stage of `onnxshrink.rules.sparsify_stages`), then run `quantize` on the
+      first (a lossy stage of `onnxshrink.rules.SPARSIFY_STAGES`), then run `quantize` on the
       pruned model if given. Calibration data is optional for pruning alone: without it the
       criterion is weight magnitude and the budget is measured on random inputs (`random`).
-      `compress` stores unstructured/N:M zeros as sparse initializers; `reconstruct=False`
+      `compress` stores unstructured/N:M pruned weights packed (bit mask + values, or sparse
+      initializers where smaller: `onnxshrink.rules.sparsify_weights`); `reconstruct=False`
       skips the channel stage's refit of the layers after pruned channels.
     - `max_error`: None gives each stage its default budget (`DEFAULT_MAX_ERROR` for
       quantization, `DEFAULT_SPARSIFY_MAX_ERROR` for pruning); with `sparsify` and `quantize`
@@ -1002,7 +1003,7 @@ def _lossy_stage(
     spec = SparsifySpec.parse(sparsify) if sparsify is not None else None
     if compress and (spec is None or spec.kind == "channels"):
         raise UsageError(
-            "--compress stores pruned weights as sparse initializers: it needs --sparsify "
+            "--compress stores the zeros of pruned weights packed: it needs --sparsify "
             "unstructured:R or N:M"
         )
     quantizer = lossy_stage(quantize) if quantize is not None else None

@@ -1,4 +1,4 @@
-"""Lossy stages: the engine every lossy rule module runs on (int8, fp16; int4 and pruning next).
+"""Lossy stages: the engine every lossy rule module runs on (int8, fp16, int4, pruning).
 
 A lossy stage changes numbers, so it is a *plan* and its *materialization*, chosen within an
 error budget and verified on held-out data. The stage modules live in `rules/` beside the
@@ -149,7 +149,7 @@ class StageSettings:
     symmetric: bool = False
     accuracy_level: int = 4
     #: pruning (`onnxshrink.quant.sparsity`): the parsed `--sparsify`, and `--compress` (pruned
-    #: weights stored as sparse initializers)
+    #: weights stored packed: `onnxshrink.rules.sparsify_weights`)
     sparsity: SparsifySpec | None = None
     compress: bool = False
     #: channels: refit the layers after pruned channels to the original's outputs
