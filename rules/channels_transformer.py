@@ -42,7 +42,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import array_of
+from onnxshrink.engine.io import array_of, structure_only
 from onnxshrink.quant.sparsity import ChannelGroup, Consumer, Slice
 
 #: elementwise ops of one input that keep channels where they are (cases 1c, 2)
@@ -80,7 +80,7 @@ class _Graph:
         self.outputs = {o.name for o in model.graph.output}
         self.shapes: dict[str, list[int | str]] = {}
         try:
-            inferred = infer_shapes(_strip(model))
+            inferred = infer_shapes(structure_only(model))
         except Exception:  # shapes help; without them the run check decides
             inferred = None
         if inferred is not None:
@@ -102,23 +102,6 @@ class _Graph:
             return len(self.inits[name].dims)
         shape = self.shapes.get(name)
         return None if shape is None else len(shape)
-
-
-def _strip(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose float initializers became graph inputs of the same shape."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    kept = []
-    for tensor in out.graph.initializer:
-        if tensor.data_type in _FLOATS and int(np.prod(tensor.dims)) > 16:
-            out.graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-            )
-        else:
-            kept.append(tensor)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    return out
 
 
 def _label(node: onnx.NodeProto) -> str:
