@@ -60,22 +60,27 @@ float. It is a `PlannedStage`: the plan lists the units, the engine's budget sea
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxshrink.engine.io import array_of, graph_protos
-from onnxshrink.engine.protos import compile_excludes, drop_initializers, excluded_by
+from onnxshrink.engine.io import array_of
+from onnxshrink.engine.protos import (
+    collect_units,
+    compile_excludes,
+    drop_initializers,
+    tensor_readers,
+    weight_initializer,
+)
 from onnxshrink.engine.shapes import convert_opset, default_opset
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.activations import input_statistics
-from onnxshrink.quant.calibration import CalibrationData
 from onnxshrink.quant.lossy import (
+    CalibrationSource,
     Plan,
     PlannedStage,
     StageResult,
@@ -107,7 +112,6 @@ GPTQ_HESSIAN_BYTES = 512 * 2**20
 _FLOATS: dict[int, type] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 _MS_DOMAIN = "com.microsoft"
 #: `_unit`'s reason for a node without a constant weight: not listed among the declined
-_NOT_A_UNIT = "weight is not a constant"
 
 
 class NothingToQuantize(UsageError):
@@ -297,7 +301,7 @@ class _Int4Job(PlannedStage):
     def __init__(
         self,
         settings: StageSettings,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
     ) -> None:
         self.settings = settings
         self.calibration = calibration
@@ -322,29 +326,13 @@ class _Int4Job(PlannedStage):
         self.format = profile.int4_format
         patterns = compile_excludes(exclude)
         inits = {t.name: t for t in model.graph.initializer}
-        applied: dict[str, str] = {}
-        declined: dict[str, str] = {}
         what = f"{self.scheme.describe()} ({self.method})"
-        for node in model.graph.node:
-            if node.op_type not in ("MatMul", "Gemm", "Gather"):
-                continue
-            unit, reason = self._unit(node, inits)
-            if reason == _NOT_A_UNIT:  # an activation product or an index lookup: no weight
-                continue
-            if unit is not None and reason is None:
-                reason = excluded_by(node, patterns)
-            if reason is not None:
-                declined[node.name] = reason
-                continue
-            assert unit is not None
-            self.units[node.name] = unit
-            applied[node.name] = what
+        self.units, declined = collect_units(
+            model, ("MatMul", "Gemm", "Gather"), lambda n: self._unit(n, inits), patterns
+        )
+        applied = dict.fromkeys(self.units, what)
         # a weight that some other node reads in float stays float: int4 beside it adds bytes
-        readers: dict[str, list[str]] = {}
-        for graph in graph_protos(model.graph):
-            for node in graph.node:
-                for name in node.input:
-                    readers.setdefault(name, []).append(node.name)
+        readers = tensor_readers(model)
         for name in list(applied):
             others = [r for r in readers[self.units[name].weight] if r not in self.units]
             if others:
@@ -365,12 +353,9 @@ class _Int4Job(PlannedStage):
     def _unit(
         self, node: onnx.NodeProto, inits: Mapping[str, TensorProto]
     ) -> tuple[_Unit | None, str | None]:
-        if node.domain not in ("", "ai.onnx"):
-            return None, "not a default-domain op"
-        weight_at = 0 if node.op_type == "Gather" else 1
-        if len(node.input) <= weight_at or node.input[weight_at] not in inits:
-            return None, _NOT_A_UNIT
-        tensor = inits[node.input[weight_at]]
+        tensor, reason = weight_initializer(node, inits)
+        if tensor is None:
+            return None, reason
         if tensor.data_type not in _FLOATS or len(tensor.dims) != 2:
             return None, "weight is not a 2-D float tensor"
         rows, cols = tensor.dims
@@ -705,7 +690,7 @@ class Int4Stage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         self.check(settings)

@@ -89,7 +89,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -99,11 +98,11 @@ from onnxshrink.errors import UsageError
 from onnxshrink.quant.budget import decline_fewest, grant_most, rank
 from onnxshrink.quant.calibration import (
     DEFAULT_BATCH,
-    CalibrationData,
     collect_statistics,
 )
 from onnxshrink.quant.lossy import (
     SPEED_RUNS,
+    CalibrationSource,
     LayerDecision,
     Plan,
     SpeedCheck,
@@ -375,7 +374,7 @@ def quantize_with_budget(
 
 def quantize_int8(
     model: onnx.ModelProto,
-    calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+    calibration: CalibrationSource,
     *,
     method: str = "percentile",
     target: str = "ort-cpu",
@@ -552,7 +551,7 @@ class Int8Stage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         return quantize_int8(

@@ -19,14 +19,16 @@ for the rest where it is faster.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from pathlib import Path
 
-import numpy as np
 import onnx
 
-from onnxshrink.quant.calibration import CalibrationData
-from onnxshrink.quant.lossy import ChainedStage, StageResult, StageSettings, as_calibration_data
+from onnxshrink.quant.lossy import (
+    CalibrationSource,
+    ChainedStage,
+    StageResult,
+    StageSettings,
+    as_calibration_data,
+)
 from onnxshrink.rules import int4, int8
 
 
@@ -47,7 +49,7 @@ class Int8Int4Stage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         data = as_calibration_data(calibration, model, settings.calibration_batch)

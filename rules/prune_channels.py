@@ -70,9 +70,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -82,8 +81,8 @@ from onnxshrink.engine.io import array_of, graph_protos
 from onnxshrink.engine.protos import compile_excludes, drop_initializers, excluded_by
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.activations import channel_rows, stream_tensors
-from onnxshrink.quant.calibration import CalibrationData
 from onnxshrink.quant.lossy import (
+    CalibrationSource,
     Plan,
     PlannedStage,
     StageResult,
@@ -167,7 +166,7 @@ class _ChannelJob(PlannedStage):
     def __init__(
         self,
         settings: StageSettings,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         *,
         ratio: float,
         reconstruct: bool,
@@ -805,7 +804,7 @@ class ChannelPruneStage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         self.check(settings)

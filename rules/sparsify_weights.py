@@ -79,19 +79,25 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.engine.io import array_of, graph_protos
-from onnxshrink.engine.protos import compile_excludes, drop_initializers, excluded_by
+from onnxshrink.engine.io import array_of
+from onnxshrink.engine.protos import (
+    collect_units,
+    compile_excludes,
+    drop_initializers,
+    tensor_readers,
+    weight_initializer,
+)
 from onnxshrink.errors import UsageError
 from onnxshrink.quant.activations import InputStatistics, channel_rows, stream_tensors
 from onnxshrink.quant.calibration import CalibrationData
 from onnxshrink.quant.lossy import (
+    CalibrationSource,
     Plan,
     PlannedStage,
     StageResult,
@@ -129,7 +135,6 @@ _FLOATS: dict[int, type] = {
     TensorProto.DOUBLE: np.float64,
 }
 #: `_unit`'s reason for a node without a constant weight: not listed among the declined
-_NOT_A_UNIT = "weight is not a constant"
 #: the lowest default-domain opset of the mask decoding ops (BitShift, CumSum: case 6a)
 _MASK_OPSET = 11
 
@@ -171,7 +176,7 @@ class _SparsifyJob(PlannedStage):
         self,
         spec: SparsifySpec,
         settings: StageSettings,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         criterion: str = "auto",
     ) -> None:
         self.spec = spec
@@ -198,27 +203,11 @@ class _SparsifyJob(PlannedStage):
     def plan(self, model: onnx.ModelProto, profile: TargetProfile, exclude: Sequence[str]) -> Plan:
         patterns = compile_excludes(exclude)
         inits = {t.name: t for t in model.graph.initializer}
-        applied: dict[str, str] = {}
-        declined: dict[str, str] = {}
-        for node in model.graph.node:
-            if node.op_type not in ("MatMul", "Gemm", "Conv", "Gather"):
-                continue
-            unit, reason = self._unit(node, inits)
-            if reason == _NOT_A_UNIT:
-                continue
-            if unit is not None and reason is None:
-                reason = excluded_by(node, patterns)
-            if reason is not None:
-                declined[node.name] = reason
-                continue
-            assert unit is not None
-            self.units[node.name] = unit
-            applied[node.name] = self.precision
-        readers: dict[str, list[str]] = {}
-        for graph in graph_protos(model.graph):
-            for node in graph.node:
-                for name in node.input:
-                    readers.setdefault(name, []).append(node.name)
+        self.units, declined = collect_units(
+            model, ("MatMul", "Gemm", "Conv", "Gather"), lambda n: self._unit(n, inits), patterns
+        )
+        applied = dict.fromkeys(self.units, self.precision)
+        readers = tensor_readers(model)
         outputs = {o.name for o in model.graph.output}
         for name in list(applied):
             weight = self.units[name].weight
@@ -244,12 +233,9 @@ class _SparsifyJob(PlannedStage):
     def _unit(
         self, node: onnx.NodeProto, inits: Mapping[str, TensorProto]
     ) -> tuple[_Unit | None, str | None]:
-        if node.domain not in ("", "ai.onnx"):
-            return None, "not a default-domain op"
-        weight_at = 0 if node.op_type == "Gather" else 1
-        if len(node.input) <= weight_at or node.input[weight_at] not in inits:
-            return None, _NOT_A_UNIT
-        tensor = inits[node.input[weight_at]]
+        tensor, reason = weight_initializer(node, inits)
+        if tensor is None:
+            return None, reason
         dims = list(tensor.dims)
         if tensor.data_type not in _FLOATS:
             return None, "weight is not a float tensor"
@@ -739,7 +725,7 @@ class SparsifyStage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         self.check(settings)

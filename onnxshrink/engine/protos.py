@@ -17,13 +17,20 @@ they share:
    repeated field into the model's arena and frees an arena only whole, so that clear-and-extend
    would leave a second copy of every kept weight in memory for the model's lifetime (issue 9,
    4: a quarter of the int8 stage's peak on a large model).
+4. Weight units: `collect_units` walks the main graph's nodes of some op types, asks a
+   stage's `unit_of(node)` for its unit (or why not), and sorts them into units and declined
+   nodes, `--exclude` applied; `weight_initializer` is the first question every such stage
+   asks (a default-domain node whose weight input is an initializer; otherwise `NOT_A_UNIT`,
+   not listed); `tensor_readers` says which nodes of any graph scope read each tensor (a
+   weight shared with another node is declined, not changed under it).
 Fresh names come from `onnxshrink.engine.io.NameAllocator`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import onnx
 
@@ -80,3 +87,61 @@ def splice_nodes(
     # a value_info of a dropped tensor would describe a tensor that no longer exists
     for value in [v for v in graph.value_info if v.name in dropped]:
         graph.value_info.remove(value)
+
+
+Unit = TypeVar("Unit")
+
+#: `unit_of`'s reason for a node with no constant weight (an activation product, an index
+#: lookup): it is not a unit, and is not listed among the declined nodes (docstring, 4)
+NOT_A_UNIT = "weight is not a constant"
+
+
+def weight_initializer(
+    node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
+) -> tuple[onnx.TensorProto | None, str | None]:
+    """The initializer a node weighs its input with (input 0 of a Gather, 1 otherwise), or
+    None and why: another domain, or `NOT_A_UNIT` (docstring, 4)."""
+    if node.domain not in ("", "ai.onnx"):
+        return None, "not a default-domain op"
+    at = 0 if node.op_type == "Gather" else 1
+    if len(node.input) <= at or node.input[at] not in inits:
+        return None, NOT_A_UNIT
+    return inits[node.input[at]], None
+
+
+def collect_units(
+    model: onnx.ModelProto,
+    op_types: Collection[str],
+    unit_of: Callable[[onnx.NodeProto], tuple[Unit | None, str | None]],
+    patterns: Sequence[re.Pattern[str]],
+) -> tuple[dict[str, Unit], dict[str, str]]:
+    """Units by node name, and declined nodes with the reason (docstring, 4): `unit_of(node)`
+    answers (unit, None) or (None, reason) for each main-graph node of `op_types`; a unit that
+    `--exclude` matches is declined; nodes answering `NOT_A_UNIT` are left out."""
+    units: dict[str, Unit] = {}
+    declined: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        unit, reason = unit_of(node)
+        if reason == NOT_A_UNIT:
+            continue
+        if unit is not None and reason is None:
+            reason = excluded_by(node, patterns)
+        if reason is not None or unit is None:
+            declined[node.name] = reason or "not a unit"
+            continue
+        units[node.name] = unit
+    return units, declined
+
+
+def tensor_readers(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The names of the nodes, in every graph scope, that read each tensor (docstring, 4)."""
+    from onnxshrink.engine.io import graph_protos
+
+    readers: dict[str, list[str]] = {}
+    for graph in graph_protos(model.graph):
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node.name)
+    return readers

@@ -94,6 +94,8 @@ logger = logging.getLogger(__name__)
 #: progress(stage, done, total): the phase ("calibration", "sensitivity", ...); total 0 if unknown
 StagedProgress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
+#: what a stage's `run` takes as calibration data (module docstring, 2)
+CalibrationSource = str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]]
 
 HOW_TO_CALIBRATE = "--calibration-data calib.npz | folder | loader.py[:fn] | random"
 #: ONNX Runtime providers the calibration pass may run on
@@ -295,7 +297,7 @@ class LossyStage(Protocol):
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult: ...
 
@@ -354,7 +356,7 @@ class PlannedStage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         """Plan, budget, materialize (module docstring, 3); `model` is kept."""
@@ -486,7 +488,7 @@ class ChainedStage:
     def run(
         self,
         model: onnx.ModelProto,
-        calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+        calibration: CalibrationSource,
         settings: StageSettings,
     ) -> StageResult:
         import dataclasses
@@ -624,7 +626,7 @@ def mask_notes(mask: str | None) -> list[str]:
 
 
 def as_calibration_data(
-    calibration: str | Path | CalibrationData | Iterable[Mapping[str, np.ndarray]],
+    calibration: CalibrationSource,
     model: onnx.ModelProto,
     max_batch: int = DEFAULT_BATCH,
 ) -> CalibrationData:
