@@ -561,21 +561,10 @@ class _Int4Job(PlannedStage):
         base = self.names[unit.node]
         symmetric = self.scheme.symmetric
         if unit.op == "Gather":
-            data = _packed_tensor(
-                f"{base}_q4", q.codes, TensorProto.INT4 if symmetric else TensorProto.UINT4
-            )
-            inputs = [
-                add(data),
-                node.input[1],
-                add(_array(f"{base}_q4_scales", q.scales, np_float)),
-            ]
-            if q.zeros is not None:
-                inputs.append(
-                    add(_packed_tensor(f"{base}_q4_zero_points", q.zeros, data.data_type))
-                )
+            table, *rest = self._q4_inputs(base, q, float_type, add)
             return helper.make_node(
                 "GatherBlockQuantized",
-                inputs,
+                [table, node.input[1], *rest],
                 list(node.output),
                 name=node.name,
                 domain=_MS_DOMAIN,
@@ -611,6 +600,18 @@ class _Int4Job(PlannedStage):
             "MatMulNBits", inputs, list(node.output), name=node.name, domain=_MS_DOMAIN, **attrs
         )
 
+    def _q4_inputs(self, base: str, q: _Quantized, float_type: int, add) -> list[str]:
+        """The 4-bit codes, scales and (asymmetric) zero points of a weight in the ONNX layout
+        that GatherBlockQuantized and blocked DequantizeLinear share (case 3), added."""
+        int_type = TensorProto.INT4 if self.scheme.symmetric else TensorProto.UINT4
+        names = [
+            add(_packed_tensor(f"{base}_q4", q.codes, int_type)),
+            add(_array(f"{base}_q4_scales", q.scales, _FLOATS[float_type])),
+        ]
+        if q.zeros is not None:
+            names.append(add(_packed_tensor(f"{base}_q4_zero_points", q.zeros, int_type)))
+        return names
+
     def _qdq_nodes(
         self,
         node: onnx.NodeProto,
@@ -621,15 +622,8 @@ class _Int4Job(PlannedStage):
         add,
     ) -> list[onnx.NodeProto]:
         """An opset-21 blocked DequantizeLinear feeding the unchanged node (case 3b)."""
-        np_float = _FLOATS[float_type]
         base = self.names[unit.node]
-        int_type = TensorProto.INT4 if self.scheme.symmetric else TensorProto.UINT4
-        inputs = [
-            add(_packed_tensor(f"{base}_q4", q.codes, int_type)),
-            add(_array(f"{base}_q4_scales", q.scales, np_float)),
-        ]
-        if q.zeros is not None:
-            inputs.append(add(_packed_tensor(f"{base}_q4_zero_points", q.zeros, int_type)))
+        inputs = self._q4_inputs(base, q, float_type, add)
         out = f"{base}_dequantized_{node.name}"
         dq = helper.make_node(
             "DequantizeLinear",
