@@ -246,11 +246,13 @@ class _ChannelJob(PlannedStage):
             for name in unit.nodes:
                 declined.pop(name, None)
         if not self.units:
-            shown = "; ".join(f"{n}: {r}" for n, r in list(declined.items())[:3])
+            shown = "; ".join(f"{n}: {r}" for n, r in list(declined.items())[:3]) or (
+                "no Conv, Gemm or MatMul has a constant weight"
+            )
             raise NothingToPrune(
                 "--sparsify channels: no channel group can be removed (a group's channels must "
                 "end in layers that read them, not in graph outputs or unmodelled ops)"
-                + (f" ({shown})" if shown else "")
+                + f" ({shown})"
             )
         self._statistics(base)
         for name, unit in list(self.units.items()):

@@ -298,6 +298,22 @@ def test_a_conv_whose_weight_is_not_constant_makes_no_group():
     assert groups == [] and "Conv_0" not in declined  # not a producer: nothing to decline
 
 
+def test_a_model_whose_weights_are_all_computed_says_so_in_one_line():
+    model = make_model(
+        HEAD
+        + """g (float[1, 3, 8, 8] x) => (float[1, 12, 8, 8] y) {
+    w = Add(wa, wb)
+    y = Conv<pads = [1, 1, 1, 1]>(x, w)
+}""",
+        {"wa": _w(12, 3, 3, 3), "wb": _w(12, 3, 3, 3)},
+    )
+    with pytest.raises(
+        prune_channels.NothingToPrune, match="no Conv, Gemm or MatMul has a"
+    ) as info:
+        _prune(model)
+    assert "\n" not in str(info.value)
+
+
 def test_a_slice_of_the_channels_declines_the_group():
     model = make_model(
         HEAD
