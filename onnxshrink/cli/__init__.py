@@ -498,10 +498,11 @@ def optimize(
 
 def _register_commands() -> None:
     # Commands that live in their own modules; each adds itself to `app`.
-    from onnxshrink.cli import bench, parity
+    from onnxshrink.cli import bench, inspect, parity
 
     parity.register(app)
     bench.register(app)
+    inspect.register(app)
 
 
 _register_commands()
