@@ -110,6 +110,28 @@ def quantize_gather_tables(
     return work, report
 
 
+def plan_gather_tables(
+    model: onnx.ModelProto,
+    *,
+    min_elements: int = MIN_TABLE_ELEMENTS,
+    exclude: Sequence[str] = (),
+) -> GatherReport:
+    """The report `quantize_gather_tables` would return, without rewriting anything.
+
+    The same Gathers quantized and declined with the same reasons, and the same bytes (an
+    int8 table of R x D bytes plus R float32 scales); nothing is copied or quantized, so a
+    caller that only wants the plan (`onnxshrink inspect`) pays for none of it.
+    """
+    patterns = compile_excludes(exclude)
+    report, matches = _scan(named(model), patterns, min_elements)
+    for m in matches:
+        rows, cols = (int(d) for d in m.table.dims)  # 2-D: _match checked
+        report.quantized.append(m.node.name)
+        report.bytes_before += rows * cols * 4
+        report.bytes_after += rows * cols + rows * 4
+    return report
+
+
 def _scan(
     work: onnx.ModelProto, patterns: Sequence[re.Pattern[str]], min_elements: int
 ) -> tuple[GatherReport, list[_TableMatch]]:

@@ -235,7 +235,16 @@ def inspect_model(model: onnx.ModelProto, opset: int | None = None) -> ModelInsp
 
     start = time.perf_counter()
     summary = ModelSummary.of(model)
-    preview, rewritten = _preview(model, opset)
+    preview, rewritten, stats = _preview(model, opset)
+    # the int8 plan reads the rewritten model; it is let go before the reruns at higher
+    # opsets, so that at most one rewritten copy of the weights is held at a time
+    plans = _int8_plans(rewritten if rewritten is not None else model)
+    ops = ModelSummary.of(rewritten).ops if rewritten is not None else Counter()
+    del rewritten
+    if stats is not None:
+        rerun = time.perf_counter()
+        preview.unlocks = _unlocks(model, preview.opset, stats, ops)
+        preview.seconds += time.perf_counter() - rerun
     result = ModelInspection(
         path=None,
         ir_version=model.ir_version,
@@ -254,7 +263,7 @@ def inspect_model(model: onnx.ModelProto, opset: int | None = None) -> ModelInsp
         external_data=ExternalData(),
         subgraphs=_subgraphs(model.graph),
         optimize=preview,
-        int8=_int8_plans(rewritten if rewritten is not None else model),
+        int8=plans,
     )
     result.seconds = time.perf_counter() - start
     return result
@@ -353,9 +362,10 @@ def _external_data(path: Path, data_files: list[Path]) -> ExternalData:
 
 def _preview(
     model: onnx.ModelProto, opset: int | None
-) -> tuple[LosslessPreview, onnx.ModelProto | None]:
-    """Module docstring 3 and 4: the lossless pipeline on the model, and at unlocking opsets."""
-    from onnxshrink.engine.optimize import ModelSummary, rewrite_model
+) -> tuple[LosslessPreview, onnx.ModelProto | None, PassStats | None]:
+    """Module docstring 3: the lossless pipeline on the model; the rewritten model and the
+    pipeline's stats too (None when a pass failed: `preview.error` says how)."""
+    from onnxshrink.engine.optimize import rewrite_model
     from onnxshrink.rules import lossless_passes
 
     start = time.perf_counter()
@@ -372,20 +382,18 @@ def _preview(
         rewritten, stats = rewrite_model(work, lossless_passes())  # optimize's own pipeline
     except OnnxShrinkError as exc:
         preview.error = first_line(exc)
-        return preview, None
+        return preview, None, None
     except Exception as exc:  # a pass failed on this model: the rest of the account stands
         logger.debug("lossless preview failed", exc_info=True)
         preview.error = f"{type(exc).__name__}: {first_line(exc)}"
-        return preview, None
-    after = ModelSummary.of(rewritten)
-    preview.nodes_after = after.nodes
+        return preview, None, None
+    preview.nodes_after = len(rewritten.graph.node)
     preview.applied = dict(stats.applied.most_common())
     preview.declined = [
         RuleDecline(rule, reason, count) for (rule, reason), count in sorted(stats.declined.items())
     ]
-    preview.unlocks = _unlocks(model, preview.opset, stats, after.ops)
     preview.seconds = time.perf_counter() - start
-    return preview, rewritten
+    return preview, rewritten, stats
 
 
 def _gated_rules(stats: PassStats, opset: int) -> dict[str, GatedRule]:
@@ -441,7 +449,7 @@ def _int8_plans(model: onnx.ModelProto) -> list[TargetPlan]:
     """Module docstring 5: the int8 stage's structural plan on every target profile."""
     from onnxshrink.quant.targets import PROFILES
     from onnxshrink.rules.qdq import PER_CHANNEL_OPSET, quantizable_nodes
-    from onnxshrink.rules.quantize_gather import quantize_gather_tables
+    from onnxshrink.rules.quantize_gather import plan_gather_tables
 
     gathers = None
     plans = []
@@ -462,7 +470,7 @@ def _int8_plans(model: onnx.ModelProto) -> list[TargetPlan]:
         plan.reasons = dict(reasons.most_common())
         if profile.weight_only:
             if gathers is None:  # the same tables on every target that stores weights int8
-                gathers = quantize_gather_tables(model)[1]
+                gathers = plan_gather_tables(model)
             plan.gather_tables = len(gathers.quantized)
             plan.gather_bytes_before = gathers.bytes_before
             plan.gather_bytes_after = gathers.bytes_after

@@ -8,7 +8,11 @@ import pytest
 from onnx import numpy_helper
 
 from onnxshrink.errors import UsageError
-from onnxshrink.rules.quantize_gather import quantize_gather_tables, quantize_rows
+from onnxshrink.rules.quantize_gather import (
+    plan_gather_tables,
+    quantize_gather_tables,
+    quantize_rows,
+)
 from tests.helpers import assert_unchanged, histogram, make_model, run
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
@@ -151,6 +155,14 @@ def test_two_tables_and_a_small_one():
     feeds = {"ids": _ids(0, 5000), "pos": _ids(1, 500), "typ": _ids(2, 2)}
     for ref, got in zip(run(model, feeds), run(after2, feeds), strict=True):
         np.testing.assert_allclose(got, ref, rtol=0, atol=atol)
+    # the plan alone (onnxshrink inspect): the same report, the model untouched
+    before = model.SerializeToString()
+    for min_elements, done in ((4096, report), (4000, report2)):
+        plan = plan_gather_tables(model, min_elements=min_elements)
+        assert (plan.quantized, plan.declined) == (done.quantized, done.declined)
+        assert (plan.bytes_before, plan.bytes_after) == (done.bytes_before, done.bytes_after)
+        assert plan.bytes_after > 0
+    assert model.SerializeToString() == before
 
 
 # --- negative cases ------------------------------------------------------------------------
