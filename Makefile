@@ -11,14 +11,15 @@ DEMO_MODEL := ppocr-v4-rec
 
 all: test
 
+# The CPU build of ONNX Runtime (the `cpu` extra); README, "Installing", has the GPU route.
 $(BASE_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e '.[cpu]'
 	touch $@
 
 $(DEV_STAMP): $(BASE_STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[dev,zoo]'
+	$(BIN)/python -m pip install -q -e '.[cpu,dev,zoo]'
 	test -f $(FONT) || (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core)
 	touch $@
 

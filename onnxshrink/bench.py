@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import logging
@@ -63,9 +64,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import graph_protos, load_model
+from onnxshrink.engine.io import graph_protos, load_model, save_model
 from onnxshrink.engine.shapes import pin_input_shapes
-from onnxshrink.errors import UsageError, first_line
+from onnxshrink.errors import UsageError, first_line, require_onnxruntime
 from onnxshrink.verify.parity import (
     DEFAULT_DYNAMIC_DIM,
     generate_inputs,
@@ -249,7 +250,10 @@ class _Live:
 
 
 def benchmark(
-    models: Sequence[str | os.PathLike[str]],
+    models: Sequence[str | os.PathLike[str] | onnx.ModelProto]
+    | str
+    | os.PathLike[str]
+    | onnx.ModelProto,
     providers: Sequence[str] | str = ("cpu",),
     threads: int | None = None,
     batch: int | None = None,
@@ -264,16 +268,71 @@ def benchmark(
     trt_cache: str | os.PathLike[str] | None = None,
     seed: int = 0,
 ) -> BenchReport:
-    """Time each model on each provider in interleaved rounds; see the module docstring.
+    """Time each model on each provider in interleaved rounds: `onnxshrink bench` from Python.
 
-    `models` are paths (reported as given). `input_shapes` pins dims of named inputs (each name
-    must be an input of at least one model); `batch` sets axis 0 of generated inputs whose axis 0
-    the model leaves dynamic; `inputs` is an .npz with one array per input name (a folder: its
-    first .npz), used as is, for every model (each takes the arrays it names). Raises UsageError
-    for bad arguments (missing or invalid models, unknown provider names, shapes that do not fit);
-    providers that cannot run land in `skipped`, as do models that fail. `progress(done, total)`
-    is called after every round.
+    `models` are paths (reported as given) or ModelProtos (written to a temporary folder for
+    ONNX Runtime, reported as `model N`, N their place in `models`). `input_shapes` pins dims
+    of named inputs (each name must be an input of at least one model); `batch` sets axis 0 of
+    generated inputs whose axis 0 the model leaves dynamic; `inputs` is an .npz with one array
+    per input name (a folder: its first .npz), used as is, for every model (each takes the
+    arrays it names). Raises UsageError for bad arguments (ModelLoadError for missing or
+    invalid models; unknown provider names, shapes that do not fit) and
+    OnnxRuntimeMissingError; providers that cannot run land in `skipped`, as do models that
+    fail. `progress(done, total)` is called after every round. The first model is the
+    reference of each row's `ratio`.
     """
+    require_onnxruntime()
+    if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
+        models = [models]  # one model, not a string of characters
+    run = functools.partial(
+        _benchmark,
+        providers=providers,
+        threads=threads,
+        batch=batch,
+        input_shapes=input_shapes,
+        inputs=inputs,
+        warmup=warmup,
+        runs=runs,
+        iobinding=iobinding,
+        progress=progress,
+        device_id=device_id,
+        trt_fp16=trt_fp16,
+        trt_cache=trt_cache,
+        seed=seed,
+    )
+    if not any(isinstance(m, onnx.ModelProto) for m in models):
+        return run([str(m) for m in models], [str(m) for m in models])
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-bench-") as scratch:
+        paths: list[str] = []
+        labels: list[str] = []
+        for i, m in enumerate(models):
+            if isinstance(m, onnx.ModelProto):
+                paths.append(str(save_model(m, Path(scratch) / f"model{i + 1}.onnx")))
+                labels.append(f"model {i + 1}")
+            else:
+                paths.append(str(m))
+                labels.append(str(m))
+        return run(paths, labels)
+
+
+def _benchmark(
+    models: Sequence[str],
+    labels: Sequence[str],
+    providers: Sequence[str] | str = ("cpu",),
+    threads: int | None = None,
+    batch: int | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    inputs: str | os.PathLike[str] | None = None,
+    warmup: int = 10,
+    runs: int = 50,
+    iobinding: bool = False,
+    progress: ProgressFn | None = None,
+    device_id: int = 0,
+    trt_fp16: bool = False,
+    trt_cache: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> BenchReport:
+    """`benchmark` on model files, each reported under its label."""
     import onnxruntime as ort
 
     names = parse_providers(providers)
@@ -290,7 +349,7 @@ def benchmark(
     if batch is not None and inputs is not None:
         raise UsageError("--batch applies to generated inputs; with --inputs the arrays set it")
 
-    prepared = _prepare_models(models, input_shapes or {}, batch, inputs, seed)
+    prepared = _prepare_models(models, labels, input_shapes or {}, batch, inputs, seed)
     available = ort.get_available_providers()
     environment = Environment(
         onnxruntime=ort.__version__,
@@ -349,13 +408,14 @@ def benchmark(
 
 
 def _prepare_models(
-    models: Sequence[str | os.PathLike[str]],
+    models: Sequence[str],
+    labels: Sequence[str],
     input_shapes: dict[str, list[int]],
     batch: int | None,
     inputs: str | os.PathLike[str] | None,
     seed: int,
 ) -> list[_Model]:
-    loaded = [(str(m), Path(m), load_model(m)) for m in models]
+    loaded = [(label, Path(m), load_model(m)) for label, m in zip(labels, models, strict=True)]
     known = {i.name for _, _, proto in loaded for i in proto.graph.input}
     for name in input_shapes:
         if name not in known:

@@ -20,7 +20,7 @@ from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
-from onnxshrink.errors import OnnxShrinkError
+from onnxshrink.errors import OnnxShrinkError, require_onnxruntime
 
 if TYPE_CHECKING:
     from onnxshrink.bench import BenchReport
@@ -59,8 +59,10 @@ def setup_logging(verbose: bool) -> None:
 def one_line_errors(verbose: bool) -> Iterator[None]:
     """Every command's error contract: an OnnxShrinkError is its one line and exit code; any
     other exception is a bug of ours, one "internal error" line and exit 1 (the traceback
-    only with -v)."""
+    only with -v). Without ONNX Runtime the command stops first, naming the install command
+    (every command that runs models comes through here; `--help` and `rules` do not)."""
     try:
+        require_onnxruntime()
         yield
     except typer.Exit:
         raise

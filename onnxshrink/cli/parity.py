@@ -25,12 +25,13 @@ from onnxshrink.cli.common import (
 from onnxshrink.verify.parity import (
     DEFAULT_ATOL,
     DEFAULT_ERROR_QUANTILE,
+    DEFAULT_GENERATED_SAMPLES,
     DEFAULT_RTOL,
     DEFAULT_TIME_LIMIT,
     samples_text,
 )
 
-DEFAULT_SAMPLES = 4
+DEFAULT_SAMPLES = DEFAULT_GENERATED_SAMPLES
 
 
 class ErrorStat(str, Enum):
@@ -294,14 +295,7 @@ class _Run:
     ):
         from onnxshrink.engine.io import check_output_path, load_model
         from onnxshrink.engine.shapes import parse_input_shapes
-        from onnxshrink.errors import UsageError
-        from onnxshrink.verify.parity import (
-            InputBatches,
-            criteria_from_specs,
-            generate_inputs,
-            model_inputs,
-            parse_input_ranges,
-        )
+        from onnxshrink.verify.parity import criteria_from_specs, parity_inputs, parse_input_ranges
 
         if json_path is not None and json_path != "-":
             check_output_path(json_path)
@@ -313,55 +307,19 @@ class _Run:
         self.reference = load_model(reference)
         self.candidate = load_model(candidate)
         self.criteria.check_outputs(o.name for o in self.reference.graph.output)
-        input_names = [v.name for v in model_inputs(self.reference)]
-        self.inputs_info: dict[str, Any]
-        if inputs is not None:
-            generated_only = [
-                flag
-                for flag, given in (
-                    ("--input-shape", input_shape),
-                    ("--input-range", input_range),
-                    ("--samples", samples is not None),
-                )
-                if given
-            ]
-            if generated_only:
-                raise UsageError(
-                    f"{', '.join(generated_only)} shape generated inputs; --inputs gives the "
-                    "arrays themselves (drop one or the other)"
-                )
-            batches = InputBatches(inputs, self.reference, batch)
-            self.total = batches.total
-            self._feeds: Callable[[], Iterator[dict]] = lambda: iter(batches)
-            self.inputs_info = {
-                "source": str(inputs),
-                "files": len(batches.files),
-                "runs": batches.total,
-                "batch": batch,
-            }
-        else:
-            shapes = parse_input_shapes(input_shape)
-            unknown = [n for n in shapes if n not in input_names]
-            if unknown:
-                raise UsageError(
-                    f"bad --input-shape: {', '.join(unknown)} is not a model input "
-                    f"(inputs: {', '.join(input_names)})"
-                )
-            ranges = parse_input_ranges(input_range, self.reference)
-            count = samples if samples is not None else DEFAULT_SAMPLES
-            model = self.reference
-            self.total = count
-            self._feeds = lambda: (
-                generate_inputs(model, shapes, seed + i, batch or 1, ranges) for i in range(count)
-            )
-            self.inputs_info = {
-                "source": "generated",
-                "runs": count,
-                "seed": seed,
-                "batch": batch or 1,
-                "input_shapes": shapes,
-                "input_ranges": {("*" if k is None else k): list(v) for k, v in ranges.items()},
-            }
+        # The library chooses the feeds (onnxshrink.parity does the same from Python).
+        feeds = parity_inputs(
+            self.reference,
+            inputs,
+            batch=batch,
+            input_shapes=parse_input_shapes(input_shape),
+            input_ranges=parse_input_ranges(input_range, self.reference),
+            samples=samples,
+            seed=seed,
+        )
+        self.total = feeds.total
+        self._feeds: Callable[[], Iterator[dict]] = feeds.feeds
+        self.inputs_info: dict[str, Any] = feeds.info
 
     def check(self, console):
         from onnxshrink.verify.parity import check_parity

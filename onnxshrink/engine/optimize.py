@@ -62,7 +62,14 @@ from onnxshrink.engine.passes import (
     RuleContext,
 )
 from onnxshrink.engine.shapes import convert_opset, default_opset, infer_shapes, pin_input_shapes
-from onnxshrink.errors import OnnxShrinkError, ParityError, TimeLimitError, UsageError, first_line
+from onnxshrink.errors import (
+    OnnxShrinkError,
+    ParityError,
+    TimeLimitError,
+    UsageError,
+    first_line,
+    require_onnxruntime,
+)
 from onnxshrink.quant.calibration import DEFAULT_BATCH
 from onnxshrink.quant.lossy import (
     HOW_TO_CALIBRATE,
@@ -699,10 +706,12 @@ def optimize(
       cannot hang the call). None or 0: no limit.
     Raises BrokenPassError (`onnxshrink.engine.passes`) naming the pass when `debug_verify`
     catches one, ParityError when an output of the lossless model moves more than
-    `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data;
-    nothing is written then.
+    `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data
+    (ModelLoadError for a missing or invalid model), OnnxRuntimeMissingError when no ONNX Runtime
+    is installed; nothing is written then.
     """
     start = time.perf_counter()
+    require_onnxruntime()
     check_time_limit(time_limit)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     stage, max_error, sparsity = _lossy_stage(quantize, sparsify, compress, max_error)

@@ -47,16 +47,19 @@ import math
 import os
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import inference_session
-from onnxshrink.errors import TimeLimitError, UsageError, first_line
+from onnxshrink.engine.io import inference_session, load_model
+from onnxshrink.errors import TimeLimitError, UsageError, first_line, require_onnxruntime
+
+if TYPE_CHECKING:  # localize imports this module
+    from onnxshrink.verify.localize import Localization
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ MAX_GENERATED_BYTES = 2**31
 #: seconds one ONNX Runtime run of a check may take before it is stopped (`run_with_limit`)
 DEFAULT_TIME_LIMIT = 600.0
 ERROR_STATS = ("max", "mean", "median", "quantile")
+#: generated feeds a parity run compares on when given no inputs (`parity_inputs`)
+DEFAULT_GENERATED_SAMPLES = 4
 # Unknown non-batch dims of generated inputs; small enough to be fast, large enough for most
 # downsampling stacks (5 stride-2 stages leave 1x1).
 DEFAULT_DYNAMIC_DIM = 32
@@ -122,6 +127,8 @@ class ParityReport:
     reason: str | None = None
     criteria: Criteria | None = None
     rows: int = 0
+    #: where the error enters, when `parity(..., localize=...)` asked for it (not in `to_dict`)
+    localization: Localization | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure as JSON-ready values (inf and NaN as the strings "inf", "-inf", "nan")."""
@@ -1206,3 +1213,182 @@ def jsonable(value: Any) -> Any:
             return "inf" if v > 0 else "-inf"
         return v
     return value
+
+
+@dataclass
+class ParityInputs:
+    """What a parity run compares on: `feeds()` iterates the feeds (again on every call, so
+    localization can rerun them), `total` counts them, `info` describes them (the `inputs`
+    entry of `onnxshrink parity --json`)."""
+
+    feeds: Callable[[], Iterator[dict[str, np.ndarray]]]
+    total: int
+    info: dict[str, Any]
+
+
+def parity_inputs(
+    reference: onnx.ModelProto,
+    inputs: str | os.PathLike[str] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    *,
+    batch: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_ranges: Mapping[str | None, tuple[float, float]] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+) -> ParityInputs:
+    """The feeds of a parity run against `reference`, as `onnxshrink parity` chooses them.
+
+    `inputs`: an .npz or a folder of them (split along axis 0 into runs the model accepts, at
+    most `batch` samples each: `InputBatches`), or a list of feed dicts (one run each, as
+    given). Without `inputs`, `samples` generated feeds (default DEFAULT_GENERATED_SAMPLES)
+    from `seed`, `seed + 1`, ...: `input_shapes` pins dims, `input_ranges` maps an input name
+    (None: every input) to `(low, high)`, `batch` sets a dynamic axis 0 (`generate_inputs`).
+    Raises UsageError for settings that contradict each other or do not fit the model.
+    """
+    input_names = [v.name for v in model_inputs(reference)]
+    generated_only = [
+        flag
+        for flag, given in (
+            ("--input-shape", bool(input_shapes)),
+            ("--input-range", bool(input_ranges)),
+            ("--samples", samples is not None),
+        )
+        if given
+    ]
+    if inputs is not None and generated_only:
+        raise UsageError(
+            f"{', '.join(generated_only)} shape generated inputs; --inputs gives the "
+            "arrays themselves (drop one or the other)"
+        )
+    if isinstance(inputs, (str, os.PathLike)):
+        batches = InputBatches(Path(inputs), reference, batch)
+        return ParityInputs(
+            lambda: iter(batches),
+            batches.total,
+            {
+                "source": str(inputs),
+                "files": len(batches.files),
+                "runs": batches.total,
+                "batch": batch,
+            },
+        )
+    if inputs is not None:
+        feeds = [dict(feed) for feed in inputs]
+        if batch is not None:
+            raise UsageError("--batch splits .npz files; a list of feeds runs as given")
+        return ParityInputs(
+            lambda: iter(feeds), len(feeds), {"source": "feeds", "runs": len(feeds)}
+        )
+    shapes = {name: list(dims) for name, dims in (input_shapes or {}).items()}
+    unknown = [n for n in shapes if n not in input_names]
+    if unknown:
+        raise UsageError(
+            f"bad --input-shape: {', '.join(unknown)} is not a model input "
+            f"(inputs: {', '.join(input_names)})"
+        )
+    # Ranges go through the command line's parser, which checks them against the model.
+    ranges = parse_input_ranges(
+        [
+            f"{'' if k is None else k + ':'}{float(lo)!r},{float(hi)!r}"
+            for k, (lo, hi) in (input_ranges or {}).items()
+        ],
+        reference,
+    )
+    count = samples if samples is not None else DEFAULT_GENERATED_SAMPLES
+    if count < 1:
+        raise UsageError(f"--samples {count}: must be at least 1")
+    return ParityInputs(
+        lambda: (
+            generate_inputs(reference, shapes, seed + i, batch or 1, ranges) for i in range(count)
+        ),
+        count,
+        {
+            "source": "generated",
+            "runs": count,
+            "seed": seed,
+            "batch": batch or 1,
+            "input_shapes": shapes,
+            "input_ranges": {("*" if k is None else k): list(v) for k, v in ranges.items()},
+        },
+    )
+
+
+def parity(
+    reference: onnx.ModelProto | str | os.PathLike[str],
+    candidate: onnx.ModelProto | str | os.PathLike[str],
+    inputs: str | os.PathLike[str] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    min_cosine: float | None = None,
+    tolerances: Mapping[str, Mapping[str, float]] | None = None,
+    error_stat: str = "max",
+    error_quantile: float = DEFAULT_ERROR_QUANTILE,
+    batch: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_ranges: Mapping[str | None, tuple[float, float]] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    time_limit: float | None = DEFAULT_TIME_LIMIT,
+    localize: bool | None = False,
+    localize_samples: int = 2,
+    progress: Progress | None = None,
+) -> ParityReport:
+    """Compare `candidate`'s outputs with `reference`'s: `onnxshrink parity` from Python.
+
+    The models are paths or ModelProtos (never modified); `inputs` and the input settings are
+    `parity_inputs`'s. An output passes under `rtol`, `atol`, `min_cosine` and `error_stat`
+    (with `error_quantile`) as the module docstring says (7-10); `tolerances` overrides them per
+    output, e.g. `{"logits": {"atol": 1e-3}}`. `localize=True` also ranks the candidate's nodes
+    by the error they add, on the first `localize_samples` feeds (`report.localization`); None
+    does that only when an output fails, as the command does.
+
+    Returns the report: `passed` says whether every output passed, `verified` False (with
+    `reason`) that the models could not be compared at all. It raises only for what the
+    command exits 2 on (ModelLoadError for a missing or invalid model, UsageError for bad
+    settings), for TimeLimitError (a run longer than `time_limit` seconds) and for
+    OnnxRuntimeMissingError.
+    """
+    require_onnxruntime()
+    check_time_limit(time_limit)
+    overrides: dict[str, dict[str, float]] = {}
+    for output, values in (tolerances or {}).items():
+        bad = [k for k in values if k not in ("rtol", "atol", "min_cosine")]
+        if bad:
+            raise UsageError(
+                f"tolerances[{output!r}]: unknown key(s) {', '.join(bad)} "
+                "(expected rtol, atol, min_cosine)"
+            )
+        overrides[output] = {k: float(v) for k, v in values.items()}
+    criteria = Criteria(rtol, atol, min_cosine, error_stat, error_quantile, overrides)
+    ref_model = reference if isinstance(reference, onnx.ModelProto) else load_model(reference)
+    cand_model = candidate if isinstance(candidate, onnx.ModelProto) else load_model(candidate)
+    criteria.check_outputs(o.name for o in ref_model.graph.output)
+    feeds = parity_inputs(
+        ref_model,
+        inputs,
+        batch=batch,
+        input_shapes=input_shapes,
+        input_ranges=input_ranges,
+        samples=samples,
+        seed=seed,
+    )
+    # ONNX Runtime reads a model given as a path from its file (external data included).
+    report = check_parity(
+        ref_model if isinstance(reference, onnx.ModelProto) else Path(reference),
+        cand_model if isinstance(candidate, onnx.ModelProto) else Path(candidate),
+        feeds.feeds(),
+        criteria=criteria,
+        progress=progress,
+        total=feeds.total,
+        labels=("reference", "candidate"),
+        time_limit=time_limit,
+    )
+    failed = report.verified and not report.passed and bool(report.outputs)
+    if report.verified and (localize or (localize is None and failed)):
+        from onnxshrink.verify.localize import localize as run_localize
+
+        report.localization = run_localize(
+            ref_model, cand_model, feeds.feeds(), localize_samples, time_limit=time_limit
+        )
+    return report
