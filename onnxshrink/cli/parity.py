@@ -491,6 +491,12 @@ def _print_localization(console, loc, top: int) -> None:
 
     if loc.reason:
         console.print(styled(("localization:", "yellow"), f" {loc.reason}"), highlight=False)
+    if loc.unchanged:
+        console.print(
+            f"not ranked: {loc.unchanged} nodes that compute what the reference's do (kept "
+            "float, or untouched): they add no error of their own",
+            highlight=False,
+        )
     if not loc.nodes:
         return
     not_compared = sum(loc.skipped.values())
