@@ -118,7 +118,12 @@ def test_error_stat_median_accepts_a_few_outliers(pair):
         "--no-localize",
     )
     assert result.exit_code == 1 and "q0.9 abs error" in result.output
-    assert "q0.9 err" in result.output  # the table shows the checked statistic
+    assert "checked: q0.9" in result.output  # the table shows the checked statistic
+    # beside "mean abs", a "mean" check is named for what it is, and a legend says both
+    mean = _run(ref, cand, "--check-error-stat", "mean", "--no-localize")
+    assert "mean abs" in mean.output and "checked: mean" in mean.output
+    assert "mean err" not in mean.output
+    assert "over every element of every run" in mean.output and "the worst run" in mean.output
 
 
 @pytest.mark.parametrize(
