@@ -193,7 +193,9 @@ class FuseGelu(Rule[_GeluMatch, _GeluMatch]):
 
     name = "fuse-gelu"
     op_types = ("Erf", "Tanh")
-    # min_opset stays 1 so that each decomposed GELU below opset 20 is counted with its reason.
+    min_opset = _MIN_OPSET
+    # each decomposed GELU below opset 20 is counted with its reason
+    matches_below_min_opset = True
 
     def match(self, node: gs.Node, ctx: RuleContext) -> _GeluMatch | None:
         """Walk back from Erf/Tanh (anchor) to x, then forward through `1 + .` and the product."""

@@ -165,8 +165,9 @@ class FuseLayerNorm(Rule[_LayerNormMatch, _LayerNormPlan]):
 
     name = "fuse-layernorm"
     op_types = ("ReduceMean",)
-    # min_opset stays 1 so that each decomposed LayerNorm below opset 17 is counted with its
-    # reason (case 6) instead of the rule being skipped silently.
+    min_opset = _MIN_OPSET
+    # each decomposed LayerNorm below opset 17 is counted with its reason (case 6)
+    matches_below_min_opset = True
 
     def match(self, node: gs.Node, ctx: RuleContext) -> _LayerNormMatch | None:
         """Walk forward from the mean ReduceMean (anchor) to the normalized output."""

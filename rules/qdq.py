@@ -11,8 +11,9 @@ Algebra. Quantize `q = clamp(round(x / s) + z, qmin, qmax)`, dequantize `x' = (q
 1. Which nodes. Conv, ConvTranspose (group 1), Gemm and MatMul whose weight (input 1) is a
    float32 initializer of the main graph and whose activation (input 0) is not a constant.
    Kept float, each with its reason in the report:
-   a. depthwise Conv: group > 1 and one input channel per group (`W.shape[1] == 1`); int8
-      kernels do not beat float ones there on CPU;
+   a. depthwise Conv: group > 1 and one input channel per group (`W.shape[1] == 1`), where
+      the target profile says why (`TargetProfile.depthwise_float_reason`: on ort-cpu, ORT's
+      int8 kernels do not beat its float ones there);
    b. tiny weights: fewer than `MIN_WEIGHT_ELEMENTS` (64) elements; the Q/DQ conversion of the
       activations costs about what the int8 arithmetic saves;
    c. MatMul whose B is not a constant initializer (activation x activation), or whose B is
@@ -535,9 +536,9 @@ def _candidates(
         if profile.float_compute_reason:  # case 8
             return keep(profile.float_compute_reason, storable)
         group = int(_attr(node, "group", 1))
-        if not profile.depthwise_int8 and node.op_type == "Conv" and group > 1 and dims[1] == 1:
-            # case 1a
-            return keep("depthwise Conv (int8 kernels do not help on CPU)")
+        depthwise = node.op_type == "Conv" and group > 1 and dims[1] == 1
+        if depthwise and profile.depthwise_float_reason:  # case 1a
+            return keep(profile.depthwise_float_reason)
         if node.op_type == "ConvTranspose" and group != 1:
             return keep("grouped ConvTranspose (per-channel axis 1 does not span C_out)")
         return QuantCandidate(node.name, node.op_type, activation, weight, output, None, storable)

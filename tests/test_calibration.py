@@ -421,6 +421,26 @@ def test_loader_script_errors(tmp_path, function: str, message: str) -> None:
     assert str(script) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_loader_script_imports_a_module_beside_it(tmp_path) -> None:
+    """A loader can import its own helpers from its folder, at load and while it yields."""
+    folder = tmp_path / "data_tools"
+    folder.mkdir()
+    (folder / "my_dataset_helpers_12.py").write_text(
+        "import numpy as np\ndef sample(i):\n    return np.full((1, 2, 8, 8), i, np.float32)\n"
+    )
+    (folder / "my_lazy_helpers_12.py").write_text("COUNT = 3\n")
+    script = folder / "loader.py"
+    script.write_text(
+        "from my_dataset_helpers_12 import sample\n"
+        "def batches():\n"
+        "    import my_lazy_helpers_12\n"
+        "    for i in range(my_lazy_helpers_12.COUNT):\n"
+        "        yield {'x': sample(i)}\n"
+    )
+    feeds = list(calibration_feeds(f"{script}:batches", conv_model()))
+    assert [float(f["x"].max()) for f in feeds] == [0.0, 1.0, 2.0]
+
+
 def test_loader_script_that_does_not_import(tmp_path) -> None:
     script = tmp_path / "bad.py"
     script.write_text("import not_a_module_anywhere\n")

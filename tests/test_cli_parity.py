@@ -71,12 +71,13 @@ def test_failure_exits_1_and_localizes(tmp_path):
     assert "FAIL" in result.output and "where the error enters" in result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│ ")]
     ranked = [r for r in rows if r.split("│")[1].strip().isdigit()]
-    assert len(ranked) == 3
+    # Only the perturbed Conv is ranked: the other nodes are the reference's own.
+    assert len(ranked) == 1 and "not ranked: 4 nodes" in result.output
     first = [cell.strip() for cell in ranked[0].split("│")]
     assert first[1:3] == ["1", "Conv"] and first[4] == "b"
     assert _run(ref, cand, "--no-localize").output.count("where the error enters") == 0
     forced = _run(ref, ref, "--localize")
-    assert forced.exit_code == 0 and "where the error enters" in forced.output
+    assert forced.exit_code == 0 and "not ranked: 5 nodes" in forced.output
 
 
 def test_per_output_override_turns_a_failure_into_a_pass(pair):
@@ -117,7 +118,12 @@ def test_error_stat_median_accepts_a_few_outliers(pair):
         "--no-localize",
     )
     assert result.exit_code == 1 and "q0.9 abs error" in result.output
-    assert "q0.9 err" in result.output  # the table shows the checked statistic
+    assert "checked: q0.9" in result.output  # the table shows the checked statistic
+    # beside "mean abs", a "mean" check is named for what it is, and a legend says both
+    mean = _run(ref, cand, "--check-error-stat", "mean", "--no-localize")
+    assert "mean abs" in mean.output and "checked: mean" in mean.output
+    assert "mean err" not in mean.output
+    assert "over every element of every run" in mean.output and "the worst run" in mean.output
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from onnxshrink import __version__
+from onnxshrink.cli import help_layout
 from onnxshrink.cli.common import (
+    VERBOSE_HELP,
     err,
     fail,
     fmt,
@@ -31,6 +34,7 @@ from onnxshrink.cli.common import (
     setup_logging,
     styled,
 )
+from onnxshrink.cli.help_layout import paragraphs
 from onnxshrink.engine.optimize import ModelSummary, OptimizeResult
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.quant.calibration import DEFAULT_BATCH as CALIBRATION_BATCH
@@ -39,6 +43,8 @@ from onnxshrink.quant.sparsity import DEFAULT_SPARSIFY_MAX_ERROR
 from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
 from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TIME_LIMIT, samples_text
+
+help_layout.install()
 
 app = typer.Typer(
     help="Post-export ONNX model compressor: rewrites a model with lossless rules and "
@@ -67,8 +73,8 @@ def _root(
     """onnxshrink: make exported ONNX models smaller and faster, with proof of parity."""
 
 
-@app.command()
 def optimize(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="The ONNX model to optimize (never modified).")],
     output: Annotated[
         Path | None,
@@ -82,8 +88,10 @@ def optimize(
         list[str] | None,
         typer.Option(
             "--input-shape",
-            help="Pin a dynamic input's dims, e.g. x:1,3,48,320 (repeatable). The output keeps "
-            "that shape, and shape computations are folded for it.",
+            metavar="NAME:DIMS",
+            help="Pin a dynamic input's dims (repeatable): x:1,3,48,320, Polygraphy's "
+            "x:[1,3,48,320] or trtexec's x:1x3x48x320. The output keeps that shape, and shape "
+            "computations are folded for it.",
         ),
     ] = None,
     inputs: Annotated[
@@ -197,8 +205,10 @@ def optimize(
             metavar="SPEC",
             help="Samples for calibration and the error budget: an .npz with one array per "
             "model input (N samples along axis 0), a folder of .npz files, a loader script "
-            "loader.py[:function] yielding feed dicts, or 'random' (synthetic; poor ranges, "
-            "flagged in the output).",
+            "loader.py[:FUNCTION] (FUNCTION defaults to load_data: called with no arguments, "
+            "it returns or yields feed dicts {input name: array}; the script may import "
+            "modules beside it), or 'random' (synthetic; poor ranges, flagged in the output). "
+            "Used only by --quantize and --sparsify: without them it is an error.",
             rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
@@ -383,11 +393,15 @@ def optimize(
         ),
     ] = False,
     verbose: Annotated[
-        bool,
+        int,
         typer.Option(
-            "-v", "--verbose", help="Show every rule, including those that declined and why."
+            "-v",
+            "--verbose",
+            count=True,
+            help="Also list the rules that declined and why, and the time per rule; log what "
+            "each stage did. " + VERBOSE_HELP,
         ),
-    ] = False,
+    ] = 0,
 ) -> None:
     """Apply the lossless rules (dead-layer removal, constant folding, operator fusion), check
     parity with ONNX Runtime CPU, and write the result atomically.
@@ -405,6 +419,20 @@ def optimize(
 
     Exit codes: 0 written; 1 parity failed, a parity run passed --time-limit, --debug-verify
     caught a broken pass, or internal failure (nothing written); 2 bad input.
+
+    \b
+    Examples:
+      onnxshrink optimize model.onnx
+      onnxshrink optimize model.onnx -o small.onnx --opset 20 -v
+      onnxshrink optimize model.onnx --input-shape x:1,3,224,224 --bench
+      onnxshrink optimize model.onnx --inputs eval.npz --report run.html
+      onnxshrink optimize model.onnx --quantize int8 \\
+          --calibration-data calib.npz --inputs heldout.npz
+      onnxshrink optimize model.onnx --quantize int8 --target tensorrt \\
+          --calibration-data loader.py:batches --max-error 0.005
+      onnxshrink optimize model.onnx --quantize int4 --calibration-data calib/
+      onnxshrink optimize model.onnx --sparsify channels:0.3 \\
+          --calibration-data calib/ --inputs heldout/
     """
     from onnxshrink.engine.optimize import optimize as run_optimize
     from onnxshrink.engine.shapes import parse_input_shapes
@@ -413,6 +441,8 @@ def optimize(
     target = output if output is not None else model.with_name(model.stem + ".opt.onnx")
     bench_report = None
     with one_line_errors(verbose):
+        if quantize is None and sparsify is None:
+            _refuse_lossy_only_options(ctx)
         shapes = parse_input_shapes(input_shape)
         if report is not None:
             from onnxshrink.report import report_format
@@ -496,6 +526,48 @@ def optimize(
         out.print(f"report: {written}")
 
 
+app.command("optimize", help=paragraphs(optimize.__doc__ or ""))(optimize)
+
+
+#: help panels whose options serve only a lossy stage (--quantize, --sparsify)
+LOSSY_PANELS = ("lossy stages (int8, fp16, int4)", "int4", "sparsify")
+
+
+def _refuse_lossy_only_options(ctx: typer.Context) -> None:
+    """UsageError naming the options of a lossy stage given without --quantize or --sparsify.
+
+    An error rather than a warning: `--calibration-data calib.npz` without `--quantize` almost
+    always means the user expected int8 and would get an fp32 model with exit 0. Options are
+    told apart by their help panel; "given" means set on the command line, not left at the
+    default.
+    """
+    from onnxshrink.errors import UsageError
+
+    given = {
+        param.opts[-1]: getattr(param, "rich_help_panel", None)
+        for param in ctx.command.params
+        if getattr(param, "rich_help_panel", None) in LOSSY_PANELS
+        and param.name not in ("quantize", "sparsify")
+        # by name: click 8.2+ moved ParameterSource, so identity with one import can fail
+        and getattr(ctx.get_parameter_source(param.name or ""), "name", "") == "COMMANDLINE"
+    }
+    if not given:
+        return
+    panels = set(given.values())
+    need = (
+        "--sparsify"
+        if panels == {"sparsify"}
+        else "--quantize int4 (or int8+int4)"
+        if panels == {"int4"}
+        else "--quantize or --sparsify"
+    )
+    names = ", ".join(given)
+    raise UsageError(
+        f"{names}: it needs {need}, and is not used without (add it, or drop "
+        f"{'it' if len(given) == 1 else 'them'})"
+    )
+
+
 def _register_commands() -> None:
     # Commands that live in their own modules; each adds itself to `app`.
     from onnxshrink.cli import bench, inspect, parity
@@ -508,9 +580,17 @@ def _register_commands() -> None:
 _register_commands()
 
 
-@app.command("rules")
 def list_rules() -> None:
-    """List the rules `optimize` applies, in order."""
+    """List the rules `optimize` applies, in the order they run, with what each does and the
+    lowest opset whose ops its rewrite needs (below it the rule declines; `optimize --opset N`
+    raises the model's opset first, and `optimize -v` lists the declines with their reasons).
+
+    \b
+    Examples:
+      onnxshrink rules
+      onnxshrink rules | grep fuse
+      onnxshrink optimize model.onnx --opset 20 -v
+    """
     from onnxshrink.rules import CLEANUP_RULES, FUSION_RULES, lossless_passes
 
     table = Table(title="onnxshrink rules, in the order they run")
@@ -529,9 +609,22 @@ def list_rules() -> None:
     out.print(table)
 
 
+app.command("rules", help=paragraphs(list_rules.__doc__ or ""))(list_rules)
+
+
+#: "Case 1: ", "Cases 1-4: ", "Cases 3 and 4: " at the start of a docstring line
+_CASE_PREFIX = re.compile(r"^Cases? [0-9][0-9a-z]*(?:(?:-|, | and )[0-9][0-9a-z]*)*: ")
+#: " (case 1)", " (cases 5, 6)", " (case 2b)" anywhere in it
+_CASE_REFERENCE = re.compile(r" \(cases? [0-9][0-9a-z]*(?:(?:-|, | and )[0-9][0-9a-z]*)*\)")
+
+
 def _first_line(obj: object) -> str:
+    """The first line of `obj`'s docstring, for users: without the numbered cases that refer
+    to the module docstring (which `onnxshrink rules` does not show)."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    line = doc.splitlines()[0] if doc else ""
+    line = _CASE_REFERENCE.sub("", _CASE_PREFIX.sub("", line))
+    return line[:1].upper() + line[1:]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -549,7 +642,7 @@ def _change(before: float, after: float) -> str:
     return f"{pct:+.1f}%"
 
 
-def _print_result(model: Path, result: OptimizeResult, verbose: bool) -> None:
+def _print_result(model: Path, result: OptimizeResult, verbose: int) -> None:
     b: ModelSummary = result.before
     a: ModelSummary = result.after
     where = str(result.output_path) if result.output_path else "(not written)"

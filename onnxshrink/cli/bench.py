@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from onnxshrink.cli.common import (
+    VERBOSE_HELP,
     err,
     fail,
     one_line_errors,
@@ -18,18 +18,12 @@ from onnxshrink.cli.common import (
     setup_logging,
     styled,
 )
+from onnxshrink.cli.help_layout import paragraphs
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the CLI app."""
-    app.command("bench", help=_paragraphs(bench.__doc__ or ""))(bench)
-
-
-def _paragraphs(doc: str) -> str:
-    # Typer's rich help keeps the docstring's line breaks after the first paragraph; join the
-    # lines of each paragraph so the terminal wraps them.
-    blocks = inspect.cleandoc(doc).split("\n\n")
-    return "\n\n".join(" ".join(line.strip() for line in b.splitlines()) for b in blocks)
+    app.command("bench", help=paragraphs(bench.__doc__ or ""))(bench)
 
 
 def bench(
@@ -72,7 +66,9 @@ def bench(
         list[str] | None,
         typer.Option(
             "--input-shape",
-            help="Dims of a generated input, NAME:D0,D1,... e.g. x:1,3,48,320 (repeatable; "
+            metavar="NAME:DIMS",
+            help="Dims of a generated input: x:1,3,48,320, x:[1,3,48,320] or x:1x3x48x320 "
+            "(repeatable; "
             "applies to every model that has that input). Unknown dims default to 1 on axis 0 "
             "and 32 elsewhere.",
             show_default=False,
@@ -134,7 +130,10 @@ def bench(
             show_default=False,
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log what happens.")] = False,
+    verbose: Annotated[
+        int,
+        typer.Option("-v", "--verbose", count=True, help="Log what happens. " + VERBOSE_HELP),
+    ] = 0,
 ) -> None:
     """Measure latency, throughput, session time, peak memory and node placement of MODELs on
     ONNX Runtime, with all models in one process, run in interleaved rounds (A B, B A, ...), so
@@ -149,6 +148,14 @@ def bench(
 
     Exit codes: 0 when at least one provider ran; 1 when nothing ran (every provider skipped,
     every model failed); 2 bad input (missing model, bad --provider, --input-shape, --inputs).
+
+    \b
+    Examples:
+      onnxshrink bench model.onnx model.opt.onnx
+      onnxshrink bench a.onnx b.onnx --provider cpu,cuda --runs 100
+      onnxshrink bench model.onnx --input-shape x:8,3,224,224 --threads 4
+      onnxshrink bench a.onnx b.onnx --inputs sample.npz --json bench.json
+      onnxshrink bench a.onnx b.onnx -p tensorrt --trt-fp16 --trt-cache trt/
     """
     from onnxshrink.bench import benchmark, parse_providers
     from onnxshrink.engine.io import write_text_atomic

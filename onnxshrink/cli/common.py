@@ -38,25 +38,42 @@ def styled(*parts: str | tuple[str, str]) -> Text:
     return Text.assemble(*parts)
 
 
-def setup_logging(verbose: bool) -> None:
-    """Log to stderr: warnings, or everything with -v (onnx-graphsurgeon's warnings only then)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # onnx-graphsurgeon logs its own warnings through its own logger; keep them for -v.
-    if not verbose:
-        try:
-            import onnx_graphsurgeon as gs
+def setup_logging(verbose: int) -> None:
+    """Log to stderr at the level `-v` counts: warnings; INFO with -v; DEBUG with -vv.
 
-            gs.logger.severity = gs.logger.ERROR
-        except Exception:
-            pass
+    -v is for a reader: what each stage did, one line each. -vv adds the DEBUG lines (every
+    declined match, every sweep) and lets the libraries speak: onnx-graphsurgeon's warnings and
+    ONNX Runtime's own (coloured) log lines, which below -vv are cut to errors.
+    """
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger().setLevel(level)  # basicConfig does nothing when already configured
+    if verbose >= 2:
+        return
+    try:
+        import onnx_graphsurgeon as gs
+
+        gs.logger.severity = gs.logger.ERROR
+    except Exception:
+        pass
+    try:
+        import onnxruntime
+
+        # Sessions made without their own options (onnx-graphsurgeon's constant folding) log
+        # at this severity: 3 is errors only.
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:
+        pass
+
+
+#: the help of every command's -v option
+VERBOSE_HELP = "-v: what each stage did (INFO); -vv: also DEBUG lines and library warnings."
 
 
 @contextmanager
-def one_line_errors(verbose: bool) -> Iterator[None]:
+def one_line_errors(verbose: int) -> Iterator[None]:
     """Every command's error contract: an OnnxShrinkError is its one line and exit code; any
     other exception is a bug of ours, one "internal error" line and exit 1 (the traceback
     only with -v). Without ONNX Runtime the command stops first, naming the install command

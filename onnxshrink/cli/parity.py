@@ -13,6 +13,7 @@ import typer
 from rich.text import Text
 
 from onnxshrink.cli.common import (
+    VERBOSE_HELP,
     err,
     fail,
     fmt,
@@ -60,12 +61,12 @@ _PARAGRAPHS = [
     "passes --time-limit); 2 bad input.",
     "\b\nExamples:\n"
     "  onnxshrink parity model.onnx model.opt.onnx\n"
-    "  onnxshrink parity model.onnx model.int8.onnx --inputs calib/ --rtol 1e-2 "
-    "--min-cosine 0.999\n"
-    "  onnxshrink parity a.onnx b.onnx --input-shape x:1,3,224,224 --input-range x:-1,1 "
-    "--samples 8\n"
-    "  onnxshrink parity a.onnx b.onnx --check-error-stat quantile --error-quantile 0.99 "
-    "--atol 1e-3\n"
+    "  onnxshrink parity model.onnx model.int8.onnx --inputs calib/ \\\n"
+    "      --rtol 1e-2 --min-cosine 0.999\n"
+    "  onnxshrink parity a.onnx b.onnx --input-shape x:1,3,224,224 \\\n"
+    "      --input-range x:-1,1 --samples 8\n"
+    "  onnxshrink parity a.onnx b.onnx --check-error-stat quantile \\\n"
+    "      --error-quantile 0.99 --atol 1e-3\n"
     "  onnxshrink parity a.onnx b.onnx --atol 1e-5 --atol logits:1e-3 --json -\n"
     "  onnxshrink parity a.onnx b.onnx --localize --top 5",
     f"Defaults: rtol {DEFAULT_RTOL:g}, atol {DEFAULT_ATOL:g}, {DEFAULT_SAMPLES} generated samples, "
@@ -114,8 +115,8 @@ def parity(
         typer.Option(
             "--input-shape",
             metavar="NAME:DIMS",
-            help="Shape of a generated input, e.g. x:1,3,48,320 (repeatable). Unknown dims "
-            "default to the batch on axis 0 and 32 elsewhere.",
+            help="Shape of a generated input (repeatable): x:1,3,48,320, x:[1,3,48,320] or "
+            "x:1x3x48x320. Unknown dims default to the batch on axis 0 and 32 elsewhere.",
         ),
     ] = None,
     input_range: Annotated[
@@ -222,8 +223,14 @@ def parity(
         ),
     ] = None,
     verbose: Annotated[
-        bool, typer.Option("-v", "--verbose", help="Log what happens, with tracebacks of bugs.")
-    ] = False,
+        int,
+        typer.Option(
+            "-v",
+            "--verbose",
+            count=True,
+            help="Log what happens, with tracebacks of bugs. " + VERBOSE_HELP,
+        ),
+    ] = 0,
 ) -> None:
     """Compare CAND's outputs with REF's; localize the error on failure (help text: HELP)."""
     from onnxshrink.errors import OnnxShrinkError
@@ -417,12 +424,21 @@ def _print_report(console, run: _Run, report) -> None:
     if not report.outputs:
         console.print(styled(("FAIL", "red"), f": {report.reason}"), highlight=False)
         return
-    table = Table(show_header=True, header_style="bold")
+    legend = (
+        "max abs, mean abs: of |cand-ref| over every element of every run; max rel: max abs / "
+        "max|ref|"
+    )
+    if stat != "max":
+        legend += (
+            f"; checked: the {stat} of |cand-ref| within one run, the worst run (what the "
+            "bound holds)"
+        )
+    table = Table(show_header=True, header_style="bold", caption=legend)
     table.add_column("output", overflow="fold")
     for title in ("max abs", "mean abs", "max rel", "cosine", "SNR dB", "argmax agr."):
         table.add_column(title, justify="right")
     if stat != "max":
-        table.add_column(f"{stat} err", justify="right")
+        table.add_column(f"checked: {stat}", justify="right")
     table.add_column("status")
     for o in report.outputs:
         row = [
@@ -449,6 +465,12 @@ def _print_localization(console, loc, top: int) -> None:
 
     if loc.reason:
         console.print(styled(("localization:", "yellow"), f" {loc.reason}"), highlight=False)
+    if loc.unchanged:
+        console.print(
+            f"not ranked: {loc.unchanged} nodes that compute what the reference's do (kept "
+            "float, or untouched): they add no error of their own",
+            highlight=False,
+        )
     if not loc.nodes:
         return
     not_compared = sum(loc.skipped.values())

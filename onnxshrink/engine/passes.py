@@ -140,6 +140,10 @@ class Rule(Generic[MatchT, PlanT]):
     op_types: tuple[str, ...] = ()
     #: lowest default-domain opset at which the rewrite's output ops exist
     min_opset: int = 1
+    #: below `min_opset` the rule still matches, and its check declines each match with its own
+    #: reason, so that `-v` counts the patterns `--opset` would fuse; otherwise the rule is
+    #: skipped with one whole-model reason
+    matches_below_min_opset: bool = False
 
     def match(self, node: gs.Node, ctx: RuleContext) -> MatchT | None:
         """Return a match object when the pattern anchored at `node` is present."""
@@ -178,7 +182,7 @@ class RulePass:
             for rule in self.rules:
                 if present.isdisjoint(rule.op_types):
                     continue
-                if rule.min_opset > ctx.opset:
+                if rule.min_opset > ctx.opset and not rule.matches_below_min_opset:
                     reason = f"needs opset {rule.min_opset}, model has {ctx.opset} (see --opset)"
                     ctx.stats.decline(rule.name, WHOLE_MODEL, reason)
                     continue

@@ -23,18 +23,29 @@ logger = logging.getLogger(__name__)
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
-    """Parse `name:d0,d1,...` strings; raise UsageError with the bad spec named."""
+    """Parse `NAME:DIMS` strings; raise UsageError (one line) with the bad spec named.
+
+    DIMS in any of the three spellings users bring: `1,3,224,224`, Polygraphy's
+    `[1,3,224,224]` and trtexec's `1x3x224x224`. NAME may itself hold colons (`input:0`).
+    """
     shapes: dict[str, list[int]] = {}
     for spec in specs or []:
         name, sep, dims = spec.rpartition(":")
         if not sep or not name:
             raise UsageError(
-                f"bad --input-shape {spec!r}: expected NAME:D0,D1,... e.g. x:1,3,48,320"
+                f"bad --input-shape {spec!r}: expected NAME:DIMS, e.g. x:1,3,224,224, "
+                "x:[1,3,224,224] or x:1x3x224x224"
             )
+        dims = dims.strip()
+        if dims.startswith("[") != dims.endswith("]"):
+            raise UsageError(f"bad --input-shape {spec!r}: unbalanced brackets")
+        dims = dims.removeprefix("[").removesuffix("]")
         try:
             values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip() != ""]
         except ValueError:
-            raise UsageError(f"bad --input-shape {spec!r}: dims must be integers") from None
+            raise UsageError(
+                f"bad --input-shape {spec!r}: dims must be integers, e.g. x:1,3,224,224"
+            ) from None
         if any(v <= 0 for v in values):
             raise UsageError(f"bad --input-shape {spec!r}: dims must be positive")
         if any(v >= 2**63 for v in values):

@@ -91,6 +91,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,12 @@ def _loader_data(
     if not script.is_file():
         raise UsageError(f"{where}: no such loader script")
     module_name = f"_onnxshrink_calibration_loader_{abs(hash(str(script.resolve())))}"
+    # The script may import modules beside it (its own dataset or tokenizer helpers), as it
+    # could when run as `python loader.py`: its folder goes first on sys.path, and stays there,
+    # since the loader function may import lazily while it yields.
+    folder = str(script.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         module_spec = importlib.util.spec_from_file_location(module_name, script)
         if module_spec is None or module_spec.loader is None:

@@ -26,7 +26,11 @@ faster in int8 than in float. Adding a runtime is adding a profile here.
 3. `tensorrt`: symmetric int8 activations and weights (TensorRT's Q/DQ rules), Q/DQ on layer
    inputs only (TensorRT propagates them), plus the residual input of an Add that joins a
    quantized layer and the input of pooling next to one; no weight-only storage (TensorRT
-   expects Q/DQ on the activation as well).
+   expects Q/DQ on the activation as well). Depthwise convolutions stay float by this
+   profile's choice, not a TensorRT limit (TensorRT has int8 depthwise kernels): with k*k
+   multiply-adds per output they are memory-bound, so int8 gains little there; this has not
+   been timed on TensorRT here. Each target's reason is its own (`depthwise_float_reason`),
+   never another runtime's.
 4-bit weights (`--quantize int4`, `int4_format`) are written as ONNX Runtime's MatMulNBits and
 GatherBlockQuantized for both ORT targets, and as standard opset-21 blocked DequantizeLinear
 for TensorRT (which stock ORT also runs).
@@ -60,8 +64,9 @@ class TargetProfile:
     weight_only: bool
     #: a Conv stores int8 weights only above this share of the model's weights (None: any)
     conv_weight_only_share: float | None
-    #: depthwise Conv computes in int8
-    depthwise_int8: bool
+    #: why a depthwise Conv computes in float on this target (None: it computes in int8); the
+    #: reason the report gives, so it names this target's own grounds
+    depthwise_float_reason: str | None
     #: int8 compute is timed against float compute with int8 weights
     speed_check: bool
     #: why a layer computes in float on this target whatever its sensitivity (None: none)
@@ -87,7 +92,10 @@ PROFILES: dict[str, TargetProfile] = {
         residual_joins=False,
         weight_only=True,
         conv_weight_only_share=0.01,
-        depthwise_int8=False,
+        depthwise_float_reason=(
+            "depthwise Conv (ort-cpu: ONNX Runtime's int8 depthwise kernels are not faster than "
+            "its float ones)"
+        ),
         speed_check=True,
     ),
     "ort-cuda": TargetProfile(
@@ -100,7 +108,7 @@ PROFILES: dict[str, TargetProfile] = {
         residual_joins=False,
         weight_only=True,
         conv_weight_only_share=None,
-        depthwise_int8=False,
+        depthwise_float_reason="depthwise Conv (ort-cuda: no int8 conv kernels)",
         speed_check=False,
         float_compute_reason=(
             "float compute, weight stored int8 (ort-cuda: the CUDA EP has no int8 conv kernels)"
@@ -116,7 +124,10 @@ PROFILES: dict[str, TargetProfile] = {
         residual_joins=True,
         weight_only=False,
         conv_weight_only_share=None,
-        depthwise_int8=False,
+        depthwise_float_reason=(
+            "depthwise Conv (tensorrt profile: k*k multiply-adds per output, memory-bound, so "
+            "little for int8 to gain; TensorRT runs it in float or fp16)"
+        ),
         speed_check=False,
         int4_format="qdq",
     ),

@@ -117,6 +117,7 @@ def test_quantize_int8_writes_qdq_that_ort_loads(net_files):
     assert set(result.plan.declined) == {layer.name for layer in result.kept_float}
     (depthwise,) = result.kept_float
     assert depthwise.precision == "float" and "depthwise" in depthwise.reason
+    assert "ort-cpu" in depthwise.reason
     assert result.feeds == 8 and not result.synthetic and result.calibration == str(calib)
     assert result.method == "percentile" and result.target == "ort-cpu"
     # the budget's figure is the written model's error on the calibration samples, re-measured
@@ -147,6 +148,9 @@ def test_quantize_int8_random_is_synthetic_and_tensorrt_symmetric():
         t for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.UINT8
     ]
     assert not zero_points  # tensorrt: int8 activations, never uint8
+    # the depthwise Conv kept float gives TensorRT's profile's reason, not the CPU's
+    (depthwise,) = [layer for layer in result.kept_float if "depthwise" in layer.reason]
+    assert "tensorrt" in depthwise.reason and "CPU" not in depthwise.reason.upper()
 
 
 @pytest.mark.parametrize(
