@@ -15,7 +15,12 @@ How `benchmark` measures, per requested provider:
 3. Memory (`peak_mb`). Sessions are created one model at a time, and each one's first run follows
    its creation at once. On CPU, `peak_mb` is how far the process's peak resident memory (VmHWM,
    reset through /proc/self/clear_refs just before) rose above its resident memory before the
-   session was created, over creation and that first run: what this model adds to a process. On
+   session was created, over creation and that first run: what this model adds to a process.
+   Memory the process freed earlier stays resident in the C allocator's free lists, and a new
+   session reuses it without raising the resident figure (after `optimize`'s calibration, the
+   original model read 0.29 MB); so glibc's `malloc_trim(0)` hands free memory back to the system
+   first. Without glibc (no `malloc_trim`) or /proc, `peak_mb` is None rather than a figure that
+   depends on what the process did before. On
    CUDA/TensorRT it is the growth of the GPU's used memory over the same span (NVML, device-wide:
    other processes on the GPU count too), or, without NVML, the largest arena that ORT's profile
    reports for the device; None when neither is available. `peak_source` says which.
@@ -27,7 +32,7 @@ How `benchmark` measures, per requested provider:
    are not timed; without it, `session.run` copies inputs in and outputs out every run.
    `ratio` is this row's p50 over the p50 of the first model on the same provider.
    `throughput` is samples per second: the size of axis 0 of the model's first input divided by
-   the mean latency. `session_s` is session creation; `first_run_s` the first run, untimed
+   the mean latency. `input_shapes` are the shapes of the feed every timing ran on. `session_s` is session creation; `first_run_s` the first run, untimed
    otherwise, which does the lazy work (cuDNN's algorithm search; TensorRT builds its engines
    there when input shapes are dynamic, at session creation when they are static).
 5. Placement. A separate session with ORT profiling on runs the same feed twice; each Node event
@@ -77,6 +82,8 @@ from onnxshrink.verify.parity import (
 
 if TYPE_CHECKING:  # imported lazily at run time: loading onnxruntime takes a while
     import onnxruntime as ort
+
+    from onnxshrink.engine.optimize import OptimizeResult
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +146,10 @@ class BenchRow:
     quantized: bool = False
     session_providers: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: the shape of each input of the feed the timings ran on
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    #: what the model is in a comparison (`benchmark_optimized`: original, lossless, result)
+    role: str | None = None
 
 
 @dataclass
@@ -267,6 +278,7 @@ def benchmark(
     trt_fp16: bool = False,
     trt_cache: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
 ) -> BenchReport:
     """Time each model on each provider in interleaved rounds: `onnxshrink bench` from Python.
 
@@ -279,7 +291,7 @@ def benchmark(
     invalid models; unknown provider names, shapes that do not fit) and
     OnnxRuntimeMissingError; providers that cannot run land in `skipped`, as do models that
     fail. `progress(done, total)` is called after every round. The first model is the
-    reference of each row's `ratio`.
+    reference of each row's `ratio`. `labels`, one per model, replace those names in the report.
     """
     require_onnxruntime()
     if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
@@ -300,19 +312,22 @@ def benchmark(
         trt_cache=trt_cache,
         seed=seed,
     )
+    if labels is not None and len(labels) != len(models):
+        raise UsageError(f"{len(labels)} label(s) for {len(models)} model(s)")
+    given = list(labels) if labels is not None else None
     if not any(isinstance(m, onnx.ModelProto) for m in models):
-        return run([str(m) for m in models], [str(m) for m in models])
+        return run([str(m) for m in models], given or [str(m) for m in models])
     with tempfile.TemporaryDirectory(prefix="onnxshrink-bench-") as scratch:
         paths: list[str] = []
-        labels: list[str] = []
+        names: list[str] = []
         for i, m in enumerate(models):
             if isinstance(m, onnx.ModelProto):
                 paths.append(str(save_model(m, Path(scratch) / f"model{i + 1}.onnx")))
-                labels.append(f"model {i + 1}")
+                names.append(f"model {i + 1}")
             else:
                 paths.append(str(m))
-                labels.append(str(m))
-        return run(paths, labels)
+                names.append(str(m))
+        return run(paths, given or names)
 
 
 def _benchmark(
@@ -404,6 +419,43 @@ def _benchmark(
                 progress(done, total)
             report.rows.extend(rows)
             report.skipped.extend(skipped)
+    return report
+
+
+def benchmark_optimized(
+    original: str | os.PathLike[str],
+    result: OptimizeResult,
+    providers: Sequence[str] | str = ("cpu",),
+    **options,
+) -> BenchReport:
+    """`benchmark` of what `optimize` made: the original, the lossless rewrite when a lossy stage
+    ran (`result.lossless_path`: its fp32 model, written aside from memory), and the result.
+
+    Three rows per provider with a lossy stage, so that the speed-up of the lossless rewrite is
+    not credited to int8 (or pruning); two without. Each row's `role` says which model it is;
+    the lossless row's label says it was not written. `options` go to `benchmark`.
+    """
+    if result.output_path is None:
+        raise UsageError("--bench times the written result: there is none (nothing written)")
+    models: list[tuple[str, str | os.PathLike[str], str]] = [("original", original, str(original))]
+    if result.lossless_path is not None:
+        models.append(
+            (
+                "lossless",
+                result.lossless_path,
+                f"{Path(original).stem}.lossless.onnx (not written)",
+            )
+        )
+    models.append(("result", result.output_path, str(result.output_path)))
+    report = benchmark(
+        [path for _, path, _ in models],
+        providers,
+        labels=[label for _, _, label in models],
+        **options,
+    )
+    roles = {label: role for role, _, label in models}
+    for row in report.rows:
+        row.role = roles.get(row.model)
     return report
 
 
@@ -594,6 +646,7 @@ def _row(item: _Live, name: str, runs: int) -> BenchRow:
         ratio=None,
         runs=runs,
         samples=item.model.samples,
+        input_shapes={k: [int(d) for d in v.shape] for k, v in item.model.feed.items()},
         peak_source=item.peak_source,
         quantized=item.model.quantized,
         session_providers=list(item.session.get_providers()),
@@ -854,23 +907,38 @@ def _preload_gpu_libraries(tensorrt: bool) -> None:
 
 
 class _HostMemory:
-    """Peak resident memory growth of this process (Linux: VmHWM reset via clear_refs)."""
+    """Peak resident memory growth of this process (Linux: VmHWM reset via clear_refs), free
+    memory handed back first (glibc's malloc_trim), so that reused free pages count (module
+    docstring, 3)."""
 
     def start(self) -> None:
+        self.resettable = _trim_heap()
         self.base = _status_kb("VmRSS")
-        self.resettable = False
+        if not self.resettable:
+            return
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.resettable = True
         except OSError:
-            pass
+            self.resettable = False
 
     def stop(self) -> tuple[float | None, str | None]:
         peak = _status_kb("VmHWM")
         if self.base is None or peak is None or not self.resettable:
             return None, None
-        return max(peak - self.base, 0) / 1024.0, "host RSS"
+        return max(peak - self.base, 0) / 1024.0, "host RSS (heap trimmed first)"
+
+
+def _trim_heap() -> bool:
+    """Return the C heap's free memory to the system (glibc `malloc_trim(0)`); False without it."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def _status_kb(key: str) -> int | None:

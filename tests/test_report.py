@@ -407,3 +407,196 @@ def test_int8_section_in_every_format(tmp_path, int8_result):
 def test_no_int8_section_without_quantization(result):
     assert report_dict(result, **ARGS)["quantization"] is None
     assert 'id="quantization"' not in render_html(result, **ARGS)
+
+
+# Item 3 of issue 12: a report that tells the truth at a glance.
+
+
+def _cards(html: str) -> dict[str, str]:
+    """Headline cards: label -> the card's text (value and detail)."""
+    import re
+
+    cards = {}
+    for label, rest in re.findall(
+        r'<div class="card"><div class="label">(.*?)</div>(.*?)</div></div>', html
+    ):
+        cards[label] = re.sub(r"<[^>]+>", " ", rest)
+    return cards
+
+
+def test_headline_describes_the_lossy_model(int8_result):
+    from onnxshrink.report.model import headline
+
+    data = report_dict(int8_result, **ARGS)
+    head = data["headline"]
+    check = int8_result.quantized_parity
+    assert head["model"] == "lossy" and head["stage"] == "int8"
+    assert head["error"] == pytest.approx(check.error) and head["budget"] == 0.0
+    assert head["ok"] is True and head["status"] == "within budget"  # every layer kept float
+    cards = _cards(render_html(int8_result, **ARGS))
+    assert "parity" not in cards  # the lossless check is not the headline
+    verdict = cards["int8 vs original"]
+    assert "within budget" in verdict and "budget 0" in verdict and "NSR" in verdict
+    assert "NOT held-out" in verdict  # generated inputs: not held-out, and it says so
+    assert "ok" in cards["lossless stage parity"]
+    md = render_markdown(int8_result, **ARGS)
+    assert "**int8 vs original** within budget" in md and "**lossless stage parity** ok" in md
+    # over the budget on the held-out data: the headline says so, whatever the lossless parity
+    data["quantization"]["held_out_check"]["error"] = 0.5
+    over = headline(data)
+    assert over["ok"] is False and over["status"] == "OVER budget" and over["error"] == 0.5
+    data["quantization"]["held_out_check"] = None  # --no-verify
+    assert headline(data)["status"] == "not checked" and headline(data)["ok"] is None
+
+
+def test_headline_without_a_lossy_stage_is_parity(result):
+    head = report_dict(result, **ARGS)["headline"]
+    assert head["model"] == "lossless" and head["ok"] is True and head["status"] == "ok"
+    cards = _cards(render_html(result, **ARGS))
+    assert "max rel err" in cards["parity"] and "lossless stage parity" not in cards
+
+
+def test_distinct_labels_keep_what_tells_layers_apart():
+    a = "/inner/encoder/layer.3/output/dense/MatMul"
+    b = "/inner/encoder/layer.4/output/dense/MatMul"
+    assert charts.distinct_labels([a, b]) == (
+        ["layer.3/output/dense/MatMul", "layer.4/output/dense/MatMul"],
+        "/inner/encoder/",
+        "",
+    )
+    # still too long: the common tail goes too, and the chart's subtitle says what went
+    long = [f"/m/block.{i}/attention/output/dense/projection/MatMul" for i in range(3)]
+    shown, prefix, suffix = charts.distinct_labels(long, max_chars=20)
+    assert shown == ["block.0", "block.1", "block.2"]
+    assert (prefix, suffix) == ("/m/", "/attention/output/dense/projection/MatMul")
+    assert "/m/" in charts.dropped_text(prefix, suffix)
+    # one label, or labels that would collapse, are left whole
+    assert charts.distinct_labels([a]) == ([a], "", "")
+    assert charts.distinct_labels(["x/a", "x/a/b"])[0] == ["a", "a/b"]
+    assert charts.distinct_labels(["conv1", "conv2"]) == (["conv1", "conv2"], "", "")
+
+
+def test_sensitivity_chart_marks_kept_layers_and_budget(int8_result):
+    from onnxshrink.report.html import _KEPT_COLOR, _sensitivity_chart
+
+    quant = report_dict(int8_result, **ARGS)["quantization"]
+    quant["budget"]["max_error"] = 1e-3  # the fixture's budget is 0: no line for that
+    # the fixture's budget kept every layer float; say only the most sensitive was
+    top = max(quant["sensitivity"], key=lambda e: e["error"])["layer"]
+    quant["kept_float"] = [k for k in quant["kept_float"] if k["name"] == top]
+    svg = ET.fromstring(_sensitivity_chart(quant))
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = svg_texts(svg)
+    assert "budget 0.001" in texts and "kept float" in texts
+    assert [line for line in svg.iter(f"{ns}line") if line.get("class") == "reference"]
+    kept = {k["name"] for k in quant["kept_float"]}
+    sensitive = [e["layer"] for e in quant["sensitivity"] if e["layer"] in kept]
+    assert sensitive == [top]
+    bars = {
+        r.find(f"{ns}title").text.split(": ")[0]: r.get("fill")
+        for r in svg.iter(f"{ns}rect")
+        if r.find(f"{ns}title") is not None
+    }
+    assert {bars[name] for name in sensitive} == {_KEPT_COLOR}
+    assert {c for n, c in bars.items() if n not in kept} == {"#2f6fde"}
+
+
+def _bench_rows(shapes_b: list[int]) -> dict:
+    def row(model, role, p50, shape):
+        return {
+            "model": model, "provider": "CPUExecutionProvider", "p50_ms": p50,
+            "p90_ms": p50 * 1.1, "mean_ms": p50, "throughput": 10.0, "session_s": 0.1,
+            "peak_mb": 12.0, "placement": {}, "ratio": None, "runs": 5,
+            "input_shapes": {"x": shape}, "role": role,
+        }  # fmt: skip
+
+    return {
+        "rows": [
+            row("m/a.onnx", "original", 10.0, [1, 3, 16, 16]),
+            row("a.lossless.onnx (not written)", "lossless", 8.0, [1, 3, 16, 16]),
+            row("m/a.opt.onnx", "result", 6.0, shapes_b),
+        ],
+        "skipped": [],
+        "environment": {},
+    }
+
+
+def test_bench_states_inputs_roles_and_what_peak_measures(result):
+    html = render_html(result, **ARGS, bench=_bench_rows([1, 3, 16, 16]))
+    assert "Inputs of every timing: <b>x: 1x3x16x16</b>" in html
+    rows = parse(html).tables["bench-table"]
+    assert "inputs" not in rows[0]  # the same for all: said once, above the table
+    assert [r[0].split(":")[0] for r in rows[1:]] == ["original", "lossless fp32", "result"]
+    assert "peak resident memory" in html and "handed back" in html
+    latency = next(svg_of(i) for i in parse(html).images if "latency" in i["alt"])
+    assert {"original", "lossless fp32", "result", "inputs x: 1x3x16x16"} <= set(svg_texts(latency))
+    # shapes that differ: a column says each row's
+    html = render_html(result, **ARGS, bench=_bench_rows([4, 3, 16, 16]))
+    rows = parse(html).tables["bench-table"]
+    column = rows[0].index("inputs")
+    assert [r[column] for r in rows[1:]] == ["x: 1x3x16x16", "x: 1x3x16x16", "x: 4x3x16x16"]
+    md = render_markdown(result, **ARGS, bench=_bench_rows([1, 3, 16, 16]))
+    assert "Inputs of every timing: **x: 1x3x16x16**" in md and "| lossless fp32: " in md
+
+
+def test_shapes_text():
+    from onnxshrink.report.text import shapes_text
+
+    assert shapes_text({"x": [1, 3, 640, 640]}) == "x: 1x3x640x640"
+    assert shapes_text({"ids": [4, 21], "mask": [4, 21], "n": []}) == "ids, mask: 4x21; n: scalar"
+    assert shapes_text({}) == "" and shapes_text(None) == ""
+
+
+def _chromium() -> str | None:
+    return next(
+        (p for n in ("chromium", "chromium-browser") if (p := shutil.which(n)) is not None), None
+    )
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path, int8_result):
+    """The page as a browser shows it: the DOM Chromium built holds the headline and every
+    section, nothing failed to load, and the screenshot is a page, not a blank window."""
+    import subprocess
+
+    bench = _bench_rows([1, 3, 16, 16])
+    page = write_report(tmp_path / "r.html", int8_result, **ARGS, bench=bench)
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+    ]  # fmt: skip
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for text in ("int8 vs original", "within budget", "lossless stage parity", "Benchmark",
+                 "Inputs of every timing", "layers kept float"):  # fmt: skip
+        assert text in dom.stdout, text
+    assert "<script" not in dom.stdout
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console  # no JS errors, nothing that failed to load
+
+    png = _render_script().render(page, tmp_path / "r.png", width=1000)
+    image = pytest.importorskip("PIL.Image").open(png).convert("L")
+    width, height = image.size
+    assert width == 1000 and height > 1500  # every section laid out, not one screen
+    top = image.crop((0, 0, width, 600))
+    lo, hi = top.getextrema()
+    assert hi - lo > 100  # text and cards, not a blank page
+    # the charts are drawn: some rows hold the bars' colours (not grey text only)
+    rgb = _render_script_png_colors(png)
+    assert rgb["blue"] > 500 and rgb["red"] > 100
+
+
+def _render_script_png_colors(png: Path) -> dict[str, int]:
+    """Pixels close to the bar colours of the charts (blue: changed/after, red: kept float)."""
+    image = pytest.importorskip("PIL.Image").open(png).convert("RGB")
+    counts = {"blue": 0, "red": 0}
+    for r, g, b in image.getdata():
+        if abs(r - 0x2F) < 20 and abs(g - 0x6F) < 20 and abs(b - 0xDE) < 20:
+            counts["blue"] += 1
+        elif abs(r - 0xC9) < 20 and abs(g - 0x50) < 20 and abs(b - 0x3C) < 20:
+            counts["red"] += 1
+    return counts

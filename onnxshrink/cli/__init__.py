@@ -12,6 +12,8 @@ import contextlib
 import math
 import re
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -175,9 +177,20 @@ def optimize(
         typer.Option(
             "--bench",
             help="After writing, time the original and the result in interleaved runs "
-            "(as `onnxshrink bench` does); the table goes into the output and the report.",
+            "(as `onnxshrink bench` does), and with a lossy stage the lossless fp32 rewrite "
+            "between them; the table goes into the output and the report.",
         ),
     ] = False,
+    json_path: Annotated[
+        str | None,
+        typer.Option(
+            "--json",
+            metavar="PATH|-",
+            help="Also write every figure of the run as JSON to PATH (what --report x.json "
+            "holds, plus the verdict and phase times); '-' prints only the JSON, on stdout.",
+            show_default=False,
+        ),
+    ] = None,
     bench_provider: Annotated[
         str,
         typer.Option(
@@ -448,7 +461,13 @@ def optimize(
             from onnxshrink.report import report_format
 
             report_format(report)  # a bad --report path fails before the work, not after
+        if json_path not in (None, "-"):
+            from onnxshrink.engine.io import check_output_path
+
+            check_output_path(json_path)  # likewise a bad --json path
         lossy = quantize is not None or sparsify is not None
+        # with a lossy stage, --bench also times the lossless model, written aside from memory
+        scratch = tempfile.TemporaryDirectory(prefix="onnxshrink-") if bench and lossy else None
         with _optimize_progress(err, model.name, lossy) as progress:
             result = run_optimize(
                 model,
@@ -483,19 +502,28 @@ def optimize(
                 progress=progress,
                 debug_verify=debug_verify,
                 time_limit=time_limit,
+                lossless_output=Path(scratch.name, "lossless.onnx") if scratch else None,
             )
+        bench_seconds = time.perf_counter()
         if bench:
-            from onnxshrink.bench import benchmark, parse_providers
+            from onnxshrink.bench import benchmark_optimized, parse_providers
 
             with progress_bar(err, "benchmarking") as progress:
-                bench_report = benchmark(
-                    [str(model), str(result.output_path)],
+                bench_report = benchmark_optimized(
+                    model,
+                    result,
                     parse_providers(bench_provider),
                     input_shapes=shapes,
                     inputs=inputs,
                     runs=bench_runs,
                     progress=progress,
                 )
+        bench_seconds = time.perf_counter() - bench_seconds
+        if scratch is not None:
+            scratch.cleanup()
+    stdout = sys.stdout
+    if json_path == "-":  # only the JSON on stdout: what is printed for people goes to stderr
+        sys.stdout = sys.stderr  # `out` writes to whatever sys.stdout is when it prints
     _print_result(model, result, verbose)
     if result.quantization is not None:
         _print_quantization(result)
@@ -524,6 +552,54 @@ def optimize(
         except OnnxShrinkError as exc:
             fail(str(exc), exc.exit_code)
         out.print(f"report: {written}")
+    if json_path is not None:
+        _write_json(
+            json_path, model, result, bench_report, bench_seconds if bench else None, stdout
+        )
+
+
+def _write_json(
+    json_path: str,
+    model: Path,
+    result: OptimizeResult,
+    bench_report,
+    bench_seconds: float | None,
+    stdout,
+) -> None:
+    """`optimize --json`: the report's figures (`onnxshrink.report.report_dict`) with the
+    command's name first, as `parity --json` has it, and the seconds of each phase."""
+    import json
+    import shlex
+
+    from onnxshrink.engine.io import write_text_atomic
+    from onnxshrink.report import report_dict
+    from onnxshrink.verify.parity import jsonable
+
+    data = report_dict(
+        result,
+        command=shlex.join(["onnxshrink", *sys.argv[1:]]),
+        model_path=str(model),
+        output_path=result.output_path,
+        bench=bench_report,
+    )
+    quant = data["quantization"]
+    phases = {"optimize": result.seconds}
+    phases.update((quant or {}).get("phase_seconds") or {})
+    if bench_seconds is not None:
+        phases["bench"] = bench_seconds
+    document = {"command": "optimize", "command_line": data.pop("command"), **data}
+    document["phase_seconds"] = phases
+    text = json.dumps(jsonable(document), indent=2, allow_nan=False) + "\n"
+    if json_path == "-":
+        sys.stdout = stdout
+        stdout.write(text)
+        stdout.flush()
+        return
+    try:
+        write_text_atomic(Path(json_path), text)
+    except OSError as exc:
+        fail(f"--json {json_path}: cannot write ({exc.strerror or exc})", 2)
+    out.print(f"json: {json_path}")
 
 
 app.command("optimize", help=paragraphs(optimize.__doc__ or ""))(optimize)
@@ -858,8 +934,12 @@ def _print_quantization(result: OptimizeResult) -> None:
         highlight=False,
     )
     if q.speed is not None:
+        from onnxshrink.report.text import shapes_text
+
         out.print(
-            f"speed check (ORT CPU, {q.speed.how}): float "
+            f"speed check (ORT CPU, {q.speed.how}"
+            + (f" on {shapes_text(q.speed.input_shapes)}" if q.speed.input_shapes else "")
+            + "): float "
             f"{q.speed.float_ms:.2f} ms, int8 compute {q.speed.int8_ms:.2f} ms"
             + (
                 ""

@@ -206,8 +206,19 @@ def print_bench_report(console, report: BenchReport) -> None:
         console.print(table)
     else:
         Console(file=console.file, width=200, markup=False).print(table)
+    from onnxshrink.report.text import shapes_text
+
+    shapes = {shapes_text(r.input_shapes) for r in report.rows}
+    if len(shapes) == 1:
+        console.print(f"inputs of every timing: {shapes.pop() or 'none'}", highlight=False)
+    else:
+        for r in report.rows:
+            console.print(f"inputs of {r.model}: {shapes_text(r.input_shapes)}", highlight=False)
     gpu_rows = [r for r in report.rows if r.provider != "cpu"]
-    notes = ["peak MB: resident memory growth over session creation and the first run"]
+    notes = [
+        "peak MB: peak resident memory growth over session creation and the first run, free "
+        "heap memory handed back first (- where it cannot be measured)"
+    ]
     if gpu_rows:
         notes.append(
             "on GPU rows, device memory growth (" + (gpu_rows[0].peak_source or "n/a") + ")"

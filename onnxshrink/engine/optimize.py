@@ -153,7 +153,8 @@ class OptimizeResult:
     With a lossy stage (`quantize="int8"`, "fp16", ...), `model`/`after` are its model,
     `parity` is the lossless stage's check, `quantization` what the stage did and
     `quantized_parity` the check of its model against the original (None with
-    `verify=False`).
+    `verify=False`), and `lossless_path` where the lossless stage's model was also written
+    (`optimize(lossless_output=...)`; None otherwise), e.g. to benchmark it beside the result.
     """
 
     model: onnx.ModelProto
@@ -166,6 +167,7 @@ class OptimizeResult:
     notes: list[str] = field(default_factory=list)
     quantization: StageResult | None = None
     quantized_parity: HeldOutCheck | None = None
+    lossless_path: Path | None = None
 
 
 # Rewrite tiers, tried in order until parity holds. Folding a scale into weights is exact in
@@ -658,6 +660,7 @@ def optimize(
     debug_verify: bool = False,
     allow_unverified: bool = False,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
+    lossless_output: str | Path | None = None,
 ) -> OptimizeResult:
     """Rewrite a model with the lossless rules, verify it against the original, write it.
 
@@ -704,6 +707,9 @@ def optimize(
     - `time_limit`: seconds one ONNX Runtime run of a parity check (either model, one input)
       may take; past it the run is stopped and TimeLimitError raised (a Loop that never ends
       cannot hang the call). None or 0: no limit.
+    - `lossless_output`: with a lossy stage, also write the lossless stage's model (fp32, the
+      model the stage starts from) there, from memory, so that `--bench` can time it beside
+      the original and the result (the lossless speed-up is then not credited to the stage).
     Raises BrokenPassError (`onnxshrink.engine.passes`) naming the pass when `debug_verify`
     catches one, ParityError when an output of the lossless model moves more than
     `atol + rtol * max|ref|` (see `onnxshrink.verify.parity`), UsageError for bad settings or data
@@ -926,6 +932,10 @@ def optimize(
             f"--debug-verify checked each pass with onnx.checker only: {step_check.unverified}"
         )
     quantization = quantized_parity = None
+    lossless_path = None
+    if stage is not None and lossless_output is not None:
+        # before the weights are offloaded below: the model is whole in memory here
+        lossless_path = save_model(rewritten, lossless_output, avoid=input_data_files)
     store = None  # a large model's float weights, offloaded for the lossy stage
     try:
         if stage is not None and calibration is not None and large:
@@ -992,6 +1002,7 @@ def optimize(
             notes=notes,
             quantization=quantization,
             quantized_parity=quantized_parity,
+            lossless_path=lossless_path,
         )
     finally:
         if store is not None:

@@ -221,6 +221,8 @@ class SpeedCheck:
     weights_ms: float | None = None
     chosen: str = "int8"
     float_apart: bool = False
+    #: the shape of each input of the feed the models were timed on
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def how(self) -> str:
@@ -565,7 +567,13 @@ def speed_check(
     """
     models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
     medians = interleaved_ms(models, feed, runs)
-    return SpeedCheck(medians[0], medians[1], runs, medians[2] if len(medians) > 2 else None)
+    return SpeedCheck(
+        medians[0],
+        medians[1],
+        runs,
+        medians[2] if len(medians) > 2 else None,
+        input_shapes={name: [int(d) for d in np.shape(value)] for name, value in feed.items()},
+    )
 
 
 def interleaved_ms(models: Sequence[onnx.ModelProto], feed: Feed, runs: int) -> list[float]:

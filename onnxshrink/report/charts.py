@@ -8,7 +8,10 @@ that `report` embeds as a base64 `data:` image, so the HTML stays one self-conta
 3. `layer_error_chart`: relative error per layer, largest first, on a log axis when the
    values span more than two decades.
 
-Labels wider than the label column are cut with an ellipsis; the full text stays in a `<title>`
+Layer names (`distinct_labels`) lose the part every label shares first: the common leading path
+components (`/inner/encoder/`), then, if still too long, the common trailing ones; the chart's
+title says what was dropped. Labels still wider than the label column are cut in the middle
+with an ellipsis; the full text stays in a `<title>`
 (a tooltip when the SVG is opened on its own; an `<img>` shows no tooltips, so the report also
 prints the full names in a table). Text widths are estimated from character counts (no font
 metrics here), with a margin that covers DejaVu Sans and the usual system sans fonts.
@@ -68,6 +71,70 @@ def _truncate(text: str, max_chars: int) -> str:
     return text[:head] + "\u2026" + text[len(text) - tail :]
 
 
+def _split_path(text: str) -> list[str]:
+    """'/a/b.3/c' -> ['/', 'a/', 'b.3/', 'c']: components keeping their separator."""
+    parts: list[str] = []
+    start = 0
+    for i, ch in enumerate(text):
+        if ch == "/":
+            parts.append(text[start : i + 1])
+            start = i + 1
+    if start < len(text):
+        parts.append(text[start:])
+    return parts
+
+
+def distinct_labels(
+    labels: Sequence[str], max_chars: int = _LABEL_MAX_CHARS
+) -> tuple[list[str], str, str]:
+    """Labels without what all of them share: (shown labels, dropped prefix, dropped suffix).
+
+    The common leading `/`-separated components go first (`/inner/encoder/layer.3/output/dense/
+    MatMul` and `.../layer.4/...` keep `layer.3/output/dense/MatMul`); the common trailing
+    components only while a label is still longer than `max_chars`. A label is never left empty,
+    and a single label keeps its name. Labels still too long are left for `_truncate`.
+    """
+    names = list(labels)
+    if len(set(names)) < 2:
+        return names, "", ""
+    split = [_split_path(n) for n in names]
+    shortest = min(len(p) for p in split)
+    lead = 0
+    # at most shortest - 1 components: every label keeps at least one of its own
+    while lead < shortest - 1 and all(p[lead] == split[0][lead] for p in split):
+        lead += 1
+    prefix = "".join(split[0][:lead])
+    split = [p[lead:] for p in split]
+    trail = 0
+    if any(len("".join(p)) > max_chars for p in split):
+        shortest = min(len(p) for p in split)
+        while trail < shortest - 1 and all(p[-1 - trail] == split[0][-1 - trail] for p in split):
+            trail += 1
+    suffix = "".join(split[0][len(split[0]) - trail :]) if trail else ""
+    if suffix and not suffix.startswith("/"):  # the separator before it goes too
+        suffix = "/" + suffix
+    shown = ["".join(p[: len(p) - trail]) for p in split]
+    if suffix:  # the cut falls after a separator: keep it off the label's end
+        shown = [t.rstrip("/") or t for t in shown]
+    if len(set(shown)) < len(set(names)):  # never merge two labels
+        return names, "", ""
+    return shown, prefix, suffix
+
+
+def dropped_text(prefix: str, suffix: str) -> str | None:
+    """The chart subtitle naming what `distinct_labels` left out of every label; None if nothing."""
+    if not prefix and not suffix:
+        return None
+    return "names shown without " + " and ".join(
+        part
+        for part in (
+            f"the common prefix {prefix}" if prefix else "",
+            f"the common suffix {suffix}" if suffix else "",
+        )
+        if part
+    )
+
+
 def _text_width(text: str, size: float = _FONT_SIZE) -> float:
     return len(text) * _CHAR_W * size / _FONT_SIZE
 
@@ -101,8 +168,16 @@ def horizontal_bars(
     value_format: str | None = None,
     legend: Sequence[tuple[str, str]] | None = None,
     value_labels: Sequence[str] | None = None,
+    reference: tuple[float, str] | None = None,
+    subtitle: str | None = None,
+    display: Sequence[str] | None = None,
 ) -> str:
     """An SVG of grouped horizontal bars, one group per label, one bar per series.
+
+    `reference` (value, text) draws a dashed vertical line across the bars at that value, named
+    at its top (e.g. an error budget); the axis reaches it. `subtitle` is a muted line under
+    the title (e.g. the part of the labels left out). `display` (one per label) is the text
+    shown for each label (e.g. from `distinct_labels`); the full label stays as its tooltip.
 
     `whiskers` (one per label, first series only) draws a line from the bar's end to that value
     with a cap (e.g. p50 bar, p90 whisker). `log` uses a base-10 axis; non-positive values then
@@ -118,10 +193,12 @@ def horizontal_bars(
     bar_h = 16 if n_series == 1 else 11
     group_gap = 10
     group_h = bar_h * n_series + group_gap
-    shown = [_truncate(label, _LABEL_MAX_CHARS) for label in labels]
+    shown = [_truncate(label, _LABEL_MAX_CHARS) for label in display or labels]
     label_w = max((_text_width(s) for s in shown), default=40) + 14
     legend_h = 24 if legend else 0
-    top = 30 + legend_h
+    subtitle_h = 18 if subtitle else 0
+    reference_h = 16 if reference is not None else 0
+    top = 30 + subtitle_h + legend_h + reference_h
     axis_name = axis_label if axis_label is not None else unit
     axis_h = 26 + (16 if axis_name or log else 0)
     height = int(top + group_h * len(labels) + axis_h + 6)
@@ -131,6 +208,8 @@ def horizontal_bars(
 
     values = [v for s in series for v in s.values if v is not None and math.isfinite(v)]
     values += [w for w in (whiskers or []) if w is not None and math.isfinite(w)]
+    if reference is not None and math.isfinite(reference[0]):
+        values.append(reference[0])
     positive = [v for v in values if v > 0]
     # Room for the longest value label after the bars.
     longest = max((_text_width(fmt(v)) for v in values), default=30)
@@ -167,10 +246,15 @@ def horizontal_bars(
         f'<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>',
         f'<text x="0" y="17" font-size="14" font-weight="600" fill="{_TEXT}">{escape(title)}</text>',
     ]
+    if subtitle:
+        parts.append(
+            f'<text x="0" y="{30 + 10:.1f}" font-size="11" fill="{_MUTED}">{escape(subtitle)}</text>'
+        )
     x = 0.0
+    ly = 30 + subtitle_h
     for name, color in legend or []:
-        parts.append(f'<rect x="{x:.1f}" y="30" width="12" height="12" rx="2" fill="{color}"/>')
-        parts.append(f'<text x="{x + 17:.1f}" y="40" fill="{_TEXT}">{escape(name)}</text>')
+        parts.append(f'<rect x="{x:.1f}" y="{ly}" width="12" height="12" rx="2" fill="{color}"/>')
+        parts.append(f'<text x="{x + 17:.1f}" y="{ly + 10}" fill="{_TEXT}">{escape(name)}</text>')
         x += 17 + _text_width(name) + 22
     plot_y0 = top - 4
     plot_y1 = top + group_h * len(labels) - group_gap + 4
@@ -189,6 +273,20 @@ def horizontal_bars(
         f'<line x1="{plot_x0:.1f}" y1="{plot_y0:.1f}" x2="{plot_x0:.1f}" y2="{plot_y1:.1f}" '
         f'stroke="{_MUTED}" stroke-width="1"/>'
     )
+    on_top: list[str] = []  # drawn after the bars
+    if reference is not None and math.isfinite(reference[0]) and not (log and reference[0] <= 0):
+        rx = x_of(reference[0])
+        on_top.append(
+            f'<line class="reference" x1="{rx:.1f}" y1="{plot_y0 - reference_h + 4:.1f}" '
+            f'x2="{rx:.1f}" y2="{plot_y1:.1f}" stroke="{_TEXT}" stroke-width="1.5" '
+            f'stroke-dasharray="5,3"/>'
+        )
+        anchor = "end" if rx > plot_x0 + plot_w / 2 else "start"
+        shift = -4 if anchor == "end" else 4
+        on_top.append(
+            f'<text x="{rx + shift:.1f}" y="{plot_y0 - reference_h + 12:.1f}" '
+            f'text-anchor="{anchor}" font-size="11" fill="{_TEXT}">{escape(reference[1])}</text>'
+        )
     if log:
         axis_name = f"{axis_name} (log scale)".strip()
     if axis_name:
@@ -245,6 +343,7 @@ def horizontal_bars(
                 f'<text x="{end + 5:.1f}" y="{by + bar_h - 3:.1f}" fill="{_TEXT}" '
                 f'font-size="11">{escape(text)}</text>'
             )
+    parts.extend(on_top)
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -280,11 +379,12 @@ def latency_chart(
     p50_ms: Sequence[float],
     p90_ms: Sequence[float | None],
     groups: Sequence[str] | None = None,
+    subtitle: str | None = None,
 ) -> str:
     """p50 latency bars with a whisker to p90, one per label (e.g. "model · provider").
 
     `groups` (one per label, e.g. the provider) colours the bars, with a legend when there are
-    several.
+    several; `subtitle` (e.g. the input shapes the timings ran on) goes under the title.
     """
     groups = list(groups) if groups is not None else ["p50"] * len(labels)
     names = list(dict.fromkeys(groups))
@@ -301,6 +401,7 @@ def latency_chart(
         ],
         whiskers=p90_ms,
         legend=list(colors.items()) if len(names) > 1 else None,
+        subtitle=subtitle,
     )
 
 
@@ -313,9 +414,12 @@ def layer_error_chart(errors: Sequence[tuple[str, float]], *, limit: int = 20) -
     positive = [e for _, e in top if e > 0]
     log = bool(positive) and max(positive) / min(positive) > 100
     title = f"Relative error per layer (largest {len(top)} of {len(errors)})"
+    shown, prefix, suffix = distinct_labels([name for name, _ in top])
     return horizontal_bars(
         [name for name, _ in top],
         [Series("relative error", [e for _, e in top], "#c9503c")],
+        display=shown,
+        subtitle=dropped_text(prefix, suffix),
         title=title,
         axis_label="relative error",
         log=log,

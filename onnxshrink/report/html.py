@@ -17,16 +17,20 @@ from typing import TYPE_CHECKING, Any
 from onnxshrink.report import charts
 from onnxshrink.report.model import figures, parity_seen_text
 from onnxshrink.report.text import (
-    BENCH_HEADERS,
     HELD_OUT_HEADERS,
     LAYER_ERRORS_SHOWN,
+    PEAK_NOTE,
+    ROLE_TEXT,
     SUMMARY_ROWS,
     SYNTHETIC_WARNING,
     bench_cells,
+    bench_headers,
+    bench_inputs,
     bench_settings_text,
     error_sort_key,
     figure_text,
     format_bytes,
+    headline_text,
     held_out_rows,
     held_out_text,
     kv_text,
@@ -78,6 +82,7 @@ td.name { overflow-wrap: anywhere; max-width: 520px; }
 #bench-table td:first-child { min-width: 12em; }
 #bench-table td:last-child { white-space: nowrap; }
 caption { caption-side: top; text-align: left; color: var(--muted); padding: 2px 0 4px; font-size: 12.5px; }
+.scroll { overflow-x: auto; }
 .chart { margin: 12px 0; max-width: 100%; height: auto; display: block; }
 ul.notes li { margin: 4px 0; }
 details summary { cursor: pointer; color: var(--muted); margin: 6px 0; }
@@ -137,13 +142,26 @@ def _img(svg: str | None, alt: str) -> str:
 
 def _bench_label(row: Mapping[str, Any], names: Mapping[str, str], single_provider: bool) -> str:
     model = names.get(str(row["model"]), str(row["model"]))
+    role = ROLE_TEXT.get(str(row.get("role")))
+    if role:  # original, lossless fp32, result: what the bars compare
+        model = role
     if single_provider:
         return model
     return f"{model} \u00b7 {short_provider(str(row['provider']))}"
 
 
-def _sensitivity_chart(sensitivity: Sequence[Mapping[str, Any]]) -> str | None:
-    """Bars of the sensitivity ranking: output NSR with one layer quantized alone."""
+#: sensitivity bars: layers the stage changed, layers it kept as they were
+_CHANGED_COLOR = "#2f6fde"
+_KEPT_COLOR = "#c9503c"
+
+
+def _sensitivity_chart(quant: Mapping[str, Any]) -> str | None:
+    """Bars of the sensitivity ranking: output NSR with one layer quantized alone; the layers
+    kept float in their own colour, the error budget as a dashed line, layer names without
+    what they all share (`charts.distinct_labels`)."""
+    sensitivity = quant["sensitivity"]
+    kept = {str(k["name"]) for k in quant["kept_float"]}
+    budget = quant["budget"]["max_error"]
     finite = [
         (str(e["layer"]), float(e["error"]))
         for e in sensitivity
@@ -152,16 +170,41 @@ def _sensitivity_chart(sensitivity: Sequence[Mapping[str, Any]]) -> str | None:
     if not finite:
         return None
     top = sorted(finite, key=lambda item: -item[1])[:LAYER_ERRORS_SHOWN]
-    positive = [e for _, e in top if e > 0]
+    values = [e for _, e in top]
+    reference = None
+    if isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0:
+        reference = (float(budget), f"budget {budget:g}")
+        values.append(float(budget))
+    positive = [e for e in values if e > 0]
+    shown, prefix, suffix = charts.distinct_labels([name for name, _ in top])
+    kept_as = str(quant.get("kept_as") or "float")
     return charts.horizontal_bars(
         [name for name, _ in top],
-        [charts.Series("noise-to-signal", [e for _, e in top], "#c9503c")],
-        title=f"Sensitivity: output error with one layer quantized alone (largest {len(top)} "
-        f"of {len(sensitivity)})",
+        [
+            charts.Series(
+                "noise-to-signal",
+                [e for _, e in top],
+                _CHANGED_COLOR,
+                colors=[_KEPT_COLOR if name in kept else _CHANGED_COLOR for name, _ in top],
+            )
+        ],
+        title=f"Sensitivity: output error with one layer quantized alone (largest "
+        f"{len(top)} of {len(sensitivity)})",
         axis_label="output noise-to-signal ratio",
         log=bool(positive) and max(positive) / min(positive) > 100,
         value_format="{:.2e}",
+        legend=[(f"kept {kept_as}", _KEPT_COLOR), (str(quant["stage"]), _CHANGED_COLOR)],
+        reference=reference,
+        subtitle=charts.dropped_text(prefix, suffix),
+        display=shown,
     )
+
+
+def _shapes_subtitle(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """ "inputs x: 1x3x640x640" when every timed row ran on the same shapes; else None (the
+    table's inputs column says each row's)."""
+    same = bench_inputs(rows)
+    return f"inputs {same}" if same else None
 
 
 def render_html(
@@ -180,21 +223,24 @@ def render_html(
     status, status_cls = parity_status(parity)
     body: list[str] = []
 
-    # Header with the headline figures.
-    rel = [o.get("max_rel") for o in parity.get("outputs", [])]
-    worst: float | None = max((float(v) for v in rel if isinstance(v, (int, float))), default=None)
-    if any(v in ("inf", "nan") for v in rel):
-        worst = math.inf
+    # Header with the headline figures: the verdict is on the written model (for a lossy
+    # result its held-out check and budget), the lossless stage's parity beside it.
     if not parity["checked"]:
         parity_detail = "--no-verify"
     elif not parity["verified"]:
         parity_detail = _e(parity.get("reason") or "")
     else:
+        worst = d["headline"].get("max_rel_error") if d["quantization"] is None else None
+        rel = [o.get("max_rel") for o in parity.get("outputs", [])]
+        if worst is None:
+            finite = [float(v) for v in rel if isinstance(v, (int, float))]
+            worst = "inf" if any(v in ("inf", "nan") for v in rel) else max(finite, default=None)
         parity_detail = (
-            f"max rel err {worst:.2e}, rtol {parity['rtol']:g}"
+            f"max rel err {figure_text(worst, 'err')}, rtol {parity['rtol']:g}"
             if worst is not None
             else f"rtol {parity['rtol']:g}"
         )
+    verdict_label, verdict, verdict_detail, verdict_cls = headline_text(d["headline"])
 
     def card(label: str, value: str, detail: str, cls: str = "") -> str:
         klass = f"value {cls}".strip()
@@ -220,7 +266,14 @@ def render_html(
             f"{format_bytes(before['bytes'])} \u2192 {format_bytes(after['bytes'])}",
             "ok" if (change["bytes"] or 0) < 0 else "",
         ),
-        card("parity", _e(status), parity_detail, status_cls),
+        card(_e(verdict_label), _e(verdict), _e(verdict_detail), verdict_cls)
+        if d["quantization"] is not None
+        else card("parity", _e(status), parity_detail, status_cls),
+        *(
+            [card("lossless stage parity", _e(status), parity_detail, status_cls)]
+            if d["quantization"] is not None
+            else []
+        ),
         card(
             "optimize time", f"{d['seconds']:.2f} s", f"{len(d['rules']['applied'])} rules applied"
         ),
@@ -408,8 +461,9 @@ def render_html(
         if quant["sensitivity"]:
             body.append(
                 _img(
-                    _sensitivity_chart(quant["sensitivity"]),
-                    "Bar chart: output noise-to-signal ratio with one layer quantized alone",
+                    _sensitivity_chart(quant),
+                    "Bar chart: output noise-to-signal ratio with one layer quantized alone; "
+                    f"layers kept {quant['kept_as']} in red, the error budget as a dashed line",
                 )
             )
         check = quant["held_out_check"]
@@ -456,13 +510,18 @@ def render_html(
                 [float(r["p50_ms"]) for r in timed],
                 [r["p90_ms"] if isinstance(r["p90_ms"], (int, float)) else None for r in timed],
                 groups=None if single else [short_provider(str(r["provider"])) for r in timed],
+                subtitle=_shapes_subtitle(timed),
             )
             body.append(_img(svg, "Bar chart: p50 latency per model and provider, whiskers to p90"))
         if brows:
             settings = bench_settings_text(bench_d["settings"])
+            same_inputs = bench_inputs(brows)
+            if same_inputs:
+                body.append(f"<p>Inputs of every timing: <b>{_e(same_inputs)}</b>.</p>")
+            body.append('<div class="scroll">')
             body.append(
                 _table(
-                    BENCH_HEADERS,
+                    bench_headers(brows),
                     [
                         bench_cells(
                             r,
@@ -471,15 +530,22 @@ def render_html(
                                 f'<span title="{_e(m)}">{_e_path(names.get(str(m), m))}</span>'
                             ),
                             sep="<br>",
+                            inputs=same_inputs is None,
                         )
                         for r in brows
                     ],
                     table_id="bench-table",
-                    caption=(f"{_e(settings)}; " if settings else "")
-                    + "ratio: p50 against the first model on the same provider (below 1 is "
-                    "faster); placement: share of the nodes ORT ran on each provider",
                     name_cols=(0,),
                 )
+            )
+            body.append("</div>")
+            body.append(
+                '<p class="muted">'
+                + (f"{_e(settings)}; " if settings else "")
+                + "ratio: p50 against the first model on the same provider (below 1 is "
+                "faster); placement: share of the nodes ORT ran on each provider; "
+                + _e(PEAK_NOTE)
+                + ".</p>"
             )
         else:
             body.append('<p class="warn">No benchmark ran.</p>')

@@ -12,16 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 from onnxshrink.report.model import figures, parity_seen_text
 from onnxshrink.report.text import (
-    BENCH_HEADERS,
     HELD_OUT_HEADERS,
     LAYER_ERRORS_SHOWN,
+    PEAK_NOTE,
     SUMMARY_ROWS,
     SYNTHETIC_WARNING,
     bench_cells,
+    bench_headers,
+    bench_inputs,
     bench_settings_text,
     error_sort_key,
     figure_text,
     format_bytes,
+    headline_text,
     held_out_rows,
     held_out_text,
     kv_text,
@@ -82,10 +85,16 @@ def render_markdown(
     def pct(key: str) -> str:
         return "n/a" if change[key] is None else f"{change[key]:+.1f}%"
 
+    verdict_label, verdict, verdict_detail, _ = headline_text(d["headline"])
+    verdict_text = f"**{_md(verdict_label)}** {_md(verdict)}" + (
+        f" ({_md(verdict_detail)})" if verdict_detail else ""
+    )
+    if d["quantization"] is not None:  # the verdict is the lossy model's; parity the lossless'
+        verdict_text += f" \u00b7 **lossless stage parity** {status}"
     out.append(
         f"**nodes** {before['nodes']:,} \u2192 {after['nodes']:,} ({pct('nodes')}) \u00b7 "
         f"**size** {format_bytes(before['bytes'])} \u2192 {format_bytes(after['bytes'])} "
-        f"({pct('bytes')}) \u00b7 **parity** {status} \u00b7 **time** {d['seconds']:.2f} s"
+        f"({pct('bytes')}) \u00b7 {verdict_text} \u00b7 **time** {d['seconds']:.2f} s"
     )
     out += [
         "",
@@ -244,13 +253,23 @@ def render_markdown(
     if bench_d is not None:
         out += ["", "## Benchmark", ""]
         if bench_d["rows"]:
-            out.append(_md_table(BENCH_HEADERS, [bench_cells(r, _md) for r in bench_d["rows"]]))
+            brows = bench_d["rows"]
+            same_inputs = bench_inputs(brows)
+            if same_inputs:
+                out += [f"Inputs of every timing: **{_md(same_inputs)}**.", ""]
+            out.append(
+                _md_table(
+                    bench_headers(brows),
+                    [bench_cells(r, _md, inputs=same_inputs is None) for r in brows],
+                )
+            )
             settings = bench_settings_text(bench_d["settings"])
             out += [
                 "",
                 (f"{settings}; " if settings else "")
                 + "ratio: p50 against the first model on the same provider (below 1 is "
-                "faster); placement: share of the nodes ORT ran on each provider.",
+                "faster); placement: share of the nodes ORT ran on each provider; "
+                f"{_md(PEAK_NOTE)}.",
             ]
             warnings = [
                 (r["model"], r["provider"], w)

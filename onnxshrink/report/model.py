@@ -8,7 +8,7 @@ ranking, the held-out check). Non-finite floats become the strings "inf", "-inf"
 
 The bench report comes from `onnxshrink.bench` and is read duck-typed (attributes or mapping
 keys: `rows`, `skipped`, `environment`; row fields `model, provider, p50_ms, p90_ms, mean_ms,
-throughput, session_s, peak_mb, placement, ratio, runs`), and so is the lossy stage's result
+throughput, session_s, peak_mb, placement, ratio, runs, input_shapes, role`), and so is the lossy stage's result
 (`onnxshrink.quant.lossy.StageResult`, `HeldOutCheck`), so this module imports neither.
 """
 
@@ -41,6 +41,9 @@ _BENCH_FIELDS = (
     "placement",
     "ratio",
     "runs",
+    "input_shapes",
+    "role",
+    "peak_source",
 )
 
 
@@ -275,7 +278,75 @@ def report_dict(
             _get(result, "quantization"), _get(result, "quantized_parity")
         ),
     }
+    data["headline"] = headline(data)
     return _clean(data)
+
+
+def headline(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The verdict on the written model, from a report's figures (`report_dict`).
+
+    With a lossy stage the written model is the stage's: the verdict is its held-out check
+    against the original within the stage's budget (`ok` None when it was not checked); the
+    lossless stage's parity is only how the stage's starting point was checked. Without one,
+    the verdict is the parity check. Keys: `model` ("lossy" or "lossless"), `stage`, `ok`,
+    `status` (a word for the headline), and the figures it rests on.
+    """
+    quant = d.get("quantization")
+    parity = d["parity"]
+    if quant is None:
+        if not parity["checked"]:
+            status, ok = "not checked", None
+        elif not parity["verified"]:
+            status, ok = "not verified", None
+        else:
+            status, ok = ("ok", True) if parity["passed"] else ("FAILED", False)
+        rel = [o.get("max_rel") for o in parity.get("outputs", [])]
+        finite = [float(v) for v in rel if isinstance(v, (int, float))]
+        worst = math.inf if any(v in ("inf", "nan") for v in rel) else max(finite, default=None)
+        return {
+            "model": "lossless",
+            "stage": None,
+            "status": status,
+            "ok": ok,
+            "max_rel_error": worst,
+            "rtol": parity.get("rtol"),
+        }
+    check = quant.get("held_out_check")
+    budget = quant["budget"]["max_error"]
+    data: dict[str, Any] = {
+        "model": "lossy",
+        "stage": quant["stage"],
+        "budget": budget,
+        "calibration_error": quant["budget"]["final_error"],
+        "error": None,
+        "held_out": None,
+        "source": None,
+        "samples": None,
+        "min_cosine": None,
+        "metric": None,
+        "metric_value": None,
+    }
+    if check is None:
+        return {**data, "status": "not checked", "ok": None, "reason": "--no-verify"}
+    if not check["verified"]:
+        return {**data, "status": "not checked", "ok": None, "reason": check["reason"]}
+    error = check["error"]
+    within = (
+        isinstance(error, (int, float)) and isinstance(budget, (int, float)) and error <= budget
+    )
+    cosines = [o["cosine"] for o in check["outputs"] if isinstance(o.get("cosine"), (int, float))]
+    return {
+        **data,
+        "status": "within budget" if within else "OVER budget",
+        "ok": within,
+        "error": error,
+        "held_out": check["held_out"],
+        "source": check["source"],
+        "samples": check["samples"],
+        "min_cosine": min(cosines, default=None),
+        "metric": check.get("metric"),
+        "metric_value": check.get("metric_value"),
+    }
 
 
 def _layer_dict(layer: Any) -> dict[str, Any]:
@@ -337,6 +408,7 @@ def _quantization_dict(quant: Any, check: Any) -> dict[str, Any] | None:
                 "ratio": _get(speed, "ratio"),
                 "runs": _get(speed, "runs"),
                 "float_apart": _get(speed, "float_apart"),
+                "input_shapes": _get(speed, "input_shapes"),
             }
             if (speed := _get(quant, "speed")) is not None
             else None

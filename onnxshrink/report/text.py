@@ -65,6 +65,49 @@ def figure_text(value: Any, kind: str = "int") -> str:
     return f"{int(value):,d}"
 
 
+def shapes_text(shapes: Mapping[str, Sequence[int]] | None) -> str:
+    """Input shapes in words: "x: 1x3x640x640"; inputs of one shape share it ("input_ids,
+    attention_mask: 4x21"); "" when unknown. Says what a timing ran on."""
+    if not shapes:
+        return ""
+    groups: dict[str, list[str]] = {}
+    for name, dims in shapes.items():
+        text = "x".join(str(int(d)) for d in dims) if len(dims) else "scalar"
+        groups.setdefault(text, []).append(str(name))
+    return "; ".join(f"{', '.join(names)}: {dims}" for dims, names in groups.items())
+
+
+def headline_text(h: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """The headline verdict on the written model (`model.headline`) as (label, value, detail,
+    css class): for a lossy result its held-out check and budget, else the parity check."""
+    status = str(h["status"])
+    cls = {True: "ok", False: "bad"}.get(h["ok"], "warn")
+    if h["model"] == "lossless":
+        detail = (
+            f"max rel err {figure_text(h['max_rel_error'], 'err')}, rtol {h['rtol']:g}"
+            if h["ok"] is not None
+            else ""
+        )
+        return "parity", status, detail, cls
+    label = f"{h['stage']} vs original"
+    if h["error"] is None:
+        return label, status, str(h.get("reason") or ""), cls
+    where = "held-out" if h["held_out"] else "NOT held-out"
+    detail = (
+        f"NSR {figure_text(h['error'], 'float')} on {h['samples']} {where} run(s), budget "
+        f"{figure_text(h['budget'], 'float')}"
+        + (
+            f"; min cosine {parity_cell(h['min_cosine'], 'cos')}"
+            if h["min_cosine"] is not None
+            else ""
+        )
+        + (f"; {h['metric']} {figure_text(h['metric_value'], 'float')}" if h.get("metric") else "")
+    )
+    if not h["held_out"] and cls == "ok":
+        cls = "warn"
+    return label, status, detail, cls
+
+
 def summary_cell(key: str, value: int) -> str:
     """A before/after figure: sizes as KB/MB, counts with thousands separators."""
     return format_bytes(value) if key == "bytes" else f"{value:,d}"
@@ -226,6 +269,7 @@ def quantization_lines(q: Mapping[str, Any]) -> list[str]:
                 if speed.get("float_apart")
                 else "interleaved runs"
             )
+            + (f" on {shapes_text(speed['input_shapes'])}" if speed.get("input_shapes") else "")
             + f"): float "
             f"{speed['float_ms']:.2f} ms, int8 compute {speed['int8_ms']:.2f} ms"
             + (
@@ -303,13 +347,46 @@ BENCH_HEADERS = (
 )
 
 
+def bench_inputs(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The input shapes every benchmark row ran on, when they are the same for all (then said
+    once, above the table); None when they differ (then `bench_cells` gives each row's)."""
+    texts = {shapes_text(r.get("input_shapes")) for r in rows}
+    return texts.pop() if len(texts) == 1 else None
+
+
+def bench_headers(rows: Sequence[Mapping[str, Any]]) -> tuple[tuple[str, bool], ...]:
+    """`BENCH_HEADERS`, with an inputs column when the rows ran on different shapes."""
+    if bench_inputs(rows) is not None:
+        return BENCH_HEADERS
+    return (*BENCH_HEADERS[:-1], ("inputs", False), BENCH_HEADERS[-1])
+
+
+#: the benchmark rows' roles (`onnxshrink.bench.benchmark_optimized`) in the model column
+ROLE_TEXT = {"original": "original", "lossless": "lossless fp32", "result": "result"}
+
+#: what the benchmark's peak MB column measures (the reports' note under the table)
+PEAK_NOTE = (
+    "peak MB: how far the process's peak resident memory rose over this model's session "
+    "creation and first run (free heap memory handed back to the system first, so that memory "
+    "freed earlier does not hide it); on GPU rows, device memory growth; "
+    "\u2013 where it could not be measured"
+)
+
+
 def bench_cells(
-    row: Mapping[str, Any], esc: Any, model_cell: Any = None, sep: str = ", "
+    row: Mapping[str, Any],
+    esc: Any,
+    model_cell: Any = None,
+    sep: str = ", ",
+    inputs: bool = False,
 ) -> list[str]:
     """One benchmark table row; `esc` escapes text for the target format, `model_cell` (the
-    path -> cell text) overrides the model column, `sep` joins the placement shares."""
+    path -> cell text) overrides the model column, `sep` joins the placement shares, `inputs`
+    adds the input shapes (`bench_headers`)."""
+    model = model_cell(row["model"]) if model_cell else esc(row["model"])
+    role = ROLE_TEXT.get(str(row.get("role")))
     return [
-        model_cell(row["model"]) if model_cell else esc(row["model"]),
+        f"{esc(role)}: {model}" if role else model,
         esc(short_provider(str(row["provider"]))),
         figure_text(row["p50_ms"], "ms"),
         figure_text(row["p90_ms"], "ms"),
@@ -319,6 +396,7 @@ def bench_cells(
         figure_text(row["peak_mb"], "float"),
         figure_text(row["ratio"], "ratio"),
         figure_text(row["runs"]),
+        *([esc(shapes_text(row.get("input_shapes"))) or "\u2013"] if inputs else []),
         sep.join(esc(part) for part in _placement_parts(row["placement"])) or "\u2013",
     ]
 
