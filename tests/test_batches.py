@@ -188,3 +188,14 @@ def test_a_file_that_does_not_fit_is_not_told_to_pass_inputs(tmp_path, pinned):
         text = _flat(result.stderr)
         assert "index: 1 Got: 5 Expected: 16" in text
         assert "--input-shape or --inputs" not in text and "--batch 1" not in text
+
+
+def test_calibration_on_a_batch_1_model_runs_one_sample_each(tmp_path, pinned):
+    calib = sample_file(tmp_path / "calib.npz", 8, seed=1)
+    held = sample_file(tmp_path / "held.npz", 8, seed=2)
+    result = _run(
+        "optimize", pinned, "-o", tmp_path / "q.onnx", "--quantize", "int8",
+        "--calibration-data", calib, "--inputs", held, "--max-error", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "8 sample(s) in 8 run(s) of 1 from" in _flat(result.stdout)

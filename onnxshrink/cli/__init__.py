@@ -700,11 +700,13 @@ def _print_quantization(result: OptimizeResult) -> None:
     budget = q.budget
     out.print()
     seen = f"{q.samples} sample(s) in {q.feeds} run(s)" if q.samples else f"{q.feeds} run(s)"
+    # one sample per run (a model pinned to batch 1): say so, not "of at most 8"
+    runs_of = "of 1" if q.samples and q.samples == q.feeds else f"of at most {q.batch}"
     method = f", calibration method {q.method}" if q.method else ""
     out.print(
         styled(
             (f"{q.stage} {q.family}", "bold"),
-            f": target {q.target}{method}, {seen} of at most {q.batch} from {q.calibration}",
+            f": target {q.target}{method}, {seen} {runs_of} from {q.calibration}",
         ),
         highlight=False,
     )
