@@ -73,11 +73,14 @@ from onnxshrink.engine.io import graph_protos, load_model, save_model
 from onnxshrink.engine.shapes import pin_input_shapes
 from onnxshrink.errors import UsageError, first_line, require_onnxruntime
 from onnxshrink.verify.parity import (
+    DEFAULT_BATCH,
     DEFAULT_DYNAMIC_DIM,
+    InputBatches,
+    declared_batches,
+    feed_samples,
     generate_inputs,
-    load_inputs,
+    input_failure,
     model_inputs,
-    npz_files,
 )
 
 if TYPE_CHECKING:  # imported lazily at run time: loading onnxruntime takes a while
@@ -238,6 +241,7 @@ class _Model:
     feed: dict[str, np.ndarray]
     samples: int
     quantized: bool
+    from_file: bool = False  # the feed is the user's --inputs, not generated
 
 
 @dataclass
@@ -347,7 +351,19 @@ def _benchmark(
     trt_cache: str | os.PathLike[str] | None = None,
     seed: int = 0,
 ) -> BenchReport:
-    """`benchmark` on model files, each reported under its label."""
+    """Time each model on each provider in interleaved rounds; see the module docstring.
+
+    `models` are paths, each reported under its label. `input_shapes` pins dims of named inputs (each name
+    must be an input of at least one model); `batch` sets axis 0 of generated inputs whose axis 0
+    the model leaves dynamic; `inputs` is an .npz with one array per input name (a folder of
+    them), axis 0 the samples, for every model (each takes the arrays it names): a model is
+    timed on the first run of it that `InputBatches` makes, `batch` samples (default: a fixed
+    batch one of the models declares, else at most DEFAULT_BATCH), or the model's own fixed
+    batch (a file of 8 samples times one sample on a model pinned to batch 1). Raises UsageError
+    for bad arguments (missing or invalid models, unknown provider names, shapes that do not fit);
+    providers that cannot run land in `skipped`, as do models that fail. `progress(done, total)`
+    is called after every round.
+    """
     import onnxruntime as ort
 
     names = parse_providers(providers)
@@ -361,8 +377,6 @@ def _benchmark(
         raise UsageError(f"--threads must be at least 1 (got {threads})")
     if batch is not None and batch < 1:
         raise UsageError(f"--batch must be at least 1 (got {batch})")
-    if batch is not None and inputs is not None:
-        raise UsageError("--batch applies to generated inputs; with --inputs the arrays set it")
 
     prepared = _prepare_models(models, labels, input_shapes or {}, batch, inputs, seed)
     available = ort.get_available_providers()
@@ -475,18 +489,38 @@ def _prepare_models(
                 f"--input-shape names {name!r}, which is not an input of any model "
                 f"({', '.join(sorted(known)) or 'none'})"
             )
-    inputs_file = npz_files(inputs)[0] if inputs is not None else None
+    # One batch size for every model where it is free to choose: a fixed batch that another
+    # model declares (its original beside its optimized copy), else --batch, else runs of at
+    # most DEFAULT_BATCH; so that the models are timed on the same feed.
+    fixed = {
+        size
+        for _, _, proto in loaded
+        for _, size in declared_batches(proto).values()
+        if size is not None and size > 0
+    }
+    common = batch if batch is not None or len(fixed) != 1 else next(iter(fixed))
     prepared = []
     for label, path, proto in loaded:
-        feed = (
-            next(load_inputs(inputs_file, [v.name for v in model_inputs(proto)]))
-            if inputs_file is not None
-            else _generated_feed(label, proto, input_shapes, batch, seed)
+        if inputs is not None:
+            feed, samples = _first_batch(inputs, proto, common)
+        else:
+            feed = _generated_feed(label, proto, input_shapes, batch, seed)
+            first = next((v for v in feed.values() if v.ndim > 0), None)
+            samples = int(first.shape[0]) if first is not None else 1
+        prepared.append(
+            _Model(label, path, feed, max(samples, 1), is_quantized(proto), inputs is not None)
         )
-        first = next((v for v in feed.values() if v.ndim > 0), None)
-        samples = int(first.shape[0]) if first is not None else 1
-        prepared.append(_Model(label, path, feed, max(samples, 1), is_quantized(proto)))
     return prepared
+
+
+def _first_batch(
+    inputs: str | os.PathLike[str], model: onnx.ModelProto, batch: int | None
+) -> tuple[dict[str, np.ndarray], int]:
+    """The first run `InputBatches` makes of `inputs` for `model` (axis 0: samples), and the
+    samples it holds: what the model is timed on."""
+    batches = InputBatches(Path(inputs), model, batch, max_batch=DEFAULT_BATCH)
+    feed = next(iter(batches))
+    return feed, feed_samples(feed, declared_batches(model))
 
 
 def _generated_feed(
@@ -558,7 +592,8 @@ def _session_options(threads: int | None, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # fatal only: a model failing on the inputs is reported as a skipped row, in one line
+    options.log_severity_level = 4
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -687,10 +722,8 @@ def _open(
         item.run()
         item.first_run_s = time.perf_counter() - start
     except Exception as exc:
-        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in m.feed.items())
         return (
-            f"{m.label}: fails on the inputs ({shapes}): {first_line(exc, 300)}; "
-            "pass --input-shape or --inputs",
+            f"{m.label}: fails on the inputs {input_failure(session, m.feed, exc, m.from_file)}",
             False,
         )
     item.peak_mb, item.peak_source = meter.stop()

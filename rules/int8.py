@@ -501,6 +501,7 @@ def quantize_int8(
             reference,
             max_error,
             float_ms,
+            stage("speed check"),
         )
         timings["speed check"] = time.perf_counter() - phase
         logger.info("speed check: %.2f s", timings["speed check"])
@@ -584,6 +585,7 @@ def _speed_aware(
     reference: ErrorReference,
     max_error: float,
     float_ms: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, QuantizeReport, SpeedCheck]:
     """Module docstring 5: int8 compute, or float compute with int8 weights, by measurement.
 
@@ -614,10 +616,12 @@ def _speed_aware(
         # search, so that the float weights are never held by Python, a float session and the
         # candidates at once; the two candidates are timed against each other here. The
         # slower-than-float warning is then judged on runs timed apart, not interleaved.
-        ms = interleaved_ms([quantized] + ([weights] if within else []), feed, SPEED_RUNS)
+        ms = interleaved_ms([quantized] + ([weights] if within else []), feed, SPEED_RUNS, progress)
         speed = SpeedCheck(float_ms, ms[0], SPEED_RUNS, ms[1] if within else None, float_apart=True)
     else:
-        speed = speed_check(model, quantized, feed, weights_model=weights if within else None)
+        speed = speed_check(
+            model, quantized, feed, weights_model=weights if within else None, progress=progress
+        )
     logger.info(
         "speed: float %.2f ms, int8 %.2f ms, float compute with int8 weights %s ms",
         speed.float_ms,

@@ -177,3 +177,41 @@ g (float[2] x) => (float[2] y) {
         w = Identity(v)
     }>
 }""")
+
+
+def dense_net(batch: int | str = "N", takes_one_sample: bool = False) -> onnx.ModelProto:
+    """x [batch, 16] -> MatMul, Relu, MatMul -> y [batch, 4]: a tiny model with weights to
+    quantize, for the commands that take samples (axis 0 of an .npz).
+
+    `batch` is the declared axis-0 dim ("N" dynamic, 1 pinned). `takes_one_sample` adds a
+    Reshape to [1, 16] first: the model then declares a dynamic batch but fails on more than
+    one sample, as exported models with a hard-coded shape do.
+    """
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.normal(size=(16, 32)).astype(np.float32) / 4,
+        "w2": rng.normal(size=(32, 4)).astype(np.float32) / 6,
+    }
+    first = (
+        "s = Constant<value = int64[2] {1, 16}>()\n    a = Reshape(x, s)"
+        if takes_one_sample
+        else "a = Identity(x)"
+    )
+    out = 1 if takes_one_sample else batch
+    return make_model(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[{batch}, 16] x) => (float[{out}, 4] y) {{
+    {first}
+    h = MatMul(a, w1)
+    r = Relu(h)
+    y = MatMul(r, w2)
+}}""",
+        weights,
+    )
+
+
+def sample_file(path, n: int, seed: int = 0) -> str:
+    """An .npz of `n` samples of `dense_net`'s input along axis 0; returns its path."""
+    x = np.random.default_rng(seed).normal(size=(n, 16)).astype(np.float32)
+    np.savez(path, x=x)
+    return str(path)

@@ -238,9 +238,16 @@ def test_help_explains_the_options():
         assert text in result.output
 
 
-def test_progress_only_on_a_terminal():
-    quiet = Console(file=io.StringIO())
-    with progress_bar(quiet, "parity") as callback:
+def test_progress_bar_on_a_terminal_plain_lines_off_one():
+    plain = Console(file=io.StringIO())
+    with progress_bar(plain, "parity", unit="runs") as callback:
+        assert callback is not None
+        callback(1, 2)
+        callback(2, 2)
+    lines = plain.file.getvalue().splitlines()
+    assert lines[0] == "progress: parity 1/2 runs"
+    assert lines[-1].startswith("progress: parity 2/2 runs")
+    with progress_bar(plain, "parity", enabled=False) as callback:
         assert callback is None
     terminal = Console(file=io.StringIO(), force_terminal=True)
     with progress_bar(terminal, "parity") as callback:

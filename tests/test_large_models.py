@@ -319,9 +319,9 @@ def test_large_model_speed_check_times_the_float_model_apart(tmp_path, monkeypat
     timed: list[int] = []
     real = int8_module.interleaved_ms
 
-    def counting(models, feed, runs):
+    def counting(models, feed, runs, progress=None):
         timed.append(len(models))
-        return real(models, feed, runs)
+        return real(models, feed, runs, progress)
 
     monkeypatch.setattr(int8_module, "interleaved_ms", counting)
     result = optimize(source, tmp_path / "out.onnx", quantize="int8", calibration_data=calib)

@@ -8,7 +8,6 @@ What the commands share (consoles, failures, progress bars, the benchmark table)
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import sys
@@ -34,6 +33,7 @@ from onnxshrink.cli.common import (
     print_bench_report,
     progress_bar,
     setup_logging,
+    staged_progress,
     styled,
 )
 from onnxshrink.cli.help_layout import paragraphs
@@ -44,7 +44,13 @@ from onnxshrink.quant.sensitivity import DEFAULT_MAX_ERROR
 from onnxshrink.quant.sparsity import DEFAULT_SPARSIFY_MAX_ERROR
 from onnxshrink.quant.targets import TARGETS as QUANTIZE_TARGETS
 from onnxshrink.rules import LOSSY_STAGES
-from onnxshrink.verify.parity import DEFAULT_ATOL, DEFAULT_RTOL, DEFAULT_TIME_LIMIT, samples_text
+from onnxshrink.verify.parity import (
+    BATCH_HELP,
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    DEFAULT_TIME_LIMIT,
+    samples_text,
+)
 
 help_layout.install()
 
@@ -225,15 +231,17 @@ def optimize(
             rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option("--batch", min=1, metavar="N", help=BATCH_HELP),
+    ] = None,
     calibration_batch: Annotated[
         int,
         typer.Option(
             "--calibration-batch",
             min=1,
-            help="Samples per run where the model's batch dim is dynamic: calibration data (and "
-            "--inputs) are cut along axis 0 into runs of at most this many and streamed, so "
-            "memory does not depend on how many samples a file holds.",
-            rich_help_panel="lossy stages (int8, fp16, int4)",
+            hidden=True,  # the older name of --batch's default; --batch N sets both
+            help="Runs of at most this many samples where --batch is not given.",
         ),
     ] = CALIBRATION_BATCH,
     calibration_method: Annotated[
@@ -431,7 +439,8 @@ def optimize(
     calibration data to lower the rounding error; layers that break --max-error stay float.
 
     Exit codes: 0 written; 1 parity failed, a parity run passed --time-limit, --debug-verify
-    caught a broken pass, or internal failure (nothing written); 2 bad input.
+    caught a broken pass, or internal failure (nothing written); 2 bad input; 3 written, but
+    --bench could not time every model.
 
     \b
     Examples:
@@ -468,7 +477,7 @@ def optimize(
         lossy = quantize is not None or sparsify is not None
         # with a lossy stage, --bench also times the lossless model, written aside from memory
         scratch = tempfile.TemporaryDirectory(prefix="onnxshrink-") if bench and lossy else None
-        with _optimize_progress(err, model.name, lossy) as progress:
+        with _optimize_progress(err, model.name) as progress:
             result = run_optimize(
                 model,
                 target,
@@ -489,6 +498,7 @@ def optimize(
                 calibration_provider=calibration_provider,
                 check_speed=not no_speed_check,
                 calibration_batch=calibration_batch,
+                batch=batch,
                 metric=metric,
                 mask_input=mask_input,
                 block_size=block_size,
@@ -508,7 +518,7 @@ def optimize(
         if bench:
             from onnxshrink.bench import benchmark_optimized, parse_providers
 
-            with progress_bar(err, "benchmarking") as progress:
+            with progress_bar(err, "benchmarking", unit="rounds") as bench_progress:
                 bench_report = benchmark_optimized(
                     model,
                     result,
@@ -516,7 +526,8 @@ def optimize(
                     input_shapes=shapes,
                     inputs=inputs,
                     runs=bench_runs,
-                    progress=progress,
+                    batch=batch,
+                    progress=bench_progress,
                 )
         bench_seconds = time.perf_counter() - bench_seconds
         if scratch is not None:
@@ -531,7 +542,9 @@ def optimize(
         print_bench_report(out, bench_report)
         for provider_name, reason in bench_report.skipped:
             err.print(
-                styled((f"bench skipped {provider_name}:", "yellow"), f" {reason}"),
+                styled(
+                    ("warning:", "yellow"), f" --bench could not time on {provider_name}: {reason}"
+                ),
                 highlight=False,
                 soft_wrap=True,
             )
@@ -555,6 +568,14 @@ def optimize(
     if json_path is not None:
         _write_json(
             json_path, model, result, bench_report, bench_seconds if bench else None, stdout
+        )
+    if bench_report is not None and bench_report.skipped:
+        # --bench was asked for and did not time every model: exit 3, not 0 (the model is
+        # written and verified; CI sees that the timing it asked for is missing)
+        fail(
+            "--bench did not time every model on every provider (see the warnings); "
+            f"the model is written: {result.output_path}",
+            3,
         )
 
 
@@ -821,46 +842,21 @@ def _print_result(model: Path, result: OptimizeResult, verbose: int) -> None:
         out.print(table)
 
 
-@contextlib.contextmanager
-def _optimize_progress(console: Console, name: str, quantizing: bool):
-    """A spinner while optimizing; with quantization, one bar per stage (calibration pass,
-    sensitivity sessions, held-out check). Yields optimize()'s progress callback (or None)."""
-    if not console.is_terminal:
-        yield None
-        return
-    if not quantizing:
-        with console.status(f"optimizing {name}...", spinner="dots"):
-            yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TaskID,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+#: what each stage of `optimize` counts, for its progress line
+_STAGE_UNITS = {
+    "parity": "runs",
+    "calibration": "runs",
+    "held-out check": "runs",
+    "speed check": "rounds",
+    "benchmarking": "rounds",
+}
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}", style="progress.description", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, TaskID] = {"": bar.add_task(f"optimizing {name}", total=None)}
 
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                for task in tasks.values():  # an earlier stage is over
-                    bar.update(task, visible=False)
-                tasks[stage] = bar.add_task(stage, total=total or None)
-            bar.update(tasks[stage], completed=done, total=total or None)
-
-        yield update
+def _optimize_progress(console: Console, name: str):
+    """optimize()'s progress callback (stage, done, total), as `staged_progress` shows it: a
+    spinner and one bar per stage on a terminal (parity, calibration, sensitivity, speed
+    check, held-out check), throttled plain lines off one."""
+    return staged_progress(console, f"optimizing {name}", _STAGE_UNITS)
 
 
 #: rows of the "layers kept float" table in the terminal
@@ -875,11 +871,13 @@ def _print_quantization(result: OptimizeResult) -> None:
     budget = q.budget
     out.print()
     seen = f"{q.samples} sample(s) in {q.feeds} run(s)" if q.samples else f"{q.feeds} run(s)"
+    # one sample per run (a model pinned to batch 1): say so, not "of at most 8"
+    runs_of = "of 1" if q.samples and q.samples == q.feeds else f"of at most {q.batch}"
     method = f", calibration method {q.method}" if q.method else ""
     out.print(
         styled(
             (f"{q.stage} {q.family}", "bold"),
-            f": target {q.target}{method}, {seen} of at most {q.batch} from {q.calibration}",
+            f": target {q.target}{method}, {seen} {runs_of} from {q.calibration}",
         ),
         highlight=False,
     )
@@ -956,7 +954,8 @@ def _print_quantization(result: OptimizeResult) -> None:
         return
     what = "held-out" if check.held_out else "NOT held-out"
     out.print(
-        f"{q.stage} vs original on {check.source} ({what}, {check.samples} run(s)): "
+        f"{q.stage} vs original on {check.source} "
+        f"({what}, {samples_text(check.samples, check.rows)}): "
         f"noise-to-signal {check.error:.3g} (worst channel group)"
         + (
             ""

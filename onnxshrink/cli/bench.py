@@ -19,6 +19,7 @@ from onnxshrink.cli.common import (
     styled,
 )
 from onnxshrink.cli.help_layout import paragraphs
+from onnxshrink.verify.parity import BATCH_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -55,12 +56,7 @@ def bench(
     ] = None,
     batch: Annotated[
         int | None,
-        typer.Option(
-            "--batch",
-            help="Axis 0 of generated inputs whose axis 0 the model leaves dynamic (throughput "
-            "counts it as samples) \\[default: 1, or what --input-shape says].",
-            show_default=False,
-        ),
+        typer.Option("--batch", min=1, metavar="N", help=BATCH_HELP, show_default=False),
     ] = None,
     input_shape: Annotated[
         list[str] | None,
@@ -78,8 +74,9 @@ def bench(
         Path | None,
         typer.Option(
             "--inputs",
-            help="An .npz with one array per input name (a folder: its first .npz), used as "
-            "is for every model, instead of generated random inputs.",
+            help="An .npz with one array per input name, axis 0 the samples (or a folder of "
+            "them), instead of generated random inputs: every model is timed on its first run "
+            "of --batch samples (a model pinned to batch 1: one sample).",
             show_default=False,
         ),
     ] = None,
@@ -171,7 +168,7 @@ def bench(
             parent = Path(json_path).parent
             if not parent.is_dir():
                 raise UsageError(f"--json {json_path}: folder {parent} does not exist")
-        with progress_bar(err, "benchmarking", not json_to_stdout) as progress:
+        with progress_bar(err, "benchmarking", unit="rounds") as progress:
             report = benchmark(
                 [str(m) for m in models],
                 providers,

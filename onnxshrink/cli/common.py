@@ -1,5 +1,6 @@
-"""What the CLI's commands share: the consoles, one-line failures, logging, progress bars,
-number formatting, and the benchmark table (printed by `bench` and by `optimize --bench`).
+"""What the CLI's commands share: the consoles, one-line failures, logging, progress (bars on a
+terminal, plain lines off one), number formatting, and the benchmark table (printed by `bench`
+and by `optimize --bench`).
 
 The command modules (`onnxshrink.cli`, `onnxshrink.cli.parity`, `onnxshrink.cli.bench`) import
 from here and never from each other, except that `onnxshrink.cli` registers the other two on
@@ -11,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import typer
 from rich.console import Console, JustifyMethod
@@ -102,37 +104,184 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-@contextmanager
-def progress_bar(console, label: str, enabled: bool = True):
-    """A progress callback drawn as a rich bar on a terminal; None otherwise (or when disabled).
+#: off a terminal, the least seconds between two progress lines of one stage (the first and
+#: the last line of a stage are always printed)
+PROGRESS_INTERVAL = 10.0
 
-    Every command's progress bar (parity, localize, bench, optimize --bench) comes from here.
+#: what a progress callback receives: (stage, done, total); total 0 (or below done) is unknown
+StagedUpdate = Callable[[str, int, int], None]
+
+
+def _seconds(value: float) -> str:
+    value = max(0.0, value)
+    if value < 60:
+        return f"{value:.0f} s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _count(done: int, total: int, unit: str) -> str:
+    """`40/128 runs`, or "40 runs" when the total is unknown (0, or passed already)."""
+    known = total > 0 and done <= total
+    return (f"{done}/{total}" if known else f"{done}") + (f" {unit}" if unit else "")
+
+
+class PlainProgress:
+    """Progress as plain lines for logs (CI, `| tee`, nohup), throttled per stage.
+
+    `update(stage, done, total)` prints `progress: STAGE DONE/TOTAL UNIT, E elapsed, ~L left`
+    for a stage's first update, then at most one line per `interval` seconds, and its last:
+    the update that reaches `total`, or, when the total is unknown, the last one seen, printed
+    when the next stage starts or the work ends (`close`). A stage's clock starts at its first
+    update (the callers report work done, not work begun); the estimate is the pace since then
+    applied to what is left, so the first line has none, and there is none while the total is
+    unknown.
     """
-    if not (enabled and console.is_terminal):
+
+    def __init__(
+        self,
+        file: IO[str],
+        units: Mapping[str, str] | None = None,
+        interval: float = PROGRESS_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.file = file
+        self.units = dict(units or {})
+        self.interval = interval
+        self.clock = clock
+        self._stage: str | None = None
+        self._start = 0.0
+        self._first = 0  # `done` at the stage's first update
+        self._printed_at = 0.0
+        self._printed: tuple[int, int] | None = None
+        self._pending: tuple[int, int] | None = None  # the last update not printed
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        now = self.clock()
+        if stage != self._stage:
+            self.close()
+            self._stage, self._start, self._first, self._printed = stage, now, done, None
+            self._print(done, total, now)
+            return
+        if (done, total) == self._printed:
+            return
+        finished = total > 0 and done >= total
+        if finished or now - self._printed_at >= self.interval:
+            self._print(done, total, now)
+        else:
+            self._pending = (done, total)
+
+    def close(self) -> None:
+        """Print the current stage's last update if it was held back."""
+        if self._pending is not None:
+            self._print(*self._pending, self.clock())
+
+    def _print(self, done: int, total: int, now: float) -> None:
+        assert self._stage is not None
+        elapsed = now - self._start
+        line = f"progress: {self._stage} {_count(done, total, self.units.get(self._stage, ''))}"
+        if done > self._first:
+            line += f", {_seconds(elapsed)} elapsed"
+            if done < total:
+                pace = elapsed / (done - self._first)
+                line += f", ~{_seconds(pace * (total - done))} left"
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except (OSError, ValueError):  # a closed pipe must not end the run
+            pass
+        self._printed_at = now
+        self._printed = (done, total)
+        self._pending = None
+
+
+@contextmanager
+def staged_progress(
+    console: Console,
+    title: str | None = None,
+    units: Mapping[str, str] | None = None,
+    enabled: bool = True,
+) -> Iterator[StagedUpdate | None]:
+    """The progress of a command's stages, on `console` (stderr: stdout carries --json).
+
+    Yields `update(stage, done, total)` (None when disabled). On a terminal: rich bars, one
+    per stage (an earlier stage's bar goes when the next starts), below a spinner line `title`
+    while no stage has begun. Off a terminal (CI logs, pipes): `PlainProgress` lines.
+    `units` names what a stage counts ("runs", "rounds"); total 0 means unknown.
+
+    Every progress display of the CLI comes from here (`progress_bar` is the one-stage case).
+    """
+    if not enabled:
         yield None
+        return
+    units = dict(units or {})
+    if not console.is_terminal:
+        plain = PlainProgress(console.file, units)
+        try:
+            yield plain.update
+        finally:
+            plain.close()
         return
     from rich.progress import (
         BarColumn,
-        MofNCompleteColumn,
         Progress,
+        SpinnerColumn,
+        TaskID,
         TextColumn,
         TimeElapsedColumn,
     )
 
     with Progress(
+        SpinnerColumn(),
         TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.fields[count]}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task(label, total=None)
+        tasks: dict[str, TaskID] = {}
+        if title is not None:
+            tasks[""] = bar.add_task(title, total=None, count="")
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
+        def update(stage: str, done: int, total: int) -> None:
+            known = total > 0 and done <= total
+            if stage not in tasks:
+                for task in tasks.values():  # an earlier stage is over
+                    bar.update(task, visible=False)
+                tasks[stage] = bar.add_task(stage, total=None, count="")
+            bar.update(
+                tasks[stage],
+                completed=done,
+                total=total if known else None,
+                count=_count(done, total, units.get(stage, "")),
+            )
 
         yield update
+
+
+@contextmanager
+def progress_bar(
+    console: Console, label: str, enabled: bool = True, unit: str = ""
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A one-stage `staged_progress`: yields `update(done, total)`, or None when disabled.
+
+    Every command's progress (parity, localize, bench, optimize --bench) comes from here or
+    from `staged_progress`: a rich bar on a terminal, throttled plain lines off one.
+    """
+    with staged_progress(console, units={label: unit}, enabled=enabled) as staged:
+        if staged is None:
+            yield None
+            return
+        update = staged
+
+        def one(done: int, total: int) -> None:
+            update(label, done, total)
+
+        yield one
 
 
 def fmt(value: float | None, spec: str = ".2e") -> str:

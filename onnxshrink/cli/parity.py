@@ -24,6 +24,7 @@ from onnxshrink.cli.common import (
     styled,
 )
 from onnxshrink.verify.parity import (
+    BATCH_HELP,
     DEFAULT_ATOL,
     DEFAULT_ERROR_QUANTILE,
     DEFAULT_GENERATED_SAMPLES,
@@ -96,19 +97,15 @@ def parity(
             "--inputs",
             metavar="NPZ|DIR",
             help="An .npz with one array per model input, or a folder of them (read one at a "
-            "time). Axis 0 is the batch axis: a file of 6 samples for a model with a fixed "
-            "batch of 2 runs 3 times. E.g. --inputs calib.npz (default: generated inputs).",
+            "time). Axis 0 holds the samples, one per entry: a file of 6 samples runs 6 times "
+            "on a model pinned to batch 1, 3 times with a fixed batch of 2, and in runs of "
+            "--batch where the batch dim is dynamic. E.g. --inputs calib.npz (default: "
+            "generated inputs).",
         ),
     ] = None,
     batch: Annotated[
         int | None,
-        typer.Option(
-            "--batch",
-            min=1,
-            help="Batch size along axis 0 for inputs whose batch dim is dynamic: splits --inputs "
-            "arrays into runs of this size, or sets axis 0 of generated inputs. E.g. --batch 8 "
-            "(default: a whole file per run; 1 for generated inputs).",
-        ),
+        typer.Option("--batch", min=1, metavar="N", help=BATCH_HELP),
     ] = None,
     input_shape: Annotated[
         list[str] | None,
@@ -331,7 +328,7 @@ class _Run:
     def check(self, console):
         from onnxshrink.verify.parity import check_parity
 
-        with progress_bar(console, "parity") as progress:
+        with progress_bar(console, "parity", unit="runs") as progress:
             return check_parity(
                 self.reference_path,
                 self.candidate_path,
@@ -341,12 +338,13 @@ class _Run:
                 total=self.total,
                 labels=("reference", "candidate"),
                 time_limit=self.time_limit,
+                inputs_given=self.inputs_info["source"] != "generated",
             )
 
     def localize(self, console, samples: int):
         from onnxshrink.verify.localize import localize
 
-        with progress_bar(console, "localizing") as progress:
+        with progress_bar(console, "localizing", unit="runs") as progress:
             return localize(
                 self.reference,
                 self.candidate,

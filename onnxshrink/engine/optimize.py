@@ -95,6 +95,7 @@ from onnxshrink.verify.parity import (
     InputBatches,
     ParityReport,
     Reference,
+    check_batch,
     check_parity,
     check_time_limit,
     generate_inputs,
@@ -647,6 +648,7 @@ def optimize(
     calibration_provider: str = "cpu",
     check_speed: bool = True,
     calibration_batch: int = DEFAULT_BATCH,
+    batch: int | None = None,
     metric: str | None = None,
     mask_input: str | None = None,
     block_size: int = 32,
@@ -671,6 +673,10 @@ def optimize(
       `samples` generated feeds. With quantization these are the held-out data the quantized
       model is judged on: never pass the calibration samples.
     - `opset`: raise the model's ai.onnx opset first (lets newer fused ops be used).
+    - `batch` (`--batch`): samples per run for every source of samples (axis 0 of an .npz is
+      samples, one per entry): `inputs`, the calibration data, and axis 0 of generated inputs;
+      UsageError where the model fixes another batch size. None: the model's fixed batch,
+      else runs of at most `calibration_batch` from files, 1 for generated inputs.
     - `allow_unverified`: write the result even when parity could not be checked (ONNX Runtime
       cannot run the original: custom ops, say), with a note; by default that is a ParityError
       and nothing is written, since a caller reads success as "verified".
@@ -682,15 +688,16 @@ def optimize(
       `exclude` (regexes on node names / op types kept float), `max_error` (output
       noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
       `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.rules.int8`, 5),
-      `calibration_batch` (samples per run where the batch dim is dynamic: every source, and
-      `inputs`, is cut into runs of at most this many samples, so memory does not depend on
-      how many samples a file holds), `metric` (`module:function` or `file.py:function`: a
-      task metric called with the original's and the quantized model's outputs of each
+      `calibration_batch` (samples per run where the batch dim is dynamic and `batch` is
+      None: every source, and `inputs`, is cut into runs of at most this many samples, so
+      memory does not depend on how many samples a file holds), `metric`
+      (`module:function` or `file.py:function`: a task metric called with the original's and the quantized model's outputs of each
       held-out batch; its mean is reported with the held-out check), `mask_input` (the
       input whose zeros mark padded positions left out of every error figure; default: an
       integer input named `attention_mask`, "none" for no mask). int4 reads `block_size`,
       `int4_method` (rtn, gptq), `symmetric` and `accuracy_level` (`onnxshrink.rules.int4`).
-      `progress(stage, done, total)` reports calibration and sensitivity work.
+      `progress(stage, done, total)` reports the parity check, calibration, sensitivity, speed
+      check and held-out check, run by run (total 0 when unknown).
     - `sparsify`: "unstructured:R", "N:M" or "channels:R" (`onnxshrink.quant.sparsity`): prune
       first (a lossy stage of `onnxshrink.rules.SPARSIFY_STAGES`), then run `quantize` on the
       pruned model if given. Calibration data is optional for pruning alone: without it the
@@ -735,6 +742,8 @@ def optimize(
             max_error=max_error,
             provider=calibration_provider,
         )
+    if batch is not None:
+        calibration_batch = batch  # one size for every source of samples
     settings = StageSettings(
         target=target,
         exclude=exclude,
@@ -794,6 +803,7 @@ def optimize(
     # `spec` describes the model (inputs, shapes, outputs) to everything but the rewrite; for a
     # large model it is a skeleton without the weights, so that only `work` holds them
     spec = skeleton(loaded) if large else loaded
+    check_batch(spec, batch)  # after --input-shape, which may pin axis 0
     work: onnx.ModelProto | None = loaded
     del loaded
     if large:
@@ -822,7 +832,10 @@ def optimize(
 
     def feeds() -> Iterable[dict[str, np.ndarray]]:
         if inputs is None:
-            return (generate_inputs(spec, input_shapes, seed=seed + i) for i in range(samples))
+            return (
+                generate_inputs(spec, input_shapes, seed=seed + i, batch=batch or 1)
+                for i in range(samples)
+            )
         if isinstance(inputs, (str, Path)):
             assert batches is not None  # made from the path above
             return batches
@@ -885,6 +898,7 @@ def optimize(
                 atol=atol,
                 stop_on_failure=not last_tier,
                 time_limit=time_limit,
+                progress=_stage_progress(progress, "parity"),
             )
         if not parity.verified:
             reason = parity.reason or "not verified"
@@ -1096,10 +1110,18 @@ def _check_quantized(
         metric=metric,
         mask=mask,
         time_limit=time_limit,
-        progress=(lambda done, total: progress("held-out check", done, total))
-        if progress is not None
-        else None,
+        progress=_stage_progress(progress, "held-out check"),
     )
+
+
+def _stage_progress(
+    progress: StagedProgress | None, stage: str
+) -> Callable[[int, int], None] | None:
+    """`progress` bound to one stage's name, as a `(done, total)` callback; None for None."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda done, total: report(stage, done, total)
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:

@@ -67,7 +67,7 @@ def stream_tensors(
         arrays = session.run(wanted, feed)
         yield feed, dict(zip(wanted, arrays, strict=True))
         if progress is not None:
-            progress(phase, runs, max(total, runs))
+            progress(phase, runs, total)  # total 0: unknown
 
 
 def channel_rows(x: np.ndarray, axis: int = -1, keep: np.ndarray | None = None) -> np.ndarray:

@@ -104,6 +104,7 @@ from onnxshrink.engine.io import array_of, inference_session, outputs_added
 from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import UsageError, first_line
 from onnxshrink.quant.schemes import Scheme
+from onnxshrink.verify.parity import DEFAULT_BATCH as PARITY_DEFAULT_BATCH
 from onnxshrink.verify.parity import (
     InputBatches,
     declared_batches,
@@ -125,8 +126,9 @@ DEFAULT_BINS = 2048
 RANDOM_SAMPLES = 16
 #: samples per calibration run when the model's batch dim is dynamic (docstring, 1): the
 #: statistics pass, bias correction and every budget session run batches of at most this,
-#: so memory does not depend on how many samples a file holds
-DEFAULT_BATCH = 8
+#: so memory does not depend on how many samples a file holds; the same default as every
+#: command's --batch (`onnxshrink.verify.parity.DEFAULT_BATCH`)
+DEFAULT_BATCH = PARITY_DEFAULT_BATCH
 RANDOM_SEED_BASE = 1_000_003
 _MSE_CANDIDATES = 512
 _MSE_BLOCK = 64
@@ -908,7 +910,7 @@ def observe(
             del by_name
         runs += 1
         if progress is not None:
-            progress(runs, max(total, runs))
+            progress(runs, total)  # total 0: a loader, whose length is unknown
     if runs == 0:
         raise UsageError(f"calibration: no feeds; {_HOW_TO}")
     empty = [n for n, o in observers.items() if o.count == 0]

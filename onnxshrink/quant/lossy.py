@@ -205,6 +205,8 @@ class HeldOutCheck:
     #: the user's task metric (`--metric`) and its mean over the held-out batches
     metric: str | None = None
     metric_value: float | None = None
+    #: the samples the `samples` runs held along axis 0 (`ParityReport.rows`)
+    rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -559,14 +561,16 @@ def speed_check(
     runs: int = SPEED_RUNS,
     *,
     weights_model: onnx.ModelProto | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SpeedCheck:
     """Median ms per run of the models on ORT CPU, interleaved (module docstring, 6).
 
     Two warm-up runs each (first runs allocate), then `runs` rounds that run every model
     once; intra-op spinning off, so that one session's idle threads do not slow the next.
+    `progress(done, runs)` is called after each round.
     """
     models = [float_model, int8_model] + ([weights_model] if weights_model is not None else [])
-    medians = interleaved_ms(models, feed, runs)
+    medians = interleaved_ms(models, feed, runs, progress)
     return SpeedCheck(
         medians[0],
         medians[1],
@@ -576,8 +580,14 @@ def speed_check(
     )
 
 
-def interleaved_ms(models: Sequence[onnx.ModelProto], feed: Feed, runs: int) -> list[float]:
-    """Median ms per run of each model on ORT CPU, timed interleaved (`speed_check`)."""
+def interleaved_ms(
+    models: Sequence[onnx.ModelProto],
+    feed: Feed,
+    runs: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """Median ms per run of each model on ORT CPU, timed interleaved (`speed_check`);
+    `progress(done, runs)` after each round."""
     import onnxruntime as ort
 
     def session(model: onnx.ModelProto):
@@ -593,11 +603,13 @@ def interleaved_ms(models: Sequence[onnx.ModelProto], feed: Feed, runs: int) -> 
     for s, f in zip(sessions, feeds, strict=True):  # warm-up: first runs allocate
         s.run(None, f)
         s.run(None, f)
-    for _ in range(runs):
+    for done in range(1, runs + 1):
         for i, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
             start = time.perf_counter()
             s.run(None, f)
             times[i].append((time.perf_counter() - start) * 1e3)
+        if progress is not None:
+            progress(done, runs)
     return [float(np.median(t)) for t in times]
 
 
@@ -719,7 +731,9 @@ def held_out_check(
         observe=observe,
         time_limit=time_limit,
     )
-    check = HeldOutCheck(parity.samples, source, held_out, parity.verified, parity.reason)
+    check = HeldOutCheck(
+        parity.samples, source, held_out, parity.verified, parity.reason, rows=parity.rows
+    )
     if not parity.verified or not parity.outputs:
         check.verified = False
         check.reason = parity.reason or "no outputs compared"

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -76,6 +77,18 @@ DEFAULT_GENERATED_SAMPLES = 4
 # Unknown non-batch dims of generated inputs; small enough to be fast, large enough for most
 # downsampling stacks (5 stride-2 stages leave 1x1).
 DEFAULT_DYNAMIC_DIM = 32
+#: samples per run where the model's batch dim is dynamic and no --batch is given: every
+#: command cuts an .npz (axis 0: one sample per entry) into runs of at most this many
+DEFAULT_BATCH = 8
+#: the help of every command's --batch (optimize, parity, bench): one meaning everywhere
+BATCH_HELP = (
+    "Samples per run. An .npz holds one sample per entry along axis 0, whatever the model's "
+    "batch dim; where that dim is dynamic, files are cut into runs of N samples (the last may "
+    "be smaller) and generated inputs get N on axis 0; a model with a fixed batch dim runs "
+    "that many (another N is refused). E.g. --batch 1 for a model that declares a dynamic "
+    f"batch but takes one sample. \\[default: runs of at most {DEFAULT_BATCH} from files, 1 for "
+    "generated inputs]"
+)
 
 _TINY = float(np.finfo(np.float32).tiny)
 
@@ -512,6 +525,66 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes):
     return inference_session(model, options, ["CPUExecutionProvider"])
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_NODE = re.compile(
+    r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: "
+)
+# a C++ source location and function signature ("/src/x.h:91 onnxruntime::F(...)") and the
+# assertion that failed ("a == b was false."): noise to the user, and what cut ORT's
+# message off before the sentence that says what is wrong
+_ORT_SOURCE = re.compile(r"\S+\.(?:h|cc|cpp|cu):\d+ (?:[\w:~<>]+\([^)]*\)\s*)?")
+_ORT_ASSERT = re.compile(r"\s*[^.:]*? was false\.")
+
+
+def ort_failure(exc: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's error message on one line, the part a user can act on first.
+
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node.
+    Name:'r' Status Message: /src/reshape_helper.h:91 onnxruntime::ReshapeHelper(...) a == b
+    was false. The input tensor cannot be reshaped..." becomes "Reshape node 'r': The input
+    tensor cannot be reshaped...": the code prefix, source location, C++ signature and failed
+    assertion go, and the lines (ORT lists bad dims on lines of their own) are joined.
+    """
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    text = _ORT_PREFIX.sub("", text)
+    text = _ORT_NODE.sub(lambda m: f"{m[1]} node{f' {m[2]!r}' if m[2] else ''}: ", text)
+    text = _ORT_SOURCE.sub("", text)
+    text = _ORT_ASSERT.sub("", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def input_failure(
+    session: Any, feed: dict[str, np.ndarray], exc: BaseException, given: bool = False
+) -> str:
+    """Why a model failed on `feed`, with the fix: "(x[8, 4]): <ORT's reason>; <hint>".
+
+    A run of more than one sample on a model whose axis 0 is not fixed suggests `--batch 1`
+    (a model may declare a dynamic batch and still take one sample: a Reshape to a fixed
+    shape); otherwise, for generated inputs (`given` False), `--input-shape` or `--inputs`;
+    for the user's own arrays, ORT's reason says what does not fit.
+    """
+    shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
+    fixed = {
+        i.name: i.shape[0]
+        for i in session.get_inputs()
+        if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0
+    }
+    dynamic = {k: v for k, v in feed.items() if k not in fixed and np.ndim(v) >= 1 and len(v) > 1}
+    if dynamic:
+        rows = len(next(iter(dynamic.values())))
+        hint = (
+            f"a run of {rows} samples along axis 0; the model may take one sample per run: "
+            "pass --batch 1"
+        )
+    elif not given:
+        hint = "pass --input-shape or --inputs"
+    else:
+        return f"({shapes}): {ort_failure(exc)}"
+    return f"({shapes}): {ort_failure(exc)}; {hint}"
+
+
 def check_time_limit(time_limit: float | None) -> None:
     """Raise UsageError for a time limit that is not a number of seconds >= 0."""
     if time_limit is not None and not (0 <= time_limit < math.inf):
@@ -866,6 +939,21 @@ def split_feed(
         yield {n: (a[start:stop] if n in sliced else a) for n, a in feed.items()}
 
 
+def check_batch(model: onnx.ModelProto, batch: int | None) -> None:
+    """Raise UsageError for a `--batch` the model cannot take: below 1, or another size than
+    the fixed axis-0 dim its inputs declare (`plan_batches`, 3)."""
+    if batch is None:
+        return
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: must be at least 1")
+    fixed = {size for _, size in declared_batches(model).values() if size}
+    if fixed and batch not in fixed:
+        raise UsageError(
+            f"--batch {batch}: the model's batch size is fixed at "
+            f"{', '.join(str(f) for f in sorted(fixed))}"
+        )
+
+
 def declared_batches(model: onnx.ModelProto) -> dict[str, tuple[int, int | None]]:
     """Input name -> (rank, fixed axis-0 size or None), as `plan_batches` takes them."""
     return {v.name: _declared_batch(v) for v in model_inputs(model)}
@@ -1096,6 +1184,7 @@ def check_parity(
     observe: Callable[[dict[str, np.ndarray], list[str], list[np.ndarray], list[np.ndarray]], None]
     | None = None,
     time_limit: float | None = DEFAULT_TIME_LIMIT,
+    inputs_given: bool = False,
 ) -> ParityReport:
     """Run both models on every feed and compare each output; never raises for ORT failures
     but one: a run longer than `time_limit` seconds raises TimeLimitError (`run_with_limit`).
@@ -1107,6 +1196,8 @@ def check_parity(
     `progress(done, total)` is called after each run (`total` 0 when unknown). `labels` name
     the two models in the reasons (e.g. "reference", "candidate"). `observe(feed, names,
     ref, cand)` sees every run's feed and outputs of both models (for figures of its own).
+    `inputs_given`: the feeds are the user's arrays, so a failure on them does not suggest
+    passing --inputs.
     """
     ref_label, cand_label = labels
     criteria = criteria if criteria is not None else Criteria(rtol=rtol, atol=atol)
@@ -1148,11 +1239,10 @@ def check_parity(
         except TimeLimitError:
             raise
         except Exception as exc:
-            shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
             return failed(
                 False,
-                f"the {ref_label} model fails on the inputs ({shapes}): {first_line(exc)}; "
-                "pass --input-shape or --inputs",
+                f"the {ref_label} model fails on the inputs "
+                f"{input_failure(ref.session, feed, exc, inputs_given)}",
                 samples,
             )
         try:
@@ -1164,7 +1254,7 @@ def check_parity(
         except Exception as exc:
             return failed(
                 True,
-                f"the {cand_label} model fails where the {ref_label} runs: {first_line(exc)}",
+                f"the {cand_label} model fails where the {ref_label} runs: {ort_failure(exc)}",
                 samples,
             )
         samples += 1
@@ -1175,7 +1265,7 @@ def check_parity(
             observe(feed, names, ref_out, cand_out)
         del ref_out, cand_out
         if progress is not None:
-            progress(samples, max(total, samples))
+            progress(samples, total)  # total 0: unknown
         if stop_on_failure and any(s.failing for s in stats.values()):
             break
     if samples == 0:
@@ -1261,7 +1351,7 @@ def parity_inputs(
             "arrays themselves (drop one or the other)"
         )
     if isinstance(inputs, (str, os.PathLike)):
-        batches = InputBatches(Path(inputs), reference, batch)
+        batches = InputBatches(Path(inputs), reference, batch, max_batch=DEFAULT_BATCH)
         return ParityInputs(
             lambda: iter(batches),
             batches.total,
@@ -1269,6 +1359,7 @@ def parity_inputs(
                 "source": str(inputs),
                 "files": len(batches.files),
                 "runs": batches.total,
+                "samples": batches.samples,
                 "batch": batch,
             },
         )
