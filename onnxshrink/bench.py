@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import io
 import json
 import logging
@@ -287,153 +286,117 @@ def benchmark(
     """Time each model on each provider in interleaved rounds: `onnxshrink bench` from Python.
 
     `models` are paths (reported as given) or ModelProtos (written to a temporary folder for
-    ONNX Runtime, reported as `model N`, N their place in `models`). `input_shapes` pins dims
-    of named inputs (each name must be an input of at least one model); `batch` sets axis 0 of
-    generated inputs whose axis 0 the model leaves dynamic; `inputs` is an .npz with one array
-    per input name (a folder: its first .npz), used as is, for every model (each takes the
-    arrays it names). Raises UsageError for bad arguments (ModelLoadError for missing or
-    invalid models; unknown provider names, shapes that do not fit) and
-    OnnxRuntimeMissingError; providers that cannot run land in `skipped`, as do models that
-    fail. `progress(done, total)` is called after every round. The first model is the
-    reference of each row's `ratio`. `labels`, one per model, replace those names in the report.
+    ONNX Runtime, reported as `model N`, N their place in `models`); `labels`, one per model,
+    replace those names. `input_shapes` pins dims of named inputs (each name must be an input
+    of at least one model); `batch` sets axis 0 of generated inputs whose axis 0 the model
+    leaves dynamic; `inputs` is an .npz with one array per input name (a folder of them), axis
+    0 the samples, for every model (each takes the arrays it names): a model is timed on the
+    first run of it that `InputBatches` makes, `batch` samples (default: a fixed batch one of
+    the models declares, else at most DEFAULT_BATCH), or the model's own fixed batch (a file of
+    8 samples times one sample on a model pinned to batch 1). Raises UsageError for bad
+    arguments (ModelLoadError for missing or invalid models; unknown provider names, shapes
+    that do not fit) and OnnxRuntimeMissingError; providers that cannot run land in `skipped`,
+    as do models that fail. `progress(done, total)` is called after every round. The first
+    model is the reference of each row's `ratio`.
     """
     require_onnxruntime()
     if isinstance(models, (str, os.PathLike, onnx.ModelProto)):
         models = [models]  # one model, not a string of characters
-    run = functools.partial(
-        _benchmark,
-        providers=providers,
-        threads=threads,
-        batch=batch,
-        input_shapes=input_shapes,
-        inputs=inputs,
-        warmup=warmup,
-        runs=runs,
-        iobinding=iobinding,
-        progress=progress,
-        device_id=device_id,
-        trt_fp16=trt_fp16,
-        trt_cache=trt_cache,
-        seed=seed,
-    )
     if labels is not None and len(labels) != len(models):
         raise UsageError(f"{len(labels)} label(s) for {len(models)} model(s)")
-    given = list(labels) if labels is not None else None
-    if not any(isinstance(m, onnx.ModelProto) for m in models):
-        return run([str(m) for m in models], given or [str(m) for m in models])
-    with tempfile.TemporaryDirectory(prefix="onnxshrink-bench-") as scratch:
-        paths: list[str] = []
-        names: list[str] = []
-        for i, m in enumerate(models):
-            if isinstance(m, onnx.ModelProto):
-                paths.append(str(save_model(m, Path(scratch) / f"model{i + 1}.onnx")))
-                names.append(f"model {i + 1}")
+    with contextlib.ExitStack() as stack:
+        models, shown = _model_files(models, stack)
+        labels = list(labels) if labels is not None else shown
+        import onnxruntime as ort
+
+        names = parse_providers(providers)
+        if not models:
+            raise UsageError("no model to benchmark")
+        if runs < 1:
+            raise UsageError(f"--runs must be at least 1 (got {runs})")
+        if warmup < 0:
+            raise UsageError(f"--warmup must be 0 or more (got {warmup})")
+        if threads is not None and threads < 1:
+            raise UsageError(f"--threads must be at least 1 (got {threads})")
+        if batch is not None and batch < 1:
+            raise UsageError(f"--batch must be at least 1 (got {batch})")
+
+        prepared = _prepare_models(models, labels, input_shapes or {}, batch, inputs, seed)
+        available = ort.get_available_providers()
+        environment = Environment(
+            onnxruntime=ort.__version__,
+            available_providers=list(available),
+            cpu_count=os.cpu_count(),
+            threads=threads,
+            python=platform.python_version(),
+            platform=platform.platform(),
+        )
+        report = BenchReport([], [], environment, warmup, runs, iobinding, batch)
+
+        runnable: list[str] = []
+        for name in names:
+            if PROVIDERS[name] in available:
+                runnable.append(name)
             else:
-                paths.append(str(m))
-                names.append(str(m))
-        return run(paths, given or names)
-
-
-def _benchmark(
-    models: Sequence[str],
-    labels: Sequence[str],
-    providers: Sequence[str] | str = ("cpu",),
-    threads: int | None = None,
-    batch: int | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    inputs: str | os.PathLike[str] | None = None,
-    warmup: int = 10,
-    runs: int = 50,
-    iobinding: bool = False,
-    progress: ProgressFn | None = None,
-    device_id: int = 0,
-    trt_fp16: bool = False,
-    trt_cache: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-) -> BenchReport:
-    """Time each model on each provider in interleaved rounds; see the module docstring.
-
-    `models` are paths, each reported under its label. `input_shapes` pins dims of named inputs (each name
-    must be an input of at least one model); `batch` sets axis 0 of generated inputs whose axis 0
-    the model leaves dynamic; `inputs` is an .npz with one array per input name (a folder of
-    them), axis 0 the samples, for every model (each takes the arrays it names): a model is
-    timed on the first run of it that `InputBatches` makes, `batch` samples (default: a fixed
-    batch one of the models declares, else at most DEFAULT_BATCH), or the model's own fixed
-    batch (a file of 8 samples times one sample on a model pinned to batch 1). Raises UsageError
-    for bad arguments (missing or invalid models, unknown provider names, shapes that do not fit);
-    providers that cannot run land in `skipped`, as do models that fail. `progress(done, total)`
-    is called after every round.
-    """
-    import onnxruntime as ort
-
-    names = parse_providers(providers)
-    if not models:
-        raise UsageError("no model to benchmark")
-    if runs < 1:
-        raise UsageError(f"--runs must be at least 1 (got {runs})")
-    if warmup < 0:
-        raise UsageError(f"--warmup must be 0 or more (got {warmup})")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1 (got {threads})")
-    if batch is not None and batch < 1:
-        raise UsageError(f"--batch must be at least 1 (got {batch})")
-
-    prepared = _prepare_models(models, labels, input_shapes or {}, batch, inputs, seed)
-    available = ort.get_available_providers()
-    environment = Environment(
-        onnxruntime=ort.__version__,
-        available_providers=list(available),
-        cpu_count=os.cpu_count(),
-        threads=threads,
-        python=platform.python_version(),
-        platform=platform.platform(),
-    )
-    report = BenchReport([], [], environment, warmup, runs, iobinding, batch)
-
-    runnable: list[str] = []
-    for name in names:
-        if PROVIDERS[name] in available:
-            runnable.append(name)
-        else:
-            report.skipped.append(
-                (
-                    name,
-                    f"{PROVIDERS[name]} is not available in this onnxruntime {ort.__version__} "
-                    f"(it offers {', '.join(available)})"
-                    + (f"; {_INSTALL_HINTS[name]}" if name in _INSTALL_HINTS else ""),
+                report.skipped.append(
+                    (
+                        name,
+                        f"{PROVIDERS[name]} is not available in this onnxruntime {ort.__version__} "
+                        f"(it offers {', '.join(available)})"
+                        + (f"; {_INSTALL_HINTS[name]}" if name in _INSTALL_HINTS else ""),
+                    )
                 )
-            )
-    if any(n in ("cuda", "tensorrt") for n in runnable):
-        _preload_gpu_libraries("tensorrt" in runnable)
-        environment.gpu = _Nvml.get().name(device_id)
+        if any(n in ("cuda", "tensorrt") for n in runnable):
+            _preload_gpu_libraries("tensorrt" in runnable)
+            environment.gpu = _Nvml.get().name(device_id)
 
-    total = len(runnable) * (warmup + runs)
-    done = 0
-    with _trt_cache_dir(trt_cache, "tensorrt" in runnable) as cache_dir:
-        for name in runnable:
-            options = _provider_list(name, device_id, trt_fp16, cache_dir)
+        total = len(runnable) * (warmup + runs)
+        done = 0
+        with _trt_cache_dir(trt_cache, "tensorrt" in runnable) as cache_dir:
+            for name in runnable:
+                options = _provider_list(name, device_id, trt_fp16, cache_dir)
 
-            def step(k: int, base: int = done) -> None:
+                def step(k: int, base: int = done) -> None:
+                    if progress:
+                        progress(base + k, total)
+
+                rows, skipped = _bench_provider(
+                    name,
+                    prepared,
+                    options,
+                    threads,
+                    warmup,
+                    runs,
+                    iobinding,
+                    device_id,
+                    step,
+                )
+                done += warmup + runs
                 if progress:
-                    progress(base + k, total)
+                    progress(done, total)
+                report.rows.extend(rows)
+                report.skipped.extend(skipped)
+        return report
 
-            rows, skipped = _bench_provider(
-                name,
-                prepared,
-                options,
-                threads,
-                warmup,
-                runs,
-                iobinding,
-                device_id,
-                step,
-            )
-            done += warmup + runs
-            if progress:
-                progress(done, total)
-            report.rows.extend(rows)
-            report.skipped.extend(skipped)
-    return report
+
+def _model_files(
+    models: Sequence[str | os.PathLike[str] | onnx.ModelProto], stack: contextlib.ExitStack
+) -> tuple[list[str], list[str]]:
+    """Paths for `benchmark` (ModelProtos written to a temporary folder that `stack` removes)
+    and the names rows show by default."""
+    paths: list[str] = []
+    names: list[str] = []
+    scratch: str | None = None
+    for i, m in enumerate(models):
+        if isinstance(m, onnx.ModelProto):
+            if scratch is None:
+                scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxshrink-"))
+            paths.append(str(save_model(m, Path(scratch) / f"model{i + 1}.onnx")))
+            names.append(f"model {i + 1}")
+        else:
+            paths.append(str(m))
+            names.append(str(m))
+    return paths, names
 
 
 def benchmark_optimized(
