@@ -73,7 +73,8 @@ def test_optimized_candidate_reports_only_matching_tensors(reference, feeds, opt
     case = optimized(MODEL)
     candidate = case.require()
     loc = localize(reference, candidate, feeds)
-    assert loc.reason is None and loc.nodes and loc.compared == len(loc.nodes)
+    # nodes computing exactly what the reference's do are compared but not ranked
+    assert loc.reason is None and loc.nodes and loc.compared == len(loc.nodes) + loc.unchanged
     ref_tensors = {o for n in reference.graph.node for o in n.output}
     cand_tensors = {o for n in candidate.graph.node for o in n.output}
     for n in loc.nodes:
