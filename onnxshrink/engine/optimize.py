@@ -841,6 +841,17 @@ def optimize(
             return batches
         return inputs
 
+    # how many runs feeds() makes, for the parity stage's progress
+    feed_runs = (
+        samples
+        if inputs is None
+        else batches.total
+        if batches is not None
+        else len(inputs)
+        if isinstance(inputs, list)
+        else None
+    )
+
     step_check = None
     if debug_verify:
         generated = [generate_inputs(spec, input_shapes, seed=seed + i) for i in range(samples)]
@@ -899,6 +910,7 @@ def optimize(
                 stop_on_failure=not last_tier,
                 time_limit=time_limit,
                 progress=_stage_progress(progress, "parity"),
+                total=feed_runs,
             )
         if not parity.verified:
             reason = parity.reason or "not verified"
