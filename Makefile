@@ -21,6 +21,9 @@ $(BASE_STAMP): pyproject.toml
 $(DEV_STAMP): $(BASE_STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[cpu,dev,zoo]'
 	test -f $(FONT) || (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core)
+	# headless Chromium renders the HTML report in tests/test_report.py (skipped without it)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium not installed: the report's browser test will be skipped"
 	touch $@
 
 install: $(BASE_STAMP)
