@@ -73,6 +73,9 @@ def test_failure_exits_1_and_localizes(tmp_path):
     ranked = [r for r in rows if r.split("│")[1].strip().isdigit()]
     # Only the perturbed Conv is ranked: the other nodes are the reference's own.
     assert len(ranked) == 1 and "not ranked: 4 nodes" in result.output
+    # The legend says what each of the figure columns is.
+    legend = " ".join(result.output.split())
+    assert all(f"{column}:" in legend for column in ("error", "at inputs", "added"))
     first = [cell.strip() for cell in ranked[0].split("│")]
     assert first[1:3] == ["1", "Conv"] and first[4] == "b"
     assert _run(ref, cand, "--no-localize").output.count("where the error enters") == 0

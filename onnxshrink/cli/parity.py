@@ -477,8 +477,9 @@ def _print_localization(console, loc, top: int) -> None:
         f"({loc.compared} tensors compared, {loc.samples} sample(s))",
         show_header=True,
         header_style="bold",
-        caption="error: max|cand-ref| / max|ref| of the tensor; added: the same when the node's "
-        "inputs are the reference's own values",
+        caption="error: max|cand-ref| / max|ref| of the node's output (worst sample); at "
+        "inputs: the largest error among its inputs; added: the output's error when its inputs "
+        "are fed the reference's values (the node's own share)",
     )
     table.add_column("#", justify="right")
     table.add_column("op")

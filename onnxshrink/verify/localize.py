@@ -11,13 +11,18 @@
    BatchNormalization into a Conv keeps the Conv's output name for what was the BN's output).
    A match (by name, or across a Q/DQ pair) whose error exceeds SUSPICIOUS_ERROR (or whose
    shape differs) is compared, on the first sample, with every reference tensor of its shape;
-   one whose noise-to-signal ratio is within MATCH_NSR and 100 times better takes its place
-   (`matched_by="value"`). This matters most for a quantized candidate of an optimized model:
-   without it every folded Conv is compared with the unfolded value of its name, and the cut
-   run (3) feeds its consumers that wrong value, so they "add" errors of 1e2 or more. A
-   candidate with a real error finds its twin only when it stays that close to it (and its
-   error against the twin is what is reported); otherwise it keeps its name match and its
-   consumers read the name's old value in the cut run (3) and share the blame.
+   the nearest by noise-to-signal ratio takes its place (`matched_by="value"`) when its ratio
+   is within MATCH_NSR and TWIN_MARGIN times below the match's. This matters most for a
+   quantized candidate of an optimized model: without it every folded Conv is compared with
+   the unfolded value of its name, and the cut run (3) feeds its consumers that wrong value,
+   so they "add" errors far above their own and their inputs' (1e2 and more, or, on an int8
+   PP-OCRv4 det, 2.0 for a Conv whose plain error was 0.08). The bounds are relative because
+   a tensor deep in an int8 network carries the error of every quantized layer before it: on
+   that detector the folded depthwise Convs were 4e-3 to 1.2e-2 from their twins and 0.3 to
+   0.5 from the tensors of their name, so an absolute bound of 1e-2 with a margin of 100 (the
+   first version) missed them. A candidate with a real error of its own is matched to its twin
+   the same way, and its error against the twin is what is reported. A DequantizeLinear
+   across a Q/DQ pair whose source was matched by value follows its source (2).
 2. Across Q/DQ pairs. When the candidate has `X -> QuantizeLinear -> DequantizeLinear -> X_dq`
    and the reference has a float tensor `X` (a node output or a graph input), `X_dq` is
    compared with the reference's `X`: the dequantized value against the float tensor it
@@ -80,9 +85,14 @@ DEFAULT_SAMPLES = 2
 # A name match farther off than float32 noise may be a different tensor under a reused name
 # (case 1b): a fold whose scale is close to 1 moves a tensor by as little as 1e-4.
 SUSPICIOUS_ERROR = 1e-6
-# The noise-to-signal ratio at which a reference tensor counts as the same value (case 1b):
-# 1e-2 is a 10% RMS difference, what int8 rounding stays well within.
-MATCH_NSR = 1e-2
+# The noise-to-signal ratio within which a reference tensor can be the same value (case 1b):
+# 0.1 is a 32% RMS difference, above what the int8 error accumulated through a network reaches
+# where its output is still usable (a cosine of 0.95 is a ratio of about 0.1), and well below
+# what a different tensor of the same shape gives (0.3 and more for a pre-fold value).
+MATCH_NSR = 0.1
+# How many times nearer (in noise-to-signal ratio, 10 is about 3 times in RMS) the value match
+# must be than the match it replaces (case 1b).
+TWIN_MARGIN = 10.0
 
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -356,7 +366,7 @@ def localize(
         ref_vals.update({k: np.asarray(v) for k, v in feed.items() if k in ref.inputs})
         if usable is None:
             usable, reshaped = _usable_pairs(pairs, ref_vals, cand_vals, result.skipped)
-            result.rematched = _rematch_by_value(pairs, usable, reshaped, ref_vals, cand_vals)
+            result.rematched = _rematch_by_value(cand, pairs, usable, reshaped, ref_vals, cand_vals)
             for name in reshaped:
                 if pairs[name][1] == "value":
                     usable.append(name)
@@ -435,6 +445,7 @@ def _usable_pairs(
 
 
 def _rematch_by_value(
+    cand: _Graph,
     pairs: dict[str, tuple[str, str]],
     usable: list[str],
     reshaped: list[str],
@@ -444,13 +455,14 @@ def _rematch_by_value(
     """Re-pair matches whose value belongs to another reference tensor (case 1b).
 
     Returns how many pairs changed. Pairs matched by name or across a Q/DQ pair whose error is
-    above SUSPICIOUS_ERROR, or whose shape differs, are looked at; a reference tensor of the
-    same shape replaces the match when its noise-to-signal ratio `sum (c-r)^2 / sum r^2` is at
-    most MATCH_NSR and at most 1/100 of the match's. The ratio, not the max relative error,
-    because a quantized tensor is near its twin on average but not at its worst element: on an
-    int8 PP-OCR detector the folded Convs' outputs were 1.0 off (max relative) from the tensors
-    of their name and 0.3 off from their twins, while their ratios were about 1 and 1e-3. Cheap
-    necessary conditions (max|x| and mean close) filter the reference tensors first.
+    above SUSPICIOUS_ERROR, or whose shape differs, are looked at; the reference tensor of the
+    same shape with the least noise-to-signal ratio `sum (c-r)^2 / sum r^2` replaces the match
+    when that ratio is at most MATCH_NSR and at most 1/TWIN_MARGIN of the match's. The ratio,
+    not the max relative error, because a quantized tensor is near its twin on average but not
+    at its worst element (clipped outliers). Exact necessary conditions on the RMS and the mean
+    (`|rms(c) - rms(r)|` and `|mean(c) - mean(r)|` are at most `rms(c - r)`) rule out most
+    reference tensors before their ratio is computed. Then a DequantizeLinear across a Q/DQ
+    pair whose source was re-paired, and that was not itself, follows its source.
     """
     suspects = [(name, math.inf) for name in reshaped if pairs[name][1] in ("name", "dequantize")]
     for name in usable:
@@ -466,22 +478,18 @@ def _rematch_by_value(
     for ref_name, value in ref_vals.items():
         value = np.asarray(value)
         if value.size and np.issubdtype(value.dtype, np.floating):
-            peak, mean = _fingerprint(value)
-            if math.isfinite(peak) and peak > 0:
-                by_shape.setdefault(value.shape, []).append((ref_name, peak, mean))
+            rms, mean = _fingerprint(value)
+            if math.isfinite(rms) and rms > 0:
+                by_shape.setdefault(value.shape, []).append((ref_name, rms, mean))
     changed = 0
     for name, nsr in suspects:
         value = np.asarray(cand_vals[name])
-        peak, mean = _fingerprint(value)
-        limit = min(MATCH_NSR, nsr / 100)
-        # |peak - ref_peak| and |mean - ref_mean| are at most the RMS difference times
-        # sqrt(size) in the worst case; 4 RMS errors of the limit is loose enough for the
-        # rounding of a quantized tensor and still rules out most tensors of the shape.
-        tolerance = 4 * math.sqrt(limit)
+        rms, mean = _fingerprint(value)
+        limit = min(MATCH_NSR, nsr / TWIN_MARGIN)
         best, best_nsr = None, math.inf
-        for ref_name, ref_peak, ref_mean in by_shape.get(value.shape, []):
-            slack = tolerance * ref_peak
-            if abs(ref_peak - peak) > slack or abs(ref_mean - mean) > slack:
+        for ref_name, ref_rms, ref_mean in by_shape.get(value.shape, []):
+            slack = math.sqrt(limit) * ref_rms  # the largest rms(c - r) within the limit
+            if abs(ref_rms - rms) > slack or abs(ref_mean - mean) > slack:
                 continue
             e = _nsr(ref_vals[ref_name], value)
             if e <= limit and e < best_nsr:
@@ -490,7 +498,24 @@ def _rematch_by_value(
             logger.info("%s: matches reference %s by value (NSR %.2e)", name, best, best_nsr)
             pairs[name] = (best, "value")
             changed += 1
+    for name, _ in suspects:
+        source = _quantize_source(cand, name)
+        if pairs[name][1] != "value" and source in pairs and pairs[source][1] == "value":
+            logger.info("%s: follows its source %s to %s", name, source, pairs[source][0])
+            pairs[name] = (pairs[source][0], "value")
+            changed += 1
     return changed
+
+
+def _quantize_source(cand: _Graph, name: str) -> str | None:
+    """X when `name` is the output of `X -> QuantizeLinear -> DequantizeLinear`, else None."""
+    index = cand.producer.get(name)
+    if index is None or cand.nodes[index].op_type != "DequantizeLinear":
+        return None
+    q = cand.producer.get(cand.nodes[index].input[0])
+    if q is None or cand.nodes[q].op_type != "QuantizeLinear":
+        return None
+    return cand.nodes[q].input[0]
 
 
 def _nsr(ref: np.ndarray, cand: np.ndarray) -> float:
@@ -507,8 +532,9 @@ def _nsr(ref: np.ndarray, cand: np.ndarray) -> float:
 
 
 def _fingerprint(value: np.ndarray) -> tuple[float, float]:
+    """(RMS, mean) in float64."""
     as64 = value.astype(np.float64, copy=False)
-    return float(np.max(np.abs(as64))), float(np.mean(as64))
+    return math.sqrt(float(np.mean(as64 * as64))), float(np.mean(as64))
 
 
 def _cut_session(
