@@ -364,3 +364,37 @@ def test_a_reused_name_downstream_of_quantized_layers_is_matched_by_value():
     # What the cut run feeds a node is the reference's value of its inputs, so no node adds
     # much more than the error it shows in the plain run.
     assert all(n.added <= 1.5 * n.error + 1e-6 for n in loc.nodes)
+
+
+def test_a_few_clipped_outliers_do_not_outrank_a_layer_wide_error():
+    """Clipping one outlier in 100,000 puts a node's max relative error near 1 but its noise-to-
+    signal ratio near 0.0025; a scale off by 10% on every element is NSR 0.01. The second is
+    the layer that hurts, and ranks first (module docstring, 4)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    agraph (float[1, 100000] x) => (float[1, 100000] y) {
+        t = %s
+        y = Mul (t, k)
+    }
+    """
+    reference = make_model(
+        text % "Mul (x, one)", {"one": np.ones(1, np.float32), "k": np.ones(1, np.float32)}
+    )
+    candidate = make_model(
+        text % "Clip (x, lo, hi)",
+        {
+            "lo": np.array(-4.0, np.float32),
+            "hi": np.array(4.0, np.float32),
+            "k": np.full(1, 1.1, np.float32),
+        },
+    )
+    x = np.random.default_rng(0).normal(size=(1, 100000)).astype(np.float32)
+    x[0, 0] = 20.0
+    loc = localize(reference, candidate, [{"x": x}])
+    assert loc.reason is None
+    first, second = loc.nodes[0], loc.nodes[1]
+    assert (first.op_type, second.op_type) == ("Mul", "Clip")
+    # the max-based figure alone would have put the Clip first
+    assert second.added > 0.5 > first.added
+    assert first.added_nsr == pytest.approx(0.01, rel=0.05)
+    assert second.added_nsr < 0.005

@@ -479,7 +479,8 @@ def _print_localization(console, loc, top: int) -> None:
         header_style="bold",
         caption="error: max|cand-ref| / max|ref| of the node's output (worst sample); at "
         "inputs: the largest error among its inputs; added: the output's error when its inputs "
-        "are fed the reference's values (the node's own share)",
+        "are fed the reference's values (the node's own share); added NSR: the same as "
+        "sum (cand-ref)^2 / sum ref^2, which ranks",
     )
     table.add_column("#", justify="right")
     table.add_column("op")
@@ -488,6 +489,7 @@ def _print_localization(console, loc, top: int) -> None:
     table.add_column("error", justify="right")
     table.add_column("at inputs", justify="right")
     table.add_column("added", justify="right")
+    table.add_column("added NSR", justify="right")
     for rank, n in enumerate(loc.top(top), 1):
         output = n.output if n.reference == n.output else f"{n.output} (vs {n.reference})"
         table.add_row(
@@ -498,6 +500,7 @@ def _print_localization(console, loc, top: int) -> None:
             fmt(n.error),
             fmt(n.input_error),
             fmt(n.added),
+            fmt(n.added_nsr),
         )
     console.print(table)
     if loc.rematched:
