@@ -160,10 +160,11 @@ class RayBackend:
                 include_dashboard=False,
                 resources={TIMING_RESOURCE: 1},
                 log_to_driver=False,
+                logging_level=logging.WARNING,  # Ray's own start-up lines; the CLI owns the terminal
             )
         else:
             try:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             except ImportError as exc:  # ray:// without grpcio (the `client` extra of ray)
                 raise UsageError(
                     f"{address} needs Ray Client: pip install 'ray[client]' ({exc})"
