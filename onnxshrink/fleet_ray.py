@@ -34,11 +34,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import pickle
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar
 
-from onnxshrink.errors import UsageError
+from onnxshrink.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,17 @@ class RayBackend:
                     f"{address} needs Ray Client: pip install 'ray[client]' ({exc})"
                 ) from exc
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UsageError(f"cannot join the Ray cluster at {address}: {exc}") from exc
+                hint = ""
+                if address.startswith("ray://") and not os.environ.get("RAY_AUTH_MODE"):
+                    # Ray Client sends the cluster's token only when told to (recent Ray turns
+                    # token authentication on by default); without it the connection times out
+                    hint = (
+                        " (a cluster with token authentication also needs RAY_AUTH_MODE=token "
+                        "and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+                    )
+                raise UsageError(
+                    f"cannot join the Ray cluster at {address}: {first_line(exc)}{hint}"
+                ) from exc
         self._timing_slots = self._count_timing_slots()
 
     def _count_timing_slots(self) -> int:
@@ -208,7 +219,7 @@ class RayBackend:
         cpus_per_item: int,
         exclusive: Callable[[Item], bool],
         retries: int,
-    ) -> Iterator[tuple[Item, Any]]:
+    ) -> Generator[tuple[Item, Any], None, None]:
         """Run `fn(item)` for every item as a Ray task; yield `(item, result or exception)`.
 
         `fn` must be a picklable top-level function. Results arrive as tasks finish.

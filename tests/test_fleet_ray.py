@@ -53,6 +53,12 @@ def _record_interval(item: tuple[str, int]) -> int:
     return n
 
 
+def _sleep_unless_zero(n: int) -> int:
+    if n:
+        time.sleep(60)
+    return n
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
     data: Any
@@ -225,6 +231,22 @@ def test_a_shared_object_is_put_once(backend: RayBackend, monkeypatch: pytest.Mo
     # not writeable: the task read the array in place from the object store, not from a copy
     # pickled with its arguments
     assert all(job.data["array"] is ref for job, _ in done)  # the items come back as given
+
+
+def test_closing_the_iterator_cancels_the_pending_tasks(backend: RayBackend) -> None:
+    results = backend.map_unordered(
+        _sleep_unless_zero, range(3), cpus_per_item=1, exclusive=lambda n: False, retries=0
+    )
+    assert next(results) == (0, 0)
+    results.close()  # the two 60-second tasks are cancelled, which frees both CPUs
+    start = time.time()
+    again = list(
+        backend.map_unordered(
+            _square, range(2), cpus_per_item=1, exclusive=lambda n: False, retries=0
+        )
+    )
+    assert sorted(again) == [(0, 0), (1, 1)]
+    assert time.time() - start < 30
 
 
 def test_a_task_no_node_can_hold_is_refused(backend: RayBackend) -> None:
