@@ -91,9 +91,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -354,8 +356,14 @@ class Observer:
         self.max = -math.inf
         self.count = 0
 
-    def update(self, array: np.ndarray) -> None:
-        """Fold one array into the statistics; NaN/inf values are ignored."""
+    def update(self, array: np.ndarray, key: int | None = None) -> None:
+        """Fold one array into the statistics; NaN/inf values are ignored.
+
+        `key` names the sample the array comes from (the calibration run's global index + 1,
+        0 for an initializer): an observer that samples a large tensor picks its positions
+        from it, so the same run is sampled the same way whichever worker sees it (module
+        docstring 6, 14). Without a key, the observer counts its own updates.
+        """
         x = np.asarray(array)
         if x.size == 0:
             return
@@ -370,10 +378,19 @@ class Observer:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += x.size
-        self._update(x, lo, hi)
+        self._update(x, lo, hi, key)
 
-    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+    def _update(self, x: np.ndarray, lo: float, hi: float, key: int | None) -> None:
         """Subclasses fold `x` (finite, with its min and max) into their state."""
+
+    def merge(self, other: Observer) -> None:
+        """Fold in what `other` (the same kind, built alike) observed on other data: the result
+        is what one observer seeing both data would hold (module docstring 14)."""
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.count += other.count
 
     def range(self) -> tuple[float, float]:
         """The clipping range (lo, hi), lo <= 0 <= hi."""
@@ -414,16 +431,22 @@ def _state_bytes(value: object) -> int:
 class ChannelMeanObserver:
     """Streaming mean of a tensor per channel along `axis` (for bias correction).
 
-    State is one float64 sum per channel and a count; `update` accepts any array whose `axis`
-    has the same length every time (a length change is a programming error: ValueError).
+    State is one exact sum per channel (Python integers at a common power-of-two scale) and a
+    count: every run's float64 channel sums are added without rounding, so the mean does not
+    depend on the order or grouping of the runs, and shards merge exactly (docstring 14).
+    `update` accepts any array whose `axis` has the same length every time (a length change
+    is a programming error: ValueError).
     """
 
     def __init__(self, axis: int) -> None:
         self.axis = axis
+        #: the exact sum is `sum * 2**scale` (an object array of Python ints)
         self.sum: np.ndarray | None = None
+        self.scale = 0
         self.count = 0
 
-    def update(self, array: np.ndarray) -> None:
+    def update(self, array: np.ndarray, key: int | None = None) -> None:
+        """Fold one array in (`key` is accepted for the observers' common interface)."""
         x = np.asarray(array)
         if x.ndim == 0 or x.size == 0:
             return
@@ -434,23 +457,57 @@ class ChannelMeanObserver:
         total = x.sum(axis=others, dtype=np.float64)  # float64 accumulation, no float64 copy
         if not np.all(np.isfinite(total)):  # rare: count non-finite values as 0
             total = np.where(np.isfinite(x), x, 0).sum(axis=others, dtype=np.float64)
-        rows = x.size // x.shape[axis]
-        if self.sum is None:
-            self.sum = total
-        elif self.sum.shape != total.shape:
+        if self.sum is not None and self.sum.shape != total.shape:
             raise ValueError(f"channel count changed: {self.sum.shape[0]} -> {total.shape[0]}")
-        else:
-            self.sum += total
-        self.count += rows
+        self._add(*_exact_integers(total))
+        self.count += x.size // x.shape[axis]
+
+    def _add(self, values: np.ndarray, scale: int) -> None:
+        """Add the exact sums `values * 2**scale` (object array of ints)."""
+        if self.sum is None:
+            self.sum, self.scale = values, scale
+            return
+        if scale < self.scale:
+            self.sum = self.sum * (1 << (self.scale - scale))
+            self.scale = scale
+        elif scale > self.scale:
+            values = values * (1 << (scale - self.scale))
+        self.sum = self.sum + values
+
+    def merge(self, other: ChannelMeanObserver) -> None:
+        """Fold in `other`'s sums and count: exact, so merging shards equals one pass."""
+        if other.sum is None:
+            return
+        if self.sum is not None and self.sum.shape != other.sum.shape:
+            raise ValueError(f"channel count differs: {self.sum.shape[0]} vs {other.sum.shape[0]}")
+        self._add(other.sum, other.scale)
+        self.count += other.count
 
     def mean(self) -> np.ndarray | None:
-        """Per-channel mean (float64), None when nothing was observed."""
+        """Per-channel mean (float64, the exact mean correctly rounded), None when nothing was
+        observed."""
         if self.sum is None or self.count == 0:
             return None
-        return self.sum / self.count
+        if self.scale >= 0:
+            parts = [Fraction(int(v) << self.scale, self.count) for v in self.sum]
+        else:
+            parts = [Fraction(int(v), self.count << -self.scale) for v in self.sum]
+        return np.array([float(p) for p in parts], dtype=np.float64)
 
     def reset(self) -> None:
-        self.sum, self.count = None, 0
+        self.sum, self.scale, self.count = None, 0, 0
+
+
+def _exact_integers(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Finite float64 `values` as Python ints `n` and a scale with `values == n * 2**scale`
+    exactly (an object array; the scale is the least exponent among the non-zero values)."""
+    mantissa, exponent = np.frexp(values)  # values = m 2^e, 0.5 <= |m| < 1
+    integers = np.ldexp(mantissa, 53).astype(np.int64)  # exact: 53 bits
+    exponent = exponent.astype(np.int64) - 53
+    nonzero = integers != 0
+    scale = int(exponent[nonzero].min()) if nonzero.any() else 0
+    shifts = np.where(nonzero, exponent - scale, 0)
+    return np.left_shift(integers.astype(object), shifts.astype(object)), scale
 
 
 class ChannelRangeObserver:
@@ -464,7 +521,8 @@ class ChannelRangeObserver:
         self.low: np.ndarray | None = None
         self.high: np.ndarray | None = None
 
-    def update(self, array: np.ndarray) -> None:
+    def update(self, array: np.ndarray, key: int | None = None) -> None:
+        """Fold one array in (`key` is accepted for the observers' common interface)."""
         x = np.asarray(array)
         if x.ndim == 0 or x.size == 0:
             return
@@ -480,6 +538,18 @@ class ChannelRangeObserver:
         else:
             self.low = np.fmin(self.low, low)
             self.high = np.fmax(self.high, high)
+
+    def merge(self, other: ChannelRangeObserver) -> None:
+        """Fold in `other`'s per-channel minima and maxima (exact)."""
+        if other.low is None or other.high is None:
+            return
+        if self.low is None or self.high is None:
+            self.low, self.high = other.low.copy(), other.high.copy()
+        elif self.low.shape != other.low.shape:
+            raise ValueError(f"channel count differs: {self.low.shape[0]} vs {other.low.shape[0]}")
+        else:
+            self.low = np.fmin(self.low, other.low)
+            self.high = np.fmax(self.high, other.high)
 
     def value(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(per-channel min, per-channel max), None when nothing was observed."""
@@ -545,24 +615,30 @@ class HistogramObserver(Observer):
         """The 2B + 1 bin edges over [-a, a]."""
         return np.linspace(-self.bound, self.bound, 2 * self.bins + 1)
 
-    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+    def _update(self, x: np.ndarray, lo: float, hi: float, key: int | None) -> None:
         reach = max(-lo, hi)
-        if reach > self.bound:
+        if reach >= self.bound and reach > 0.0:
             self._grow(reach)
         B = self.bins
         if self.bound == 0.0:  # everything so far is exactly 0: bin [0, w)
             self.hist[B] += x.size
             return
-        # Bin index floor(x / w) + B, computed as trunc(x / w + B): the shifted value is >= 0
-        # (up to rounding, which truncation sends to bin 0), so truncation is the floor. x == a
-        # lands in the last bin. float32 is faster; float64 where the factor overflows it.
+        # Bin index floor(x / w) + B (docstring 6, 14): the factor B / a is a power of two, so
+        # x * factor is exact, and so is its floor; + B is then exact too (an integer below
+        # 2^24), and lands in [0, 2B) since |x| < a. So a value gets the same bin whether it is
+        # binned here or at a finer bound and regrouped. float32 where the product cannot
+        # underflow to a signed zero (factor >= 1/2) nor the factor overflow; float64 otherwise,
+        # and for float64 data (rounding it to float32 would depend on the path).
         factor = B / self.bound
-        work = np.float32 if factor < 1e30 else np.float64
+        fast = 0.5 <= factor < 2.0**100 and x.dtype.itemsize <= 4
+        work = np.float32 if fast else np.float64
         flat = x.reshape(-1)
         self.updates += 1
         if flat.size > 2 * HIST_SAMPLE:  # docstring 6: a systematic sample of a large tensor
             stride = (flat.size // HIST_SAMPLE) | 1
-            flat = flat[(self.updates * 7919) % stride :: stride]
+            # the offset depends on the run (the key), not on how many runs this observer saw
+            offset = ((self.updates if key is None else key) * 7919) % stride
+            flat = flat[offset::stride]
         # in blocks, with buffers reused: the temporaries stay in cache (about 1.2x faster
         # than whole-tensor temporaries on the zoo's activations), the counts are the same
         block = min(flat.size, _HIST_BLOCK)
@@ -572,32 +648,62 @@ class HistogramObserver(Observer):
             part = flat[start : start + block]
             n = part.size
             np.multiply(part, work(factor), out=scaled[:n], dtype=work)
+            np.floor(scaled[:n], out=scaled[:n])
             scaled[:n] += work(B)
-            np.minimum(scaled[:n], work(2 * B - 1), out=scaled[:n])
-            index[:n] = scaled[:n]  # truncation toward zero, as astype
+            index[:n] = scaled[:n]  # an exact integer in [0, 2B)
             self.hist += np.bincount(index[:n], minlength=2 * B)
 
     def _grow(self, reach: float) -> None:
-        """Widen [-a, a] to cover `reach`, by doubling when there are counts to merge."""
-        B = self.bins
+        """Widen [-a, a] to a power of two above `reach`, by doubling when there are counts to
+        merge (docstring 6, 14)."""
         if self.bound == 0.0:
             # Nothing but zeros so far (they sit in bin [0, w) at any width).
-            self.bound = float(reach)
+            self.bound = _power_of_two_above(reach)
             return
-        factor = 1
+        doublings = 0
         bound = self.bound
-        while bound < reach:
+        while bound <= reach:
             bound *= 2.0
-            factor *= 2
-        # New bin k (each side, counted from 0) holds old bins [k f, (k+1) f): sum groups.
-        group = min(factor, B)
+            doublings += 1
+        self._regroup(doublings)
+        self.bound = bound
+
+    def _regroup(self, doublings: int) -> None:
+        """Sum the counts into the bins of a range `2^doublings` times wider (the bound is the
+        caller's to set): new bin k (each side, from 0) holds old bins [k f, (k+1) f)."""
+        if doublings == 0:
+            return
+        B = self.bins
+        group = min(1 << min(doublings, 62), B)
         kept = B // group
         pos = self.hist[B:].reshape(kept, group).sum(axis=1)
         neg = self.hist[:B][::-1].reshape(kept, group).sum(axis=1)
         self.hist[:] = 0
         self.hist[B : B + kept] = pos
         self.hist[B - kept : B] = neg[::-1]
-        self.bound = bound
+
+    def merge(self, other: Observer) -> None:
+        """Fold in `other`'s histogram (module docstring 14): the finer of the two is regrouped
+        to the coarser bound, as growing would, then the counts add. The result is the
+        histogram one observer would hold having seen both data (the same bins, the same
+        samples of large tensors when updates carry their run's key)."""
+        if not isinstance(other, HistogramObserver) or other.bins != self.bins:
+            raise ValueError("can only merge a HistogramObserver with as many bins")
+        super().merge(other)
+        hist = other.hist
+        if other.bound > self.bound:
+            if self.bound == 0.0:  # only zeros here: they sit in bin [0, w) at any bound
+                self.bound = other.bound
+            else:
+                self._regroup(_doublings(self.bound, other.bound))
+                self.bound = other.bound
+        elif other.bound < self.bound and other.bound > 0.0:
+            finer = HistogramObserver(self.method, self.bins, self.percentile, self.symmetric)
+            finer.hist = other.hist.copy()
+            finer._regroup(_doublings(other.bound, self.bound))
+            hist = finer.hist
+        self.hist += hist
+        self.updates += other.updates
 
     def abs_hist(self) -> np.ndarray:
         """The |x| histogram: B counts, bin k covering [k w, (k+1) w)."""
@@ -623,6 +729,26 @@ class HistogramObserver(Observer):
         else:
             t = mse_threshold(self.abs_hist(), self.width, 255 if self.min >= 0 else 127)
         return max(lo, -t), min(hi, t)
+
+
+def _power_of_two_above(reach: float) -> float:
+    """The least power of two strictly above `reach` (> 0): a histogram's first bound, so
+    that two observers' bounds always differ by whole doublings (docstring 14). Strictly
+    above, so that no value sits on the bound (it would be clipped into the last bin, which
+    regrouping cannot reproduce)."""
+    _, exponent = math.frexp(reach)  # reach = m 2^e, 0.5 <= m < 1: 2^e > reach >= 2^(e-1)
+    try:
+        return math.ldexp(1.0, exponent)
+    except OverflowError:  # beyond float64: the doubling loop would overflow as well
+        return math.inf
+
+
+def _doublings(fine: float, coarse: float) -> int:
+    """How many doublings take power-of-two bound `fine` to `coarse` (>= fine)."""
+    count = math.frexp(coarse)[1] - math.frexp(fine)[1]
+    if math.ldexp(fine, count) != coarse:
+        raise ValueError(f"histogram bounds {fine!r} and {coarse!r} are not aligned")
+    return count
 
 
 def _cdf_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
