@@ -89,11 +89,16 @@ Collecting (`collect_ranges`):
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import math
+import multiprocessing
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -102,14 +107,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import array_of, inference_session, outputs_added
+from onnxshrink.engine.io import array_of, inference_session, outputs_added, write_model_files
 from onnxshrink.engine.shapes import infer_shapes
-from onnxshrink.errors import UsageError, first_line
+from onnxshrink.errors import OnnxShrinkError, UsageError, first_line
 from onnxshrink.quant.schemes import Scheme
 from onnxshrink.verify.parity import DEFAULT_BATCH as PARITY_DEFAULT_BATCH
 from onnxshrink.verify.parity import (
     InputBatches,
     declared_batches,
+    feed_samples,
     generate_inputs,
     model_inputs,
     split_feed,
@@ -148,6 +154,15 @@ _HOW_TO = (
 # Data sources (module docstring, 1-4)
 
 
+@dataclass(frozen=True)
+class NpzSource:
+    """What `calibration_feeds` needs to read an .npz source again, in another process."""
+
+    path: str
+    batch: int | None
+    max_batch: int
+
+
 @dataclass
 class CalibrationData:
     """Feeds for calibration; iterate it (again and again) for dicts of input name -> array.
@@ -162,6 +177,9 @@ class CalibrationData:
     total: int = 0
     synthetic: bool = False
     samples: int = 0
+    #: how a worker process reads these runs itself (an .npz file or folder); None: the
+    #: feeds are read here and their arrays sent (docstring 14)
+    npz: NpzSource | None = None
 
     def __iter__(self) -> Iterator[Feed]:
         return self.make()
@@ -225,7 +243,13 @@ def calibration_feeds(
         except UsageError as exc:
             raise UsageError(_as_calibration_message(exc)) from None
 
-    return CalibrationData(str(path), make_npz, len(batches), samples=batches.samples)
+    return CalibrationData(
+        str(path),
+        make_npz,
+        len(batches),
+        samples=batches.samples,
+        npz=NpzSource(str(path), batch, max_batch),
+    )
 
 
 def _as_calibration_message(exc: UsageError) -> str:
@@ -868,17 +892,27 @@ def collect_ranges(
     progress: Progress | None = None,
     *,
     symmetric: bool = False,
+    workers: int = 1,
 ) -> dict[str, tuple[float, float]]:
     """The calibration range (lo, hi) of each named float tensor, from one pass over `feeds`.
 
     Names may be graph inputs, initializers or outputs of main-graph nodes; tensors that are
     not float are left out of the result (logged). One ORT session is built (CPU, or CUDA when
     `provider="cuda"`); every feed runs once. `symmetric` selects |x| percentiles for
-    `percentile`. Raises UsageError for unknown names, an unknown method or provider, or no
-    feeds; and for a model ORT cannot run on a feed, with ORT's first line.
+    `percentile`. `workers` > 1 runs shards of the feeds in that many processes, with the
+    same result (module docstring, 14). Raises UsageError for unknown names, an unknown method
+    or provider, or no feeds; and for a model ORT cannot run on a feed, with ORT's first line.
     """
     observers = observe(
-        model, tensor_names, feeds, method, percentile, provider, progress, symmetric=symmetric
+        model,
+        tensor_names,
+        feeds,
+        method,
+        percentile,
+        provider,
+        progress,
+        symmetric=symmetric,
+        workers=workers,
     )
     return {name: obs.range() for name, obs in observers.items()}
 
@@ -891,6 +925,8 @@ class CalibrationStats:
     ranges: dict[str, tuple[float, float]]
     channel_means: dict[str, np.ndarray]
     channel_ranges: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: calibration runs observed
+    runs: int = 0
 
 
 def collect_statistics(
@@ -906,6 +942,8 @@ def collect_statistics(
     mean_axes: Mapping[str, int] | None = None,
     channel_ranges: Iterable[str] = (),
     on_run: RunHook | None = None,
+    on_run_samples: int | None = None,
+    workers: int = 1,
 ) -> CalibrationStats:
     """As `collect_ranges`, plus the per-channel mean of each tensor in `mean_axes` (name ->
     channel axis), in the same single pass. A tensor whose shape does not have that axis, or
@@ -913,14 +951,14 @@ def collect_statistics(
     `on_run(feed, outputs)` gets each feed with the model's own graph outputs on it (docstring
     12), so a caller can keep the float model's reference outputs without running it again.
     `channel_ranges` names tensors whose per-channel min and max along the last axis are kept
-    too (docstring 13).
+    too (docstring 13). `workers` and `on_run_samples`: as `observe`.
     """
     means = {name: ChannelMeanObserver(axis) for name, axis in (mean_axes or {}).items()}
     per_channel = {name: ChannelRangeObserver() for name in channel_ranges}
     extra: dict[str, list[Any]] = {}
     for name, obs in [*means.items(), *per_channel.items()]:
         extra.setdefault(name, []).append(obs)
-    observers = observe(
+    observers, runs = _observe(
         model,
         list(dict.fromkeys([*tensor_names, *extra])),
         feeds,
@@ -931,6 +969,8 @@ def collect_statistics(
         symmetric=symmetric,
         also=extra,
         on_run=on_run,
+        on_run_samples=on_run_samples,
+        workers=workers,
     )
     ranges = {name: obs.range() for name, obs in observers.items() if name in set(tensor_names)}
     channel_means = {}
@@ -940,7 +980,10 @@ def collect_statistics(
             channel_means[name] = value
     found = {name: obs.value() for name, obs in per_channel.items()}
     return CalibrationStats(
-        ranges, channel_means, {n: v for n, v in found.items() if v is not None}
+        ranges,
+        channel_means,
+        {n: v for n, v in found.items() if v is not None},
+        runs=runs,
     )
 
 
@@ -956,14 +999,53 @@ def observe(
     symmetric: bool = False,
     also: Mapping[str, Sequence[Any]] | None = None,
     on_run: RunHook | None = None,
+    workers: int = 1,
+    on_run_samples: int | None = None,
 ) -> dict[str, Observer]:
     """As `collect_ranges`, but returns the observers (for qparams or several methods' ranges).
 
     `also` maps tensor names (which must be among `tensor_names`) to extra observers updated
     with the same arrays (per-channel means and ranges); one that fails on an array (a shape
     without its axis) is dropped, with a log line. `on_run(feed, outputs)` is called after each run
-    with the model's graph outputs (module docstring, 12).
+    with the model's graph outputs (module docstring, 12); `on_run_samples` says it needs no
+    more than the runs holding that many samples (so workers send back only those).
+    `workers` > 1 observes contiguous shards of the runs in that many processes and merges
+    the observers: the same statistics, exactly (module docstring, 14).
     """
+    return _observe(
+        model,
+        tensor_names,
+        feeds,
+        method,
+        percentile,
+        provider,
+        progress,
+        symmetric=symmetric,
+        also=also,
+        on_run=on_run,
+        workers=workers,
+        on_run_samples=on_run_samples,
+    )[0]
+
+
+def _observe(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    feeds: Iterable[Feed],
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    provider: str = "cpu",
+    progress: Progress | None = None,
+    *,
+    symmetric: bool = False,
+    also: Mapping[str, Sequence[Any]] | None = None,
+    on_run: RunHook | None = None,
+    workers: int = 1,
+    on_run_samples: int | None = None,
+) -> tuple[dict[str, Observer], int]:
+    """`observe`, and the number of runs."""
+    if not (isinstance(workers, int) and workers >= 1):
+        raise UsageError(f"--calibration-workers {workers}: must be at least 1")
     extra = {name: list(sides) for name, sides in (also or {}).items()}
     make_observer(method, percentile, symmetric)  # validate before any work
     names = list(dict.fromkeys(tensor_names))
@@ -991,60 +1073,311 @@ def observe(
             logger.info("calibration: %s is %s, not float; skipped", name, _type_name(elem))
             continue
         wanted.append(name)
-    observers = {n: make_observer(method, percentile, symmetric) for n in wanted}
+    state = _Observing({n: make_observer(method, percentile, symmetric) for n in wanted}, extra)
     for name in wanted:
         if name in initializers:
-            observers[name].update(array_of(initializers[name]))
-    from_inputs = [n for n in wanted if n in inputs]
-    from_session = [n for n in wanted if n not in initializers and n not in inputs]
-
-    graph_outputs = [o.name for o in model.graph.output]
-    fetched = list(dict.fromkeys([*from_session, *graph_outputs])) if on_run else from_session
-    session = _calibration_session(model, fetched, types, provider) if fetched else None
+            state.observers[name].update(array_of(initializers[name]), key=0)
+    runner = _Runner(
+        fetched=[],
+        from_inputs=[n for n in wanted if n in inputs],
+        from_session=[n for n in wanted if n not in initializers and n not in inputs],
+        graph_outputs=[o.name for o in model.graph.output] if on_run else [],
+    )
+    runner.fetched = list(dict.fromkeys([*runner.from_session, *runner.graph_outputs]))
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
-    runs = 0
-
-    def update(name: str, array: np.ndarray) -> None:
-        observers[name].update(array)
-        for side in list(extra.get(name, ())):
-            try:
-                side.update(array)
-            except (ValueError, np.exceptions.AxisError) as exc:
-                logger.info("calibration: no %s for %s: %s", type(side).__name__, name, exc)
-                side.reset()
-                extra[name].remove(side)
-
-    for feed in feeds:
-        for name in from_inputs:
-            update(name, feed[name])
-        if session is not None:
-            try:
-                arrays = session.run(fetched, feed)
-            except Exception as exc:
-                shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
-                raise UsageError(
-                    f"calibration: the model fails on feed {runs} ({shapes}): {first_line(exc)}"
-                ) from None
-            by_name = dict(zip(fetched, arrays, strict=True))
-            del arrays
-            for name in from_session:
-                array = by_name[name]
-                if np.issubdtype(np.asarray(array).dtype, np.floating):
-                    update(name, array)
-            if on_run is not None:
-                on_run(feed, [by_name[n] for n in graph_outputs])
-            del by_name
-        runs += 1
-        if progress is not None:
-            progress(runs, total)  # total 0: a loader, whose length is unknown
+    if workers > 1 and total != 1:
+        runs = _observe_in_workers(
+            model,
+            types,
+            feeds,
+            total,
+            runner,
+            state,
+            _Fresh(method, percentile, symmetric, wanted, extra),
+            provider,
+            progress,
+            on_run,
+            on_run_samples,
+            workers,
+        )
+    else:
+        session = None
+        if runner.fetched:
+            with outputs_added(model, runner.fetched, types) as observed:
+                session = _calibration_session(observed, provider)
+        runs = runner.run(session, feeds, state, on_run, progress=progress, total=total)
     if runs == 0:
         raise UsageError(f"calibration: no feeds; {_HOW_TO}")
+    observers = state.observers
     empty = [n for n, o in observers.items() if o.count == 0]
     for name in empty:
         logger.info("calibration: %s produced no float values; skipped", name)
         del observers[name]
     logger.info("calibration: %d tensor(s), %d run(s), method %s", len(observers), runs, method)
-    return observers
+    return observers, runs
+
+
+class _Observing:
+    """The observers of one pass (or one shard): a main observer per tensor and, per tensor,
+    slots of extra observers (None once dropped: an array it could not take)."""
+
+    def __init__(self, observers: dict[str, Observer], extra: Mapping[str, list[Any]]) -> None:
+        self.observers = observers
+        self.extra: dict[str, list[Any]] = {name: list(sides) for name, sides in extra.items()}
+
+    def update(self, name: str, array: np.ndarray, key: int) -> None:
+        self.observers[name].update(array, key)
+        sides = self.extra.get(name, ())
+        for i, side in enumerate(sides):
+            if side is None:
+                continue
+            try:
+                side.update(array, key)
+            except (ValueError, np.exceptions.AxisError) as exc:
+                self._drop(name, i, exc)
+
+    def _drop(self, name: str, slot: int, why: object) -> None:
+        side = self.extra[name][slot]
+        logger.info("calibration: no %s for %s: %s", type(side).__name__, name, why)
+        side.reset()
+        self.extra[name][slot] = None
+
+    def merge(self, other: _Observing) -> None:
+        """Fold in a shard's observers (docstring 14); an extra observer dropped in any shard
+        is dropped, as it would have been in one pass."""
+        for name, obs in other.observers.items():
+            self.observers[name].merge(obs)
+        for name, sides in other.extra.items():
+            for i, side in enumerate(sides):
+                if self.extra[name][i] is None:
+                    continue
+                if side is None:
+                    self._drop(name, i, "dropped in a calibration worker")
+                    continue
+                try:
+                    self.extra[name][i].merge(side)
+                except ValueError as exc:
+                    self._drop(name, i, exc)
+
+
+@dataclass
+class _Runner:
+    """Runs feeds through a calibration session and hands every array to the observers."""
+
+    fetched: list[str]
+    from_inputs: list[str]
+    from_session: list[str]
+    graph_outputs: list[str]
+
+    def run(
+        self,
+        session: Any,
+        feeds: Iterable[Feed],
+        state: _Observing,
+        on_run: RunHook | None,
+        *,
+        first: int = 0,
+        progress: Progress | None = None,
+        total: int = 0,
+    ) -> int:
+        """Observe every feed (run `first + i` for the i-th); the number of runs."""
+        runs = 0
+        for feed in feeds:
+            index = first + runs
+            key = index + 1  # 0 is the initializers'
+            for name in self.from_inputs:
+                state.update(name, feed[name], key)
+            if session is not None:
+                try:
+                    arrays = session.run(self.fetched, feed)
+                except Exception as exc:
+                    shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
+                    raise UsageError(
+                        f"calibration: the model fails on feed {index} ({shapes}): "
+                        f"{first_line(exc)}"
+                    ) from None
+                by_name = dict(zip(self.fetched, arrays, strict=True))
+                del arrays
+                for name in self.from_session:
+                    array = by_name[name]
+                    if np.issubdtype(np.asarray(array).dtype, np.floating):
+                        state.update(name, array, key)
+                if on_run is not None:
+                    on_run(feed, [by_name[n] for n in self.graph_outputs])
+                del by_name
+            runs += 1
+            if progress is not None:
+                progress(runs, total)  # total 0: a loader, whose length is unknown
+        return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration in worker processes (module docstring, 14)
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """What a worker needs to build empty observers like the parent's."""
+
+    method: str
+    percentile: float
+    symmetric: bool
+    names: list[str]
+    extra: Mapping[str, list[Any]]
+
+    def state(self) -> _Observing:
+        observers = {
+            n: make_observer(self.method, self.percentile, self.symmetric) for n in self.names
+        }
+        return _Observing(observers, self.extra)
+
+
+@dataclass
+class _ShardJob:
+    """One worker's share: runs [first, stop) from an .npz source it reads itself, or `feeds`."""
+
+    model_path: str
+    runner: _Runner
+    fresh: _Fresh
+    provider: str
+    threads: int
+    first: int
+    stop: int
+    npz: NpzSource | None
+    feeds: list[Feed] | None
+    #: keep the feeds and graph outputs of the shard's first runs holding this many samples
+    keep_samples: int
+    declared: dict[str, tuple[int, int | None]]
+
+
+@dataclass
+class _ShardResult:
+    state: _Observing
+    runs: int
+    kept: list[tuple[Feed, list[np.ndarray]]]
+
+
+def _observe_shard(job: _ShardJob) -> _ShardResult:
+    """A worker process's pass over its shard, with its own ORT session (made here: a session
+    does not pickle) limited to its share of the CPUs."""
+    session = None
+    if job.runner.fetched:
+        session = _calibration_session(job.model_path, job.provider, threads=job.threads)
+    if job.feeds is not None:
+        feeds: Iterable[Feed] = job.feeds
+    else:
+        assert job.npz is not None
+        header = onnx.load(job.model_path, load_external_data=False)
+        data = calibration_feeds(job.npz.path, header, job.npz.batch, max_batch=job.npz.max_batch)
+        feeds = itertools.islice(data, job.first, job.stop)
+    kept: list[tuple[Feed, list[np.ndarray]]] = []
+    held = 0
+
+    def keep(feed: Feed, outputs: list[np.ndarray]) -> None:
+        nonlocal held
+        if held < job.keep_samples:
+            kept.append((feed, outputs))
+            held += feed_samples(feed, job.declared)
+
+    state = job.fresh.state()
+    on_run = keep if job.runner.graph_outputs and job.keep_samples > 0 else None
+    runs = job.runner.run(session, feeds, state, on_run, first=job.first)
+    return _ShardResult(state, runs, kept)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _observe_in_workers(
+    model: onnx.ModelProto,
+    types: dict[str, int],
+    feeds: Iterable[Feed],
+    total: int,
+    runner: _Runner,
+    state: _Observing,
+    fresh: _Fresh,
+    provider: str,
+    progress: Progress | None,
+    on_run: RunHook | None,
+    on_run_samples: int | None,
+    workers: int,
+) -> int:
+    """Observe contiguous shards of the runs in `workers` spawned processes, merge their
+    observers into `state` in shard order, and hand the kept runs to `on_run` in run order.
+
+    An .npz source is re-read by each worker (its own rows only); any other source (a loader,
+    generated inputs, feed lists) is read here and its arrays sent.
+    """
+    npz = getattr(feeds, "npz", None)
+    listed: list[Feed] | None = None
+    if npz is None or total == 0:
+        listed = list(feeds)
+        total = len(listed)
+        npz = None
+    if total == 0:
+        return 0
+    workers = min(workers, total)
+    declared = declared_batches(model)
+    bounds = [round(i * total / workers) for i in range(workers + 1)]
+    threads = max(1, available_cpus() // workers)
+    keep = (
+        0 if on_run is None else (on_run_samples if on_run_samples is not None else total * 2**20)
+    )
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-calibration-") as tmp:
+        path = Path(tmp) / "observed.onnx"
+        with outputs_added(model, runner.fetched, types) as observed:
+            write_model_files(observed, path, "observed.onnx.data")
+        jobs = [
+            _ShardJob(
+                str(path),
+                runner,
+                fresh,
+                provider,
+                threads,
+                lo,
+                hi,
+                npz,
+                listed[lo:hi] if listed is not None else None,
+                keep,
+                declared,
+            )
+            for lo, hi in itertools.pairwise(bounds)
+        ]
+        context = multiprocessing.get_context("spawn")
+        results: list[_ShardResult | None] = [None] * len(jobs)
+        done = 0
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(_observe_shard, job): i for i, job in enumerate(jobs)}
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    results[futures[future]] = result
+                    done += result.runs
+                    if progress is not None:
+                        progress(done, total)
+            except BrokenProcessPool as exc:
+                raise OnnxShrinkError(
+                    f"calibration: a worker process died ({first_line(exc)}); "
+                    "try fewer --calibration-workers"
+                ) from None
+            finally:
+                for future in futures:
+                    future.cancel()
+    runs = 0
+    for result in results:
+        assert result is not None
+        state.merge(result.state)
+        runs += result.runs
+        if on_run is not None:
+            for feed, outputs in result.kept:
+                on_run(feed, outputs)
+    logger.info("calibration: %d run(s) in %d worker(s), %d thread(s) each", runs, workers, threads)
+    return runs
 
 
 def _type_name(elem: int) -> str:
@@ -1054,10 +1387,9 @@ def _type_name(elem: int) -> str:
         return str(elem)
 
 
-def _calibration_session(
-    model: onnx.ModelProto, outputs: list[str], types: dict[str, int], provider: str
-):
-    """An ORT session of a copy of `model` whose graph outputs are `outputs` (plus the originals)."""
+def _calibration_session(model: onnx.ModelProto | str, provider: str, threads: int = 0) -> Any:
+    """An ORT session of `model` (a model or a path) for calibration; `threads` sets
+    `intra_op_num_threads` (0: ORT's default, every core)."""
     import onnxruntime as ort
 
     if provider not in ("cpu", "cuda"):
@@ -1073,9 +1405,11 @@ def _calibration_session(
         providers = ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        # ORT ignores OMP_NUM_THREADS: a worker's share of the CPUs is set here
+        options.intra_op_num_threads = threads
     try:
-        with outputs_added(model, outputs, types) as observed:
-            return inference_session(observed, options, providers)
+        return inference_session(model, options, providers)
     except Exception as exc:
         raise UsageError(
             f"calibration: ONNX Runtime cannot load the model: {first_line(exc)}"
