@@ -100,13 +100,19 @@ def test_workers_give_the_ranges_of_one_pass(method: str, spread: bool) -> None:
         _assert_identical(one, _stats(feeds, method, workers))
 
 
-def test_workers_read_their_shards_of_an_npz(tmp_path) -> None:
-    """An .npz source is re-read by each worker; the kept runs reach `on_run` in run order."""
+@pytest.mark.parametrize("on_run_samples", [8, 14])
+@pytest.mark.parametrize("source", ["npz", "feeds"])
+def test_workers_read_their_shards_and_keep_the_hooks_runs(tmp_path, source, on_run_samples) -> None:
+    """An .npz source is re-read by each worker (feed lists are sent); the runs the hook asks
+    for reach it in run order, also when the first shard holds too few (14 samples: runs 0-3
+    of 4 samples each, the first of two shards holding runs 0-1)."""
     feeds = _feeds(runs=5, spread=True)
-    path = tmp_path / "calib.npz"
-    np.savez(path, x=np.concatenate([f["x"] for f in feeds]))
-    data = calibration_feeds(path, _model(), max_batch=4)
-    assert data.npz is not None and len(data) == 5
+    data = feeds
+    if source == "npz":
+        path = tmp_path / "calib.npz"
+        np.savez(path, x=np.concatenate([f["x"] for f in feeds]))
+        data = calibration_feeds(path, _model(), max_batch=4)
+        assert data.npz is not None and len(data) == 5
     seen: dict[int, list] = {1: [], 2: []}
     results = {}
     for workers in (1, 2):
@@ -115,10 +121,11 @@ def test_workers_read_their_shards_of_an_npz(tmp_path) -> None:
             "entropy",
             workers,
             on_run=lambda feed, outs, w=workers: seen[w].append((feed, outs)),
-            on_run_samples=8,
+            on_run_samples=on_run_samples,
         )
     _assert_identical(results[1], results[2])
-    assert len(seen[1]) == 5 and len(seen[2]) >= 2  # two runs of 4 hold the 8 samples asked
+    assert len(seen[1]) == 5  # one pass: every run
+    assert len(seen[2]) == -(-on_run_samples // 4)  # workers: the runs holding those samples
     for (feed1, outs1), (feed2, outs2) in zip(seen[1], seen[2], strict=False):
         assert np.array_equal(feed1["x"], feed2["x"])
         assert all(np.array_equal(a, b) for a, b in zip(outs1, outs2, strict=True))
@@ -224,7 +231,9 @@ def test_histogram_merge_refuses_other_observers() -> None:
 
 def test_channel_observers_merge_exactly() -> None:
     rng = np.random.default_rng(7)
-    parts = [(rng.normal(size=(3, 5)) * 10.0 ** rng.integers(-8, 8)).astype(np.float32) for _ in range(9)]
+    parts = [
+        (rng.normal(size=(3, 5)) * 10.0 ** rng.integers(-8, 8)).astype(np.float32) for _ in range(9)
+    ]
     whole = ChannelMeanObserver(axis=-1)
     ranges = ChannelRangeObserver()
     for part in parts:

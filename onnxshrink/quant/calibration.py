@@ -1263,13 +1263,7 @@ def _observe_shard(job: _ShardJob) -> _ShardResult:
     session = None
     if job.runner.fetched:
         session = _calibration_session(job.model_path, job.provider, threads=job.threads)
-    if job.feeds is not None:
-        feeds: Iterable[Feed] = job.feeds
-    else:
-        assert job.npz is not None
-        header = onnx.load(job.model_path, load_external_data=False)
-        data = calibration_feeds(job.npz.path, header, job.npz.batch, max_batch=job.npz.max_batch)
-        feeds = itertools.islice(data, job.first, job.stop)
+    feeds = _shard_feeds(job, job.feeds, job.first, job.stop)
     kept: list[tuple[Feed, list[np.ndarray]]] = []
     held = 0
 
@@ -1283,6 +1277,34 @@ def _observe_shard(job: _ShardJob) -> _ShardResult:
     on_run = keep if job.runner.graph_outputs and job.keep_samples > 0 else None
     runs = job.runner.run(session, feeds, state, on_run, first=job.first)
     return _ShardResult(state, runs, kept)
+
+
+def _more_runs(
+    job: _ShardJob, listed: list[Feed] | None, first: int, samples: int
+) -> list[tuple[Feed, list[np.ndarray]]]:
+    """Feeds from run `first` on, with the model's graph outputs, until they hold `samples`
+    samples: what the hook needs beyond the first shard (only with few samples per shard)."""
+    session = _calibration_session(job.model_path, job.provider)
+    feeds = _shard_feeds(job, listed[first:] if listed is not None else None, first, None)
+    kept: list[tuple[Feed, list[np.ndarray]]] = []
+    for feed in feeds:
+        kept.append((feed, session.run(job.runner.graph_outputs, feed)))
+        samples -= feed_samples(feed, job.declared)
+        if samples <= 0:
+            break
+    return kept
+
+
+def _shard_feeds(
+    job: _ShardJob, listed: list[Feed] | None, first: int, stop: int | None
+) -> Iterable[Feed]:
+    """The feeds of runs [first, stop): `listed`, or read from the job's .npz source."""
+    if listed is not None:
+        return listed
+    assert job.npz is not None
+    header = onnx.load(job.model_path, load_external_data=False)
+    data = calibration_feeds(job.npz.path, header, job.npz.batch, max_batch=job.npz.max_batch)
+    return itertools.islice(data, first, stop)
 
 
 def available_cpus() -> int:
@@ -1325,9 +1347,10 @@ def _observe_in_workers(
     declared = declared_batches(model)
     bounds = [round(i * total / workers) for i in range(workers + 1)]
     threads = max(1, available_cpus() // workers)
-    keep = (
-        0 if on_run is None else (on_run_samples if on_run_samples is not None else total * 2**20)
-    )
+    # The hook's runs come back from the first shard only when it says how many samples it
+    # needs (the budget's reference: a few runs); the rare shortfall is made up below.
+    unlimited = on_run is not None and on_run_samples is None
+    keep = 0 if on_run is None else total * 2**20 if unlimited else int(on_run_samples or 0)
     with tempfile.TemporaryDirectory(prefix="onnxshrink-calibration-") as tmp:
         path = Path(tmp) / "observed.onnx"
         with outputs_added(model, runner.fetched, types) as observed:
@@ -1343,10 +1366,10 @@ def _observe_in_workers(
                 hi,
                 npz,
                 listed[lo:hi] if listed is not None else None,
-                keep,
+                keep if i == 0 or unlimited else 0,
                 declared,
             )
-            for lo, hi in itertools.pairwise(bounds)
+            for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
         ]
         context = multiprocessing.get_context("spawn")
         results: list[_ShardResult | None] = [None] * len(jobs)
@@ -1368,13 +1391,17 @@ def _observe_in_workers(
             finally:
                 for future in futures:
                     future.cancel()
-    runs = 0
-    for result in results:
-        assert result is not None
-        state.merge(result.state)
-        runs += result.runs
+        runs = 0
+        for result in results:
+            assert result is not None
+            state.merge(result.state)
+            runs += result.runs
         if on_run is not None:
-            for feed, outputs in result.kept:
+            kept = [run for result in results if result is not None for run in result.kept]
+            held = sum(feed_samples(feed, declared) for feed, _ in kept)
+            if held < keep and not unlimited and bounds[1] < total:
+                kept += _more_runs(jobs[0], listed, bounds[1], keep - held)
+            for feed, outputs in kept:
                 on_run(feed, outputs)
     logger.info("calibration: %d run(s) in %d worker(s), %d thread(s) each", runs, workers, threads)
     return runs
