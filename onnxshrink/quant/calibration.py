@@ -1391,13 +1391,14 @@ def _observe_in_workers(
             finally:
                 for future in futures:
                     future.cancel()
+        finished = [result for result in results if result is not None]
+        assert len(finished) == len(jobs)
         runs = 0
-        for result in results:
-            assert result is not None
-            state.merge(result.state)
-            runs += result.runs
+        for shard in finished:
+            state.merge(shard.state)
+            runs += shard.runs
         if on_run is not None:
-            kept = [run for result in results if result is not None for run in result.kept]
+            kept = [run for shard in finished for run in shard.kept]
             held = sum(feed_samples(feed, declared) for feed, _ in kept)
             if held < keep and not unlimited and bounds[1] < total:
                 kept += _more_runs(jobs[0], listed, bounds[1], keep - held)
