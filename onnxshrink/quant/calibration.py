@@ -24,15 +24,19 @@ Observers. Every range satisfies `lo <= 0 <= hi`, so that 0 is exactly represent
 5. `MinMaxObserver`: `lo = min(0, min x)`, `hi = max(0, max x)` over everything seen.
 6. `HistogramObserver`: a signed histogram of `2B` bins over `[-a, a]` (bin width `w = a/B`,
    0 on a bin edge, so the |x| histogram is the two halves folded: `h[k] = pos[k] + neg[k]`,
-   bin k covering `[k w, (k+1) w)`). When a batch reaches past `a`, the range doubles `m` times
-   (`a' = 2^m a`, the least that covers the batch); every new bin is then exactly `2^m` old
-   bins, so the old counts merge by summing groups (no interpolation, no smearing), and the
-   result equals the histogram of all data binned at once on the final edges (up to float32
-   rounding of values on a bin edge). The state is `2B` counts plus the running min/max:
+   bin k covering `[k w, (k+1) w)`). The first bound is the least power of two above the
+   first reach (strictly above, so no value sits on the bound); when a batch reaches `a` or
+   past it, the range doubles `m` times (`a' = 2^m a`, the least that covers the batch), so
+   bounds stay powers of two; every new bin is then exactly `2^m` old bins, so the old counts
+   merge by summing groups (no interpolation, no smearing). The bin of x is `floor(x B / a) +
+   B`, and `B / a` being a power of two, `x B / a` and its floor are exact: the result equals
+   the histogram of all data binned at once on the final edges, exactly. The state is `2B`
+   counts plus the running min/max:
    constant in the number of samples. The range is at most 2x wider than the data, so at
    least `B/2` bins cover |x|. A tensor of more than `2 HIST_SAMPLE` (65,536) elements is
    binned from a systematic sample, every s-th element (s odd, about size / 32,768) from an
-   offset that moves with every update, so that successive feeds see other positions; min and
+   offset set by the run's index (`update(array, key)`), so that successive feeds see other
+   positions, and a run is sampled alike whichever worker sees it (14); min and
    max stay exact (every element). This keeps the pass within a few times plain inference: on
    ppocr-v4-rec (64 feeds, 66 tensors) it took the percentile statistics from 1.68 s to
    1.12 s, with every range within 2.7% of the full histogram's (median difference 0).
@@ -84,6 +88,20 @@ Collecting (`collect_ranges`):
     axis (`ChannelRangeObserver`): what activation smoothing needs (`onnxshrink.rules.int8`), and
     what gives the range of a smoothed tensor `x / s` without a second pass:
     `[min_c lo_c / s_c, max_c hi_c / s_c]`.
+
+Data-parallel calibration (`workers`, `optimize --calibration-workers N`, issue 13):
+
+14. The runs are cut into N contiguous shards; each is observed in a spawned process with its
+    own ORT session (made there: sessions do not pickle) on `CPUs / N` intra-op threads (ORT
+    ignores OMP_NUM_THREADS). An .npz source is re-read by each worker, its own runs only;
+    other sources (a loader, `random`, feed lists) are read in the parent and their arrays
+    sent. The observers then merge, in shard order, into exactly what one pass gives:
+    min/max and per-channel ranges trivially; histograms by regrouping the finer to the
+    coarser power-of-two bound and adding counts (6); per-channel means from exact sums
+    (float64 run sums added as integers at a common power-of-two scale, so the order of
+    addition cannot change the last bit). Ranges, means and per-channel ranges with N
+    workers are identical (==) to one process's. The `on_run` hook's runs come back from the
+    first shard (only as many as `on_run_samples` asks), in run order.
 """
 
 from __future__ import annotations
