@@ -387,6 +387,7 @@ def quantize_int8(
     calibration_batch: int = DEFAULT_BATCH,
     mask_input: str | None = None,
     smoothing: bool = True,
+    calibration_workers: int = 1,
 ) -> StageResult:
     """Quantize a float model to QDQ int8 within an output error budget; `model` is kept.
 
@@ -396,8 +397,9 @@ def quantize_int8(
     ratio allowed on calibration feeds (see `onnxshrink.quant.sensitivity`). `progress(stage, done,
     total)` reports the calibration pass and the sensitivity sessions. `check_speed` times the
     result against `model` on `ort-cpu` (module docstring, 5); `bias_correction` folds the
-    mean shift of rounded weights into biases (module docstring, 3). Raises UsageError for bad
-    settings or data (one line).
+    mean shift of rounded weights into biases (module docstring, 3). `calibration_workers` > 1
+    runs the statistics pass on that many shards in worker processes, with the same statistics
+    (`onnxshrink.quant.calibration`, 14). Raises UsageError for bad settings or data (one line).
     """
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     check_settings(
@@ -425,7 +427,7 @@ def quantize_int8(
     stats = collect_statistics(  # 3
         model,
         names,
-        counted,
+        counted if calibration_workers == 1 else data,  # workers re-read an .npz source
         method=method,
         provider=provider,
         progress=stage("calibration"),
@@ -433,7 +435,10 @@ def quantize_int8(
         mean_axes=mean_axes,
         channel_ranges=smoothable,
         on_run=reference.record,
+        on_run_samples=reference.samples,
+        workers=calibration_workers,
     )
+    counted.count = stats.runs
     reference.check()
     ranges = stats.ranges
     # A large model's float latency is timed now, while Python holds nothing but the float
@@ -567,6 +572,7 @@ class Int8Stage:
             check_speed=settings.check_speed,
             calibration_batch=settings.calibration_batch,
             mask_input=settings.mask_input,
+            calibration_workers=settings.calibration_workers,
         )
 
 

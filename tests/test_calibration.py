@@ -203,7 +203,7 @@ def test_observer_nbytes_sees_state_that_grows() -> None:
             super().__init__()
             self.seen: list[np.ndarray] = []
 
-        def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        def _update(self, x: np.ndarray, lo: float, hi: float, key: int | None) -> None:
             self.seen.append(x)
 
     obs = Hoarding()

@@ -253,6 +253,18 @@ def optimize(
             rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = "percentile",
+    calibration_workers: Annotated[
+        int,
+        typer.Option(
+            "--calibration-workers",
+            min=1,
+            metavar="N",
+            help="Run int8's statistics pass on N shards of the calibration samples in N "
+            "processes, each with its own ONNX Runtime session on CPUs/N threads; the ranges "
+            "are identical to one process's. Default 1 (in this process).",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
+        ),
+    ] = 1,
     quantize_target: Annotated[
         str,
         typer.Option(
@@ -492,6 +504,7 @@ def optimize(
                 quantize=quantize,
                 calibration_data=calibration_data,
                 calibration_method=calibration_method,
+                calibration_workers=calibration_workers,
                 target=quantize_target,
                 exclude=tuple(exclude or ()),
                 max_error=max_error,

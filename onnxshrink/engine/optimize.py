@@ -642,6 +642,7 @@ def optimize(
     quantize: str | None = None,
     calibration_data: str | Path | Iterable[dict[str, np.ndarray]] | None = None,
     calibration_method: str = "percentile",
+    calibration_workers: int = 1,
     target: str = "ort-cpu",
     exclude: Sequence[str] = (),
     max_error: float | None = None,
@@ -683,8 +684,9 @@ def optimize(
     - `quantize="int8"` or `"fp16"` (a name in `onnxshrink.rules.LOSSY_STAGES`): then run that
       lossy stage (module docstring, 3) with `calibration_data` (an .npz, a folder of them,
       `loader.py[:function]`, `random`, or a list of feed dicts; required),
-      `calibration_method` (minmax, percentile, entropy, mse), `target` (ort-cpu, ort-cuda,
-      tensorrt),
+      `calibration_method` (minmax, percentile, entropy, mse), `calibration_workers` (int8's
+      statistics pass on that many shards in worker processes, with identical ranges:
+      `onnxshrink.quant.calibration`, 14), `target` (ort-cpu, ort-cuda, tensorrt),
       `exclude` (regexes on node names / op types kept float), `max_error` (output
       noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
       `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.rules.int8`, 5),
@@ -753,6 +755,7 @@ def optimize(
         provider=calibration_provider,
         check_speed=check_speed,
         progress=progress,
+        calibration_workers=calibration_workers,
         mask_input=mask_input,
         block_size=block_size,
         int4_method=int4_method,

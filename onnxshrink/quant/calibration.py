@@ -24,15 +24,19 @@ Observers. Every range satisfies `lo <= 0 <= hi`, so that 0 is exactly represent
 5. `MinMaxObserver`: `lo = min(0, min x)`, `hi = max(0, max x)` over everything seen.
 6. `HistogramObserver`: a signed histogram of `2B` bins over `[-a, a]` (bin width `w = a/B`,
    0 on a bin edge, so the |x| histogram is the two halves folded: `h[k] = pos[k] + neg[k]`,
-   bin k covering `[k w, (k+1) w)`). When a batch reaches past `a`, the range doubles `m` times
-   (`a' = 2^m a`, the least that covers the batch); every new bin is then exactly `2^m` old
-   bins, so the old counts merge by summing groups (no interpolation, no smearing), and the
-   result equals the histogram of all data binned at once on the final edges (up to float32
-   rounding of values on a bin edge). The state is `2B` counts plus the running min/max:
+   bin k covering `[k w, (k+1) w)`). The first bound is the least power of two above the
+   first reach (strictly above, so no value sits on the bound); when a batch reaches `a` or
+   past it, the range doubles `m` times (`a' = 2^m a`, the least that covers the batch), so
+   bounds stay powers of two; every new bin is then exactly `2^m` old bins, so the old counts
+   merge by summing groups (no interpolation, no smearing). The bin of x is `floor(x B / a) +
+   B`, and `B / a` being a power of two, `x B / a` and its floor are exact: the result equals
+   the histogram of all data binned at once on the final edges, exactly. The state is `2B`
+   counts plus the running min/max:
    constant in the number of samples. The range is at most 2x wider than the data, so at
    least `B/2` bins cover |x|. A tensor of more than `2 HIST_SAMPLE` (65,536) elements is
    binned from a systematic sample, every s-th element (s odd, about size / 32,768) from an
-   offset that moves with every update, so that successive feeds see other positions; min and
+   offset set by the run's index (`update(array, key)`), so that successive feeds see other
+   positions, and a run is sampled alike whichever worker sees it (14); min and
    max stay exact (every element). This keeps the pass within a few times plain inference: on
    ppocr-v4-rec (64 feeds, 66 tensors) it took the percentile statistics from 1.68 s to
    1.12 s, with every range within 2.7% of the full histogram's (median difference 0).
@@ -84,30 +88,52 @@ Collecting (`collect_ranges`):
     axis (`ChannelRangeObserver`): what activation smoothing needs (`onnxshrink.rules.int8`), and
     what gives the range of a smoothed tensor `x / s` without a second pass:
     `[min_c lo_c / s_c, max_c hi_c / s_c]`.
+
+Data-parallel calibration (`workers`, `optimize --calibration-workers N`, issue 13):
+
+14. The runs are cut into N contiguous shards; each is observed in a spawned process with its
+    own ORT session (made there: sessions do not pickle) on `CPUs / N` intra-op threads (ORT
+    ignores OMP_NUM_THREADS). An .npz source is re-read by each worker, its own runs only;
+    other sources (a loader, `random`, feed lists) are read in the parent and their arrays
+    sent. The observers then merge, in shard order, into exactly what one pass gives:
+    min/max and per-channel ranges trivially; histograms by regrouping the finer to the
+    coarser power-of-two bound and adding counts (6); per-channel means from exact sums
+    (float64 run sums added as integers at a common power-of-two scale, so the order of
+    addition cannot change the last bit). Ranges, means and per-channel ranges with N
+    workers are identical (==) to one process's. The `on_run` hook's runs come back from the
+    first shard (only as many as `on_run_samples` asks), in run order.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import math
+import multiprocessing
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import array_of, inference_session, outputs_added
+from onnxshrink.engine.io import array_of, inference_session, outputs_added, write_model_files
 from onnxshrink.engine.shapes import infer_shapes
-from onnxshrink.errors import UsageError, first_line
+from onnxshrink.errors import OnnxShrinkError, UsageError, first_line
 from onnxshrink.quant.schemes import Scheme
 from onnxshrink.verify.parity import DEFAULT_BATCH as PARITY_DEFAULT_BATCH
 from onnxshrink.verify.parity import (
     InputBatches,
     declared_batches,
+    feed_samples,
     generate_inputs,
     model_inputs,
     split_feed,
@@ -146,6 +172,15 @@ _HOW_TO = (
 # Data sources (module docstring, 1-4)
 
 
+@dataclass(frozen=True)
+class NpzSource:
+    """What `calibration_feeds` needs to read an .npz source again, in another process."""
+
+    path: str
+    batch: int | None
+    max_batch: int
+
+
 @dataclass
 class CalibrationData:
     """Feeds for calibration; iterate it (again and again) for dicts of input name -> array.
@@ -160,6 +195,9 @@ class CalibrationData:
     total: int = 0
     synthetic: bool = False
     samples: int = 0
+    #: how a worker process reads these runs itself (an .npz file or folder); None: the
+    #: feeds are read here and their arrays sent (docstring 14)
+    npz: NpzSource | None = None
 
     def __iter__(self) -> Iterator[Feed]:
         return self.make()
@@ -223,7 +261,13 @@ def calibration_feeds(
         except UsageError as exc:
             raise UsageError(_as_calibration_message(exc)) from None
 
-    return CalibrationData(str(path), make_npz, len(batches), samples=batches.samples)
+    return CalibrationData(
+        str(path),
+        make_npz,
+        len(batches),
+        samples=batches.samples,
+        npz=NpzSource(str(path), batch, max_batch),
+    )
 
 
 def _as_calibration_message(exc: UsageError) -> str:
@@ -354,8 +398,14 @@ class Observer:
         self.max = -math.inf
         self.count = 0
 
-    def update(self, array: np.ndarray) -> None:
-        """Fold one array into the statistics; NaN/inf values are ignored."""
+    def update(self, array: np.ndarray, key: int | None = None) -> None:
+        """Fold one array into the statistics; NaN/inf values are ignored.
+
+        `key` names the sample the array comes from (the calibration run's global index + 1,
+        0 for an initializer): an observer that samples a large tensor picks its positions
+        from it, so the same run is sampled the same way whichever worker sees it (module
+        docstring 6, 14). Without a key, the observer counts its own updates.
+        """
         x = np.asarray(array)
         if x.size == 0:
             return
@@ -370,10 +420,19 @@ class Observer:
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
         self.count += x.size
-        self._update(x, lo, hi)
+        self._update(x, lo, hi, key)
 
-    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+    def _update(self, x: np.ndarray, lo: float, hi: float, key: int | None) -> None:
         """Subclasses fold `x` (finite, with its min and max) into their state."""
+
+    def merge(self, other: Observer) -> None:
+        """Fold in what `other` (the same kind, built alike) observed on other data: the result
+        is what one observer seeing both data would hold (module docstring 14)."""
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.count += other.count
 
     def range(self) -> tuple[float, float]:
         """The clipping range (lo, hi), lo <= 0 <= hi."""
@@ -414,16 +473,22 @@ def _state_bytes(value: object) -> int:
 class ChannelMeanObserver:
     """Streaming mean of a tensor per channel along `axis` (for bias correction).
 
-    State is one float64 sum per channel and a count; `update` accepts any array whose `axis`
-    has the same length every time (a length change is a programming error: ValueError).
+    State is one exact sum per channel (Python integers at a common power-of-two scale) and a
+    count: every run's float64 channel sums are added without rounding, so the mean does not
+    depend on the order or grouping of the runs, and shards merge exactly (docstring 14).
+    `update` accepts any array whose `axis` has the same length every time (a length change
+    is a programming error: ValueError).
     """
 
     def __init__(self, axis: int) -> None:
         self.axis = axis
+        #: the exact sum is `sum * 2**scale` (an object array of Python ints)
         self.sum: np.ndarray | None = None
+        self.scale = 0
         self.count = 0
 
-    def update(self, array: np.ndarray) -> None:
+    def update(self, array: np.ndarray, key: int | None = None) -> None:
+        """Fold one array in (`key` is accepted for the observers' common interface)."""
         x = np.asarray(array)
         if x.ndim == 0 or x.size == 0:
             return
@@ -434,23 +499,57 @@ class ChannelMeanObserver:
         total = x.sum(axis=others, dtype=np.float64)  # float64 accumulation, no float64 copy
         if not np.all(np.isfinite(total)):  # rare: count non-finite values as 0
             total = np.where(np.isfinite(x), x, 0).sum(axis=others, dtype=np.float64)
-        rows = x.size // x.shape[axis]
-        if self.sum is None:
-            self.sum = total
-        elif self.sum.shape != total.shape:
+        if self.sum is not None and self.sum.shape != total.shape:
             raise ValueError(f"channel count changed: {self.sum.shape[0]} -> {total.shape[0]}")
-        else:
-            self.sum += total
-        self.count += rows
+        self._add(*_exact_integers(total))
+        self.count += x.size // x.shape[axis]
+
+    def _add(self, values: np.ndarray, scale: int) -> None:
+        """Add the exact sums `values * 2**scale` (object array of ints)."""
+        if self.sum is None:
+            self.sum, self.scale = values, scale
+            return
+        if scale < self.scale:
+            self.sum = self.sum * (1 << (self.scale - scale))
+            self.scale = scale
+        elif scale > self.scale:
+            values = values * (1 << (scale - self.scale))
+        self.sum = self.sum + values
+
+    def merge(self, other: ChannelMeanObserver) -> None:
+        """Fold in `other`'s sums and count: exact, so merging shards equals one pass."""
+        if other.sum is None:
+            return
+        if self.sum is not None and self.sum.shape != other.sum.shape:
+            raise ValueError(f"channel count differs: {self.sum.shape[0]} vs {other.sum.shape[0]}")
+        self._add(other.sum, other.scale)
+        self.count += other.count
 
     def mean(self) -> np.ndarray | None:
-        """Per-channel mean (float64), None when nothing was observed."""
+        """Per-channel mean (float64, the exact mean correctly rounded), None when nothing was
+        observed."""
         if self.sum is None or self.count == 0:
             return None
-        return self.sum / self.count
+        if self.scale >= 0:
+            parts = [Fraction(int(v) << self.scale, self.count) for v in self.sum]
+        else:
+            parts = [Fraction(int(v), self.count << -self.scale) for v in self.sum]
+        return np.array([float(p) for p in parts], dtype=np.float64)
 
     def reset(self) -> None:
-        self.sum, self.count = None, 0
+        self.sum, self.scale, self.count = None, 0, 0
+
+
+def _exact_integers(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Finite float64 `values` as Python ints `n` and a scale with `values == n * 2**scale`
+    exactly (an object array; the scale is the least exponent among the non-zero values)."""
+    mantissa, exponent = np.frexp(values)  # values = m 2^e, 0.5 <= |m| < 1
+    integers = np.ldexp(mantissa, 53).astype(np.int64)  # exact: 53 bits
+    exponent = exponent.astype(np.int64) - 53
+    nonzero = integers != 0
+    scale = int(exponent[nonzero].min()) if nonzero.any() else 0
+    shifts = np.where(nonzero, exponent - scale, 0)
+    return np.left_shift(integers.astype(object), shifts.astype(object)), scale
 
 
 class ChannelRangeObserver:
@@ -464,7 +563,8 @@ class ChannelRangeObserver:
         self.low: np.ndarray | None = None
         self.high: np.ndarray | None = None
 
-    def update(self, array: np.ndarray) -> None:
+    def update(self, array: np.ndarray, key: int | None = None) -> None:
+        """Fold one array in (`key` is accepted for the observers' common interface)."""
         x = np.asarray(array)
         if x.ndim == 0 or x.size == 0:
             return
@@ -480,6 +580,18 @@ class ChannelRangeObserver:
         else:
             self.low = np.fmin(self.low, low)
             self.high = np.fmax(self.high, high)
+
+    def merge(self, other: ChannelRangeObserver) -> None:
+        """Fold in `other`'s per-channel minima and maxima (exact)."""
+        if other.low is None or other.high is None:
+            return
+        if self.low is None or self.high is None:
+            self.low, self.high = other.low.copy(), other.high.copy()
+        elif self.low.shape != other.low.shape:
+            raise ValueError(f"channel count differs: {self.low.shape[0]} vs {other.low.shape[0]}")
+        else:
+            self.low = np.fmin(self.low, other.low)
+            self.high = np.fmax(self.high, other.high)
 
     def value(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(per-channel min, per-channel max), None when nothing was observed."""
@@ -545,24 +657,30 @@ class HistogramObserver(Observer):
         """The 2B + 1 bin edges over [-a, a]."""
         return np.linspace(-self.bound, self.bound, 2 * self.bins + 1)
 
-    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
+    def _update(self, x: np.ndarray, lo: float, hi: float, key: int | None) -> None:
         reach = max(-lo, hi)
-        if reach > self.bound:
+        if reach >= self.bound and reach > 0.0:
             self._grow(reach)
         B = self.bins
         if self.bound == 0.0:  # everything so far is exactly 0: bin [0, w)
             self.hist[B] += x.size
             return
-        # Bin index floor(x / w) + B, computed as trunc(x / w + B): the shifted value is >= 0
-        # (up to rounding, which truncation sends to bin 0), so truncation is the floor. x == a
-        # lands in the last bin. float32 is faster; float64 where the factor overflows it.
+        # Bin index floor(x / w) + B (docstring 6, 14): the factor B / a is a power of two, so
+        # x * factor is exact, and so is its floor; + B is then exact too (an integer below
+        # 2^24), and lands in [0, 2B) since |x| < a. So a value gets the same bin whether it is
+        # binned here or at a finer bound and regrouped. float32 where the product cannot
+        # underflow to a signed zero (factor >= 1/2) nor the factor overflow; float64 otherwise,
+        # and for float64 data (rounding it to float32 would depend on the path).
         factor = B / self.bound
-        work = np.float32 if factor < 1e30 else np.float64
+        fast = 0.5 <= factor < 2.0**100 and x.dtype.itemsize <= 4
+        work = np.float32 if fast else np.float64
         flat = x.reshape(-1)
         self.updates += 1
         if flat.size > 2 * HIST_SAMPLE:  # docstring 6: a systematic sample of a large tensor
             stride = (flat.size // HIST_SAMPLE) | 1
-            flat = flat[(self.updates * 7919) % stride :: stride]
+            # the offset depends on the run (the key), not on how many runs this observer saw
+            offset = ((self.updates if key is None else key) * 7919) % stride
+            flat = flat[offset::stride]
         # in blocks, with buffers reused: the temporaries stay in cache (about 1.2x faster
         # than whole-tensor temporaries on the zoo's activations), the counts are the same
         block = min(flat.size, _HIST_BLOCK)
@@ -572,32 +690,62 @@ class HistogramObserver(Observer):
             part = flat[start : start + block]
             n = part.size
             np.multiply(part, work(factor), out=scaled[:n], dtype=work)
+            np.floor(scaled[:n], out=scaled[:n])
             scaled[:n] += work(B)
-            np.minimum(scaled[:n], work(2 * B - 1), out=scaled[:n])
-            index[:n] = scaled[:n]  # truncation toward zero, as astype
+            index[:n] = scaled[:n]  # an exact integer in [0, 2B)
             self.hist += np.bincount(index[:n], minlength=2 * B)
 
     def _grow(self, reach: float) -> None:
-        """Widen [-a, a] to cover `reach`, by doubling when there are counts to merge."""
-        B = self.bins
+        """Widen [-a, a] to a power of two above `reach`, by doubling when there are counts to
+        merge (docstring 6, 14)."""
         if self.bound == 0.0:
             # Nothing but zeros so far (they sit in bin [0, w) at any width).
-            self.bound = float(reach)
+            self.bound = _power_of_two_above(reach)
             return
-        factor = 1
+        doublings = 0
         bound = self.bound
-        while bound < reach:
+        while bound <= reach:
             bound *= 2.0
-            factor *= 2
-        # New bin k (each side, counted from 0) holds old bins [k f, (k+1) f): sum groups.
-        group = min(factor, B)
+            doublings += 1
+        self._regroup(doublings)
+        self.bound = bound
+
+    def _regroup(self, doublings: int) -> None:
+        """Sum the counts into the bins of a range `2^doublings` times wider (the bound is the
+        caller's to set): new bin k (each side, from 0) holds old bins [k f, (k+1) f)."""
+        if doublings == 0:
+            return
+        B = self.bins
+        group = min(1 << min(doublings, 62), B)
         kept = B // group
         pos = self.hist[B:].reshape(kept, group).sum(axis=1)
         neg = self.hist[:B][::-1].reshape(kept, group).sum(axis=1)
         self.hist[:] = 0
         self.hist[B : B + kept] = pos
         self.hist[B - kept : B] = neg[::-1]
-        self.bound = bound
+
+    def merge(self, other: Observer) -> None:
+        """Fold in `other`'s histogram (module docstring 14): the finer of the two is regrouped
+        to the coarser bound, as growing would, then the counts add. The result is the
+        histogram one observer would hold having seen both data (the same bins, the same
+        samples of large tensors when updates carry their run's key)."""
+        if not isinstance(other, HistogramObserver) or other.bins != self.bins:
+            raise ValueError("can only merge a HistogramObserver with as many bins")
+        super().merge(other)
+        hist = other.hist
+        if other.bound > self.bound:
+            if self.bound == 0.0:  # only zeros here: they sit in bin [0, w) at any bound
+                self.bound = other.bound
+            else:
+                self._regroup(_doublings(self.bound, other.bound))
+                self.bound = other.bound
+        elif other.bound < self.bound and other.bound > 0.0:
+            finer = HistogramObserver(self.method, self.bins, self.percentile, self.symmetric)
+            finer.hist = other.hist.copy()
+            finer._regroup(_doublings(other.bound, self.bound))
+            hist = finer.hist
+        self.hist += hist
+        self.updates += other.updates
 
     def abs_hist(self) -> np.ndarray:
         """The |x| histogram: B counts, bin k covering [k w, (k+1) w)."""
@@ -623,6 +771,26 @@ class HistogramObserver(Observer):
         else:
             t = mse_threshold(self.abs_hist(), self.width, 255 if self.min >= 0 else 127)
         return max(lo, -t), min(hi, t)
+
+
+def _power_of_two_above(reach: float) -> float:
+    """The least power of two strictly above `reach` (> 0): a histogram's first bound, so
+    that two observers' bounds always differ by whole doublings (docstring 14). Strictly
+    above, so that no value sits on the bound (it would be clipped into the last bin, which
+    regrouping cannot reproduce)."""
+    _, exponent = math.frexp(reach)  # reach = m 2^e, 0.5 <= m < 1: 2^e > reach >= 2^(e-1)
+    try:
+        return math.ldexp(1.0, exponent)
+    except OverflowError:  # beyond float64: the doubling loop would overflow as well
+        return math.inf
+
+
+def _doublings(fine: float, coarse: float) -> int:
+    """How many doublings take power-of-two bound `fine` to `coarse` (>= fine)."""
+    count = math.frexp(coarse)[1] - math.frexp(fine)[1]
+    if math.ldexp(fine, count) != coarse:
+        raise ValueError(f"histogram bounds {fine!r} and {coarse!r} are not aligned")
+    return count
 
 
 def _cdf_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> float:
@@ -742,17 +910,27 @@ def collect_ranges(
     progress: Progress | None = None,
     *,
     symmetric: bool = False,
+    workers: int = 1,
 ) -> dict[str, tuple[float, float]]:
     """The calibration range (lo, hi) of each named float tensor, from one pass over `feeds`.
 
     Names may be graph inputs, initializers or outputs of main-graph nodes; tensors that are
     not float are left out of the result (logged). One ORT session is built (CPU, or CUDA when
     `provider="cuda"`); every feed runs once. `symmetric` selects |x| percentiles for
-    `percentile`. Raises UsageError for unknown names, an unknown method or provider, or no
-    feeds; and for a model ORT cannot run on a feed, with ORT's first line.
+    `percentile`. `workers` > 1 runs shards of the feeds in that many processes, with the
+    same result (module docstring, 14). Raises UsageError for unknown names, an unknown method
+    or provider, or no feeds; and for a model ORT cannot run on a feed, with ORT's first line.
     """
     observers = observe(
-        model, tensor_names, feeds, method, percentile, provider, progress, symmetric=symmetric
+        model,
+        tensor_names,
+        feeds,
+        method,
+        percentile,
+        provider,
+        progress,
+        symmetric=symmetric,
+        workers=workers,
     )
     return {name: obs.range() for name, obs in observers.items()}
 
@@ -765,6 +943,8 @@ class CalibrationStats:
     ranges: dict[str, tuple[float, float]]
     channel_means: dict[str, np.ndarray]
     channel_ranges: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: calibration runs observed
+    runs: int = 0
 
 
 def collect_statistics(
@@ -780,6 +960,8 @@ def collect_statistics(
     mean_axes: Mapping[str, int] | None = None,
     channel_ranges: Iterable[str] = (),
     on_run: RunHook | None = None,
+    on_run_samples: int | None = None,
+    workers: int = 1,
 ) -> CalibrationStats:
     """As `collect_ranges`, plus the per-channel mean of each tensor in `mean_axes` (name ->
     channel axis), in the same single pass. A tensor whose shape does not have that axis, or
@@ -787,14 +969,14 @@ def collect_statistics(
     `on_run(feed, outputs)` gets each feed with the model's own graph outputs on it (docstring
     12), so a caller can keep the float model's reference outputs without running it again.
     `channel_ranges` names tensors whose per-channel min and max along the last axis are kept
-    too (docstring 13).
+    too (docstring 13). `workers` and `on_run_samples`: as `observe`.
     """
     means = {name: ChannelMeanObserver(axis) for name, axis in (mean_axes or {}).items()}
     per_channel = {name: ChannelRangeObserver() for name in channel_ranges}
     extra: dict[str, list[Any]] = {}
     for name, obs in [*means.items(), *per_channel.items()]:
         extra.setdefault(name, []).append(obs)
-    observers = observe(
+    observers, runs = _observe(
         model,
         list(dict.fromkeys([*tensor_names, *extra])),
         feeds,
@@ -805,6 +987,8 @@ def collect_statistics(
         symmetric=symmetric,
         also=extra,
         on_run=on_run,
+        on_run_samples=on_run_samples,
+        workers=workers,
     )
     ranges = {name: obs.range() for name, obs in observers.items() if name in set(tensor_names)}
     channel_means = {}
@@ -814,7 +998,10 @@ def collect_statistics(
             channel_means[name] = value
     found = {name: obs.value() for name, obs in per_channel.items()}
     return CalibrationStats(
-        ranges, channel_means, {n: v for n, v in found.items() if v is not None}
+        ranges,
+        channel_means,
+        {n: v for n, v in found.items() if v is not None},
+        runs=runs,
     )
 
 
@@ -830,14 +1017,53 @@ def observe(
     symmetric: bool = False,
     also: Mapping[str, Sequence[Any]] | None = None,
     on_run: RunHook | None = None,
+    workers: int = 1,
+    on_run_samples: int | None = None,
 ) -> dict[str, Observer]:
     """As `collect_ranges`, but returns the observers (for qparams or several methods' ranges).
 
     `also` maps tensor names (which must be among `tensor_names`) to extra observers updated
     with the same arrays (per-channel means and ranges); one that fails on an array (a shape
     without its axis) is dropped, with a log line. `on_run(feed, outputs)` is called after each run
-    with the model's graph outputs (module docstring, 12).
+    with the model's graph outputs (module docstring, 12); `on_run_samples` says it needs no
+    more than the runs holding that many samples (so workers send back only those).
+    `workers` > 1 observes contiguous shards of the runs in that many processes and merges
+    the observers: the same statistics, exactly (module docstring, 14).
     """
+    return _observe(
+        model,
+        tensor_names,
+        feeds,
+        method,
+        percentile,
+        provider,
+        progress,
+        symmetric=symmetric,
+        also=also,
+        on_run=on_run,
+        workers=workers,
+        on_run_samples=on_run_samples,
+    )[0]
+
+
+def _observe(
+    model: onnx.ModelProto,
+    tensor_names: list[str],
+    feeds: Iterable[Feed],
+    method: str = "minmax",
+    percentile: float = DEFAULT_PERCENTILE,
+    provider: str = "cpu",
+    progress: Progress | None = None,
+    *,
+    symmetric: bool = False,
+    also: Mapping[str, Sequence[Any]] | None = None,
+    on_run: RunHook | None = None,
+    workers: int = 1,
+    on_run_samples: int | None = None,
+) -> tuple[dict[str, Observer], int]:
+    """`observe`, and the number of runs."""
+    if not (isinstance(workers, int) and workers >= 1):
+        raise UsageError(f"--calibration-workers {workers}: must be at least 1")
     extra = {name: list(sides) for name, sides in (also or {}).items()}
     make_observer(method, percentile, symmetric)  # validate before any work
     names = list(dict.fromkeys(tensor_names))
@@ -865,60 +1091,339 @@ def observe(
             logger.info("calibration: %s is %s, not float; skipped", name, _type_name(elem))
             continue
         wanted.append(name)
-    observers = {n: make_observer(method, percentile, symmetric) for n in wanted}
+    state = _Observing({n: make_observer(method, percentile, symmetric) for n in wanted}, extra)
     for name in wanted:
         if name in initializers:
-            observers[name].update(array_of(initializers[name]))
-    from_inputs = [n for n in wanted if n in inputs]
-    from_session = [n for n in wanted if n not in initializers and n not in inputs]
-
-    graph_outputs = [o.name for o in model.graph.output]
-    fetched = list(dict.fromkeys([*from_session, *graph_outputs])) if on_run else from_session
-    session = _calibration_session(model, fetched, types, provider) if fetched else None
+            state.observers[name].update(array_of(initializers[name]), key=0)
+    runner = _Runner(
+        fetched=[],
+        from_inputs=[n for n in wanted if n in inputs],
+        from_session=[n for n in wanted if n not in initializers and n not in inputs],
+        graph_outputs=[o.name for o in model.graph.output] if on_run else [],
+    )
+    runner.fetched = list(dict.fromkeys([*runner.from_session, *runner.graph_outputs]))
     total = len(feeds) if hasattr(feeds, "__len__") else 0  # type: ignore[arg-type]
-    runs = 0
-
-    def update(name: str, array: np.ndarray) -> None:
-        observers[name].update(array)
-        for side in list(extra.get(name, ())):
-            try:
-                side.update(array)
-            except (ValueError, np.exceptions.AxisError) as exc:
-                logger.info("calibration: no %s for %s: %s", type(side).__name__, name, exc)
-                side.reset()
-                extra[name].remove(side)
-
-    for feed in feeds:
-        for name in from_inputs:
-            update(name, feed[name])
-        if session is not None:
-            try:
-                arrays = session.run(fetched, feed)
-            except Exception as exc:
-                shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
-                raise UsageError(
-                    f"calibration: the model fails on feed {runs} ({shapes}): {first_line(exc)}"
-                ) from None
-            by_name = dict(zip(fetched, arrays, strict=True))
-            del arrays
-            for name in from_session:
-                array = by_name[name]
-                if np.issubdtype(np.asarray(array).dtype, np.floating):
-                    update(name, array)
-            if on_run is not None:
-                on_run(feed, [by_name[n] for n in graph_outputs])
-            del by_name
-        runs += 1
-        if progress is not None:
-            progress(runs, total)  # total 0: a loader, whose length is unknown
+    if workers > 1 and total != 1:
+        runs = _observe_in_workers(
+            model,
+            types,
+            feeds,
+            total,
+            runner,
+            state,
+            _Fresh(method, percentile, symmetric, wanted, extra),
+            provider,
+            progress,
+            on_run,
+            on_run_samples,
+            workers,
+        )
+    else:
+        session = None
+        if runner.fetched:
+            with outputs_added(model, runner.fetched, types) as observed:
+                session = _calibration_session(observed, provider)
+        runs = runner.run(session, feeds, state, on_run, progress=progress, total=total)
     if runs == 0:
         raise UsageError(f"calibration: no feeds; {_HOW_TO}")
+    observers = state.observers
     empty = [n for n, o in observers.items() if o.count == 0]
     for name in empty:
         logger.info("calibration: %s produced no float values; skipped", name)
         del observers[name]
     logger.info("calibration: %d tensor(s), %d run(s), method %s", len(observers), runs, method)
-    return observers
+    return observers, runs
+
+
+class _Observing:
+    """The observers of one pass (or one shard): a main observer per tensor and, per tensor,
+    slots of extra observers (None once dropped: an array it could not take)."""
+
+    def __init__(self, observers: dict[str, Observer], extra: Mapping[str, list[Any]]) -> None:
+        self.observers = observers
+        self.extra: dict[str, list[Any]] = {name: list(sides) for name, sides in extra.items()}
+
+    def update(self, name: str, array: np.ndarray, key: int) -> None:
+        self.observers[name].update(array, key)
+        sides = self.extra.get(name, ())
+        for i, side in enumerate(sides):
+            if side is None:
+                continue
+            try:
+                side.update(array, key)
+            except (ValueError, np.exceptions.AxisError) as exc:
+                self._drop(name, i, exc)
+
+    def _drop(self, name: str, slot: int, why: object) -> None:
+        side = self.extra[name][slot]
+        logger.info("calibration: no %s for %s: %s", type(side).__name__, name, why)
+        side.reset()
+        self.extra[name][slot] = None
+
+    def merge(self, other: _Observing) -> None:
+        """Fold in a shard's observers (docstring 14); an extra observer dropped in any shard
+        is dropped, as it would have been in one pass."""
+        for name, obs in other.observers.items():
+            self.observers[name].merge(obs)
+        for name, sides in other.extra.items():
+            for i, side in enumerate(sides):
+                if self.extra[name][i] is None:
+                    continue
+                if side is None:
+                    self._drop(name, i, "dropped in a calibration worker")
+                    continue
+                try:
+                    self.extra[name][i].merge(side)
+                except ValueError as exc:
+                    self._drop(name, i, exc)
+
+
+@dataclass
+class _Runner:
+    """Runs feeds through a calibration session and hands every array to the observers."""
+
+    fetched: list[str]
+    from_inputs: list[str]
+    from_session: list[str]
+    graph_outputs: list[str]
+
+    def run(
+        self,
+        session: Any,
+        feeds: Iterable[Feed],
+        state: _Observing,
+        on_run: RunHook | None,
+        *,
+        first: int = 0,
+        progress: Progress | None = None,
+        total: int = 0,
+    ) -> int:
+        """Observe every feed (run `first + i` for the i-th); the number of runs."""
+        runs = 0
+        for feed in feeds:
+            index = first + runs
+            key = index + 1  # 0 is the initializers'
+            for name in self.from_inputs:
+                state.update(name, feed[name], key)
+            if session is not None:
+                try:
+                    arrays = session.run(self.fetched, feed)
+                except Exception as exc:
+                    shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in feed.items())
+                    raise UsageError(
+                        f"calibration: the model fails on feed {index} ({shapes}): "
+                        f"{first_line(exc)}"
+                    ) from None
+                by_name = dict(zip(self.fetched, arrays, strict=True))
+                del arrays
+                for name in self.from_session:
+                    array = by_name[name]
+                    if np.issubdtype(np.asarray(array).dtype, np.floating):
+                        state.update(name, array, key)
+                if on_run is not None:
+                    on_run(feed, [by_name[n] for n in self.graph_outputs])
+                del by_name
+            runs += 1
+            if progress is not None:
+                progress(runs, total)  # total 0: a loader, whose length is unknown
+        return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration in worker processes (module docstring, 14)
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """What a worker needs to build empty observers like the parent's."""
+
+    method: str
+    percentile: float
+    symmetric: bool
+    names: list[str]
+    extra: Mapping[str, list[Any]]
+
+    def state(self) -> _Observing:
+        observers = {
+            n: make_observer(self.method, self.percentile, self.symmetric) for n in self.names
+        }
+        return _Observing(observers, self.extra)
+
+
+@dataclass
+class _ShardJob:
+    """One worker's share: runs [first, stop) from an .npz source it reads itself, or `feeds`."""
+
+    model_path: str
+    runner: _Runner
+    fresh: _Fresh
+    provider: str
+    threads: int
+    first: int
+    stop: int
+    npz: NpzSource | None
+    feeds: list[Feed] | None
+    #: keep the feeds and graph outputs of the shard's first runs holding this many samples
+    keep_samples: int
+    declared: dict[str, tuple[int, int | None]]
+
+
+@dataclass
+class _ShardResult:
+    state: _Observing
+    runs: int
+    kept: list[tuple[Feed, list[np.ndarray]]]
+
+
+def _observe_shard(job: _ShardJob) -> _ShardResult:
+    """A worker process's pass over its shard, with its own ORT session (made here: a session
+    does not pickle) limited to its share of the CPUs."""
+    session = None
+    if job.runner.fetched:
+        session = _calibration_session(job.model_path, job.provider, threads=job.threads)
+    feeds = _shard_feeds(job, job.feeds, job.first, job.stop)
+    kept: list[tuple[Feed, list[np.ndarray]]] = []
+    held = 0
+
+    def keep(feed: Feed, outputs: list[np.ndarray]) -> None:
+        nonlocal held
+        if held < job.keep_samples:
+            kept.append((feed, outputs))
+            held += feed_samples(feed, job.declared)
+
+    state = job.fresh.state()
+    on_run = keep if job.runner.graph_outputs and job.keep_samples > 0 else None
+    runs = job.runner.run(session, feeds, state, on_run, first=job.first)
+    return _ShardResult(state, runs, kept)
+
+
+def _more_runs(
+    job: _ShardJob, listed: list[Feed] | None, first: int, samples: int
+) -> list[tuple[Feed, list[np.ndarray]]]:
+    """Feeds from run `first` on, with the model's graph outputs, until they hold `samples`
+    samples: what the hook needs beyond the first shard (only with few samples per shard)."""
+    session = _calibration_session(job.model_path, job.provider)
+    feeds = _shard_feeds(job, listed[first:] if listed is not None else None, first, None)
+    kept: list[tuple[Feed, list[np.ndarray]]] = []
+    for feed in feeds:
+        kept.append((feed, session.run(job.runner.graph_outputs, feed)))
+        samples -= feed_samples(feed, job.declared)
+        if samples <= 0:
+            break
+    return kept
+
+
+def _shard_feeds(
+    job: _ShardJob, listed: list[Feed] | None, first: int, stop: int | None
+) -> Iterable[Feed]:
+    """The feeds of runs [first, stop): `listed`, or read from the job's .npz source."""
+    if listed is not None:
+        return listed
+    assert job.npz is not None
+    header = onnx.load(job.model_path, load_external_data=False)
+    data = calibration_feeds(job.npz.path, header, job.npz.batch, max_batch=job.npz.max_batch)
+    return itertools.islice(data, first, stop)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _observe_in_workers(
+    model: onnx.ModelProto,
+    types: dict[str, int],
+    feeds: Iterable[Feed],
+    total: int,
+    runner: _Runner,
+    state: _Observing,
+    fresh: _Fresh,
+    provider: str,
+    progress: Progress | None,
+    on_run: RunHook | None,
+    on_run_samples: int | None,
+    workers: int,
+) -> int:
+    """Observe contiguous shards of the runs in `workers` spawned processes, merge their
+    observers into `state` in shard order, and hand the kept runs to `on_run` in run order.
+
+    An .npz source is re-read by each worker (its own rows only); any other source (a loader,
+    generated inputs, feed lists) is read here and its arrays sent.
+    """
+    npz = getattr(feeds, "npz", None)
+    listed: list[Feed] | None = None
+    if npz is None or total == 0:
+        listed = list(feeds)
+        total = len(listed)
+        npz = None
+    if total == 0:
+        return 0
+    workers = min(workers, total)
+    declared = declared_batches(model)
+    bounds = [round(i * total / workers) for i in range(workers + 1)]
+    threads = max(1, available_cpus() // workers)
+    # The hook's runs come back from the first shard only when it says how many samples it
+    # needs (the budget's reference: a few runs); the rare shortfall is made up below.
+    unlimited = on_run is not None and on_run_samples is None
+    keep = 0 if on_run is None else total * 2**20 if unlimited else int(on_run_samples or 0)
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-calibration-") as tmp:
+        path = Path(tmp) / "observed.onnx"
+        with outputs_added(model, runner.fetched, types) as observed:
+            write_model_files(observed, path, "observed.onnx.data")
+        jobs = [
+            _ShardJob(
+                str(path),
+                runner,
+                fresh,
+                provider,
+                threads,
+                lo,
+                hi,
+                npz,
+                listed[lo:hi] if listed is not None else None,
+                keep if i == 0 or unlimited else 0,
+                declared,
+            )
+            for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
+        ]
+        context = multiprocessing.get_context("spawn")
+        results: list[_ShardResult | None] = [None] * len(jobs)
+        done = 0
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(_observe_shard, job): i for i, job in enumerate(jobs)}
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    results[futures[future]] = result
+                    done += result.runs
+                    if progress is not None:
+                        progress(done, total)
+            except BrokenProcessPool as exc:
+                raise OnnxShrinkError(
+                    f"calibration: a worker process died ({first_line(exc)}); "
+                    "try fewer --calibration-workers"
+                ) from None
+            finally:
+                for future in futures:
+                    future.cancel()
+        finished = [result for result in results if result is not None]
+        assert len(finished) == len(jobs)
+        runs = 0
+        for shard in finished:
+            state.merge(shard.state)
+            runs += shard.runs
+        if on_run is not None:
+            kept = [run for shard in finished for run in shard.kept]
+            held = sum(feed_samples(feed, declared) for feed, _ in kept)
+            if held < keep and not unlimited and bounds[1] < total:
+                kept += _more_runs(jobs[0], listed, bounds[1], keep - held)
+            for feed, outputs in kept:
+                on_run(feed, outputs)
+    logger.info("calibration: %d run(s) in %d worker(s), %d thread(s) each", runs, workers, threads)
+    return runs
 
 
 def _type_name(elem: int) -> str:
@@ -928,10 +1433,9 @@ def _type_name(elem: int) -> str:
         return str(elem)
 
 
-def _calibration_session(
-    model: onnx.ModelProto, outputs: list[str], types: dict[str, int], provider: str
-):
-    """An ORT session of a copy of `model` whose graph outputs are `outputs` (plus the originals)."""
+def _calibration_session(model: onnx.ModelProto | str, provider: str, threads: int = 0) -> Any:
+    """An ORT session of `model` (a model or a path) for calibration; `threads` sets
+    `intra_op_num_threads` (0: ORT's default, every core)."""
     import onnxruntime as ort
 
     if provider not in ("cpu", "cuda"):
@@ -947,9 +1451,11 @@ def _calibration_session(
         providers = ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        # ORT ignores OMP_NUM_THREADS: a worker's share of the CPUs is set here
+        options.intra_op_num_threads = threads
     try:
-        with outputs_added(model, outputs, types) as observed:
-            return inference_session(observed, options, providers)
+        return inference_session(model, options, providers)
     except Exception as exc:
         raise UsageError(
             f"calibration: ONNX Runtime cannot load the model: {first_line(exc)}"

@@ -142,6 +142,8 @@ class StageSettings:
     provider: str = "cpu"
     check_speed: bool = True
     progress: StagedProgress | None = None
+    #: int8's statistics pass on this many shards in worker processes (1: in this process)
+    calibration_workers: int = 1
     #: the input masking padded positions: a name, "none", or None to find the convention's
     mask_input: str | None = None
     #: int4 (`onnxshrink.rules.int4`): block size, rtn or gptq, symmetric grid, MatMulNBits'

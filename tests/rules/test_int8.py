@@ -441,7 +441,7 @@ def test_calibration_npz_runs_in_batches_and_float_model_runs_once(tmp_path, mon
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=_samples(1, 64))
     sizes: list[int] = []
-    real_observe = calibration_module.observe
+    real_observe = calibration_module._observe  # what collect_statistics calls
 
     def spying_observe(model, names, feeds, *args, **kwargs):
         def spied():
@@ -451,7 +451,7 @@ def test_calibration_npz_runs_in_batches_and_float_model_runs_once(tmp_path, mon
 
         return real_observe(model, names, spied(), *args, **kwargs)
 
-    monkeypatch.setattr(calibration_module, "observe", spying_observe)
+    monkeypatch.setattr(calibration_module, "_observe", spying_observe)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the float model ran a second time for the budget's reference")
