@@ -71,6 +71,8 @@ MANIFEST = "manifest.jsonl"
 #: test-only: a folder; the first attempt of each model's task kills its worker process
 #: (os._exit) after leaving a marker file there, so that fault handling can be tested
 KILL_ONCE_ENV = "ONNXSHRINK_FLEET_TEST_KILL_ONCE"
+#: test-only: a model file name whose every task kills its worker process
+KILL_ALWAYS_ENV = "ONNXSHRINK_FLEET_TEST_KILL_ALWAYS"
 
 #: `optimize` keyword arguments a fleet run sets itself or that cannot cross a process
 _NOT_OPTIONS = ("model", "output", "progress", "passes", "lossless_output")
@@ -198,6 +200,8 @@ def _task_exclusive(task: FleetTask) -> bool:
 
 
 def _kill_once_for_tests(task: FleetTask) -> None:
+    if os.environ.get(KILL_ALWAYS_ENV) == Path(task.model).name:
+        os._exit(17)
     folder = os.environ.get(KILL_ONCE_ENV)
     if not folder:
         return
@@ -217,7 +221,7 @@ def run_task(task: FleetTask) -> dict[str, Any]:
     after, the parity verdict, the lossy stage's figures when there is one, seconds, and on
     failure `error`, one line (the exception's type and first line, never a traceback).
     """
-    from onnxshrink.engine.io import set_session_threads
+    from onnxshrink.engine.io import session_threads, set_session_threads
 
     start = time.perf_counter()
     record: dict[str, Any] = {
@@ -231,6 +235,7 @@ def run_task(task: FleetTask) -> dict[str, Any]:
     try:
         _kill_once_for_tests(task)
         set_session_threads(task.cpus)
+        record["threads"] = session_threads()
         from onnxshrink.engine.optimize import optimize
 
         result = optimize(task.model, task.output, **task.options)

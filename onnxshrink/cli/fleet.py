@@ -107,8 +107,7 @@ def _ray_backend(address: str | None, workers: int | None) -> Any:
         from onnxshrink import fleet_ray  # type: ignore[attr-defined]
     except ImportError:
         raise UsageError(
-            "Ray backend not available (pip install onnxshrink[ray]; --workers N runs a "
-            "local pool)"
+            "Ray backend not available (pip install onnxshrink[ray]; --workers N runs a local pool)"
         ) from None
     return fleet_ray.RayBackend(address=address, workers=workers)
 
