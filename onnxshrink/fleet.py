@@ -53,6 +53,7 @@ import json
 import logging
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -75,6 +76,7 @@ KILL_ONCE_ENV = "ONNXSHRINK_FLEET_TEST_KILL_ONCE"
 KILL_ALWAYS_ENV = "ONNXSHRINK_FLEET_TEST_KILL_ALWAYS"
 
 #: `optimize` keyword arguments a fleet run sets itself or that cannot cross a process
+#: (`lossless_output` is set by a task that times a lossy stage's models: `FleetTask.bench`)
 _NOT_OPTIONS = ("model", "output", "progress", "passes", "lossless_output")
 
 
@@ -90,6 +92,9 @@ class FleetTask:
     attempt: int = 0
     cpus: int = 1
     key: dict[str, str] = field(default_factory=dict)
+    #: time the original and the result after writing (`optimize --bench`): {"providers":
+    #: "cpu", "runs": 30}; None: no timing
+    bench: dict[str, Any] | None = None
 
 
 class Backend(Protocol):
@@ -172,9 +177,13 @@ def versions() -> dict[str, str]:
     return {"onnxshrink": __version__, "onnxruntime": ort_version}
 
 
-def task_key(model_sha256: str, options: dict[str, Any]) -> dict[str, str]:
-    """The manifest key of one model run: model sha256, options hash, both versions."""
-    return {"model_sha256": model_sha256, "options_hash": options_hash(options), **versions()}
+def task_key(
+    model_sha256: str, options: dict[str, Any], bench: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The manifest key of one model run: model sha256, options hash (timing settings
+    included), both versions."""
+    hashed = options if bench is None else {**options, "(bench)": bench}
+    return {"model_sha256": model_sha256, "options_hash": options_hash(hashed), **versions()}
 
 
 def _key_id(key: dict[str, str]) -> str:
@@ -196,7 +205,7 @@ def needs_machine_alone(options: dict[str, Any]) -> bool:
 
 
 def _task_exclusive(task: FleetTask) -> bool:
-    return needs_machine_alone(task.options)
+    return task.bench is not None or needs_machine_alone(task.options)
 
 
 def _kill_once_for_tests(task: FleetTask) -> None:
@@ -238,15 +247,46 @@ def run_task(task: FleetTask) -> dict[str, Any]:
         record["threads"] = session_threads()
         from onnxshrink.engine.optimize import optimize
 
-        result = optimize(task.model, task.output, **task.options)
-        record.update(_result_figures(result))
+        lossy = bool(task.options.get("quantize") or task.options.get("sparsify"))
+        with tempfile.TemporaryDirectory(prefix="onnxshrink-fleet-") as scratch:
+            # with a lossy stage, --bench also times the lossless model, written aside
+            aside = Path(scratch, "lossless.onnx") if task.bench is not None and lossy else None
+            result = optimize(task.model, task.output, **task.options, lossless_output=aside)
+            record.update(_result_figures(result))
+            if result.output_path is not None:
+                record["output_sha256"] = file_sha256(result.output_path)
+            if task.bench is not None:
+                record["bench"] = _bench(task, result)
         record["status"] = "ok"
-        if result.output_path is not None:
-            record["output_sha256"] = file_sha256(result.output_path)
     except Exception as exc:  # noqa: BLE001 - a task reports every failure as one line
         record["error"] = f"{type(exc).__name__}: {first_line(exc)}"
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _bench(task: FleetTask, result: Any) -> dict[str, Any]:
+    """`optimize --bench` in a task: p50 and ratio to the original of each timed row."""
+    from onnxshrink.bench import benchmark_optimized, parse_providers
+
+    assert task.bench is not None
+    report = benchmark_optimized(
+        task.model,
+        result,
+        parse_providers(task.bench.get("providers", "cpu")),
+        input_shapes=task.options.get("input_shapes") or {},
+        inputs=task.options.get("inputs"),
+        runs=int(task.bench.get("runs", 30)),
+        batch=task.options.get("batch"),
+    )
+    return _jsonable_figures(
+        {
+            "rows": [
+                {"role": r.role, "provider": r.provider, "p50_ms": r.p50_ms, "ratio": r.ratio}
+                for r in report.rows
+            ],
+            "skipped": [f"{provider}: {reason}" for provider, reason in report.skipped],
+        }
+    )
 
 
 def _result_figures(result: Any) -> dict[str, Any]:
@@ -351,9 +391,19 @@ class LocalPoolBackend:
         queue: deque[list[Any]] = deque([item, 0, False] for item in items)
         running: dict[cf.Future[Any], list[Any]] = {}
         pool = self._pool()
+        idle_breaks = 0  # pools that broke with nothing running: workers that cannot start
         try:
             while queue or running:
-                self._fill(pool, fn, queue, running, exclusive)
+                if not self._fill(pool, fn, queue, running, exclusive) and not running:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    idle_breaks += 1
+                    if idle_breaks > max(retries, 2):
+                        broke = BrokenProcessPool("worker processes cannot start")
+                        while queue:
+                            yield queue.popleft()[0], broke
+                        return
+                    pool = self._pool()
+                    continue
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 broken: list[list[Any]] = []
                 for future in done:
@@ -400,12 +450,14 @@ class LocalPoolBackend:
         queue: deque[list[Any]],
         running: dict[cf.Future[Any], list[Any]],
         exclusive: Callable[[Any], bool],
-    ) -> None:
+    ) -> bool:
         """Submit queued items while a worker is free: a suspect only when nothing runs, and
-        nothing beside a suspect; an exclusive item only when no exclusive item runs."""
+        nothing beside a suspect; an exclusive item only when no exclusive item runs. False
+        when the pool turned out broken (a worker died since the last wait): the item stays
+        queued, and the running ones fail with the pool."""
         while queue and len(running) < self.workers:
             if any(entry[2] for entry in running.values()):
-                return
+                return True
             exclusive_running = any(exclusive(entry[0]) for entry in running.values())
             pick = None
             for i, entry in enumerate(queue):
@@ -417,10 +469,15 @@ class LocalPoolBackend:
                     pick = i
                     break
             if pick is None:
-                return
+                return True
             entry = queue[pick]
+            try:
+                future = pool.submit(fn, entry[0])
+            except BrokenProcessPool:
+                return False
             del queue[pick]
-            running[pool.submit(fn, entry[0])] = entry
+            running[future] = entry
+        return True
 
     def close(self) -> None:
         """Nothing to release: each `map_unordered` call owns its pool."""
@@ -555,6 +612,7 @@ def optimize_many(
     workers: int | None = None,
     retries: int = 1,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    bench: dict[str, Any] | None = None,
 ) -> FleetReport:
     """Optimize every model the glob `patterns` match into `out_dir`, one task per model.
 
@@ -564,6 +622,9 @@ def optimize_many(
       `workers` processes (default 1).
     - `retries`: runs again a model that failed, or whose worker died, at most this often.
     - `progress(record)` is called as each model finishes or is skipped.
+    - `bench`: also time each original and result after writing, as `optimize --bench`
+      does (`{"providers": "cpu", "runs": 30}`); such tasks never run beside another timing
+      task.
     Returns a FleetReport; a failed model is in it (and in the manifest) with its error line.
     Raises UsageError for a pattern that matches nothing or an option `optimize` lacks.
     """
@@ -598,7 +659,7 @@ def optimize_many(
             sha = file_sha256(model)
         except OSError as exc:
             raise UsageError(f"{model}: cannot read ({exc.strerror or exc})") from None
-        key = task_key(sha, normalized)
+        key = task_key(sha, normalized, bench)
         previous = done_before.get(_key_id(key))
         if _done_before(previous, output):
             assert previous is not None
@@ -607,7 +668,7 @@ def optimize_many(
             if progress is not None:
                 progress(record)
             continue
-        tasks.append(FleetTask(str(model), str(output), normalized, 0, cpus, key))
+        tasks.append(FleetTask(str(model), str(output), normalized, 0, cpus, key, bench))
 
     while tasks:
         failed: list[FleetTask] = []

@@ -24,6 +24,7 @@ from onnxshrink.fleet import (
     KILL_ALWAYS_ENV,
     KILL_ONCE_ENV,
     LocalPoolBackend,
+    _task_exclusive,
     file_sha256,
     needs_machine_alone,
     normalize_options,
@@ -215,6 +216,22 @@ def test_exclusive_items_never_overlap():
     assert any(p_start < spans[0][1] for p_start, _ in plain)
 
 
+def test_bench_times_each_model_alone(models, tmp_path):
+    report = optimize_many(
+        [str(models / "net0.onnx")], tmp_path / "out", bench={"providers": "cpu", "runs": 3}
+    )
+    record = report.records[0]
+    assert record["status"] == "ok", record
+    roles = [row["role"] for row in record["bench"]["rows"]]
+    assert roles == ["original", "result"]
+    assert record["bench"]["rows"][1]["p50_ms"] > 0
+    # timing settings are part of the key: without --bench the model runs again
+    backend = RecordingBackend()
+    optimize_many([str(models / "net0.onnx")], tmp_path / "out", backend=backend)
+    assert len(backend.items) == 1
+    assert not _task_exclusive(backend.items[0])
+
+
 def test_int8_speed_check_and_bench_need_the_machine_alone():
     assert needs_machine_alone({"quantize": "int8"})
     assert needs_machine_alone({"quantize": "int8+int4"})
@@ -299,14 +316,15 @@ def test_patterns_are_sorted_and_deduplicated_and_clashing_stems_resolved(tmp_pa
 
 
 def test_every_optimize_option_is_carried_or_named():
-    from onnxshrink.cli.fleet import NOT_CARRIED, optimize_kwargs
+    from onnxshrink.cli.fleet import NOT_CARRIED, bench_settings, optimize_kwargs
 
     commands = typer.main.get_command(app).commands
     carried = {p.name for p in commands["optimize-many"].params}
     for param in commands["optimize"].params:
         assert param.name in carried or param.name in NOT_CARRIED, param.name
     defaults = {p.name: p.default for p in commands["optimize-many"].carried}
-    normalize_options(optimize_kwargs(defaults))  # every carried option maps to optimize's
+    assert bench_settings(defaults) is None  # takes the --bench* options out
+    normalize_options(optimize_kwargs(defaults))  # every other one maps to optimize's
 
 
 def test_cli_options_reach_optimize(models, tmp_path, monkeypatch):
@@ -314,6 +332,7 @@ def test_cli_options_reach_optimize(models, tmp_path, monkeypatch):
 
     def fake_many(patterns, out_dir, options, **kwargs):
         seen.update(options)
+        seen["(bench)"] = kwargs["bench"]
         raise UsageError("stop here")
 
     monkeypatch.setattr("onnxshrink.fleet.optimize_many", fake_many)
@@ -336,6 +355,9 @@ def test_cli_options_reach_optimize(models, tmp_path, monkeypatch):
             "--no-speed-check",
             "--exclude",
             "Relu",
+            "--bench",
+            "--bench-runs",
+            "5",
         ],
     )
     assert result.exit_code == 2, result.output
@@ -345,6 +367,8 @@ def test_cli_options_reach_optimize(models, tmp_path, monkeypatch):
     assert seen["check_speed"] is False
     assert seen["exclude"] == ["Relu"]
     assert seen["target"] == "ort-cpu"
+    assert seen["(bench)"] == {"providers": "cpu", "runs": 5}
+    assert "bench" not in seen and "bench_runs" not in seen
 
 
 def test_lossy_options_without_a_lossy_stage_are_refused(models, tmp_path):

@@ -2,7 +2,7 @@
 
 The command takes every option of `optimize` without declaring them again: `OptimizeManyCommand`
 copies the click parameters of the registered `optimize` command (all but the model, `-o`,
-`--json`, `-v`, and `--report`/`--bench*`, which are per-model work this command does not do)
+`--json`, `-v`, and `--report`, per-model work this command does not do)
 onto itself, and `optimize_kwargs` maps their values to `onnxshrink.optimize`'s keyword
 arguments the way `optimize` does. `tests/test_fleet.py` checks that every option of
 `optimize` is either carried over or named in `NOT_CARRIED`, so a new option cannot be
@@ -30,10 +30,9 @@ NOT_CARRIED = {
     "json_path": "--json is the whole run's",
     "verbose": "its own -v",
     "report": "per-model reports are not written",
-    "bench": "timing is not run by optimize-many",
-    "bench_provider": "timing is not run by optimize-many",
-    "bench_runs": "timing is not run by optimize-many",
 }
+#: the carried options that go to `optimize_many(bench=...)`, not to `optimize`
+BENCH_OPTIONS = ("bench", "bench_provider", "bench_runs")
 
 #: optimize CLI parameter -> onnxshrink.optimize keyword, where the names differ
 RENAMED = {"quantize_target": "target", "input_shape": "input_shapes"}
@@ -79,6 +78,15 @@ class OptimizeManyCommand(typer.core.TyperCommand):
             p.name: ctx.params.pop(p.name) for p in self.carried if p.name in ctx.params
         }
         return super().invoke(ctx)
+
+
+def bench_settings(values: dict[str, Any]) -> dict[str, Any] | None:
+    """`optimize_many`'s `bench` from the carried `--bench*` options (None without --bench);
+    they are taken out of `values`."""
+    bench, providers, runs = (values.pop(name, None) for name in BENCH_OPTIONS)
+    if not bench:
+        return None
+    return {"providers": providers or "cpu", "runs": runs or 30}
 
 
 def optimize_kwargs(values: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +148,18 @@ def _figure(record: dict[str, Any]) -> str:
     return f"parity not verified: {parity.get('reason')}" if parity else ""
 
 
+def _timing(record: dict[str, Any]) -> str:
+    """The --bench figure: the result's p50 and its ratio to the original, per provider."""
+    rows = (record.get("bench") or {}).get("rows") or []
+    parts = [
+        f"{r['provider']} {r['p50_ms']:.2f} ms"
+        + ("" if r.get("ratio") is None else f" ({r['ratio']:.2f}x)")
+        for r in rows
+        if r.get("role") == "result" and r.get("p50_ms") is not None
+    ]
+    return ("  p50 " + ", ".join(parts)) if parts else ""
+
+
 def _change(record: dict[str, Any]) -> str:
     before, after = record.get("bytes_before"), record.get("bytes_after")
     if before is None or after is None:
@@ -171,7 +191,7 @@ def _line(record: dict[str, Any]) -> None:
         return
     out.print(
         styled(("ok     ", "green"), f" {name}  {record.get('seconds', 0):.1f} s  ")
-        + f"{_change(record)}  {_figure(record)}",
+        + f"{_change(record)}  {_figure(record)}{_timing(record)}",
         highlight=False,
         soft_wrap=True,
     )
@@ -282,7 +302,8 @@ def optimize_many(
     DIR/manifest.jsonl records each finished model (keyed by the model's sha256, the options
     and the onnxshrink and ONNX Runtime versions): a rerun skips the models done before whose
     output is unchanged. A model that fails is retried (--retries), then recorded with its
-    one-line error; the other models finish.
+    one-line error; the other models finish. Timing work (--bench, int8's speed check)
+    never runs beside other timing work.
 
     Exit codes: 0 every model optimized (or done before); 1 a model failed; 2 bad input.
 
@@ -293,6 +314,7 @@ def optimize_many(
       onnxshrink optimize-many a.onnx b.onnx --out small/ --opset 17
       onnxshrink optimize-many 'models/*.onnx' --out int8/ --workers 2 \\
           --quantize int8 --calibration-data random --json run.json
+      onnxshrink optimize-many 'models/*.onnx' --out small/ --workers 2 --bench
       onnxshrink optimize-many 'models/*.onnx' --out small/ --ray-address auto
     """
     import json
@@ -313,6 +335,7 @@ def optimize_many(
                 from onnxshrink.engine.io import check_output_path
 
                 check_output_path(json_path)
+            bench = bench_settings(values)
             options = optimize_kwargs(values)
             backend = _ray_backend(ray_address, workers) if ray or ray_address else None
             report = run_many(
@@ -323,6 +346,7 @@ def optimize_many(
                 workers=workers,
                 retries=retries,
                 progress=_line,
+                bench=bench,
             )
         _summary(report)
     finally:
