@@ -401,3 +401,15 @@ def test_ray_without_the_backend_is_one_line(models, tmp_path):
     )
     assert result.exit_code == 2
     assert "error: Ray backend not available" in result.output
+
+
+def test_a_lossy_stage_gives_the_same_file_and_its_figures(models, tmp_path):
+    options = {"quantize": "int8", "calibration_data": "random", "check_speed": False}
+    report = optimize_many([str(models / "net*.onnx")], tmp_path / "out", options, workers=2)
+    for i, record in enumerate(report.records):
+        assert record["status"] == "ok", record
+        assert record["lossy"]["stage"] == "int8"
+        assert record["lossy"]["held_out_error"] is not None
+        alone = tmp_path / f"alone{i}.onnx"
+        optimize(models / f"net{i}.onnx", alone, **options)
+        assert record["output_sha256"] == file_sha256(alone)
