@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import graph_protos, load_model, save_model
+from onnxshrink.engine.io import apply_session_threads, graph_protos, load_model, save_model
 from onnxshrink.engine.shapes import pin_input_shapes
 from onnxshrink.errors import UsageError, first_line, require_onnxruntime
 from onnxshrink.verify.parity import (
@@ -705,7 +705,9 @@ def _create_session(
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(
+            str(path), apply_session_threads(options), providers=providers
+        )
     error = next(
         (line.strip() for line in printed.getvalue().splitlines() if line.startswith("EP Error ")),
         None,

@@ -57,7 +57,7 @@ def _synopsis() -> dict[str, str]:
     entries: dict[str, str] = {}
     current = None
     for line in block.splitlines():
-        head = re.match(r"onnxshrink (\w+)", line)
+        head = re.match(r"onnxshrink ([\w-]+)", line)
         if head:
             current = head.group(1)
             entries[current] = line.split("#")[0]

@@ -680,11 +680,12 @@ def _refuse_lossy_only_options(ctx: typer.Context) -> None:
 
 def _register_commands() -> None:
     # Commands that live in their own modules; each adds itself to `app`.
-    from onnxshrink.cli import bench, inspect, parity
+    from onnxshrink.cli import bench, fleet, inspect, parity
 
     parity.register(app)
     bench.register(app)
     inspect.register(app)
+    fleet.register(app)
 
 
 _register_commands()

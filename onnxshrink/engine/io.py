@@ -462,16 +462,51 @@ def write_model_files(model: onnx.ModelProto, dest: Path, data_name: str | None)
 SESSION_FILE_BYTES = 256 * 2**20
 
 
+#: intra-op threads for every session this process makes (`set_session_threads`); None: ORT's
+#: default (one per core)
+_SESSION_THREADS: int | None = None
+
+
+def set_session_threads(threads: int | None) -> None:
+    """Give every ONNX Runtime session this process makes from now on `threads` intra-op threads.
+
+    For a worker that was given a share of the machine (`onnxshrink.fleet`): ORT ignores
+    `OMP_NUM_THREADS` and starts one thread per core, so N workers on N cores would run N*N
+    threads. `apply_session_threads` applies it to the SessionOptions onnxshrink makes; a
+    session whose options already name a thread count (e.g. `bench --threads`) keeps it.
+    None (or 0) restores ORT's default.
+    """
+    global _SESSION_THREADS
+    if threads is not None and threads < 0:
+        raise ValueError(f"session threads must be >= 0, not {threads}")
+    _SESSION_THREADS = threads or None
+
+
+def session_threads() -> int | None:
+    """The count `set_session_threads` set in this process (None: ORT's default)."""
+    return _SESSION_THREADS
+
+
+def apply_session_threads(options: Any) -> Any:
+    """`options` (an onnxruntime.SessionOptions) with the process-wide thread count applied
+    where the options leave the count to ORT (0); returned for chaining."""
+    if _SESSION_THREADS and not options.intra_op_num_threads:
+        options.intra_op_num_threads = _SESSION_THREADS
+    return options
+
+
 def inference_session(
     model: onnx.ModelProto | str | os.PathLike[str], options: Any, providers: list[str]
 ) -> Any:
     """An onnxruntime.InferenceSession of `model` (a path, or a model in memory of any size).
 
     A large model is written to a scratch folder with its weights in a data file and loaded
-    from there (the folder is removed once the session holds the weights).
+    from there (the folder is removed once the session holds the weights). The process-wide
+    thread count (`set_session_threads`) is applied to `options`.
     """
     import onnxruntime as ort
 
+    apply_session_threads(options)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), options, providers=providers)
     stores = {_store_of(t) for t in model.graph.initializer} - {None}

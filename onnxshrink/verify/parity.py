@@ -521,7 +521,11 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes):
     options.log_severity_level = 3
     options.intra_op_num_threads = 0
     if isinstance(model, bytes):
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        from onnxshrink.engine.io import apply_session_threads
+
+        return ort.InferenceSession(
+            model, apply_session_threads(options), providers=["CPUExecutionProvider"]
+        )
     return inference_session(model, options, ["CPUExecutionProvider"])
 
 
