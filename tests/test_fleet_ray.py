@@ -256,3 +256,32 @@ def test_a_task_no_node_can_hold_is_refused(backend: RayBackend) -> None:
                 _square, [1], cpus_per_item=3, exclusive=lambda n: False, retries=0
             )
         )
+
+
+def test_optimize_many_on_ray_matches_optimize_alone(backend: RayBackend, tmp_path: Path) -> None:
+    """`optimize-many --ray`: outputs byte-identical to `optimize` run on each model alone, and a
+    manifest; Ray is already up here (the module's backend), so the command joins it."""
+    import onnx
+    from typer.testing import CliRunner
+
+    from onnxshrink import optimize
+    from onnxshrink.cli import app
+    from onnxshrink.fleet import file_sha256, read_manifest
+    from tests.test_fleet import _net
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for i in range(3):
+        onnx.save(_net(i), folder / f"net{i}.onnx")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["optimize-many", str(folder / "*.onnx"), "--out", str(out), "--ray", "--workers", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    for i in range(3):
+        alone = tmp_path / f"alone{i}.onnx"
+        optimize(folder / f"net{i}.onnx", alone)
+        assert file_sha256(out / f"net{i}.opt.onnx") == file_sha256(alone)
+    records = list(read_manifest(out / "manifest.jsonl"))
+    assert sorted(Path(r["model"]).name for r in records) == ["net0.onnx", "net1.onnx", "net2.onnx"]
+    assert all(r["status"] == "ok" for r in records)

@@ -117,7 +117,10 @@ def _ray_backend(address: str | None, workers: int | None) -> Any:
         raise UsageError(
             "Ray backend not available (pip install onnxshrink[ray]; --workers N runs a local pool)"
         ) from None
-    return fleet_ray.RayBackend(address=address, workers=workers)
+    # a local instance gets --workers CPUs; a cluster's own nodes say what they have
+    backend = fleet_ray.RayBackend(address=address, num_cpus=workers if address is None else None)
+    backend.workers = workers
+    return backend
 
 
 def _size(n: float | None) -> str:
@@ -338,16 +341,22 @@ def optimize_many(
             bench = bench_settings(values)
             options = optimize_kwargs(values)
             backend = _ray_backend(ray_address, workers) if ray or ray_address else None
-            report = run_many(
-                patterns,
-                out_dir,
-                options,
-                backend=backend,
-                workers=workers,
-                retries=retries,
-                progress=_line,
-                bench=bench,
-            )
+            try:
+                report = run_many(
+                    patterns,
+                    out_dir,
+                    options,
+                    backend=backend,
+                    workers=workers,
+                    retries=retries,
+                    progress=_line,
+                    bench=bench,
+                )
+            finally:
+                if backend is not None:
+                    for warning in getattr(backend, "warnings", []):
+                        err.print(styled(("warning:", "yellow"), f" {warning}"), highlight=False)
+                    backend.close()  # a local Ray instance it started; a cluster stays up
         _summary(report)
     finally:
         sys.stdout = stdout
