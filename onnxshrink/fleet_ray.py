@@ -151,6 +151,9 @@ class RayBackend:
             raise UsageError(f"Ray address {address!r}: use 'auto' or 'ray://HOST:PORT'")
         #: warnings about the cluster (a missing timing resource, say), for the CLI to show
         self.warnings: list[str] = []
+        #: tasks meant to run at once (`optimize_many` gives each CPUs / workers): the local
+        #: instance's CPU count, or what the caller sets for a cluster
+        self.workers: int | None = num_cpus
         self.address = address
         self._owns_ray = not ray.is_initialized()
         if not self._owns_ray:

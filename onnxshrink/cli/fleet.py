@@ -112,7 +112,7 @@ def optimize_kwargs(values: dict[str, Any]) -> dict[str, Any]:
 def _ray_backend(address: str | None, workers: int | None) -> Any:
     """The Ray backend (`onnxshrink.fleet_ray`), or a UsageError where it is not there."""
     try:
-        from onnxshrink import fleet_ray  # type: ignore[attr-defined]
+        from onnxshrink import fleet_ray
     except ImportError:
         raise UsageError(
             "Ray backend not available (pip install onnxshrink[ray]; --workers N runs a local pool)"
