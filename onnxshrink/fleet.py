@@ -41,6 +41,11 @@ cluster implements the same):
   result. An exception `fn` raises is yielded too (`run_task` never raises: it returns a
   failed record).
 - A backend may also have `workers` (int, the items it runs at once) and `close()`.
+- A backend with an object store has `put_shared(obj) -> ref`, and resolves the references an
+  item holds before `fn` sees it. `optimize_many` then puts the calibration data and the
+  `inputs` (an .npz or a folder of them, as a `FileBundle`) once per run, and each task writes
+  them into its scratch folder and optimizes from there (`FleetTask.shared`): a cluster needs
+  no shared filesystem for them. The manifest key keeps the options' paths.
 """
 
 from __future__ import annotations
@@ -95,6 +100,40 @@ class FleetTask:
     #: time the original and the result after writing (`optimize --bench`): {"providers":
     #: "cpu", "runs": 30}; None: no timing
     bench: dict[str, Any] | None = None
+    #: data files shipped with the task instead of read from their path (`FileBundle`s, or a
+    #: backend's references to them): {optimize option name: bundle}
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+#: the options whose data `optimize_many` ships through a backend's object store (`put_shared`)
+SHIPPED_OPTIONS = ("calibration_data", "inputs")
+
+
+@dataclass(frozen=True)
+class FileBundle:
+    """The bytes of a data file, or of the files of a folder (an .npz, a folder of them), to
+    recreate where a task runs: on a cluster whose nodes do not share the driver's files."""
+
+    name: str
+    files: dict[str, bytes]
+    folder: bool
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> FileBundle:
+        source = Path(path)
+        if source.is_dir():
+            files = {p.name: p.read_bytes() for p in sorted(source.iterdir()) if p.is_file()}
+            return cls(source.name, files, True)
+        return cls(source.name, {source.name: source.read_bytes()}, False)
+
+    def write(self, folder: str | os.PathLike[str]) -> str:
+        """Write the bundle under `folder`; the path to give `optimize` in its place."""
+        root = Path(folder)
+        target = root / self.name if self.folder else root
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (target / name).write_bytes(data)
+        return str(target if self.folder else target / self.name)
 
 
 class Backend(Protocol):
@@ -251,7 +290,13 @@ def run_task(task: FleetTask) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="onnxshrink-fleet-") as scratch:
             # with a lossy stage, --bench also times the lossless model, written aside
             aside = Path(scratch, "lossless.onnx") if task.bench is not None and lossy else None
-            result = optimize(task.model, task.output, **task.options, lossless_output=aside)
+            options = dict(task.options)
+            for index, (name, bundle) in enumerate(sorted(task.shared.items())):
+                options[name] = bundle.write(Path(scratch, f"shared{index}"))
+            if task.shared:
+                task = replace(task, options=options)
+                record["shipped"] = sorted(task.shared)
+            result = optimize(task.model, task.output, **options, lossless_output=aside)
             record.update(_result_figures(result))
             if result.output_path is not None:
                 record["output_sha256"] = file_sha256(result.output_path)
@@ -604,6 +649,24 @@ def _failure_record(task: FleetTask, exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _shipped_data(runner: Backend, options: dict[str, Any]) -> dict[str, Any]:
+    """Data files of `options` put once into the backend's object store, where it has one
+    (`put_shared`: Ray), so that every task gets them without a shared filesystem: .npz files
+    and folders (`SHIPPED_OPTIONS`); loader scripts and "random" stay as they are."""
+    put = getattr(runner, "put_shared", None)
+    if put is None:
+        return {}
+    shared: dict[str, Any] = {}
+    for name in SHIPPED_OPTIONS:
+        value = options.get(name)
+        if not isinstance(value, str):
+            continue
+        path = Path(value)
+        if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
+            shared[name] = put(FileBundle.read(path))
+    return shared
+
+
 def optimize_many(
     patterns: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -670,6 +733,9 @@ def optimize_many(
             continue
         tasks.append(FleetTask(str(model), str(output), normalized, 0, cpus, key, bench))
 
+    shared = _shipped_data(runner, normalized) if tasks else {}
+    if shared:
+        tasks = [replace(task, shared=shared) for task in tasks]
     while tasks:
         failed: list[FleetTask] = []
         for task, result in runner.map_unordered(

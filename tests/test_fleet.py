@@ -413,3 +413,48 @@ def test_a_lossy_stage_gives_the_same_file_and_its_figures(models, tmp_path):
         alone = tmp_path / f"alone{i}.onnx"
         optimize(models / f"net{i}.onnx", alone, **options)
         assert record["output_sha256"] == file_sha256(alone)
+
+
+def test_a_file_bundle_recreates_a_file_and_a_folder(tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.arange(16, dtype=np.float32).reshape(2, 8))
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    for i in range(2):
+        np.savez(folder / f"{i:04d}.npz", x=np.full((1, 8), i, np.float32))
+    from onnxshrink.fleet import FileBundle
+
+    file_copy = Path(FileBundle.read(data).write(tmp_path / "there"))
+    folder_copy = Path(FileBundle.read(folder).write(tmp_path / "there2"))
+    assert file_copy.name == "calib.npz" and file_copy.read_bytes() == data.read_bytes()
+    assert folder_copy.is_dir() and sorted(p.name for p in folder_copy.iterdir()) == [
+        "0000.npz",
+        "0001.npz",
+    ]
+    assert (folder_copy / "0001.npz").read_bytes() == (folder / "0001.npz").read_bytes()
+
+
+def test_a_backend_with_an_object_store_gets_the_calibration_data_once(models, tmp_path):
+    """A backend with `put_shared` (Ray) is given the .npz once; each task writes it where it
+    runs and optimizes from there, to the same bytes as `optimize` alone."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+
+    class StoreBackend(RecordingBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.puts: list = []
+
+        def put_shared(self, obj):
+            self.puts.append(obj)
+            return obj
+
+    backend = StoreBackend()
+    options = {"quantize": "int8", "calibration_data": str(calib), "check_speed": False}
+    report = optimize_many([str(models / "*.onnx")], tmp_path / "out", options, backend=backend)
+    assert len(backend.puts) == 1 and backend.puts[0].files["calib.npz"] == calib.read_bytes()
+    assert all(r["status"] == "ok" and r["shipped"] == ["calibration_data"] for r in report.records)
+    for i in range(3):
+        alone = tmp_path / f"alone{i}.onnx"
+        optimize(models / f"net{i}.onnx", alone, **options)
+        assert file_sha256(tmp_path / "out" / f"net{i}.opt.onnx") == file_sha256(alone)

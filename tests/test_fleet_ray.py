@@ -285,3 +285,42 @@ def test_optimize_many_on_ray_matches_optimize_alone(backend: RayBackend, tmp_pa
     records = list(read_manifest(out / "manifest.jsonl"))
     assert sorted(Path(r["model"]).name for r in records) == ["net0.onnx", "net1.onnx", "net2.onnx"]
     assert all(r["status"] == "ok" for r in records)
+
+
+def test_optimize_many_on_ray_ships_the_calibration_data(
+    backend: RayBackend, tmp_path: Path
+) -> None:
+    """With --calibration-data, the .npz goes through Ray's object store once and every task
+    calibrates from its copy, to the bytes `optimize` writes alone."""
+    import onnx
+    from typer.testing import CliRunner
+
+    from onnxshrink import optimize
+    from onnxshrink.cli import app
+    from onnxshrink.fleet import file_sha256, read_manifest
+    from tests.test_fleet import _net
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for i in range(2):
+        onnx.save(_net(i), folder / f"net{i}.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    args = ["--quantize", "int8", "--calibration-data", str(calib), "--no-speed-check"]
+    result = CliRunner().invoke(
+        app, ["optimize-many", str(folder / "*.onnx"), "--out", str(out), "--ray", *args]
+    )
+    assert result.exit_code == 0, result.output
+    records = list(read_manifest(out / "manifest.jsonl"))
+    assert len(records) == 2 and all(r["shipped"] == ["calibration_data"] for r in records)
+    for i in range(2):
+        alone = tmp_path / f"alone{i}.onnx"
+        optimize(
+            folder / f"net{i}.onnx",
+            alone,
+            quantize="int8",
+            calibration_data=str(calib),
+            check_speed=False,
+        )
+        assert file_sha256(out / f"net{i}.opt.onnx") == file_sha256(alone)
