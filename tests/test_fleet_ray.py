@@ -53,6 +53,18 @@ def _record_interval(item: tuple[str, int]) -> int:
     return n
 
 
+def _record_interval_together(item: tuple[str, int]) -> int:
+    """`_record_interval`, but each item first waits (up to 60 s) until the other item has
+    started: run side by side they overlap for sure, whatever a worker process's start-up
+    costs; run one after the other, the first gives up waiting and they do not."""
+    folder, n = item
+    Path(folder, f"{n}.started").write_text("")
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(Path(folder).glob("*.started"))) < 2:
+        time.sleep(0.05)
+    return _record_interval(item)
+
+
 def _sleep_unless_zero(n: int) -> int:
     if n:
         time.sleep(60)
@@ -171,7 +183,11 @@ def test_exclusive_items_never_overlap(backend: RayBackend, tmp_path: Path) -> N
     items = [(str(free), n) for n in range(2)]
     list(
         backend.map_unordered(
-            _record_interval, items, cpus_per_item=1, exclusive=lambda i: False, retries=0
+            _record_interval_together,
+            items,
+            cpus_per_item=1,
+            exclusive=lambda i: False,
+            retries=0,
         )
     )
     assert _overlaps(_intervals(free))
