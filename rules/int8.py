@@ -177,35 +177,23 @@ def layer_sensitivity(
     exclude: Sequence[str] = (),
     progress: Progress | None = None,
     input_means: Mapping[str, np.ndarray] | None = None,
+    workers: int = 1,
     _reference: ErrorReference | None = None,
 ) -> list[LayerError]:
     """Each eligible node's output error when quantized alone, largest first (docstring 2).
 
     `feeds` is iterated once (its first `samples` feeds); one ORT session per node plus one
-    for the float model. Raises UsageError when the model has no float output or no feeds.
+    for the float model. `workers` > 1 measures the nodes in that many processes
+    (`onnxshrink.quant.fanout`), with the same ranking. Raises UsageError when the model has
+    no float output or no feeds.
     """
     reference = _reference or ErrorReference.from_model(model, feeds, samples)
     nodes = eligible_nodes(model, ranges, target, exclude)
     ops = dict(nodes)
-
-    def alone(name: str) -> onnx.ModelProto:
-        # the others entirely float: the figure is this node's alone
-        single, _ = quantize_qdq(
-            model,
-            ranges,
-            target=target,
-            nodes={name},
-            weight_only=False,
-            input_means=input_means,
-        )
-        return single
-
-    def measured(single: onnx.ModelProto, name: str) -> float:
-        return reference.error(single, f"{name} quantized alone", RANKING_SAMPLES)
-
+    alone = _QuantizedAlone(model, ranges, target, input_means, reference)
     ranked = [
         LayerError(name, ops[name], error)
-        for name, error in rank([n for n, _ in nodes], alone, measured, progress)
+        for name, error in rank([n for n, _ in nodes], alone, progress, workers)
     ]
     if ranked:
         logger.info(
@@ -215,6 +203,29 @@ def layer_sensitivity(
             ranked[0].error,
         )
     return ranked
+
+
+@dataclasses.dataclass(frozen=True)
+class _QuantizedAlone:
+    """One node's ranking measurement: the model with that node alone quantized (the others
+    entirely float), its error on the reference. Picklable: sent once to each search worker."""
+
+    model: onnx.ModelProto
+    ranges: dict[str, tuple[float, float]]
+    target: str
+    input_means: Mapping[str, np.ndarray] | None
+    reference: ErrorReference
+
+    def __call__(self, name: str) -> float:
+        single, _ = quantize_qdq(
+            self.model,
+            self.ranges,
+            target=self.target,
+            nodes={name},
+            weight_only=False,
+            input_means=self.input_means,
+        )
+        return self.reference.error(single, f"{name} quantized alone", RANKING_SAMPLES)
 
 
 def quantize_with_budget(
@@ -231,6 +242,7 @@ def quantize_with_budget(
     weight_only: bool | None = None,
     input_means: Mapping[str, np.ndarray] | None = None,
     reference: ErrorReference | None = None,
+    workers: int = 1,
 ) -> tuple[onnx.ModelProto, BudgetReport]:
     """Quantize every eligible node, then keep the most sensitive in float until error <= budget.
 
@@ -240,7 +252,8 @@ def quantize_with_budget(
     budget. `feeds` is iterated once. `weight_only` (default: on but for `tensorrt`) stores int8
     weights for nodes kept float (quantize_qdq case 6) where the budget allows; `input_means`
     turns on bias correction (quantize_qdq case 7) in every candidate measured; `reference`
-    (an `ErrorReference` of the same model) reuses cached float outputs instead of `feeds`. Raises
+    (an `ErrorReference` of the same model) reuses cached float outputs instead of `feeds`;
+    `workers` > 1 measures the ranking in that many processes (`layer_sensitivity`). Raises
     UsageError for a negative or non-finite budget.
     """
     if not (max_error >= 0.0 and math.isfinite(max_error)):
@@ -311,6 +324,7 @@ def quantize_with_budget(
                 exclude=exclude,
                 progress=progress,
                 input_means=input_means,
+                workers=workers,
                 _reference=reference,
             )
             report.sessions += len(ranked)
@@ -388,6 +402,7 @@ def quantize_int8(
     mask_input: str | None = None,
     smoothing: bool = True,
     calibration_workers: int = 1,
+    search_workers: int = 1,
 ) -> StageResult:
     """Quantize a float model to QDQ int8 within an output error budget; `model` is kept.
 
@@ -399,7 +414,9 @@ def quantize_int8(
     result against `model` on `ort-cpu` (module docstring, 5); `bias_correction` folds the
     mean shift of rounded weights into biases (module docstring, 3). `calibration_workers` > 1
     runs the statistics pass on that many shards in worker processes, with the same statistics
-    (`onnxshrink.quant.calibration`, 14). Raises UsageError for bad settings or data (one line).
+    (`onnxshrink.quant.calibration`, 14); `search_workers` > 1 measures the sensitivity ranking
+    in that many processes (`onnxshrink.quant.fanout`), with the same ranking. Raises
+    UsageError for bad settings or data (one line).
     """
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     check_settings(
@@ -484,6 +501,7 @@ def quantize_int8(
         progress=stage("sensitivity"),
         input_means=means,
         reference=reference,
+        workers=search_workers,
     )
     report = budget.quantize
     assert report is not None  # quantize_with_budget always sets it
@@ -573,6 +591,7 @@ class Int8Stage:
             calibration_batch=settings.calibration_batch,
             mask_input=settings.mask_input,
             calibration_workers=settings.calibration_workers,
+            search_workers=settings.search_workers,
         )
 
 

@@ -22,8 +22,7 @@ def test_rank_largest_first_ties_in_order() -> None:
     seen = []
     ranked = rank(
         list(values),
-        lambda u: u,
-        lambda built, u: values[built],
+        lambda u: values[u],
         progress=lambda done, total: seen.append((done, total)),
     )
     assert ranked == [("b", 0.5), ("d", 0.3), ("a", 0.1), ("c", 0.1)]

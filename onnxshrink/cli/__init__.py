@@ -265,6 +265,18 @@ def optimize(
             rich_help_panel="lossy stages (int8, fp16, int4)",
         ),
     ] = 1,
+    search_workers: Annotated[
+        int,
+        typer.Option(
+            "--search-workers",
+            min=1,
+            metavar="N",
+            help="Measure the sensitivity ranking's candidates (each layer applied alone) in N "
+            "processes, each with its own ONNX Runtime sessions on CPUs/N threads; the ranking "
+            "and the result are those of one process. Default 1 (in this process).",
+            rich_help_panel="lossy stages (int8, fp16, int4)",
+        ),
+    ] = 1,
     quantize_target: Annotated[
         str,
         typer.Option(
@@ -505,6 +517,7 @@ def optimize(
                 calibration_data=calibration_data,
                 calibration_method=calibration_method,
                 calibration_workers=calibration_workers,
+                search_workers=search_workers,
                 target=quantize_target,
                 exclude=tuple(exclude or ()),
                 max_error=max_error,

@@ -643,6 +643,7 @@ def optimize(
     calibration_data: str | Path | Iterable[dict[str, np.ndarray]] | None = None,
     calibration_method: str = "percentile",
     calibration_workers: int = 1,
+    search_workers: int = 1,
     target: str = "ort-cpu",
     exclude: Sequence[str] = (),
     max_error: float | None = None,
@@ -686,7 +687,9 @@ def optimize(
       `loader.py[:function]`, `random`, or a list of feed dicts; required),
       `calibration_method` (minmax, percentile, entropy, mse), `calibration_workers` (int8's
       statistics pass on that many shards in worker processes, with identical ranges:
-      `onnxshrink.quant.calibration`, 14), `target` (ort-cpu, ort-cuda, tensorrt),
+      `onnxshrink.quant.calibration`, 14), `search_workers` (the sensitivity ranking's
+      candidates measured in that many worker processes: `onnxshrink.quant.fanout`),
+      `target` (ort-cpu, ort-cuda, tensorrt),
       `exclude` (regexes on node names / op types kept float), `max_error` (output
       noise-to-signal ratio allowed on calibration samples), `calibration_provider` and
       `check_speed` (int8 compute only where it is faster on ORT CPU: `onnxshrink.rules.int8`, 5),
@@ -756,6 +759,7 @@ def optimize(
         check_speed=check_speed,
         progress=progress,
         calibration_workers=calibration_workers,
+        search_workers=search_workers,
         mask_input=mask_input,
         block_size=block_size,
         int4_method=int4_method,

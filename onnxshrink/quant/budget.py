@@ -6,7 +6,10 @@ function that measures a candidate (`onnxshrink.quant.sensitivity.ErrorReference
 knows nothing of what a unit is: int8 uses it now, fp16 too, and int4 and pruning next.
 
 1. Ranking (`rank`). Each unit applied alone (every other unit declined) is measured; units are
-   sorted by that error, largest first (ties keep their order). One measurement per unit.
+   sorted by that error, largest first (ties keep their order). One measurement per unit, each
+   independent of the others: they fan out to worker processes (`--search-workers N`,
+   `onnxshrink.quant.fanout`), the one step of the search that does; the steps below choose
+   each measurement from the last.
 2. Fewest declined (`decline_fewest`). With the ranked units, the least k such that declining
    the k most sensitive meets the budget, when declining none does not: galloping (k = 1, 2,
    4, ... until one meets it) then bisection between the last failing and the first passing
@@ -39,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from onnxshrink.quant.fanout import measure_all
+
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
@@ -65,16 +70,18 @@ class Search(Generic[M]):
 
 def rank(
     units: Sequence[str],
-    build_alone: Callable[[str], M],
-    error: Callable[[M, str], float],
+    alone: Callable[[str], float],
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> list[tuple[str, float]]:
-    """(unit, its error applied alone), largest first, ties in the given order (docstring 1)."""
-    measured = []
-    for i, unit in enumerate(units):
-        measured.append((unit, error(build_alone(unit), unit)))
-        if progress is not None:
-            progress(i + 1, len(units))
+    """(unit, its error applied alone), largest first, ties in the given order (docstring 1).
+
+    `alone(unit)` builds and measures the candidate with only `unit` applied. With `workers`
+    > 1 the units are measured in that many processes (`onnxshrink.quant.fanout`: forked
+    workers inherit `alone`, spawned ones need it to pickle, or the units are measured here);
+    the ranking is the same.
+    """
+    measured = list(zip(units, measure_all(alone, units, workers, progress), strict=True))
     order = sorted(range(len(measured)), key=lambda i: (-measured[i][1], i))
     return [measured[i] for i in order]
 

@@ -144,6 +144,9 @@ class StageSettings:
     progress: StagedProgress | None = None
     #: int8's statistics pass on this many shards in worker processes (1: in this process)
     calibration_workers: int = 1
+    #: the sensitivity ranking's candidates measured in this many worker processes
+    #: (`onnxshrink.quant.fanout`; 1: in this process)
+    search_workers: int = 1
     #: the input masking padded positions: a name, "none", or None to find the convention's
     mask_input: str | None = None
     #: int4 (`onnxshrink.rules.int4`): block size, rtn or gptq, symmetric grid, MatMulNBits'
@@ -397,10 +400,11 @@ class PlannedStage:
             units = list(plan.applied)
             ranked = rank(
                 units,
-                lambda unit: self.materialize(model, plan.only(unit))[0],
-                lambda built, unit: measure(built, f"{unit} alone", RANKING_SAMPLES),
+                _UnitAlone(self, model, plan, reference),
                 None if progress is None else (lambda d, t: progress("sensitivity", d, t)),
+                settings.search_workers,
             )
+            budget.sessions += len(units)
             errors = dict(ranked)
             budget.ranking = [LayerError(u, ops.get(u, ""), e) for u, e in ranked]
 
@@ -469,6 +473,22 @@ class PlannedStage:
             plan=chosen_plan,
             family=self.family,
         )
+
+
+@dataclass(frozen=True)
+class _UnitAlone:
+    """One unit's ranking measurement (module docstring, 3c): the stage's plan with that unit
+    alone applied, materialized and measured on the reference. Picklable when the stage is:
+    sent once to each search worker (`onnxshrink.quant.fanout`)."""
+
+    stage: PlannedStage
+    model: onnx.ModelProto
+    plan: Plan
+    reference: ErrorReference
+
+    def __call__(self, unit: str) -> float:
+        built = self.stage.materialize(self.model, self.plan.only(unit))[0]
+        return self.reference.error(built, f"{unit} alone", RANKING_SAMPLES)
 
 
 class ChainedStage:
