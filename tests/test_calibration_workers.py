@@ -4,6 +4,7 @@ processes merge into exactly the statistics of one pass (calibration docstring, 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 from fractions import Fraction
 from typing import TypeVar
 
@@ -13,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from onnxshrink.cli import app
+from onnxshrink.quant import calibration
 from onnxshrink.quant.calibration import (
     HIST_SAMPLE,
     METHODS,
@@ -104,14 +106,20 @@ def test_workers_give_the_ranges_of_one_pass(method: str, spread: bool) -> None:
         _assert_identical(one, _stats(feeds, method, workers))
 
 
+@pytest.mark.parametrize("start", ["chosen", "spawn"])
 @pytest.mark.parametrize("on_run_samples", [8, 14])
 @pytest.mark.parametrize("source", ["npz", "feeds"])
 def test_workers_read_their_shards_and_keep_the_hooks_runs(
-    tmp_path, source, on_run_samples
+    tmp_path, monkeypatch, source, on_run_samples, start
 ) -> None:
     """An .npz source is re-read by each worker (feed lists are sent); the runs the hook asks
     for reach it in run order, also when the first shard holds too few (14 samples: runs 0-3
-    of 4 samples each, the first of two shards holding runs 0-1)."""
+    of 4 samples each, the first of two shards holding runs 0-1). Workers started as the
+    platform allows (forked on Linux) and spawned, as on macOS and Windows."""
+    if start == "spawn":
+        monkeypatch.setattr(
+            calibration, "start_method", lambda cuda=False: multiprocessing.get_context("spawn")
+        )
     feeds = _feeds(runs=5, spread=True)
     data: CalibrationData | list[dict[str, np.ndarray]] = feeds
     if source == "npz":

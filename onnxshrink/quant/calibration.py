@@ -91,9 +91,10 @@ Collecting (`collect_ranges`):
 
 Data-parallel calibration (`workers`, `optimize --calibration-workers N`, issue 13):
 
-14. The runs are cut into N contiguous shards; each is observed in a spawned process with its
-    own ORT session (made there: sessions do not pickle) on `CPUs / N` intra-op threads (ORT
-    ignores OMP_NUM_THREADS). An .npz source is re-read by each worker, its own runs only;
+14. The runs are cut into N contiguous shards; each is observed in a worker process (forked
+    where that is safe, else spawned: `onnxshrink.quant.fanout`, 5) with its own ORT session
+    (made there: sessions do not pickle) on `CPUs / N` intra-op threads (ORT ignores
+    OMP_NUM_THREADS). An .npz source is re-read by each worker, its own runs only;
     other sources (a loader, `random`, feed lists) are read in the parent and their arrays
     sent. The observers then merge, in shard order, into exactly what one pass gives:
     min/max and per-channel ranges trivially; histograms by regrouping the finer to the
@@ -110,7 +111,6 @@ import importlib.util
 import itertools
 import logging
 import math
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -128,6 +128,7 @@ import onnx
 from onnxshrink.engine.io import array_of, inference_session, outputs_added, write_model_files
 from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import OnnxShrinkError, UsageError, first_line
+from onnxshrink.quant.fanout import start_method
 from onnxshrink.quant.schemes import Scheme
 from onnxshrink.verify.parity import DEFAULT_BATCH as PARITY_DEFAULT_BATCH
 from onnxshrink.verify.parity import (
@@ -1347,7 +1348,7 @@ def _observe_in_workers(
     on_run_samples: int | None,
     workers: int,
 ) -> int:
-    """Observe contiguous shards of the runs in `workers` spawned processes, merge their
+    """Observe contiguous shards of the runs in `workers` worker processes, merge their
     observers into `state` in shard order, and hand the kept runs to `on_run` in run order.
 
     An .npz source is re-read by each worker (its own rows only); any other source (a loader,
@@ -1389,7 +1390,7 @@ def _observe_in_workers(
             )
             for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
         ]
-        context = multiprocessing.get_context("spawn")
+        context = start_method(cuda=provider == "cuda")
         results: list[_ShardResult | None] = [None] * len(jobs)
         done = 0
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
