@@ -52,25 +52,36 @@ class _Dies:
 
 @pytest.fixture(params=["fork", "spawn"])
 def method(request, monkeypatch) -> str:
-    """Each worker test under both start methods: forked (where safe) and spawned."""
-    if request.param == "fork" and start_method().get_start_method() != "fork":
-        pytest.skip("workers are not forked here")
-    if request.param == "spawn":
-        monkeypatch.setattr(fanout, "start_method", lambda: multiprocessing.get_context("spawn"))
+    """Each worker test under both start methods: forked (on Linux) and spawned (as on macOS
+    and Windows). Forced, since other tests may leave a thread running, which would make
+    `start_method` spawn."""
+    if request.param == "fork" and not sys.platform.startswith("linux"):
+        pytest.skip("workers are forked on Linux only")
+    context = multiprocessing.get_context(str(request.param))
+    monkeypatch.setattr(fanout, "start_method", lambda cuda=False: context)
     return str(request.param)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is used on Linux only")
-def test_workers_are_forked_only_while_no_other_thread_runs() -> None:
+def test_workers_are_forked_only_while_no_other_thread_runs(monkeypatch) -> None:
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     assert start_method().get_start_method() == "fork"
+    assert start_method(cuda=True).get_start_method() == "spawn"  # CUDA does not survive a fork
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # e.g. a progress bar's refresh
+    assert start_method().get_start_method() == "spawn"
+
+
+def test_the_rule_reads_the_threads_really_running() -> None:
+    before = start_method().get_start_method()
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
     try:
-        assert start_method().get_start_method() == "spawn"  # e.g. a progress bar's refresh
+        assert start_method().get_start_method() == "spawn"
     finally:
         stop.set()
         thread.join()
+    assert start_method().get_start_method() == before
 
 
 def test_workers_give_the_errors_in_the_units_order_with_progress(method: str) -> None:
