@@ -16,16 +16,17 @@ optimization, one core) and run on the reference's feeds, and the error summed (
    put back in the units' order, so the ranking is the one a single process makes whenever
    the figures are (ORT's CPU kernels split work by output, not by the sums inside one, so
    the thread count does not change them on the models measured; the tests compare rankings).
-4. A job that cannot be pickled is measured in this process, with a log line saying why. A
-   worker that dies ends the run with one line naming the option to lower.
+4. A job that cannot be pickled, where workers are spawned, is measured in this process,
+   with a log line saying why. A worker that dies ends the run with one line naming the option to lower.
 5. Workers are forked where that is safe: on Linux, with no other Python thread alive in this
    process (a live progress bar's refresh thread could hold the console's lock across the
    fork, and a worker that logs would wait on it forever). A forked worker inherits the job
    and this process's imports, so it starts in well under a second. Anywhere else workers
    are spawned: each imports onnxshrink (2-4 s here) and unpickles the job from the pool's
-   initializer. Measured on this 2-core machine (ppocr-v4-rec, 33 candidates ranked with 2
-   workers against 1 process, `bench/search_workers.py` for the whole command): forked
-   0.6-0.8x of the serial ranking, spawned 0.8-1.3x, start-up eating the 2-worker gain.
+   initializer. Measured on this 2-core machine with 2 workers against 1 process: the
+   whole command's sensitivity phase 0.85x forked (ppocr-v4-rec's 33 candidates and
+   nudenet-320n's, `bench/search_workers.py`); spawned, the ranking alone took 0.8-1.3x,
+   start-up eating the gain.
    Garbage is collected before forking, so no dead ORT session is copied. The calibration
    workers (`--calibration-workers`) start the same way, spawned when they run on CUDA.
 """
@@ -50,7 +51,8 @@ logger = logging.getLogger(__name__)
 Measure = Callable[[str], float]
 Progress = Callable[[int, int], None]
 
-#: the job of this worker process (set by `_start`)
+#: the job of this worker process: inherited when forked (set by `_in_workers` just before,
+#: cleared after), unpickled by `_start` when spawned
 _JOB: Measure | None = None
 
 
