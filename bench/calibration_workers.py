@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
 
     import onnxshrink
-    from onnxshrink.quant.calibration import available_cpus
+    from onnxshrink.engine.io import available_cpus
     from onnxshrink.rules.qdq import prepare_model
 
     ns.work.mkdir(parents=True, exist_ok=True)

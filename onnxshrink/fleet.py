@@ -67,6 +67,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from onnxshrink.engine.io import available_cpus
 from onnxshrink.errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
@@ -393,14 +394,6 @@ def _jsonable_figures(value: Any) -> Any:
     return number if math.isfinite(number) else None
 
 
-def cpus_available() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class LocalPoolBackend:
     """Runs fleet tasks on a local `ProcessPoolExecutor` (spawn), `workers` at a time.
 
@@ -707,7 +700,7 @@ def optimize_many(
     local = LocalPoolBackend(workers) if backend is None else None
     runner: Backend = backend if backend is not None else LocalPoolBackend(workers)
     workers = getattr(runner, "workers", None) or workers or 1
-    cpus = max(1, cpus_available() // workers)
+    cpus = max(1, available_cpus() // workers)
     done_before: dict[str, dict[str, Any]] = {}
     for record in read_manifest(manifest):
         if record.get("status") == "ok" and isinstance(record.get("key"), dict):

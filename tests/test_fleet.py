@@ -269,7 +269,7 @@ def test_the_thread_setting_reaches_every_session_options(tmp_path):
 
 
 def test_each_task_sets_its_share_of_the_cpus(models, tmp_path, monkeypatch):
-    monkeypatch.setattr("onnxshrink.fleet.cpus_available", lambda: 8)
+    monkeypatch.setattr("onnxshrink.fleet.available_cpus", lambda: 8)
     report = optimize_many([str(models / "net0.onnx")], tmp_path / "out", workers=2)
     assert report.records[0]["threads"] == 4
     assert report.records[0]["cpus"] == 4

@@ -467,6 +467,15 @@ SESSION_FILE_BYTES = 256 * 2**20
 _SESSION_THREADS: int | None = None
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it): what a worker
+    pool divides among its workers (`set_session_threads`)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def set_session_threads(threads: int | None) -> None:
     """Give every ONNX Runtime session this process makes from now on `threads` intra-op threads.
 

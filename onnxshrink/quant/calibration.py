@@ -111,7 +111,6 @@ import importlib.util
 import itertools
 import logging
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -125,10 +124,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxshrink.engine.io import array_of, inference_session, outputs_added, write_model_files
+from onnxshrink.engine.io import (
+    array_of,
+    available_cpus,
+    inference_session,
+    outputs_added,
+    write_model_files,
+)
 from onnxshrink.engine.shapes import infer_shapes
 from onnxshrink.errors import OnnxShrinkError, UsageError, first_line
-from onnxshrink.quant.fanout import start_method
+from onnxshrink.quant.fanout import check_workers, start_method
 from onnxshrink.quant.schemes import Scheme
 from onnxshrink.verify.parity import DEFAULT_BATCH as PARITY_DEFAULT_BATCH
 from onnxshrink.verify.parity import (
@@ -1063,8 +1068,7 @@ def _observe(
     on_run_samples: int | None = None,
 ) -> tuple[dict[str, Observer], int]:
     """`observe`, and the number of runs."""
-    if not (isinstance(workers, int) and workers >= 1):
-        raise UsageError(f"--calibration-workers {workers}: must be at least 1")
+    check_workers(workers, "--calibration-workers")
     extra = {name: list(sides) for name, sides in (also or {}).items()}
     make_observer(method, percentile, symmetric)  # validate before any work
     names = list(dict.fromkeys(tensor_names))
@@ -1324,14 +1328,6 @@ def _shard_feeds(
     header = onnx.load(job.model_path, load_external_data=False)
     data = calibration_feeds(job.npz.path, header, job.npz.batch, max_batch=job.npz.max_batch)
     return itertools.islice(data, first, stop)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _observe_in_workers(

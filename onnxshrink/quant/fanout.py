@@ -17,7 +17,8 @@ optimization, one core) and run on the reference's feeds, and the error summed (
    the figures are (ORT's CPU kernels split work by output, not by the sums inside one, so
    the thread count does not change them on the models measured; the tests compare rankings).
 4. A job that cannot be pickled, where workers are spawned, is measured in this process,
-   with a log line saying why. A worker that dies ends the run with one line naming the option to lower.
+   with a log line saying why. A worker that dies ends the run with one line naming the
+   option to lower.
 5. Workers are forked where that is safe: on Linux, with no other Python thread alive in this
    process (a live progress bar's refresh thread could hold the console's lock across the
    fork, and a worker that logs would wait on it forever). A forked worker inherits the job
@@ -127,7 +128,7 @@ def _in_workers(
     """The units measured in `workers` processes: a forked worker inherits `job`, a spawned
     one unpickles `payload` (docstring 5)."""
     global _JOB
-    from onnxshrink.quant.calibration import available_cpus
+    from onnxshrink.engine.io import available_cpus
 
     threads = max(1, available_cpus() // workers)
     errors: list[float | None] = [None] * len(units)
